@@ -1,0 +1,178 @@
+//! Configuration: `upstreams.toml` (or built-in defaults) overridden by `ENTREPOT_` env vars.
+//!
+//! The config is read once at start-up and turned into read-only values; nothing here is
+//! mutated while serving.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Default tag TTL: short enough that a re-pushed tag is seen soon, long enough that a CI
+/// farm pulling the same tag hundreds of times a minute asks the upstream only once.
+const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("upstream {name:?}: {msg}")]
+    Upstream { name: String, msg: String },
+    #[error("server: {0}")]
+    Server(String),
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the registry API listens on.
+    pub listen: SocketAddr,
+    /// Root directory of the content-addressed store.
+    pub storage: PathBuf,
+    /// Upstream key used for paths without a prefix and without `?ns=`.
+    pub default_upstream: Option<String>,
+    /// How long to wait for an upstream's response headers.
+    #[serde(with = "humantime_serde")]
+    pub upstream_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            storage: PathBuf::from("./data"),
+            default_upstream: Some("docker.io".into()),
+            upstream_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of the upstream registry, e.g. `https://registry-1.docker.io`.
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
+    /// How long a tag -> digest answer is trusted before it is revalidated upstream.
+    #[serde(default, with = "humantime_serde")]
+    pub tag_ttl: Option<Duration>,
+}
+
+/// Built-in upstreams used when no config file exists.
+fn default_upstreams() -> BTreeMap<String, UpstreamConfig> {
+    [
+        ("docker.io", "https://registry-1.docker.io"),
+        ("quay.io", "https://quay.io"),
+        ("ghcr.io", "https://ghcr.io"),
+        ("registry.k8s.io", "https://registry.k8s.io"),
+        ("gcr.io", "https://gcr.io"),
+    ]
+    .into_iter()
+    .map(|(k, url)| {
+        let cfg = UpstreamConfig {
+            url: url.into(),
+            ..Default::default()
+        };
+        (k.to_string(), cfg)
+    })
+    .collect()
+}
+
+impl Config {
+    /// Loads `path` if given (it must exist), else `./upstreams.toml` if present, else the
+    /// built-in defaults; then applies `ENTREPOT_*` env overrides (`__` separates levels).
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(p) if !p.exists() => {
+                return Err(ConfigError::Server(format!(
+                    "{} does not exist",
+                    p.display()
+                )))
+            }
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from("upstreams.toml")).filter(|p| p.exists()),
+        };
+        let mut fig = Figment::from(Serialized::defaults(Config {
+            server: ServerConfig::default(),
+            upstreams: BTreeMap::new(),
+        }));
+        fig = match &file {
+            Some(f) => fig.merge(Toml::file(f)),
+            None => fig.merge(Serialized::default("upstreams", default_upstreams())),
+        };
+        fig = fig.merge(Env::prefixed("ENTREPOT_").split("__"));
+        let cfg: Config = fig.extract().map_err(Box::new)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, up) in &self.upstreams {
+            let err = |msg: &str| ConfigError::Upstream {
+                name: name.clone(),
+                msg: msg.into(),
+            };
+            if !crate::names::is_valid_component(name) {
+                return Err(err(
+                    "key must be a valid lowercase repository path component",
+                ));
+            }
+            let url = url::Url::parse(&up.url).map_err(|e| err(&format!("url: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(err("url must be http:// or https://"));
+            }
+        }
+        if let Some(d) = &self.server.default_upstream {
+            if !self.upstreams.contains_key(d) {
+                return Err(ConfigError::Server(format!(
+                    "default_upstream {d:?} is not a configured upstream"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl UpstreamConfig {
+    pub fn tag_ttl(&self) -> Duration {
+        self.tag_ttl.unwrap_or(DEFAULT_TAG_TTL)
+    }
+
+    /// Resolves the password from `password`, `password_file` or `password_env`.
+    pub fn resolve_password(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        let err = |msg: String| ConfigError::Upstream {
+            name: name.into(),
+            msg,
+        };
+        if let Some(p) = &self.password {
+            return Ok(Some(p.clone()));
+        }
+        if let Some(f) = &self.password_file {
+            let s = std::fs::read_to_string(f)
+                .map_err(|e| err(format!("password_file {}: {e}", f.display())))?;
+            return Ok(Some(s.trim_end_matches(['\r', '\n']).to_string()));
+        }
+        if let Some(v) = &self.password_env {
+            let s = std::env::var(v).map_err(|_| err(format!("password_env {v} is not set")))?;
+            return Ok(Some(s));
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,95 @@
+//! The one place where errors of every layer become OCI error responses
+//! (`{"errors":[{"code":..,"message":..}]}` with the right status).
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+use crate::routes::path::PathError;
+use crate::routes::target::RouteError;
+use crate::services::ServiceError;
+
+#[derive(Debug, Clone)]
+pub struct OciError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl OciError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> OciError {
+        OciError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for OciError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+impl ResponseError for OciError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let body =
+            json!({"errors": [{"code": self.code, "message": self.message, "detail": null}]});
+        HttpResponse::build(self.status)
+            .insert_header(("Docker-Distribution-API-Version", "registry/2.0"))
+            .json(body)
+    }
+}
+
+impl From<PathError> for OciError {
+    fn from(e: PathError) -> Self {
+        let (status, code) = match e {
+            PathError::Name => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
+            PathError::Tag => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
+            PathError::Digest(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+            PathError::Unknown => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+        };
+        OciError::new(status, code, e.to_string())
+    }
+}
+
+impl From<RouteError> for OciError {
+    fn from(e: RouteError) -> Self {
+        OciError::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", e.to_string())
+    }
+}
+
+impl From<ServiceError> for OciError {
+    fn from(e: ServiceError) -> Self {
+        use ServiceError as E;
+        let msg = e.to_string();
+        let (status, code) = match e.root() {
+            E::ManifestUnknown(_) => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+            E::BlobUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
+            E::NameUnknown(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+            E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            E::UpstreamDenied { .. } => (StatusCode::FORBIDDEN, "DENIED"),
+            E::DigestMismatch { .. } | E::BadUpstream { .. } => {
+                (StatusCode::BAD_GATEWAY, "UNAVAILABLE")
+            }
+            E::ManifestTooLarge => (StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
+            E::RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
+            E::Store(_) | E::Shared(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+        };
+        if status.is_server_error() {
+            tracing::warn!(error = %msg, "request failed");
+        }
+        OciError::new(status, code, msg)
+    }
+}

@@ -1,0 +1,16 @@
+//! entrepot: a multi-upstream OCI/Docker registry mirror with one verified,
+//! content-addressed store shared by every upstream.
+//!
+//! Data flows config -> [`routes`] (parse, pick the upstream) -> [`services`] (cache
+//! logic, singleflight, TTL) -> [`upstream`] (auth, tokens, redirects) and [`store`]
+//! (all disk I/O, atomic commit).
+
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod names;
+pub mod routes;
+pub mod server;
+pub mod services;
+pub mod store;
+pub mod upstream;

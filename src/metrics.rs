@@ -1,0 +1,111 @@
+//! Prometheus metrics, registered in a registry that is passed in (no statics), so tests
+//! and several mirrors in one process never share counters.
+
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by upstream, endpoint and status.
+    pub requests: IntCounterVec,
+    /// Cache lookups by upstream, kind (manifest/blob) and result (hit/miss).
+    pub cache: IntCounterVec,
+    /// Requests sent upstream by upstream, kind and method.
+    pub upstream_requests: IntCounterVec,
+    pub upstream_bytes: IntCounterVec,
+    /// Requests that joined a fetch already in flight instead of starting one.
+    pub coalesced: IntCounterVec,
+    pub digest_mismatches: IntCounterVec,
+    /// Cached answers served because the upstream failed (stale-if-error).
+    pub stale_serves: IntCounterVec,
+    /// Body bytes sent to clients by source (cache/upstream).
+    pub served_bytes: IntCounterVec,
+    pub store_bytes: IntGauge,
+    pub fills_in_flight: IntGauge,
+}
+
+fn counter(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    reg.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(reg: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    reg.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    pub fn new(registry: Registry) -> prometheus::Result<Metrics> {
+        let r = &registry;
+        Ok(Metrics {
+            requests: counter(
+                r,
+                "entrepot_http_requests_total",
+                "Requests served",
+                &["upstream", "endpoint", "status"],
+            )?,
+            cache: counter(
+                r,
+                "entrepot_cache_requests_total",
+                "Cache lookups",
+                &["upstream", "kind", "result"],
+            )?,
+            upstream_requests: counter(
+                r,
+                "entrepot_upstream_requests_total",
+                "Requests sent to upstreams",
+                &["upstream", "kind", "method"],
+            )?,
+            upstream_bytes: counter(
+                r,
+                "entrepot_upstream_bytes_total",
+                "Body bytes received from upstreams",
+                &["upstream"],
+            )?,
+            coalesced: counter(
+                r,
+                "entrepot_coalesced_requests_total",
+                "Requests that joined an in-flight fetch",
+                &["kind"],
+            )?,
+            digest_mismatches: counter(
+                r,
+                "entrepot_digest_mismatches_total",
+                "Upstream content that did not match its digest",
+                &["upstream"],
+            )?,
+            stale_serves: counter(
+                r,
+                "entrepot_stale_serves_total",
+                "Cached manifests served because the upstream failed",
+                &["upstream"],
+            )?,
+            served_bytes: counter(
+                r,
+                "entrepot_served_bytes_total",
+                "Body bytes sent to clients",
+                &["source"],
+            )?,
+            store_bytes: gauge(
+                r,
+                "entrepot_store_size_bytes",
+                "Bytes of content in the store",
+            )?,
+            fills_in_flight: gauge(r, "entrepot_fills_in_flight", "Blob downloads in progress")?,
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encode error: {e}\n"))
+    }
+}

@@ -1,0 +1,142 @@
+//! Parsing of `/v2/...` request paths, done once per request with no per-depth routes.
+//!
+//! Everything here is pure and validated against the OCI distribution grammar, so that a
+//! name or reference that reaches the services can never address a file outside the store.
+
+use crate::names::{is_valid_component, is_valid_tag, Digest, DigestError, Reference};
+
+/// What a `/v2/<tail>` request asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /v2/`: API version check.
+    Base,
+    Manifest {
+        name: String,
+        reference: Reference,
+    },
+    Blob {
+        name: String,
+        digest: Digest,
+    },
+    TagsList {
+        name: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PathError {
+    #[error("invalid repository name")]
+    Name,
+    #[error("invalid tag")]
+    Tag,
+    #[error("invalid digest: {0}")]
+    Digest(#[from] DigestError),
+    #[error("unknown endpoint")]
+    Unknown,
+}
+
+/// Longest repository name accepted (Distribution's limit).
+const MAX_NAME: usize = 255;
+
+/// Parses the part of the path after `/v2/` (still percent-encoded).
+pub fn parse(raw_tail: &str) -> Result<Endpoint, PathError> {
+    let decoded = percent_encoding::percent_decode_str(raw_tail)
+        .decode_utf8()
+        .map_err(|_| PathError::Name)?;
+    let tail = decoded.as_ref();
+    if tail.is_empty() {
+        return Ok(Endpoint::Base);
+    }
+    if let Some(name) = tail.strip_suffix("/tags/list") {
+        return Ok(Endpoint::TagsList {
+            name: valid_name(name)?,
+        });
+    }
+    if let Some((name, reference)) = tail.rsplit_once("/manifests/") {
+        let reference = parse_reference(reference)?;
+        return Ok(Endpoint::Manifest {
+            name: valid_name(name)?,
+            reference,
+        });
+    }
+    if let Some((name, digest)) = tail.rsplit_once("/blobs/") {
+        let digest = digest.parse()?;
+        return Ok(Endpoint::Blob {
+            name: valid_name(name)?,
+            digest,
+        });
+    }
+    Err(PathError::Unknown)
+}
+
+fn parse_reference(s: &str) -> Result<Reference, PathError> {
+    if s.contains(':') {
+        return Ok(Reference::Digest(s.parse()?));
+    }
+    if is_valid_tag(s) {
+        Ok(Reference::Tag(s.to_string()))
+    } else {
+        Err(PathError::Tag)
+    }
+}
+
+fn valid_name(name: &str) -> Result<String, PathError> {
+    if name.len() > MAX_NAME || !name.split('/').all(is_valid_component) {
+        return Err(PathError::Name);
+    }
+    Ok(name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn parses_endpoints() {
+        assert_eq!(parse(""), Ok(Endpoint::Base));
+        assert_eq!(
+            parse("docker.io/library/alpine/manifests/3.20"),
+            Ok(Endpoint::Manifest {
+                name: "docker.io/library/alpine".into(),
+                reference: Reference::Tag("3.20".into())
+            })
+        );
+        assert!(matches!(
+            parse(&format!("a/b/c/d/blobs/{D}")),
+            Ok(Endpoint::Blob { name, .. }) if name == "a/b/c/d"
+        ));
+        assert_eq!(
+            parse("x/tags/list"),
+            Ok(Endpoint::TagsList { name: "x".into() })
+        );
+        // A repository may itself be called "manifests": the last marker wins.
+        assert!(matches!(
+            parse("a/manifests/b/manifests/latest"),
+            Ok(Endpoint::Manifest { name, .. }) if name == "a/manifests/b"
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        for bad in [
+            "../etc/manifests/latest",
+            "%2e%2e/x/manifests/latest",
+            "a/%2E%2E/b/manifests/latest",
+            "/abs/manifests/latest",
+            "a//b/manifests/latest",
+            "A/manifests/latest",
+            "a-/manifests/latest",
+            "a___b/manifests/latest",
+            "a/manifests/..",
+            "a/manifests/-x",
+            "a/blobs/sha256:..",
+            "a/blobs/md5:abc",
+            "a/nothing",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} should be rejected");
+        }
+        assert!(parse(&format!("{}/tags/list", "a".repeat(256))).is_err());
+    }
+}

@@ -1,0 +1,366 @@
+//! Blobs: served from the shared store, or filled from upstream once per digest while
+//! every requester streams the bytes as they land on disk.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::{header, Method};
+use futures_util::StreamExt;
+use tokio::sync::watch;
+
+use super::flight::{Join, Lead};
+use super::stream::{Avail, BodyStream};
+use super::{status_error, ServiceError, Services, Source};
+use crate::names::Digest;
+use crate::store::StoreError;
+use crate::upstream::{UpRequest, Upstream};
+
+/// A fill whose upstream sends nothing for this long is abandoned.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Progress of one blob download, watched by every request streaming it.
+#[derive(Default)]
+pub struct Fill {
+    pub file: Option<Arc<File>>,
+    /// Content-Length announced by the upstream.
+    pub size: Option<u64>,
+    /// Upstream headers arrived with a success status.
+    pub started: bool,
+    pub written: u64,
+    /// Verified and moved into the store.
+    pub committed: bool,
+    pub error: Option<Arc<ServiceError>>,
+}
+
+/// A single `Range` request, as parsed from the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// `bytes=a-b` (inclusive) or `bytes=a-`.
+    From(u64, Option<u64>),
+    /// `bytes=-n`: the last n bytes.
+    Suffix(u64),
+}
+
+impl ByteRange {
+    /// `[start, end)` within a blob of `size` bytes.
+    pub fn resolve(self, size: u64) -> Result<(u64, u64), ServiceError> {
+        let r = match self {
+            ByteRange::From(a, b) => (a, b.map_or(size, |b| (b + 1).min(size))),
+            ByteRange::Suffix(n) => (size.saturating_sub(n), size),
+        };
+        if r.0 >= r.1 {
+            return Err(ServiceError::RangeNotSatisfiable { size });
+        }
+        Ok(r)
+    }
+}
+
+pub struct BlobReply {
+    /// Full size of the blob, when known.
+    pub size: Option<u64>,
+    /// `[start, end)` when answering a range request.
+    pub range: Option<(u64, u64)>,
+    /// `None` for HEAD.
+    pub body: Option<BodyStream>,
+    pub source: Source,
+}
+
+impl Services {
+    pub async fn blob(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &str,
+        d: &Digest,
+        range: Option<ByteRange>,
+        method: &Method,
+    ) -> Result<BlobReply, ServiceError> {
+        let head = method == Method::HEAD;
+        if let Some(size) = self.store().stat(d)? {
+            if self.store().blob_linked(&up.name, repo, d)?
+                || self.confirm_upstream(up, repo, d).await?
+            {
+                self.count_cache(up, "hit");
+                return self.cached(d, size, range, head);
+            }
+        }
+        self.count_cache(up, "miss");
+        if head {
+            return self.head_upstream(up, repo, d).await;
+        }
+        self.stream_fill(up, repo, d, range).await
+    }
+
+    fn count_cache(&self, up: &Upstream, result: &str) {
+        self.metrics()
+            .cache
+            .with_label_values(&[&up.name, "blob", result])
+            .inc();
+    }
+
+    fn cached(
+        &self,
+        d: &Digest,
+        size: u64,
+        range: Option<ByteRange>,
+        head: bool,
+    ) -> Result<BlobReply, ServiceError> {
+        let range = range.map(|r| r.resolve(size)).transpose()?;
+        let body = if head {
+            None
+        } else {
+            let file = self
+                .store()
+                .open_blob(d)?
+                .ok_or_else(|| ServiceError::BlobUnknown(d.to_string()))?;
+            let (start, end) = range.unwrap_or((0, size));
+            Some(BodyStream::new(
+                Arc::new(file),
+                start,
+                end,
+                Avail::Complete,
+                self.mirror.metrics.clone(),
+                "cache",
+            ))
+        };
+        Ok(BlobReply {
+            size: Some(size),
+            range,
+            body,
+            source: Source::Cache,
+        })
+    }
+
+    /// The blob is stored (through another repository or upstream) but not known to
+    /// belong to this one: ask the upstream with a HEAD, which downloads nothing.
+    async fn confirm_upstream(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        d: &Digest,
+    ) -> Result<bool, ServiceError> {
+        self.head_upstream(up, repo, d).await?;
+        self.store().link_blob(&up.name, repo, d)?;
+        Ok(true)
+    }
+
+    async fn head_upstream(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        d: &Digest,
+    ) -> Result<BlobReply, ServiceError> {
+        let what = format!("blobs/{d}");
+        let req = UpRequest {
+            method: Method::HEAD,
+            repo,
+            what: &what,
+            accept: None,
+        };
+        let resp = self.upstream(up, "blob", req).await?;
+        if !resp.status().is_success() {
+            return Err(status_error(
+                up,
+                repo,
+                resp.status(),
+                ServiceError::BlobUnknown(d.to_string()),
+            ));
+        }
+        Ok(BlobReply {
+            size: content_length(resp.headers()),
+            range: None,
+            body: None,
+            source: Source::Upstream,
+        })
+    }
+
+    /// Joins (or starts) the fill for `d` and streams from it once upstream headers are in.
+    async fn stream_fill(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &str,
+        d: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<BlobReply, ServiceError> {
+        let mut rx = match self.mirror.blob_flights.join(d.clone(), Fill::default) {
+            Join::Leader(lead) => {
+                let rx = lead.subscribe();
+                let this = self.clone();
+                let (up, repo, d) = (up.clone(), repo.to_string(), d.clone());
+                // Detached: a client that disconnects must not abort the fill that other
+                // waiters and the cache depend on.
+                actix_web::rt::spawn(async move { this.run_fill(lead, &up, &repo, &d).await });
+                rx
+            }
+            Join::Follower(rx) => {
+                self.metrics().coalesced.with_label_values(&["blob"]).inc();
+                rx
+            }
+        };
+        let (file, size) = wait_started(&mut rx).await?;
+        let range = match (range, size) {
+            (Some(r), Some(size)) => Some(r.resolve(size)?),
+            _ => None,
+        };
+        let (start, end) = range.unwrap_or((0, size.unwrap_or(u64::MAX)));
+        let body = BodyStream::new(
+            file,
+            start,
+            end,
+            Avail::Fill(rx),
+            self.mirror.metrics.clone(),
+            "upstream",
+        );
+        Ok(BlobReply {
+            size,
+            range,
+            body: Some(body),
+            source: Source::Upstream,
+        })
+    }
+
+    async fn run_fill(self, lead: Lead<Digest, Fill>, up: &Upstream, repo: &str, d: &Digest) {
+        let gauge = &self.metrics().fills_in_flight;
+        gauge.inc();
+        if let Err(e) = self.fill(&lead, up, repo, d).await {
+            tracing::warn!(upstream = %up.name, repo, digest = %d, error = %e, "blob fill failed");
+            lead.tx.send_modify(|f| f.error = Some(Arc::new(e)));
+        }
+        gauge.dec();
+    }
+
+    async fn fill(
+        &self,
+        lead: &Lead<Digest, Fill>,
+        up: &Upstream,
+        repo: &str,
+        d: &Digest,
+    ) -> Result<(), ServiceError> {
+        // A fill that committed between our store lookup and our join: serve its result.
+        if let (Some(size), Some(file)) = (self.store().stat(d)?, self.store().open_blob(d)?) {
+            lead.tx.send_modify(|f| {
+                *f = Fill {
+                    file: Some(Arc::new(file)),
+                    size: Some(size),
+                    started: true,
+                    written: size,
+                    committed: true,
+                    error: None,
+                }
+            });
+            return Ok(());
+        }
+        let what = format!("blobs/{d}");
+        let req = UpRequest {
+            method: Method::GET,
+            repo,
+            what: &what,
+            accept: None,
+        };
+        let mut resp = self.upstream(up, "blob", req).await?;
+        if !resp.status().is_success() {
+            return Err(status_error(
+                up,
+                repo,
+                resp.status(),
+                ServiceError::BlobUnknown(d.to_string()),
+            ));
+        }
+        let size = content_length(resp.headers());
+        let mut w = self.store().begin(d)?;
+        lead.tx.send_modify(|f| {
+            f.file = Some(w.reader());
+            f.size = size;
+            f.started = true;
+        });
+        let bytes_metric = self.metrics().upstream_bytes.with_label_values(&[&up.name]);
+        loop {
+            let chunk = match tokio::time::timeout(IDLE_TIMEOUT, resp.next()).await {
+                Err(_) => {
+                    return Err(ServiceError::Unavailable(format!(
+                        "upstream {} stalled",
+                        up.name
+                    )))
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Err(ServiceError::Unavailable(format!(
+                        "upstream {}: {e}",
+                        up.name
+                    )))
+                }
+                Ok(Some(Ok(b))) => b,
+            };
+            w.write(&chunk).map_err(StoreError::from)?;
+            bytes_metric.inc_by(chunk.len() as u64);
+            let n = w.written();
+            lead.tx.send_modify(|f| f.written = n);
+        }
+        self.commit(w, size, up, d).await?;
+        self.store().link_blob(&up.name, repo, d)?;
+        lead.tx.send_modify(|f| f.committed = true);
+        Ok(())
+    }
+
+    /// Verifies and stores a finished download; a mismatch is counted and logged with the
+    /// upstream that sent it.
+    async fn commit(
+        &self,
+        w: crate::store::BlobWriter,
+        size: Option<u64>,
+        up: &Upstream,
+        d: &Digest,
+    ) -> Result<(), ServiceError> {
+        match self.blocking(move |s| s.commit(w, size)).await {
+            Ok(_) => {
+                self.metrics().store_bytes.set(self.store().size() as i64);
+                Ok(())
+            }
+            Err(ServiceError::Store(StoreError::DigestMismatch { expected, actual })) => {
+                self.metrics()
+                    .digest_mismatches
+                    .with_label_values(&[&up.name])
+                    .inc();
+                tracing::error!(upstream = %up.name, %expected, %actual, "upstream sent a corrupt blob; not stored");
+                Err(ServiceError::DigestMismatch {
+                    upstream: up.name.clone(),
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                })
+            }
+            Err(ServiceError::Store(StoreError::SizeMismatch { expected, actual })) => {
+                Err(ServiceError::BadUpstream {
+                    upstream: up.name.clone(),
+                    msg: format!("blob {d}: announced {expected} bytes, sent {actual}"),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Waits for a fill's upstream headers (or its failure).
+async fn wait_started(
+    rx: &mut watch::Receiver<Fill>,
+) -> Result<(Arc<File>, Option<u64>), ServiceError> {
+    loop {
+        {
+            let f = rx.borrow_and_update();
+            if let Some(e) = &f.error {
+                return Err(ServiceError::Shared(e.clone()));
+            }
+            if let (true, Some(file)) = (f.started, &f.file) {
+                return Ok((file.clone(), f.size));
+            }
+        }
+        if rx.changed().await.is_err() {
+            return Err(ServiceError::Unavailable(
+                "fill ended without a result".into(),
+            ));
+        }
+    }
+}
+
+pub(super) fn content_length(h: &actix_web::http::header::HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}

@@ -1,0 +1,495 @@
+//! Manifests: by digest from the store forever; by tag from the store within the
+//! upstream's `tag_ttl`, then revalidated with a HEAD (which Docker Hub does not count
+//! against pull limits); served stale when the upstream is down.
+
+use std::sync::Arc;
+
+use actix_web::http::{header, Method};
+use bytes::Bytes;
+
+use super::blobs::content_length;
+use super::flight::Join;
+use super::{status_error, ServiceError, Services, Source};
+use crate::names::Digest;
+use crate::names::Reference;
+use crate::store::{ManifestLink, TagRecord};
+use crate::upstream::{UpRequest, Upstream};
+
+/// Largest manifest accepted, from upstream or client (Distribution's limit too).
+pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
+
+/// What we ask an upstream for when the client sent no `Accept`: every current format, so
+/// the cached answer suits any client.
+const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+pub struct ManifestReply {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    /// `None` for HEAD.
+    pub body: Option<Bytes>,
+    pub source: Source,
+}
+
+/// A manifest fetched from upstream and stored.
+pub struct Fetched {
+    digest: Digest,
+    media_type: String,
+    bytes: Bytes,
+}
+
+/// The result of a manifest flight, `None` while it runs.
+pub type Pending = Option<Result<Arc<Fetched>, Arc<ServiceError>>>;
+
+impl Services {
+    pub async fn manifest(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &str,
+        reference: &Reference,
+        accept: Option<&str>,
+        method: &Method,
+    ) -> Result<ManifestReply, ServiceError> {
+        let head = method == Method::HEAD;
+        let mut stale = None;
+        match reference {
+            Reference::Digest(d) => {
+                if let Some(r) = self.cached_by_digest(up, repo, d, head)? {
+                    return Ok(self.count(up, r));
+                }
+            }
+            Reference::Tag(tag) => {
+                if let Some(rec) = self.store().get_tag(&up.name, repo, tag)? {
+                    if accepts(accept, &rec.media_type) {
+                        match self.cached_tag(up, repo, tag, &rec, accept, head).await {
+                            Ok(Some(r)) => return Ok(self.count(up, r)),
+                            Ok(None) => {}
+                            Err(e) if e.allows_stale() => stale = Some((rec, e)),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            }
+        }
+        if let Some((rec, e)) = stale {
+            return self.serve_stale(up, &rec, head, e);
+        }
+        self.metrics()
+            .cache
+            .with_label_values(&[&up.name, "manifest", "miss"])
+            .inc();
+        if head {
+            if let Some(r) = self.head_manifest(up, repo, reference, accept).await? {
+                return Ok(r);
+            }
+        }
+        let f = self.fetch_coalesced(up, repo, reference, accept).await?;
+        Ok(ManifestReply {
+            digest: f.digest.clone(),
+            media_type: f.media_type.clone(),
+            size: f.bytes.len() as u64,
+            body: (!head).then(|| f.bytes.clone()),
+            source: Source::Upstream,
+        })
+    }
+
+    fn count(&self, up: &Upstream, r: ManifestReply) -> ManifestReply {
+        self.metrics()
+            .cache
+            .with_label_values(&[&up.name, "manifest", "hit"])
+            .inc();
+        r
+    }
+
+    fn serve_stale(
+        &self,
+        up: &Upstream,
+        rec: &TagRecord,
+        head: bool,
+        e: ServiceError,
+    ) -> Result<ManifestReply, ServiceError> {
+        match self.from_store(&rec.digest()?, &rec.media_type, head, Source::Stale)? {
+            Some(r) => {
+                self.metrics()
+                    .stale_serves
+                    .with_label_values(&[&up.name])
+                    .inc();
+                tracing::warn!(upstream = %up.name, error = %e, "serving cached tag while the upstream fails");
+                Ok(r)
+            }
+            None => Err(e),
+        }
+    }
+
+    fn cached_by_digest(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        d: &Digest,
+        head: bool,
+    ) -> Result<Option<ManifestReply>, ServiceError> {
+        match self.store().get_manifest_link(&up.name, repo, d)? {
+            Some(link) => self.from_store(d, &link.media_type, head, Source::Cache),
+            None => Ok(None),
+        }
+    }
+
+    /// A cached tag, revalidated upstream once its TTL has passed. `Ok(None)`: the tag
+    /// moved (or the cache lost the bytes) and must be fetched.
+    async fn cached_tag(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        tag: &str,
+        rec: &TagRecord,
+        accept: Option<&str>,
+        head: bool,
+    ) -> Result<Option<ManifestReply>, ServiceError> {
+        let d = rec.digest()?;
+        if rec.age() >= up.tag_ttl {
+            if !self.revalidate(up, repo, tag, &d, accept).await? {
+                return Ok(None);
+            }
+            let fresh = TagRecord {
+                checked_at: crate::store::now_secs(),
+                ..rec.clone()
+            };
+            self.store().put_tag(&up.name, repo, tag, &fresh)?;
+        }
+        self.from_store(&d, &rec.media_type, head, Source::Cache)
+    }
+
+    /// Whether the upstream still maps `tag` to `d` (HEAD only).
+    async fn revalidate(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        tag: &str,
+        d: &Digest,
+        accept: Option<&str>,
+    ) -> Result<bool, ServiceError> {
+        let what = format!("manifests/{tag}");
+        let resp = self
+            .upstream(
+                up,
+                "manifest",
+                manifest_request(Method::HEAD, repo, &what, accept),
+            )
+            .await?;
+        if !resp.status().is_success() {
+            return Err(status_error(
+                up,
+                repo,
+                resp.status(),
+                ServiceError::ManifestUnknown(tag.into()),
+            ));
+        }
+        Ok(header_digest(resp.headers()).as_ref() == Some(d))
+    }
+
+    fn from_store(
+        &self,
+        d: &Digest,
+        media_type: &str,
+        head: bool,
+        source: Source,
+    ) -> Result<Option<ManifestReply>, ServiceError> {
+        let (size, body) = if head {
+            match self.store().stat(d)? {
+                Some(size) => (size, None),
+                None => return Ok(None),
+            }
+        } else {
+            match self.store().read_small(d)? {
+                Some(b) => (b.len() as u64, Some(Bytes::from(b))),
+                None => return Ok(None),
+            }
+        };
+        Ok(Some(ManifestReply {
+            digest: d.clone(),
+            media_type: media_type.to_string(),
+            size,
+            body,
+            source,
+        }))
+    }
+
+    /// Answers a HEAD from an upstream HEAD; `None` if the upstream gave no digest (then
+    /// the caller fetches the manifest to compute it).
+    async fn head_manifest(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<Option<ManifestReply>, ServiceError> {
+        let what = format!("manifests/{reference}");
+        let resp = self
+            .upstream(
+                up,
+                "manifest",
+                manifest_request(Method::HEAD, repo, &what, accept),
+            )
+            .await?;
+        if !resp.status().is_success() {
+            return Err(status_error(
+                up,
+                repo,
+                resp.status(),
+                ServiceError::ManifestUnknown(reference.to_string()),
+            ));
+        }
+        let (Some(digest), Some(size)) = (
+            header_digest(resp.headers()),
+            content_length(resp.headers()),
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(ManifestReply {
+            digest,
+            media_type: content_type(resp.headers()).unwrap_or_default(),
+            size,
+            body: None,
+            source: Source::Upstream,
+        }))
+    }
+
+    /// One upstream GET per (upstream, repo, reference, accept), however many ask.
+    async fn fetch_coalesced(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &str,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<Arc<Fetched>, ServiceError> {
+        let key = format!("{}\n{repo}\n{reference}\n{}", up.name, accept.unwrap_or(""));
+        let mut rx = match self.mirror.manifest_flights.join(key, || None) {
+            Join::Leader(lead) => {
+                let rx = lead.subscribe();
+                let this = self.clone();
+                let (up, repo, reference) = (up.clone(), repo.to_string(), reference.clone());
+                let accept = accept.map(str::to_string);
+                actix_web::rt::spawn(async move {
+                    let r = this
+                        .fetch_manifest(&up, &repo, &reference, accept.as_deref())
+                        .await;
+                    lead.tx
+                        .send_replace(Some(r.map(Arc::new).map_err(Arc::new)));
+                });
+                rx
+            }
+            Join::Follower(rx) => {
+                self.metrics()
+                    .coalesced
+                    .with_label_values(&["manifest"])
+                    .inc();
+                rx
+            }
+        };
+        let done = rx.wait_for(Option::is_some).await.map_err(|_| {
+            ServiceError::Unavailable("manifest fetch ended without a result".into())
+        })?;
+        match &*done {
+            Some(Ok(f)) => Ok(f.clone()),
+            Some(Err(e)) => Err(ServiceError::Shared(e.clone())),
+            None => Err(ServiceError::Unavailable(
+                "manifest fetch ended without a result".into(),
+            )),
+        }
+    }
+
+    async fn fetch_manifest(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<Fetched, ServiceError> {
+        let what = format!("manifests/{reference}");
+        let mut resp = self
+            .upstream(
+                up,
+                "manifest",
+                manifest_request(Method::GET, repo, &what, accept),
+            )
+            .await?;
+        if !resp.status().is_success() {
+            return Err(status_error(
+                up,
+                repo,
+                resp.status(),
+                ServiceError::ManifestUnknown(reference.to_string()),
+            ));
+        }
+        if content_length(resp.headers()).is_some_and(|n| n > MAX_MANIFEST_SIZE as u64) {
+            return Err(ServiceError::ManifestTooLarge);
+        }
+        let announced = header_digest(resp.headers());
+        let media_type = content_type(resp.headers());
+        let bytes = resp
+            .body()
+            .limit(MAX_MANIFEST_SIZE)
+            .await
+            .map_err(|e| match e {
+                awc::error::PayloadError::Overflow => ServiceError::ManifestTooLarge,
+                e => ServiceError::Unavailable(format!("upstream {}: {e}", up.name)),
+            })?;
+        self.metrics()
+            .upstream_bytes
+            .with_label_values(&[&up.name])
+            .inc_by(bytes.len() as u64);
+        let digest = Digest::of(&bytes);
+        let expected = match reference {
+            Reference::Digest(d) => Some(d.clone()),
+            Reference::Tag(_) => announced,
+        };
+        if let Some(expected) = expected.filter(|e| *e != digest) {
+            self.metrics()
+                .digest_mismatches
+                .with_label_values(&[&up.name])
+                .inc();
+            tracing::error!(upstream = %up.name, repo, %expected, actual = %digest, "upstream sent a manifest that does not match its digest");
+            return Err(ServiceError::DigestMismatch {
+                upstream: up.name.clone(),
+                expected: expected.to_string(),
+                actual: digest.to_string(),
+            });
+        }
+        let media_type = media_type
+            .or_else(|| body_media_type(&bytes))
+            .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+        let fetched = Fetched {
+            digest,
+            media_type,
+            bytes,
+        };
+        self.keep_manifest(up, repo, reference, &fetched).await?;
+        Ok(fetched)
+    }
+
+    /// Stores a verified manifest, links it to the repository and records the tag.
+    async fn keep_manifest(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        reference: &Reference,
+        f: &Fetched,
+    ) -> Result<(), ServiceError> {
+        let (ns, repo) = (up.name.clone(), repo.to_string());
+        let (d, bytes) = (f.digest.clone(), f.bytes.clone());
+        let link = ManifestLink {
+            media_type: f.media_type.clone(),
+        };
+        let tag = match reference {
+            Reference::Tag(t) => Some((
+                t.clone(),
+                TagRecord {
+                    digest: d.to_string(),
+                    media_type: f.media_type.clone(),
+                    size: bytes.len() as u64,
+                    checked_at: crate::store::now_secs(),
+                },
+            )),
+            Reference::Digest(_) => None,
+        };
+        self.blocking(move |s| {
+            if s.stat(&d)?.is_none() {
+                s.put_small(&d, &bytes)?;
+            }
+            s.put_manifest_link(&ns, &repo, &d, &link)?;
+            if let Some((t, rec)) = tag {
+                s.put_tag(&ns, &repo, &t, &rec)?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.metrics().store_bytes.set(self.store().size() as i64);
+        Ok(())
+    }
+}
+
+fn manifest_request<'a>(
+    method: Method,
+    repo: &'a str,
+    what: &'a str,
+    accept: Option<&'a str>,
+) -> UpRequest<'a> {
+    UpRequest {
+        method,
+        repo,
+        what,
+        accept: Some(accept.unwrap_or(DEFAULT_ACCEPT)),
+    }
+}
+
+/// Whether a client's `Accept` admits `media_type` (no header, or `*/*`, admits all).
+fn accepts(accept: Option<&str>, media_type: &str) -> bool {
+    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+        return true;
+    };
+    accept.split(',').any(|item| {
+        let t = item.split(';').next().unwrap_or("").trim();
+        t == media_type || t == "*/*"
+    })
+}
+
+fn header_digest(h: &header::HeaderMap) -> Option<Digest> {
+    h.get("docker-content-digest")?.to_str().ok()?.parse().ok()
+}
+
+fn content_type(h: &header::HeaderMap) -> Option<String> {
+    let v = h.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let t = v.split(';').next()?.trim();
+    (!t.is_empty()).then(|| t.to_string())
+}
+
+/// The `mediaType` field of a manifest, or what its shape says it is.
+fn body_media_type(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+        manifests: Option<serde_json::Value>,
+    }
+    let p: Probe = serde_json::from_slice(bytes).ok()?;
+    p.media_type.or_else(|| {
+        p.manifests
+            .map(|_| "application/vnd.oci.image.index.v1+json".to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_matching() {
+        let m = "application/vnd.oci.image.index.v1+json";
+        assert!(accepts(None, m));
+        assert!(accepts(Some("*/*"), m));
+        assert!(accepts(
+            Some("application/json, application/vnd.oci.image.index.v1+json;q=0.5"),
+            m
+        ));
+        assert!(!accepts(
+            Some("application/vnd.docker.distribution.manifest.v2+json"),
+            m
+        ));
+    }
+
+    #[test]
+    fn media_type_from_body() {
+        assert_eq!(
+            body_media_type(br#"{"manifests":[]}"#).as_deref(),
+            Some("application/vnd.oci.image.index.v1+json")
+        );
+        assert_eq!(
+            body_media_type(br#"{"mediaType":"x"}"#).as_deref(),
+            Some("x")
+        );
+        assert_eq!(body_media_type(b"nope"), None);
+    }
+}

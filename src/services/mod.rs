@@ -1,0 +1,197 @@
+//! Cache logic: store lookups, singleflight fills, tag TTLs, stale-if-error.
+//!
+//! [`Mirror`] is the state every worker shares (store, in-flight maps, metrics);
+//! [`Services`] adds one worker's upstream client. Routes call these methods with an
+//! already-resolved upstream and repository and never see the store or the client.
+
+mod blobs;
+mod flight;
+mod manifests;
+mod stream;
+mod tags;
+
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+
+pub use blobs::{BlobReply, ByteRange};
+pub use manifests::{ManifestReply, MAX_MANIFEST_SIZE};
+pub use stream::BodyStream;
+pub use tags::{TagList, TagsReply};
+
+use crate::metrics::Metrics;
+use crate::names::Digest;
+use crate::store::{Store, StoreError};
+use crate::upstream::{UpRequest, Upstream, UpstreamClient, UpstreamError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("manifest unknown: {0}")]
+    ManifestUnknown(String),
+    #[error("blob unknown: {0}")]
+    BlobUnknown(String),
+    #[error("repository unknown upstream: {0}")]
+    NameUnknown(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("upstream {upstream} denied access to {repo} ({status})")]
+    UpstreamDenied {
+        upstream: String,
+        repo: String,
+        status: u16,
+    },
+    #[error("upstream {upstream} sent content that does not match {expected} (got {actual})")]
+    DigestMismatch {
+        upstream: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("manifest is larger than {MAX_MANIFEST_SIZE} bytes")]
+    ManifestTooLarge,
+    #[error("upstream {upstream}: {msg}")]
+    BadUpstream { upstream: String, msg: String },
+    #[error("range not satisfiable (blob has {size} bytes)")]
+    RangeNotSatisfiable { size: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The same error, shared by every request that waited on one flight.
+    #[error("{0}")]
+    Shared(Arc<ServiceError>),
+}
+
+impl From<UpstreamError> for ServiceError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Connect { .. } => ServiceError::Unavailable(e.to_string()),
+            UpstreamError::Auth { upstream, msg } | UpstreamError::Protocol { upstream, msg } => {
+                ServiceError::BadUpstream { upstream, msg }
+            }
+        }
+    }
+}
+
+impl ServiceError {
+    /// The error behind any number of [`ServiceError::Shared`] wrappers.
+    pub fn root(&self) -> &ServiceError {
+        match self {
+            ServiceError::Shared(inner) => inner.root(),
+            e => e,
+        }
+    }
+
+    /// Whether a cached answer may be served instead (the upstream is down or overloaded,
+    /// as opposed to saying "no").
+    fn allows_stale(&self) -> bool {
+        matches!(self.root(), ServiceError::Unavailable(_))
+    }
+}
+
+/// Maps an upstream's non-success status to an error for `what` in `repo`.
+fn status_error(
+    up: &Upstream,
+    repo: &str,
+    status: StatusCode,
+    unknown: ServiceError,
+) -> ServiceError {
+    match status.as_u16() {
+        404 => unknown,
+        401 | 403 => ServiceError::UpstreamDenied {
+            upstream: up.name.clone(),
+            repo: repo.to_string(),
+            status: status.as_u16(),
+        },
+        s if s == 429 || s >= 500 => {
+            ServiceError::Unavailable(format!("upstream {} answered {status}", up.name))
+        }
+        _ => ServiceError::BadUpstream {
+            upstream: up.name.clone(),
+            msg: format!("unexpected status {status}"),
+        },
+    }
+}
+
+/// Where a reply's bytes came from, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    Upstream,
+    /// Cached, served because the upstream failed.
+    Stale,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cache => "hit",
+            Source::Upstream => "miss",
+            Source::Stale => "stale",
+        }
+    }
+}
+
+/// State shared by all workers.
+pub struct Mirror {
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    blob_flights: Arc<flight::Flights<Digest, blobs::Fill>>,
+    manifest_flights: Arc<flight::Flights<String, manifests::Pending>>,
+}
+
+impl Mirror {
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Mirror {
+        Mirror {
+            store,
+            metrics,
+            blob_flights: Arc::default(),
+            manifest_flights: Arc::default(),
+        }
+    }
+}
+
+/// One worker's view: shared state plus its own upstream connection pool.
+#[derive(Clone)]
+pub struct Services {
+    pub mirror: Arc<Mirror>,
+    client: UpstreamClient,
+}
+
+impl Services {
+    pub fn new(mirror: Arc<Mirror>, client: UpstreamClient) -> Services {
+        Services { mirror, client }
+    }
+
+    fn store(&self) -> &Store {
+        &self.mirror.store
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.mirror.metrics
+    }
+
+    /// Sends a request upstream, counting it.
+    async fn upstream(
+        &self,
+        up: &Upstream,
+        kind: &str,
+        req: UpRequest<'_>,
+    ) -> Result<awc::ClientResponse, ServiceError> {
+        self.metrics()
+            .upstream_requests
+            .with_label_values(&[&up.name, kind, req.method.as_str()])
+            .inc();
+        Ok(self.client.send(up, &req).await?)
+    }
+
+    /// Runs blocking store work off the async worker thread.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, ServiceError>
+    where
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.mirror.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
+            .map_err(ServiceError::from)
+    }
+}

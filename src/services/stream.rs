@@ -1,0 +1,142 @@
+//! Blob bodies read from a file with positional reads, either a committed blob or the temp
+//! file of a fill in progress (then the reader waits for the fill to get ahead of it).
+//!
+//! Only a bounded chunk is in memory per response, whatever the blob's size.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::stream::{BoxStream, Stream, StreamExt};
+use tokio::sync::watch;
+
+use super::blobs::Fill;
+use super::ServiceError;
+use crate::metrics::Metrics;
+
+/// Bytes read per step: large enough to keep syscalls rare, small enough for memory.
+const CHUNK: u64 = 256 * 1024;
+
+/// The body of a blob response.
+pub struct BodyStream {
+    inner: BoxStream<'static, Result<Bytes, ServiceError>>,
+}
+
+impl Stream for BodyStream {
+    type Item = Result<Bytes, ServiceError>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.poll_next_unpin(cx)
+    }
+}
+
+/// How far the file can be read.
+pub enum Avail {
+    /// A committed blob: everything.
+    Complete,
+    /// A fill in progress.
+    Fill(watch::Receiver<Fill>),
+}
+
+struct Cursor {
+    file: Arc<File>,
+    pos: u64,
+    end: u64,
+    avail: Avail,
+    metrics: Arc<Metrics>,
+    source: &'static str,
+}
+
+impl BodyStream {
+    /// Streams `[start, end)` of `file`.
+    pub fn new(
+        file: Arc<File>,
+        start: u64,
+        end: u64,
+        avail: Avail,
+        metrics: Arc<Metrics>,
+        source: &'static str,
+    ) -> BodyStream {
+        let cur = Cursor {
+            file,
+            pos: start,
+            end,
+            avail,
+            metrics,
+            source,
+        };
+        let inner = futures_util::stream::unfold(Some(cur), |cur| async move {
+            let mut cur = cur?;
+            match cur.next_chunk().await {
+                Ok(Some(b)) => Some((Ok(b), Some(cur))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        BodyStream {
+            inner: inner.boxed(),
+        }
+    }
+}
+
+impl Cursor {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, ServiceError> {
+        if self.pos >= self.end {
+            return Ok(None);
+        }
+        let readable = self.wait_readable().await?;
+        if readable <= self.pos {
+            return Ok(None);
+        }
+        let len = (readable.min(self.end) - self.pos).min(CHUNK) as usize;
+        let (file, pos) = (self.file.clone(), self.pos);
+        let buf = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let mut buf = vec![0u8; len];
+            file.read_exact_at(&mut buf, pos)?;
+            Ok(buf)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|r| r)
+        .map_err(crate::store::StoreError::from)?;
+        self.pos += len as u64;
+        self.metrics
+            .served_bytes
+            .with_label_values(&[self.source])
+            .inc_by(len as u64);
+        Ok(Some(Bytes::from(buf)))
+    }
+
+    /// Waits until the byte at `pos` may be sent and returns the readable limit (at or
+    /// below `pos` only at the end of a committed fill). During
+    /// a fill the last byte is held back until the digest is verified, so a client never
+    /// receives a complete body that turned out to be corrupt.
+    async fn wait_readable(&mut self) -> Result<u64, ServiceError> {
+        let rx = match &mut self.avail {
+            Avail::Complete => return Ok(self.end),
+            Avail::Fill(rx) => rx,
+        };
+        loop {
+            {
+                let fill = rx.borrow_and_update();
+                if let Some(e) = &fill.error {
+                    return Err(ServiceError::Shared(e.clone()));
+                }
+                if fill.committed {
+                    return Ok(fill.written);
+                }
+                let limit = fill.written.saturating_sub(1);
+                if limit > self.pos {
+                    return Ok(limit);
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(ServiceError::Unavailable(
+                    "fill ended without a result".into(),
+                ));
+            }
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! `tags/list`: asked upstream (tags are the upstream's truth), answered from the tags
+//! cached in the store when the upstream is unreachable.
+
+use actix_web::http::{header, Method};
+use serde::{Deserialize, Serialize};
+
+use super::{status_error, ServiceError, Services, Source};
+use crate::upstream::{UpRequest, Upstream};
+
+#[derive(Serialize, Deserialize)]
+pub struct TagList {
+    pub name: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+pub struct TagsReply {
+    pub list: TagList,
+    /// Pagination `Link` header, rewritten to the client's repository name.
+    pub link: Option<String>,
+    pub source: Source,
+}
+
+impl Services {
+    /// `name` is the repository as the client named it (prefix included), `query` the
+    /// raw `n`/`last` query string to pass on.
+    pub async fn tags(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        name: &str,
+        query: &str,
+    ) -> Result<TagsReply, ServiceError> {
+        let what = if query.is_empty() {
+            "tags/list".to_string()
+        } else {
+            format!("tags/list?{query}")
+        };
+        let req = UpRequest {
+            method: Method::GET,
+            repo,
+            what: &what,
+            accept: Some("application/json"),
+        };
+        match self.upstream_tags(up, repo, req).await {
+            Ok((mut list, link)) => {
+                list.name = name.to_string();
+                let link =
+                    link.map(|l| l.replace(&format!("/v2/{repo}/"), &format!("/v2/{name}/")));
+                Ok(TagsReply {
+                    list,
+                    link,
+                    source: Source::Upstream,
+                })
+            }
+            Err(e) if e.allows_stale() => {
+                let tags = self.store().list_tags(&up.name, repo)?;
+                if tags.is_empty() {
+                    return Err(e);
+                }
+                self.metrics()
+                    .stale_serves
+                    .with_label_values(&[&up.name])
+                    .inc();
+                Ok(TagsReply {
+                    list: TagList {
+                        name: name.to_string(),
+                        tags,
+                    },
+                    link: None,
+                    source: Source::Stale,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn upstream_tags(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        req: UpRequest<'_>,
+    ) -> Result<(TagList, Option<String>), ServiceError> {
+        let mut resp = self.upstream(up, "tags", req).await?;
+        if !resp.status().is_success() {
+            return Err(status_error(
+                up,
+                repo,
+                resp.status(),
+                ServiceError::NameUnknown(repo.into()),
+            ));
+        }
+        let link = resp
+            .headers()
+            .get(header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let list: TagList =
+            resp.json()
+                .limit(16 << 20)
+                .await
+                .map_err(|e| ServiceError::BadUpstream {
+                    upstream: up.name.clone(),
+                    msg: format!("tags/list: {e}"),
+                })?;
+        Ok((list, link))
+    }
+}

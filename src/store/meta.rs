@@ -1,0 +1,161 @@
+//! Per-repository metadata: tags, manifest links and blob links, as small JSON files.
+//!
+//! Metadata is written with write-to-temp + rename, so a reader sees the old or the new
+//! record, never half of one.
+
+use std::fs;
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::{not_found_is_none, Store, StoreError};
+use crate::names::Digest;
+
+/// What a tag pointed to when it was last fetched or revalidated upstream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
+    /// Seconds since the epoch of the last upstream confirmation.
+    pub checked_at: u64,
+}
+
+impl TagRecord {
+    pub fn digest(&self) -> Result<Digest, StoreError> {
+        self.digest
+            .parse()
+            .map_err(|_| StoreError::Meta(format!("tag digest {:?}", self.digest)))
+    }
+
+    /// Time since the upstream last confirmed this tag.
+    pub fn age(&self) -> Duration {
+        let checked = UNIX_EPOCH + Duration::from_secs(self.checked_at);
+        SystemTime::now()
+            .duration_since(checked)
+            .unwrap_or_default()
+    }
+}
+
+/// The media type a repository's manifest was served with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestLink {
+    pub media_type: String,
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+impl Store {
+    /// `repos/<namespace>/<repo>`; `namespace` and `repo` are validated names.
+    fn repo_dir(&self, namespace: &str, repo: &str) -> PathBuf {
+        self.root.join("repos").join(namespace).join(repo)
+    }
+
+    fn read_json<T: for<'de> Deserialize<'de>>(&self, p: PathBuf) -> Result<Option<T>, StoreError> {
+        let Some(bytes) = not_found_is_none(fs::read(&p))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Meta(format!("{}: {e}", p.display())))
+    }
+
+    fn write_json<T: Serialize>(&self, p: PathBuf, v: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(v).map_err(|e| StoreError::Meta(e.to_string()))?;
+        write_atomic(p, &bytes)
+    }
+
+    pub fn get_tag(
+        &self,
+        ns: &str,
+        repo: &str,
+        tag: &str,
+    ) -> Result<Option<TagRecord>, StoreError> {
+        self.read_json(self.repo_dir(ns, repo).join("_tags").join(tag))
+    }
+
+    pub fn put_tag(
+        &self,
+        ns: &str,
+        repo: &str,
+        tag: &str,
+        rec: &TagRecord,
+    ) -> Result<(), StoreError> {
+        self.write_json(self.repo_dir(ns, repo).join("_tags").join(tag), rec)
+    }
+
+    /// Tags cached for a repository, sorted.
+    pub fn list_tags(&self, ns: &str, repo: &str) -> Result<Vec<String>, StoreError> {
+        let dir = self.repo_dir(ns, repo).join("_tags");
+        let Some(entries) = not_found_is_none(fs::read_dir(dir))? else {
+            return Ok(Vec::new());
+        };
+        let mut tags = Vec::new();
+        for e in entries {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') {
+                tags.push(name);
+            }
+        }
+        tags.sort();
+        Ok(tags)
+    }
+
+    pub fn get_manifest_link(
+        &self,
+        ns: &str,
+        repo: &str,
+        d: &Digest,
+    ) -> Result<Option<ManifestLink>, StoreError> {
+        self.read_json(self.repo_dir(ns, repo).join("_manifests").join(d.hex()))
+    }
+
+    pub fn put_manifest_link(
+        &self,
+        ns: &str,
+        repo: &str,
+        d: &Digest,
+        link: &ManifestLink,
+    ) -> Result<(), StoreError> {
+        self.write_json(
+            self.repo_dir(ns, repo).join("_manifests").join(d.hex()),
+            link,
+        )
+    }
+
+    /// Whether a repository is known to hold a blob (so it may be served from the shared
+    /// store under that repository without asking upstream).
+    pub fn blob_linked(&self, ns: &str, repo: &str, d: &Digest) -> Result<bool, StoreError> {
+        let p = self.repo_dir(ns, repo).join("_blobs").join(d.hex());
+        Ok(not_found_is_none(fs::metadata(p))?.is_some())
+    }
+
+    pub fn link_blob(&self, ns: &str, repo: &str, d: &Digest) -> Result<(), StoreError> {
+        write_atomic(self.repo_dir(ns, repo).join("_blobs").join(d.hex()), b"")
+    }
+}
+
+/// Writes `bytes` to a dot-prefixed sibling, then renames it over `p`.
+fn write_atomic(p: PathBuf, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = p
+        .parent()
+        .ok_or_else(|| StoreError::Meta(format!("{} has no parent", p.display())))?;
+    fs::create_dir_all(dir)?;
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{:08x}", rand::random::<u32>()));
+    fs::write(&tmp, bytes)?;
+    fs::rename(&tmp, &p).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })?;
+    Ok(())
+}

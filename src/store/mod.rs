@@ -1,0 +1,200 @@
+//! The store: the only code that touches files.
+//!
+//! Content lives once per digest under `blobs/sha256/<2>/<hex>`, whatever upstream or
+//! repository it came from. Writes go to `tmp/` and are renamed into place only after the
+//! bytes were hashed and matched the expected digest and were fsynced, so a crash can leave
+//! at most a temp file (removed at the next start), never a wrong or partial blob.
+//!
+//! Per-repository metadata (`repos/<upstream>/<repo>/...`) is small JSON: which tags point
+//! where, which manifests and blobs a repository is known to hold. Repository components
+//! always start with `[a-z0-9]`, so the `_tags`/`_manifests`/`_blobs` folders cannot
+//! collide with a repository name.
+//!
+//! The interface is narrow on purpose (stat, read at offset, begin/commit/abort a verified
+//! write, delete, list, and metadata get/put) so that an object-store backend can follow
+//! without touching the services.
+
+mod meta;
+mod writer;
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use meta::{now_secs, ManifestLink, TagRecord};
+pub use writer::BlobWriter;
+
+use crate::names::Digest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("size mismatch: expected {expected} bytes, got {actual}")]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error("corrupt metadata {0}")]
+    Meta(String),
+}
+
+/// A filesystem store rooted at one directory.
+pub struct Store {
+    root: PathBuf,
+    /// Bytes of committed content, kept current on commit/delete for the size metric.
+    size: AtomicU64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`, removes temp files left by a process
+    /// that died mid-write, and measures the stored bytes.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        for dir in ["blobs/sha256", "tmp", "repos"] {
+            fs::create_dir_all(root.join(dir))?;
+        }
+        let root = fs::canonicalize(root)?;
+        let removed = clean_dir(&root.join("tmp"))?;
+        if removed > 0 {
+            tracing::warn!(removed, "removed temp files left by an earlier process");
+        }
+        let size = dir_size(&root.join("blobs"))?;
+        Ok(Store {
+            root,
+            size: AtomicU64::new(size),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Total bytes of committed content.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    fn blob_path(&self, d: &Digest) -> PathBuf {
+        let hex = d.hex();
+        self.root.join("blobs/sha256").join(&hex[..2]).join(hex)
+    }
+
+    /// Size of a committed blob, or `None` if it is not stored.
+    pub fn stat(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
+        Ok(not_found_is_none(fs::metadata(self.blob_path(d)))?.map(|m| m.len()))
+    }
+
+    /// Opens a committed blob for positional reads (`FileExt::read_at`).
+    pub fn open_blob(&self, d: &Digest) -> Result<Option<File>, StoreError> {
+        not_found_is_none(File::open(self.blob_path(d)))
+    }
+
+    /// Reads a whole small blob (a manifest) into memory.
+    pub fn read_small(&self, d: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        not_found_is_none(fs::read(self.blob_path(d)))
+    }
+
+    /// Starts a write of `expected`; nothing is visible until [`Store::commit`].
+    pub fn begin(&self, expected: &Digest) -> Result<BlobWriter, StoreError> {
+        BlobWriter::create(&self.root.join("tmp"), expected.clone())
+    }
+
+    /// Verifies the written bytes against the expected digest (and size, when known),
+    /// syncs them to disk and moves them into place. On mismatch the temp file is removed.
+    pub fn commit(&self, w: BlobWriter, expected_size: Option<u64>) -> Result<u64, StoreError> {
+        let (tmp, expected, actual, written) = w.finish()?;
+        let verdict = if actual != expected {
+            Err(StoreError::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            })
+        } else if expected_size.is_some_and(|s| s != written) {
+            Err(StoreError::SizeMismatch {
+                expected: expected_size.unwrap_or_default(),
+                actual: written,
+            })
+        } else {
+            Ok(())
+        };
+        if let Err(e) = verdict {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let dest = self.blob_path(&expected);
+        if dest.exists() {
+            // Same content already stored (another upstream, or a racing fill): keep one.
+            let _ = fs::remove_file(&tmp);
+            return Ok(written);
+        }
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::rename(&tmp, &dest)?;
+        self.size.fetch_add(written, Ordering::Relaxed);
+        Ok(written)
+    }
+
+    /// Writes a small, already-verified object (a manifest) in one go.
+    pub fn put_small(&self, d: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
+        let mut w = self.begin(d)?;
+        w.write(bytes)?;
+        self.commit(w, Some(bytes.len() as u64)).map(|_| ())
+    }
+
+    /// Removes a blob; returns whether it existed.
+    pub fn delete(&self, d: &Digest) -> Result<bool, StoreError> {
+        let path = self.blob_path(d);
+        let Some(len) = not_found_is_none(fs::metadata(&path))?.map(|m| m.len()) else {
+            return Ok(false);
+        };
+        fs::remove_file(&path)?;
+        self.size.fetch_sub(len, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Every committed digest (for gc and verify).
+    pub fn list(&self) -> Result<Vec<Digest>, StoreError> {
+        let mut out = Vec::new();
+        for shard in fs::read_dir(self.root.join("blobs/sha256"))? {
+            for entry in fs::read_dir(shard?.path())? {
+                let name = entry?.file_name();
+                if let Ok(d) = format!("sha256:{}", name.to_string_lossy()).parse() {
+                    out.push(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Removes every file in `dir`; returns how many.
+fn clean_dir(dir: &Path) -> io::Result<usize> {
+    let mut n = 0;
+    for entry in fs::read_dir(dir)? {
+        fs::remove_file(entry?.path())?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn dir_size(dir: &Path) -> io::Result<u64> {
+    let mut total = 0;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let ty = entry.file_type()?;
+        if ty.is_dir() {
+            total += dir_size(&entry.path())?;
+        } else if ty.is_file() {
+            total += entry.metadata()?.len();
+        }
+    }
+    Ok(total)
+}
+
+fn not_found_is_none<T>(r: io::Result<T>) -> Result<Option<T>, StoreError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,88 @@
+//! A verified write in progress: bytes go to a temp file and into a running hash.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rand::Rng;
+use sha2::{Digest as _, Sha256};
+
+use super::StoreError;
+use crate::names::Digest;
+
+/// Owns a temp file under `tmp/`. Dropping it without [`super::Store::commit`] removes the
+/// file, so an aborted fill (upstream error, client gone, panic) leaves nothing behind.
+pub struct BlobWriter {
+    file: Arc<File>,
+    path: PathBuf,
+    expected: Digest,
+    hasher: Sha256,
+    written: u64,
+    done: bool,
+}
+
+impl BlobWriter {
+    pub(super) fn create(tmp_dir: &Path, expected: Digest) -> Result<BlobWriter, StoreError> {
+        let name = format!(
+            "{}.{:016x}.part",
+            expected.hex(),
+            rand::thread_rng().gen::<u64>()
+        );
+        let path = tmp_dir.join(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(BlobWriter {
+            file: Arc::new(file),
+            path,
+            expected,
+            hasher: Sha256::new(),
+            written: 0,
+            done: false,
+        })
+    }
+
+    /// Appends bytes. They are in the OS page cache (readable through [`Self::reader`])
+    /// when this returns; there is no user-space buffer to flush.
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        (&*self.file).write_all(bytes)?;
+        self.hasher.update(bytes);
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// A handle for positional reads of the bytes written so far, shared with the
+    /// requests that stream a fill while it is still in progress.
+    pub fn reader(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
+    /// Syncs the file and hands back (temp path, expected, actual digest, bytes written).
+    pub(super) fn finish(mut self) -> io::Result<(PathBuf, Digest, Digest, u64)> {
+        self.done = true;
+        self.file.sync_all()?;
+        let hasher = std::mem::take(&mut self.hasher);
+        let actual = Digest::from_hasher(hasher);
+        Ok((
+            self.path.clone(),
+            self.expected.clone(),
+            actual,
+            self.written,
+        ))
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! HTTP client for upstream registries: auth challenges, tokens, redirects.
+//!
+//! [`Upstream`] values are built once at start-up and never change. [`UpstreamClient`]
+//! pairs one actix worker's connection pool (awc clients are per thread) with the token
+//! cache that all workers share, so connections and tokens are reused across requests.
+
+mod auth;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::{header, Method, StatusCode};
+use awc::ClientResponse;
+use base64::Engine as _;
+use serde::Deserialize;
+
+pub use auth::{parse_challenge, Challenge, TokenCache};
+
+use crate::config::{Config, ConfigError};
+
+/// At most this many redirects are followed (Docker Hub uses one, to its CDN).
+const MAX_REDIRECTS: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream {upstream}: cannot connect: {msg}")]
+    Connect { upstream: String, msg: String },
+    #[error("upstream {upstream}: auth failed: {msg}")]
+    Auth { upstream: String, msg: String },
+    #[error("upstream {upstream}: {msg}")]
+    Protocol { upstream: String, msg: String },
+}
+
+/// One configured upstream registry (read-only after start-up).
+#[derive(Debug)]
+pub struct Upstream {
+    /// The key: path prefix and `?ns=` host.
+    pub name: String,
+    pub base: url::Url,
+    pub credentials: Option<(String, String)>,
+    pub tag_ttl: Duration,
+    /// Docker Hub's convention: a one-part name means `library/<name>`.
+    pub library_prefix: bool,
+}
+
+impl Upstream {
+    /// Builds every upstream from the config, resolving secrets now so that a missing
+    /// password file fails at start-up, not on the first pull.
+    pub fn all_from(cfg: &Config) -> Result<Vec<Arc<Upstream>>, ConfigError> {
+        let mut out = Vec::new();
+        for (name, up) in &cfg.upstreams {
+            let base = url::Url::parse(up.url.trim_end_matches('/')).map_err(|e| {
+                ConfigError::Upstream {
+                    name: name.clone(),
+                    msg: e.to_string(),
+                }
+            })?;
+            let password = up.resolve_password(name)?;
+            let credentials = up
+                .username
+                .clone()
+                .map(|u| (u, password.unwrap_or_default()));
+            out.push(Arc::new(Upstream {
+                library_prefix: name == "docker.io"
+                    || base.host_str() == Some("registry-1.docker.io"),
+                name: name.clone(),
+                base,
+                credentials,
+                tag_ttl: up.tag_ttl(),
+            }));
+        }
+        Ok(out)
+    }
+
+    fn basic_header(&self) -> Option<String> {
+        self.credentials.as_ref().map(|(u, p)| basic(u, p))
+    }
+}
+
+fn basic(user: &str, pass: &str) -> String {
+    let raw = format!("{user}:{pass}");
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
+}
+
+/// A request to an upstream's `/v2/<repo>/<what>` endpoint.
+pub struct UpRequest<'a> {
+    pub method: Method,
+    pub repo: &'a str,
+    /// e.g. `manifests/latest`, `blobs/sha256:...`, `tags/list?n=10`.
+    pub what: &'a str,
+    pub accept: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+/// Per-worker client; cheap to clone.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    http: awc::Client,
+    tokens: Arc<TokenCache>,
+}
+
+impl UpstreamClient {
+    pub fn new(tokens: Arc<TokenCache>, timeout: Duration) -> UpstreamClient {
+        let http = awc::Client::builder()
+            .disable_redirects()
+            .timeout(timeout)
+            .add_default_header((
+                header::USER_AGENT,
+                concat!("entrepot/", env!("CARGO_PKG_VERSION")),
+            ))
+            .connector(awc::Connector::new().timeout(timeout))
+            .finish();
+        UpstreamClient { http, tokens }
+    }
+
+    /// Sends `req`, answering one auth challenge and following redirects. A 401 that
+    /// survives the challenge is returned as is, for the caller to map.
+    pub async fn send(
+        &self,
+        up: &Upstream,
+        req: &UpRequest<'_>,
+    ) -> Result<ClientResponse, UpstreamError> {
+        let scope = format!("repository:{}:pull", req.repo);
+        let url = format!(
+            "{}/v2/{}/{}",
+            up.base.as_str().trim_end_matches('/'),
+            req.repo,
+            req.what
+        );
+        let auth = self.auth_header(up, &scope, false).await?;
+        let resp = self.send_following(up, req, &url, auth).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let Some(challenge) = resp
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_challenge)
+        else {
+            return Ok(resp);
+        };
+        self.tokens.put_challenge(&up.name, challenge);
+        let auth = self.auth_header(up, &scope, true).await?;
+        if auth.is_none() {
+            return Ok(resp);
+        }
+        self.send_following(up, req, &url, auth).await
+    }
+
+    /// The Authorization value for `scope`, from the cache, or fetched if the upstream is
+    /// known to want a token. `fresh` skips the cache (after a 401 with a cached token).
+    async fn auth_header(
+        &self,
+        up: &Upstream,
+        scope: &str,
+        fresh: bool,
+    ) -> Result<Option<String>, UpstreamError> {
+        if !fresh {
+            if let Some(t) = self.tokens.token(&up.name, scope) {
+                return Ok(Some(format!("Bearer {t}")));
+            }
+        }
+        match self.tokens.challenge(&up.name) {
+            None => Ok(None),
+            Some(Challenge::Basic) => Ok(up.basic_header()),
+            Some(Challenge::Bearer { realm, service, .. }) => {
+                let token = self
+                    .fetch_token(up, &realm, service.as_deref(), scope)
+                    .await?;
+                Ok(Some(format!("Bearer {token}")))
+            }
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        up: &Upstream,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<String, UpstreamError> {
+        let err = |msg: String| UpstreamError::Auth {
+            upstream: up.name.clone(),
+            msg,
+        };
+        let mut url =
+            url::Url::parse(realm).map_err(|e| err(format!("token realm {realm:?}: {e}")))?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", scope);
+        }
+        let mut req = self.http.get(url.as_str());
+        if let Some(b) = up.basic_header() {
+            req = req.insert_header((header::AUTHORIZATION, b));
+        }
+        let mut resp = req
+            .send()
+            .await
+            .map_err(|e| err(format!("token endpoint: {e}")))?;
+        if !resp.status().is_success() {
+            return Err(err(format!("token endpoint answered {}", resp.status())));
+        }
+        let body: TokenResponse = resp
+            .json()
+            .limit(1 << 20)
+            .await
+            .map_err(|e| err(format!("token response: {e}")))?;
+        let token = body
+            .token
+            .or(body.access_token)
+            .ok_or_else(|| err("token response has no token".into()))?;
+        // The spec's default lifetime is 60 s when `expires_in` is absent.
+        let ttl = Duration::from_secs(body.expires_in.unwrap_or(60).max(60));
+        self.tokens.put_token(&up.name, scope, token.clone(), ttl);
+        Ok(token)
+    }
+
+    /// Sends and follows redirects. The upstream's Authorization goes only to the
+    /// upstream's own origin, never to a CDN it redirects to.
+    async fn send_following(
+        &self,
+        up: &Upstream,
+        req: &UpRequest<'_>,
+        url: &str,
+        auth: Option<String>,
+    ) -> Result<ClientResponse, UpstreamError> {
+        let origin = up.base.origin();
+        let mut url = url::Url::parse(url).map_err(|e| protocol(up, format!("bad url: {e}")))?;
+        for _ in 0..=MAX_REDIRECTS {
+            let mut r = self.http.request(req.method.clone(), url.as_str());
+            if let Some(a) = req.accept {
+                r = r.insert_header((header::ACCEPT, a));
+            }
+            if let Some(a) = auth.as_ref().filter(|_| url.origin() == origin) {
+                r = r.insert_header((header::AUTHORIZATION, a.as_str()));
+            }
+            let resp = r.send().await.map_err(|e| UpstreamError::Connect {
+                upstream: up.name.clone(),
+                msg: e.to_string(),
+            })?;
+            if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
+                return Ok(resp);
+            }
+            let location = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| protocol(up, "redirect without Location".into()))?;
+            url = url
+                .join(location)
+                .map_err(|e| protocol(up, format!("bad redirect {location:?}: {e}")))?;
+        }
+        Err(protocol(up, "too many redirects".into()))
+    }
+}
+
+fn protocol(up: &Upstream, msg: String) -> UpstreamError {
+    UpstreamError::Protocol {
+        upstream: up.name.clone(),
+        msg,
+    }
+}
