@@ -43,7 +43,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Root directory of the content-addressed store.
     pub storage: PathBuf,
-    /// Upstream key used for paths without a prefix and without `?ns=`.
+    /// Upstream key used for paths without a prefix and without `?ns=` (Docker's
+    /// `registry-mirrors`). The built-in defaults set `docker.io`; a config file must
+    /// name it.
     pub default_upstream: Option<String>,
     /// How long to wait for an upstream's response headers.
     #[serde(with = "humantime_serde")]
@@ -55,7 +57,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
             storage: PathBuf::from("./data"),
-            default_upstream: Some("docker.io".into()),
+            default_upstream: None,
             upstream_timeout: Duration::from_secs(30),
         }
     }
@@ -115,7 +117,9 @@ impl Config {
         }));
         fig = match &file {
             Some(f) => fig.merge(Toml::file(f)),
-            None => fig.merge(Serialized::default("upstreams", default_upstreams())),
+            None => fig
+                .merge(Serialized::default("upstreams", default_upstreams()))
+                .merge(Serialized::default("server.default_upstream", "docker.io")),
         };
         fig = fig.merge(Env::prefixed("ENTREPOT_").split("__"));
         let cfg: Config = fig.extract().map_err(Box::new)?;

@@ -9,10 +9,10 @@ pub mod target;
 
 use std::time::Instant;
 
-use actix_web::body::{BoxBody, SizedStream};
+use actix_web::body::{BoxBody, MessageBody, SizedStream};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, Method, StatusCode};
-use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use futures_util::stream;
 
 use crate::error::OciError;
@@ -34,7 +34,17 @@ struct RequestInfo {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v2", web::to(v2))
         .route("/v2/{tail:.*}", web::to(v2))
-        .route("/metrics", web::get().to(metrics));
+        .route("/metrics", web::get().to(metrics))
+        .default_service(web::to(not_found));
+}
+
+async fn not_found() -> HttpResponse {
+    OciError::new(
+        StatusCode::NOT_FOUND,
+        "NAME_UNKNOWN",
+        "not a registry endpoint",
+    )
+    .error_response()
 }
 
 async fn metrics(m: web::Data<Metrics>) -> HttpResponse {
@@ -197,7 +207,7 @@ pub async fn log_request(
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let start = Instant::now();
     let method = req.method().clone();
-    let path = req.path().to_string();
+    let path = req.uri().to_string();
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
     let res = next.call(req).await?;
     let info = res.request().extensions().get::<RequestInfo>().cloned();
@@ -205,11 +215,10 @@ pub async fn log_request(
         (i.upstream.as_str(), i.endpoint, i.cache)
     });
     let status = res.status().as_u16();
-    let bytes = res
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
+    let bytes = match res.response().body().size() {
+        actix_web::body::BodySize::Sized(n) => n as i64,
+        _ => -1,
+    };
     tracing::info!(
         target: "entrepot::access",
         %method, %path, status, upstream, cache, bytes,

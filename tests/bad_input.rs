@@ -1,0 +1,160 @@
+//! Bad input gets a 4xx OCI error, never a panic, a 500 or a file outside the store.
+//! Needs no peers: the upstreams are a closed port and a hostile server in this file.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A hostile "registry" that answers every request with a 5 MiB manifest and counts
+/// connections. Serves at most `max` connections or 60 s.
+fn hostile_upstream(max: usize) -> (u16, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        while seen2.load(Ordering::Relaxed) < max && start.elapsed() < Duration::from_secs(60) {
+            let Ok((mut s, _)) = l.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            seen2.fetch_add(1, Ordering::Relaxed);
+            let _ = s.set_nonblocking(false);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let body = vec![b' '; 5 << 20];
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn bad_requests_get_oci_errors() {
+    let (hostile, hits) = hostile_upstream(10);
+    let rest = format!(
+        "[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:9\"\n[upstreams.\"hostile.io\"]\nurl = \"http://127.0.0.1:{hostile}\"\n"
+    );
+    let mirror = Mirror::start("", &rest);
+    let m = mirror.url();
+    let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    let cases: &[(&str, &[(&str, &str)], u16, &str)] = &[
+        (
+            "/v2/../etc/passwd/manifests/latest",
+            &[],
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            "/v2/%2e%2e/%2e%2e/etc/manifests/latest",
+            &[],
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            "/v2/docker.io/%2E%2E/x/blobs/sha256:00",
+            &[],
+            400,
+            "DIGEST_INVALID",
+        ),
+        ("/v2//etc/manifests/latest", &[], 400, "NAME_INVALID"),
+        (
+            "/v2/docker.io/UPPER/manifests/latest",
+            &[],
+            400,
+            "NAME_INVALID",
+        ),
+        ("/v2/docker.io/a/manifests/..", &[], 400, "TAG_INVALID"),
+        (
+            "/v2/docker.io/a/manifests/sha256:zz",
+            &[],
+            400,
+            "DIGEST_INVALID",
+        ),
+        (
+            "/v2/docker.io/a/blobs/sha512:abcd",
+            &[],
+            400,
+            "DIGEST_INVALID",
+        ),
+        (
+            "/v2/docker.io/a/blobs/md5:../../x",
+            &[],
+            400,
+            "DIGEST_INVALID",
+        ),
+        ("/v2/docker.io/a/nothing", &[], 404, "NAME_UNKNOWN"),
+        (
+            "/v2/x/manifests/1?ns=evil.example.com",
+            &[],
+            404,
+            "NAME_UNKNOWN",
+        ),
+        ("/v2/x/manifests/1", &[], 404, "NAME_UNKNOWN"),
+        ("/etc/passwd", &[], 404, "NAME_UNKNOWN"),
+    ];
+    for (path, headers, status, code) in cases {
+        let r = raw(mirror.port, "GET", path, headers);
+        assert_eq!(
+            (r.status, r.oci_code().as_str()),
+            (*status, *code),
+            "{path}"
+        );
+    }
+    for range in ["bytes=9-1", "bytes=0-1,4-5", "pages=1-2", "bytes=x-"] {
+        let r = raw(
+            mirror.port,
+            "GET",
+            &format!("/v2/docker.io/a/blobs/{d}"),
+            &[("Range", range)],
+        );
+        assert_eq!(
+            (r.status, r.oci_code().as_str()),
+            (416, "RANGE_INVALID"),
+            "{range}"
+        );
+    }
+    let r = http("DELETE", &format!("{m}/v2/docker.io/a/manifests/1"), &[]);
+    assert_eq!((r.status, r.oci_code().as_str()), (405, "UNSUPPORTED"));
+
+    // An upstream that is down: a clean 503, not a hang or a 500.
+    let r = get(&format!("{m}/v2/docker.io/library/x/manifests/1"));
+    assert_eq!((r.status, r.oci_code().as_str()), (503, "UNAVAILABLE"));
+
+    // An oversize manifest from upstream is refused, not buffered or stored.
+    let r = get(&format!("{m}/v2/hostile.io/a/manifests/1"));
+    assert_eq!((r.status, r.oci_code().as_str()), (400, "MANIFEST_INVALID"));
+    assert_eq!(
+        hits.load(Ordering::Relaxed),
+        1,
+        "the unknown ns made no connection; hostile got one"
+    );
+
+    let ok = get(&format!("{m}/v2/"));
+    assert_eq!(ok.status, 200);
+    assert_eq!(
+        ok.header("docker-distribution-api-version"),
+        Some("registry/2.0")
+    );
+    assert!(!mirror.log().contains("panicked"));
+    assert_eq!(
+        std::fs::read_dir(mirror.store.join("blobs/sha256"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
