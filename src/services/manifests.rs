@@ -242,15 +242,27 @@ impl Services {
                 ServiceError::ManifestUnknown(reference.to_string()),
             ));
         }
-        let (Some(digest), Some(size)) = (
+        let (Some(digest), Some(size), Some(media_type)) = (
             header_digest(resp.headers()),
             content_length(resp.headers()),
+            content_type(resp.headers()),
         ) else {
             return Ok(None);
         };
+        if let Reference::Tag(tag) = reference {
+            // Clients resolve a tag with HEAD, then GET by digest: remember the mapping so
+            // the tag still resolves when the upstream is down.
+            let rec = TagRecord {
+                digest: digest.to_string(),
+                media_type: media_type.clone(),
+                size,
+                checked_at: crate::store::now_secs(),
+            };
+            self.store().put_tag(&up.name, repo, tag, &rec)?;
+        }
         Ok(Some(ManifestReply {
             digest,
-            media_type: content_type(resp.headers()).unwrap_or_default(),
+            media_type,
             size,
             body: None,
             source: Source::Upstream,

@@ -239,6 +239,18 @@ impl Mirror {
     }
 }
 
+impl Drop for Mirror {
+    /// A failing test shows the end of the mirror's log.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<_> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            eprintln!("--- mirror log (last 40 lines) ---\n{tail}");
+        }
+    }
+}
+
 fn find_files(dir: &Path, name: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
