@@ -52,63 +52,31 @@ fn bad_requests_get_oci_errors() {
     let mirror = Mirror::start("", &rest);
     let m = mirror.url();
     let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-    let cases: &[(&str, &[(&str, &str)], u16, &str)] = &[
-        (
-            "/v2/../etc/passwd/manifests/latest",
-            &[],
-            400,
-            "NAME_INVALID",
-        ),
+    let cases: &[(&str, u16, &str)] = &[
+        ("/v2/../etc/passwd/manifests/latest", 400, "NAME_INVALID"),
         (
             "/v2/%2e%2e/%2e%2e/etc/manifests/latest",
-            &[],
             400,
             "NAME_INVALID",
         ),
         (
             "/v2/docker.io/%2E%2E/x/blobs/sha256:00",
-            &[],
             400,
             "DIGEST_INVALID",
         ),
-        ("/v2//etc/manifests/latest", &[], 400, "NAME_INVALID"),
-        (
-            "/v2/docker.io/UPPER/manifests/latest",
-            &[],
-            400,
-            "NAME_INVALID",
-        ),
-        ("/v2/docker.io/a/manifests/..", &[], 400, "TAG_INVALID"),
-        (
-            "/v2/docker.io/a/manifests/sha256:zz",
-            &[],
-            400,
-            "DIGEST_INVALID",
-        ),
-        (
-            "/v2/docker.io/a/blobs/sha512:abcd",
-            &[],
-            400,
-            "DIGEST_INVALID",
-        ),
-        (
-            "/v2/docker.io/a/blobs/md5:../../x",
-            &[],
-            400,
-            "DIGEST_INVALID",
-        ),
-        ("/v2/docker.io/a/nothing", &[], 404, "NAME_UNKNOWN"),
-        (
-            "/v2/x/manifests/1?ns=evil.example.com",
-            &[],
-            404,
-            "NAME_UNKNOWN",
-        ),
-        ("/v2/x/manifests/1", &[], 404, "NAME_UNKNOWN"),
-        ("/etc/passwd", &[], 404, "NAME_UNKNOWN"),
+        ("/v2//etc/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/docker.io/UPPER/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/docker.io/a/manifests/..", 400, "TAG_INVALID"),
+        ("/v2/docker.io/a/manifests/sha256:zz", 400, "DIGEST_INVALID"),
+        ("/v2/docker.io/a/blobs/sha512:abcd", 400, "DIGEST_INVALID"),
+        ("/v2/docker.io/a/blobs/md5:../../x", 400, "DIGEST_INVALID"),
+        ("/v2/docker.io/a/nothing", 404, "NAME_UNKNOWN"),
+        ("/v2/x/manifests/1?ns=evil.example.com", 404, "NAME_UNKNOWN"),
+        ("/v2/x/manifests/1", 404, "NAME_UNKNOWN"),
+        ("/etc/passwd", 404, "NAME_UNKNOWN"),
     ];
-    for (path, headers, status, code) in cases {
-        let r = raw(mirror.port, "GET", path, headers);
+    for (path, status, code) in cases {
+        let r = raw(mirror.port, "GET", path, &[]);
         assert_eq!(
             (r.status, r.oci_code().as_str()),
             (*status, *code),

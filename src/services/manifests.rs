@@ -111,7 +111,7 @@ impl Services {
         head: bool,
         e: ServiceError,
     ) -> Result<ManifestReply, ServiceError> {
-        match self.from_store(&rec.digest()?, &rec.media_type, head, Source::Stale)? {
+        match self.stored_reply(&rec.digest()?, &rec.media_type, head, Source::Stale)? {
             Some(r) => {
                 self.metrics()
                     .stale_serves
@@ -132,7 +132,7 @@ impl Services {
         head: bool,
     ) -> Result<Option<ManifestReply>, ServiceError> {
         match self.store().get_manifest_link(&up.name, repo, d)? {
-            Some(link) => self.from_store(d, &link.media_type, head, Source::Cache),
+            Some(link) => self.stored_reply(d, &link.media_type, head, Source::Cache),
             None => Ok(None),
         }
     }
@@ -159,7 +159,7 @@ impl Services {
             };
             self.store().put_tag(&up.name, repo, tag, &fresh)?;
         }
-        self.from_store(&d, &rec.media_type, head, Source::Cache)
+        self.stored_reply(&d, &rec.media_type, head, Source::Cache)
     }
 
     /// Whether the upstream still maps `tag` to `d` (HEAD only).
@@ -190,7 +190,7 @@ impl Services {
         Ok(header_digest(resp.headers()).as_ref() == Some(d))
     }
 
-    fn from_store(
+    fn stored_reply(
         &self,
         d: &Digest,
         media_type: &str,

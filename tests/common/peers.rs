@@ -112,8 +112,8 @@ impl Registry {
                 let req = &l[i..];
                 let path_ok = req.split(' ').nth(1).is_some_and(|p| p.contains(path_part));
                 let status = req
-                    .splitn(2, "\" ")
-                    .nth(1)
+                    .split_once("\" ")
+                    .map(|x| x.1)
                     .and_then(|s| s.split(' ').next());
                 path_ok && status != Some("401")
             })
