@@ -8,6 +8,16 @@ use sha2::{Digest as _, Sha256};
 
 /// A validated `sha256` digest. Other algorithms are refused at parse time so that no
 /// unverifiable name ever reaches the store.
+///
+/// ```
+/// use entrepot::names::Digest;
+/// let d: Digest = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+///     .parse()
+///     .unwrap();
+/// assert_eq!(d, Digest::of(b""));
+/// assert!("sha256:../../etc/passwd".parse::<Digest>().is_err());
+/// assert!("sha512:abcd".parse::<Digest>().is_err());
+/// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
     hex: String,

@@ -450,3 +450,55 @@ fn heads_download_nothing_and_tags_within_ttl_stay_local() {
         "by digest never goes upstream once cached"
     );
 }
+
+/// With a slow upstream, clients get headers and bytes while the fill is still running,
+/// and a client that hangs up does not abort the fill the cache depends on.
+#[test]
+fn fills_stream_while_downloading_and_survive_client_disconnects() {
+    if !require(PEERS) {
+        return;
+    }
+    use std::io::Read;
+    let up = Registry::start(Auth::Anonymous);
+    let blob = noise(8 << 20, 11);
+    let digest = up.push_blob("slow/blob", &blob);
+    let slow = throttle::Throttle::start(up.port, 4 << 20); // ~2 s for the blob
+    let mirror = Mirror::start(
+        "",
+        &upstream_toml("docker.io", &format!("http://127.0.0.1:{}", slow.port), ""),
+    );
+    let url = format!("{}/v2/docker.io/slow/blob/blobs/{digest}", mirror.url());
+
+    // First client: reads 64 KiB, checks the fill is still running, then hangs up.
+    let resp = agent()
+        .get(&url)
+        .call()
+        .expect("headers arrive before the body");
+    assert_eq!(resp.header("content-length"), Some("8388608"));
+    let mut first = vec![0u8; 64 * 1024];
+    resp.into_reader()
+        .read_exact(&mut first)
+        .expect("first bytes");
+    assert_eq!(first, &blob[..64 * 1024]);
+    assert_eq!(
+        mirror.metric("entrepot_fills_in_flight", &[]),
+        1.0,
+        "bytes reached the client while the download was still in progress"
+    );
+    // Second client joins mid-fill and gets the whole verified blob.
+    let second = get(&url);
+    assert_eq!(
+        sha256_hex(&second.body),
+        digest.trim_start_matches("sha256:")
+    );
+
+    let hex = digest.trim_start_matches("sha256:").to_string();
+    wait_until("fill committed", Duration::from_secs(60), || {
+        mirror.store_files(&hex).len() == 1
+    });
+    assert_eq!(up.count("GET", &format!("/blobs/{digest}")), 1);
+    assert_eq!(
+        mirror.metric("entrepot_coalesced_requests_total", &[("kind", "blob")]),
+        1.0
+    );
+}

@@ -7,6 +7,7 @@
 
 pub mod image;
 pub mod peers;
+pub mod throttle;
 pub mod token;
 
 use std::io::Read;

@@ -1,0 +1,73 @@
+//! A TCP proxy that slows the server-to-client direction, to watch a fill in progress.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The proxy gives up on everything after this long.
+const LIFETIME: Duration = Duration::from_secs(300);
+
+pub struct Throttle {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl Throttle {
+    /// Proxies `127.0.0.1:port` -> `127.0.0.1:target`, sending at most `bytes_per_sec`
+    /// back to each client.
+    pub fn start(target: u16, bytes_per_sec: usize) -> Throttle {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind throttle");
+        l.set_nonblocking(true).expect("nonblocking");
+        let port = l.local_addr().expect("addr").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !stop2.load(Ordering::Relaxed) && start.elapsed() < LIFETIME {
+                let Ok((client, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let (c2, s2) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                std::thread::spawn(move || pump(c2, s2, usize::MAX));
+                std::thread::spawn(move || pump(server, client, bytes_per_sec));
+            }
+        });
+        Throttle { port, stop }
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Copies `from` to `to` at most `rate` bytes per second, in 10 ms slices.
+fn pump(mut from: TcpStream, mut to: TcpStream, rate: usize) {
+    let slice = (rate / 100).clamp(1, 64 * 1024);
+    let mut buf = vec![0u8; slice];
+    let start = Instant::now();
+    while start.elapsed() < LIFETIME {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        if rate != usize::MAX {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
