@@ -3,51 +3,19 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
+use common::fake::{FakeServer, Response};
 use common::*;
-
-/// A hostile "registry" that answers every request with a 5 MiB manifest and counts
-/// connections. Serves at most `max` connections or 60 s.
-fn hostile_upstream(max: usize) -> (u16, Arc<AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
-    let port = l.local_addr().unwrap().port();
-    let seen = Arc::new(AtomicUsize::new(0));
-    let seen2 = seen.clone();
-    std::thread::spawn(move || {
-        let start = Instant::now();
-        while seen2.load(Ordering::Relaxed) < max && start.elapsed() < Duration::from_secs(60) {
-            let Ok((mut s, _)) = l.accept() else {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            };
-            seen2.fetch_add(1, Ordering::Relaxed);
-            let _ = s.set_nonblocking(false);
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let body = vec![b' '; 5 << 20];
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(head.as_bytes());
-            let _ = s.write_all(&body);
-        }
-    });
-    (port, seen)
-}
 
 #[test]
 fn bad_requests_get_oci_errors() {
-    let (hostile, hits) = hostile_upstream(10);
+    // A hostile "registry" that answers everything with a 5 MiB manifest.
+    let hostile = FakeServer::start(|_| {
+        let ct = ("Content-Type", "application/vnd.oci.image.manifest.v1+json");
+        Response::new(200, &[ct], vec![b' '; 5 << 20])
+    });
     let rest = format!(
-        "[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:9\"\n[upstreams.\"hostile.io\"]\nurl = \"http://127.0.0.1:{hostile}\"\n"
+        "[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:9\"\n[upstreams.\"hostile.io\"]\nurl = \"{}\"\n",
+        hostile.url()
     );
     let mirror = Mirror::start("", &rest);
     let m = mirror.url();
@@ -107,7 +75,7 @@ fn bad_requests_get_oci_errors() {
     let r = get(&format!("{m}/v2/hostile.io/a/manifests/1"));
     assert_eq!((r.status, r.oci_code().as_str()), (400, "MANIFEST_INVALID"));
     assert_eq!(
-        hits.load(Ordering::Relaxed),
+        hostile.requests().len(),
         1,
         "the unknown ns made no connection; hostile got one"
     );

@@ -5,6 +5,7 @@
 //! elsewhere the test is skipped with a printed reason.
 #![allow(dead_code, unused_imports)]
 
+pub mod fake;
 pub mod image;
 pub mod peers;
 pub mod throttle;
