@@ -360,6 +360,30 @@ fn upstream_down_serves_cached_tags_and_restart_keeps_the_cache() {
         cached
     );
 
+    // Past tag_ttl with the upstream up: one HEAD revalidates, nothing is downloaded.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (heads, gets) = (
+        up.count("HEAD", "/manifests/1"),
+        up.count("GET", "/manifests/"),
+    );
+    let r = get(&format!("{}/v2/library/cached/manifests/1", mirror.url()));
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(&r.body)),
+        cached,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(
+        up.count("HEAD", "/manifests/1"),
+        heads + 1,
+        "revalidated with a HEAD"
+    );
+    assert_eq!(
+        up.count("GET", "/manifests/"),
+        gets,
+        "and not downloaded again"
+    );
+
     up.stop();
     mirror.restart();
     std::thread::sleep(Duration::from_millis(1100)); // past tag_ttl: revalidation fails
@@ -370,6 +394,12 @@ fn upstream_down_serves_cached_tags_and_restart_keeps_the_cache() {
     );
     assert!(mirror.metric("entrepot_stale_serves_total", &[("upstream", "docker.io")]) >= 1.0);
 
+    let tags = get(&format!("{}/v2/library/cached/tags/list", mirror.url())).json();
+    assert_eq!(
+        tags["tags"],
+        serde_json::json!(["1"]),
+        "cached tags listed while down"
+    );
     let r = get(&format!("{}/v2/library/uncached/manifests/1", mirror.url()));
     assert_eq!((r.status, r.oci_code().as_str()), (503, "UNAVAILABLE"));
     assert!(ctr
@@ -448,6 +478,27 @@ fn heads_download_nothing_and_tags_within_ttl_stay_local() {
         up.count("GET", &format!("/manifests/{digest}")),
         0,
         "by digest never goes upstream once cached"
+    );
+
+    let tags = get(&format!("{base}/tags/list")).json();
+    assert_eq!(
+        tags,
+        serde_json::json!({"name": "docker.io/library/h", "tags": ["1"]})
+    );
+
+    // A Docker schema 2 manifest keeps its media type through the mirror.
+    layout.push_as("t", &format!("{}/library/h:v2s2", up.host()), "v2s2");
+    let docker = "application/vnd.docker.distribution.manifest.v2+json";
+    let r = http(
+        "GET",
+        &format!("{base}/manifests/v2s2"),
+        &[("Accept", docker)],
+    );
+    assert_eq!((r.status, r.header("content-type")), (200, Some(docker)));
+    assert_eq!(r.json()["mediaType"], docker);
+    assert_eq!(
+        r.header("docker-content-digest").map(String::from),
+        Some(format!("sha256:{}", sha256_hex(&r.body)))
     );
 }
 

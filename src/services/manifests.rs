@@ -433,7 +433,21 @@ fn manifest_request<'a>(
         method,
         repo,
         what,
-        accept: Some(accept.unwrap_or(DEFAULT_ACCEPT)),
+        accept: Some(upstream_accept(accept)),
+    }
+}
+
+/// The client's `Accept` if it names manifest types; otherwise (absent, or only
+/// wildcards, which Distribution answers with 404 for OCI content) every current format.
+fn upstream_accept(accept: Option<&str>) -> &str {
+    match accept {
+        Some(a)
+            if a.split(',')
+                .any(|t| !t.split(';').next().unwrap_or("").trim().ends_with('*')) =>
+        {
+            a
+        }
+        _ => DEFAULT_ACCEPT,
     }
 }
 
@@ -490,6 +504,18 @@ mod tests {
             Some("application/vnd.docker.distribution.manifest.v2+json"),
             m
         ));
+    }
+
+    #[test]
+    fn wildcard_accept_asks_for_every_format() {
+        assert_eq!(upstream_accept(None), DEFAULT_ACCEPT);
+        assert_eq!(upstream_accept(Some("*/*")), DEFAULT_ACCEPT);
+        assert_eq!(
+            upstream_accept(Some("application/*;q=0.9, */*")),
+            DEFAULT_ACCEPT
+        );
+        let m = "application/vnd.oci.image.manifest.v1+json, */*";
+        assert_eq!(upstream_accept(Some(m)), m);
     }
 
     #[test]

@@ -129,8 +129,18 @@ impl Layout {
 
     /// `skopeo copy --all` of `tag` to `dest` (`host:port/repo:tag`).
     pub fn push(&self, tag: &str, dest: &str, creds: Option<&str>) {
+        self.copy(tag, dest, creds, &[]);
+    }
+
+    /// Pushes converting the manifest format (`v2s2`: Docker schema 2).
+    pub fn push_as(&self, tag: &str, dest: &str, format: &str) {
+        self.copy(tag, dest, None, &["--format", format]);
+    }
+
+    fn copy(&self, tag: &str, dest: &str, creds: Option<&str>, extra: &[&str]) {
         let mut cmd = Command::new("skopeo");
-        cmd.args(["copy", "--all", "--dest-tls-verify=false"]);
+        cmd.args(["copy", "--all", "--dest-tls-verify=false"])
+            .args(extra);
         if let Some(c) = creds {
             cmd.args(["--dest-creds", c]);
         }
