@@ -34,6 +34,47 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// A read-write registry under its own prefix; absent: no hosted repositories.
+    #[serde(default)]
+    pub hosted: Option<HostedConfig>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostedConfig {
+    /// `/v2/<prefix>/<repo>/...` is a normal read-write registry.
+    pub prefix: String,
+    /// Uploads untouched for this long are dropped with their bytes.
+    #[serde(default = "default_upload_ttl", with = "humantime_serde")]
+    pub upload_ttl: Duration,
+}
+
+fn default_upload_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// Client authentication and authorisation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// htpasswd file with bcrypt entries (`htpasswd -B`); read at start.
+    pub htpasswd: Option<PathBuf>,
+    /// false: every request needs the credentials of an htpasswd user.
+    pub anonymous_pull: bool,
+    /// htpasswd users allowed to push and delete under the hosted prefix.
+    pub push: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            htpasswd: None,
+            anonymous_pull: true,
+            push: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,6 +116,14 @@ pub struct UpstreamConfig {
     /// How long a tag -> digest answer is trusted before it is revalidated upstream.
     #[serde(default, with = "humantime_serde")]
     pub tag_ttl: Option<Duration>,
+    /// Glob patterns on the repository name; when set, only matching repositories are
+    /// fetched or served.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Glob patterns on the repository name that are never fetched or served (wins over
+    /// `allow`).
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 /// Built-in upstreams used when no config file exists.
@@ -114,6 +163,8 @@ impl Config {
         let mut fig = Figment::from(Serialized::defaults(Config {
             server: ServerConfig::default(),
             upstreams: BTreeMap::new(),
+            hosted: None,
+            auth: AuthConfig::default(),
         }));
         fig = match &file {
             Some(f) => fig.merge(Toml::file(f)),
@@ -142,6 +193,21 @@ impl Config {
             if !matches!(url.scheme(), "http" | "https") {
                 return Err(err("url must be http:// or https://"));
             }
+        }
+        if let Some(h) = &self.hosted {
+            if !crate::names::is_valid_component(&h.prefix)
+                || self.upstreams.contains_key(&h.prefix)
+            {
+                return Err(ConfigError::Server(format!(
+                    "hosted prefix {:?} must be a valid path component and not an upstream key",
+                    h.prefix
+                )));
+            }
+        }
+        if !self.auth.push.is_empty() && self.auth.htpasswd.is_none() {
+            return Err(ConfigError::Server(
+                "auth.push names users but auth.htpasswd is not set".into(),
+            ));
         }
         if let Some(d) = &self.server.default_upstream {
             if !self.upstreams.contains_key(d) {

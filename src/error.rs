@@ -7,6 +7,7 @@ use serde_json::json;
 
 use crate::routes::path::PathError;
 use crate::routes::target::RouteError;
+use crate::services::access::AccessError;
 use crate::services::ServiceError;
 
 #[derive(Debug, Clone)]
@@ -46,9 +47,13 @@ impl ResponseError for OciError {
     fn error_response(&self) -> HttpResponse {
         let body =
             json!({"errors": [{"code": self.code, "message": self.message, "detail": null}]});
-        HttpResponse::build(self.status)
-            .insert_header(("Docker-Distribution-API-Version", "registry/2.0"))
-            .json(body)
+        let mut resp = HttpResponse::build(self.status);
+        resp.insert_header(("Docker-Distribution-API-Version", "registry/2.0"));
+        if self.status == StatusCode::UNAUTHORIZED {
+            // The challenge that makes docker, skopeo and containerd send credentials.
+            resp.insert_header(("WWW-Authenticate", "Basic realm=\"entrepot\""));
+        }
+        resp.json(body)
     }
 }
 
@@ -59,8 +64,18 @@ impl From<PathError> for OciError {
             PathError::Tag => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
             PathError::Digest(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
             PathError::Unknown => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+            PathError::Upload => (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"),
         };
         OciError::new(status, code, e.to_string())
+    }
+}
+
+impl From<AccessError> for OciError {
+    fn from(e: AccessError) -> Self {
+        match e {
+            AccessError::Denied(_) => OciError::new(StatusCode::FORBIDDEN, "DENIED", e.to_string()),
+            _ => OciError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", e.to_string()),
+        }
     }
 }
 
@@ -85,6 +100,13 @@ impl From<ServiceError> for OciError {
             }
             E::ManifestTooLarge => (StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
             E::RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
+            E::Denied(_) => (StatusCode::FORBIDDEN, "DENIED"),
+            E::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+            E::DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+            E::ManifestInvalid(_) => (StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
+            E::ManifestBlobUnknown(_) => (StatusCode::BAD_REQUEST, "MANIFEST_BLOB_UNKNOWN"),
+            E::UploadUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"),
+            E::UploadRange(_) => (StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UPLOAD_INVALID"),
             E::Store(_) | E::Shared(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         };
         if status.is_server_error() {

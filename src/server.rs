@@ -1,6 +1,7 @@
 //! Builds the shared state once and runs the HTTP server.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
@@ -8,19 +9,31 @@ use actix_web::{web, App, HttpServer};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::routes::{self, target::Router};
-use crate::services::{Mirror, Services};
+use crate::services::access::Access;
+use crate::services::{Hosted, Mirror, Services, Uploads};
 use crate::store::Store;
 use crate::upstream::{TokenCache, Upstream, UpstreamClient};
+
+/// How often abandoned uploads are looked for.
+const UPLOAD_SWEEP: Duration = Duration::from_secs(60);
 
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let store = Arc::new(Store::open(&cfg.server.storage)?);
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
     metrics.store_bytes.set(store.size() as i64);
+    let hosted_prefix = cfg.hosted.as_ref().map(|h| h.prefix.as_str());
     let router = web::Data::new(Router::new(
         Upstream::all_from(&cfg)?,
         cfg.server.default_upstream.as_deref(),
+        hosted_prefix,
     ));
-    let mirror = Arc::new(Mirror::new(store.clone(), metrics.clone()));
+    let access = web::Data::new(Access::load(&cfg.auth)?);
+    let hosted = cfg.hosted.as_ref().map(|h| Hosted {
+        prefix: h.prefix.clone(),
+        uploads: Uploads::new(h.upload_ttl),
+    });
+    let mirror = Arc::new(Mirror::new(store.clone(), metrics.clone(), hosted));
+    spawn_upload_sweeper(mirror.clone());
     let tokens = Arc::new(TokenCache::default());
     let timeout = cfg.server.upstream_timeout;
     let metrics_data = web::Data::from(metrics);
@@ -29,6 +42,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         storage = %store.root().display(),
         upstreams = ?cfg.upstreams.keys().collect::<Vec<_>>(),
         default = ?cfg.server.default_upstream,
+        hosted = ?hosted_prefix,
         "entrepot serving"
     );
     HttpServer::new(move || {
@@ -37,6 +51,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         App::new()
             .app_data(web::Data::new(Services::new(mirror.clone(), client)))
             .app_data(router.clone())
+            .app_data(access.clone())
             .app_data(metrics_data.clone())
             .wrap(from_fn(routes::log_request))
             .configure(routes::configure)
@@ -45,4 +60,23 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     .run()
     .await?;
     Ok(())
+}
+
+/// Drops upload sessions idle for longer than `hosted.upload_ttl`, with their temp files.
+fn spawn_upload_sweeper(mirror: Arc<Mirror>) {
+    if mirror.hosted.is_none() {
+        return;
+    }
+    actix_web::rt::spawn(async move {
+        let mut tick = tokio::time::interval(UPLOAD_SWEEP);
+        loop {
+            tick.tick().await;
+            if let Some(h) = &mirror.hosted {
+                let n = h.uploads.expire();
+                if n > 0 {
+                    tracing::info!(expired = n, "dropped abandoned uploads");
+                }
+            }
+        }
+    });
 }

@@ -1,25 +1,29 @@
-//! HTTP routes: parse the request, pick the upstream, call a service, shape the response.
+//! HTTP routes: parse the request, identify the caller, pick the upstream or hosted
+//! repository, call a service, shape the response.
 //!
 //! All of `/v2/` is one route whose path is parsed once ([`path::parse`]) rather than
-//! one route per name depth.
+//! one route per name depth; [`v2`] dispatches on the parsed endpoint and the method.
 
 pub mod path;
+mod pull;
+mod push;
 mod range;
+mod reply;
 pub mod target;
 
 use std::time::Instant;
 
-use actix_web::body::{BoxBody, MessageBody, SizedStream};
+use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
-use futures_util::stream;
 
 use crate::error::OciError;
 use crate::metrics::Metrics;
-use crate::services::{BlobReply, ManifestReply, Services};
+use crate::services::access::{Access, Caller};
+use crate::services::Services;
 use path::Endpoint;
-use target::Router;
+use target::{Router, Target};
 
 const API_VERSION: (&str, &str) = ("Docker-Distribution-API-Version", "registry/2.0");
 
@@ -53,151 +57,149 @@ async fn metrics(m: web::Data<Metrics>) -> HttpResponse {
         .body(m.render())
 }
 
+/// Everything a handler needs about one request.
+pub(crate) struct Ctx<'a> {
+    pub req: &'a HttpRequest,
+    pub svc: &'a Services,
+    pub router: &'a Router,
+    pub caller: Caller,
+    pub method: Method,
+}
+
+impl Ctx<'_> {
+    fn header(&self, name: header::HeaderName) -> Option<&str> {
+        self.req.headers().get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn query(&self, key: &str) -> Option<String> {
+        url::form_urlencoded::parse(self.req.query_string().as_bytes())
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.into_owned())
+    }
+
+    fn resolve(&self, name: &str) -> Result<Target, OciError> {
+        Ok(self.router.resolve(name, self.query("ns").as_deref())?)
+    }
+
+    /// Notes the upstream and cache result for the access log.
+    fn note(&self, upstream: &str, endpoint: &'static str, cache: Option<&'static str>) {
+        self.req.extensions_mut().insert(RequestInfo {
+            upstream: upstream.to_string(),
+            endpoint,
+            cache: cache.unwrap_or("-"),
+        });
+    }
+
+    fn hosted_prefix(&self) -> &str {
+        self.svc
+            .mirror
+            .hosted
+            .as_ref()
+            .map_or("", |h| h.prefix.as_str())
+    }
+}
+
 async fn v2(
     req: HttpRequest,
+    body: web::Payload,
     svc: web::Data<Services>,
     router: web::Data<Router>,
+    access: web::Data<Access>,
 ) -> Result<HttpResponse, OciError> {
     let tail = req.path().strip_prefix("/v2").unwrap_or("");
     let endpoint = path::parse(tail.strip_prefix('/').unwrap_or(tail))?;
-    let method = req.method().clone();
-    if endpoint != Endpoint::Base && method != Method::GET && method != Method::HEAD {
-        return Err(OciError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "UNSUPPORTED",
-            format!("{method} is not supported on a mirrored repository"),
-        ));
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let caller = access.identify(auth).await?;
+    let ctx = Ctx {
+        req: &req,
+        svc: &svc,
+        router: &router,
+        caller,
+        method: req.method().clone(),
+    };
+    let write = !matches!(ctx.method, Method::GET | Method::HEAD);
+    if write {
+        if let Some(name) = endpoint_name(&endpoint) {
+            writable(&ctx, &access, name)?;
+        }
+    } else {
+        access.may_pull(&ctx.caller)?;
     }
-    let ns = ns_param(req.query_string());
-    match endpoint {
-        Endpoint::Base => Ok(HttpResponse::Ok()
+    let m = ctx.method.clone();
+    match (endpoint, m) {
+        (Endpoint::Base, _) => Ok(HttpResponse::Ok()
             .insert_header(API_VERSION)
             .json(serde_json::json!({}))),
-        Endpoint::Manifest { name, reference } => {
-            let t = router.resolve(&name, ns.as_deref())?;
-            let accept = header_str(&req, header::ACCEPT);
-            let r = svc
-                .manifest(&t.upstream, &t.repo, &reference, accept, &method)
-                .await;
-            note(
-                &req,
-                &t.upstream.name,
-                "manifest",
-                r.as_ref().ok().map(|r| r.source.as_str()),
-            );
-            Ok(manifest_response(r?))
+        (Endpoint::Catalog, Method::GET) => pull::catalog(&ctx),
+        (Endpoint::Manifest { name, reference }, Method::GET | Method::HEAD) => {
+            pull::manifest(&ctx, &name, &reference).await
         }
-        Endpoint::Blob { name, digest } => {
-            let t = router.resolve(&name, ns.as_deref())?;
-            let range = header_str(&req, header::RANGE)
-                .map(range::parse)
-                .transpose()?;
-            let r = svc
-                .blob(&t.upstream, &t.repo, &digest, range, &method)
-                .await;
-            note(
-                &req,
-                &t.upstream.name,
-                "blob",
-                r.as_ref().ok().map(|r| r.source.as_str()),
-            );
-            Ok(blob_response(r?, &digest.to_string()))
+        (Endpoint::Manifest { name, reference }, Method::PUT) => {
+            push::put_manifest(&ctx, &name, &reference, body).await
         }
-        Endpoint::TagsList { name } => {
-            let t = router.resolve(&name, ns.as_deref())?;
-            let query = passthrough_query(req.query_string());
-            let r = svc.tags(&t.upstream, &t.repo, &name, &query).await;
-            note(
-                &req,
-                &t.upstream.name,
-                "tags",
-                r.as_ref().ok().map(|r| r.source.as_str()),
-            );
-            let r = r?;
-            let mut resp = HttpResponse::Ok();
-            resp.insert_header(API_VERSION);
-            if let Some(link) = r.link {
-                resp.insert_header((header::LINK, link));
-            }
-            Ok(resp.json(r.list))
+        (Endpoint::Manifest { name, reference }, Method::DELETE) => {
+            push::delete_manifest(&ctx, &name, &reference).await
+        }
+        (Endpoint::Blob { name, digest }, Method::GET | Method::HEAD) => {
+            pull::blob(&ctx, &name, &digest).await
+        }
+        (Endpoint::Blob { name, digest }, Method::DELETE) => {
+            push::delete_blob(&ctx, &name, &digest)
+        }
+        (Endpoint::TagsList { name }, Method::GET) => pull::tags(&ctx, &name).await,
+        (Endpoint::Referrers { name, digest }, Method::GET) => {
+            pull::referrers(&ctx, &name, &digest)
+        }
+        (Endpoint::UploadStart { name }, Method::POST) => {
+            push::upload_start(&ctx, &name, body).await
+        }
+        (Endpoint::Upload { name, id }, Method::GET) => push::upload_status(&ctx, &name, &id).await,
+        (Endpoint::Upload { name, id }, Method::PATCH) => {
+            push::upload_patch(&ctx, &name, &id, body).await
+        }
+        (Endpoint::Upload { name, id }, Method::PUT) => {
+            push::upload_put(&ctx, &name, &id, body).await
+        }
+        (Endpoint::Upload { name, id }, Method::DELETE) => push::upload_cancel(&ctx, &name, &id),
+        (_, m) => Err(OciError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            format!("{m} is not supported on this endpoint"),
+        )),
+    }
+}
+
+fn endpoint_name(e: &Endpoint) -> Option<&str> {
+    match e {
+        Endpoint::Base | Endpoint::Catalog => None,
+        Endpoint::Manifest { name, .. }
+        | Endpoint::Blob { name, .. }
+        | Endpoint::TagsList { name }
+        | Endpoint::UploadStart { name }
+        | Endpoint::Upload { name, .. }
+        | Endpoint::Referrers { name, .. } => Some(name),
+    }
+}
+
+/// Writes go only to hosted repositories, and only from users allowed to push.
+fn writable(ctx: &Ctx<'_>, access: &Access, name: &str) -> Result<(), OciError> {
+    match ctx.resolve(name)? {
+        Target::Hosted { .. } => Ok(access.may_push(&ctx.caller)?),
+        Target::Upstream { upstream, .. } => {
+            let hint = match ctx.svc.mirror.hosted.as_ref() {
+                Some(h) => format!("; push to {}/<repository> instead", h.prefix),
+                None => String::new(),
+            };
+            Err(OciError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                format!("{} is a read-only mirror of {}{hint}", name, upstream.name),
+            ))
         }
     }
-}
-
-fn header_str(req: &HttpRequest, name: header::HeaderName) -> Option<&str> {
-    req.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
-fn note(req: &HttpRequest, upstream: &str, endpoint: &'static str, cache: Option<&'static str>) {
-    req.extensions_mut().insert(RequestInfo {
-        upstream: upstream.to_string(),
-        endpoint,
-        cache: cache.unwrap_or("-"),
-    });
-}
-
-/// The `ns` query parameter containerd adds for hosts.toml mirrors.
-fn ns_param(query: &str) -> Option<String> {
-    url::form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "ns")
-        .map(|(_, v)| v.into_owned())
-}
-
-/// The query without `ns`, for pagination parameters passed upstream.
-fn passthrough_query(query: &str) -> String {
-    let pairs =
-        url::form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k == "n" || k == "last");
-    url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(pairs)
-        .finish()
-}
-
-fn manifest_response(r: ManifestReply) -> HttpResponse {
-    let mut resp = HttpResponse::Ok();
-    resp.insert_header(API_VERSION)
-        .insert_header(("Docker-Content-Digest", r.digest.to_string()))
-        .insert_header((header::ETAG, format!("\"{}\"", r.digest)))
-        .insert_header((header::CONTENT_TYPE, r.media_type));
-    match r.body {
-        Some(b) => resp.body(b),
-        None => resp.body(empty_sized(r.size)),
-    }
-}
-
-fn blob_response(r: BlobReply, digest: &str) -> HttpResponse {
-    let mut resp = HttpResponse::build(if r.range.is_some() {
-        StatusCode::PARTIAL_CONTENT
-    } else {
-        StatusCode::OK
-    });
-    resp.insert_header(API_VERSION)
-        .insert_header(("Docker-Content-Digest", digest))
-        .insert_header((header::ETAG, format!("\"{digest}\"")))
-        .insert_header((header::CONTENT_TYPE, "application/octet-stream"));
-    if r.size.is_some() {
-        resp.insert_header((header::ACCEPT_RANGES, "bytes"));
-    }
-    let (start, end) = r.range.unwrap_or((0, r.size.unwrap_or(0)));
-    if let (Some((start, end)), Some(size)) = (r.range, r.size) {
-        resp.insert_header((
-            header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{size}", end - 1),
-        ));
-    }
-    match (r.body, r.size) {
-        (Some(body), Some(_)) => resp.body(SizedStream::new(end - start, body)),
-        (Some(body), None) => resp.streaming(body),
-        (None, size) => resp.body(empty_sized(size.unwrap_or(0))),
-    }
-}
-
-/// A body that announces `len` bytes and has none: HEAD responses carry the real
-/// Content-Length this way (actix writes no body for HEAD).
-fn empty_sized(len: u64) -> BoxBody {
-    BoxBody::new(SizedStream::new(
-        len,
-        stream::empty::<Result<bytes::Bytes, std::io::Error>>(),
-    ))
 }
 
 /// Access log (one line per request) and request metrics.

@@ -21,6 +21,22 @@ pub enum Endpoint {
     TagsList {
         name: String,
     },
+    /// `GET /v2/_catalog`.
+    Catalog,
+    /// `POST /v2/<name>/blobs/uploads/`.
+    UploadStart {
+        name: String,
+    },
+    /// `/v2/<name>/blobs/uploads/<id>`: PATCH, PUT, GET (status), DELETE.
+    Upload {
+        name: String,
+        id: String,
+    },
+    /// `GET /v2/<name>/referrers/<digest>`.
+    Referrers {
+        name: String,
+        digest: Digest,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -33,6 +49,8 @@ pub enum PathError {
     Digest(#[from] DigestError),
     #[error("unknown endpoint")]
     Unknown,
+    #[error("invalid upload id")]
+    Upload,
 }
 
 /// Longest repository name accepted (Distribution's limit).
@@ -46,6 +64,36 @@ pub fn parse(raw_tail: &str) -> Result<Endpoint, PathError> {
     let tail = decoded.as_ref();
     if tail.is_empty() {
         return Ok(Endpoint::Base);
+    }
+    if tail == "_catalog" {
+        return Ok(Endpoint::Catalog);
+    }
+    if let Some(name) = tail
+        .strip_suffix("/blobs/uploads/")
+        .or_else(|| tail.strip_suffix("/blobs/uploads"))
+    {
+        return Ok(Endpoint::UploadStart {
+            name: valid_name(name)?,
+        });
+    }
+    if let Some((name, id)) = tail.rsplit_once("/blobs/uploads/") {
+        let ok = !id.is_empty()
+            && id.len() <= 64
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            return Err(PathError::Upload);
+        }
+        return Ok(Endpoint::Upload {
+            name: valid_name(name)?,
+            id: id.to_string(),
+        });
+    }
+    if let Some((name, digest)) = tail.rsplit_once("/referrers/") {
+        let digest = digest.parse()?;
+        return Ok(Endpoint::Referrers {
+            name: valid_name(name)?,
+            digest,
+        });
     }
     if let Some(name) = tail.strip_suffix("/tags/list") {
         return Ok(Endpoint::TagsList {
@@ -80,7 +128,8 @@ fn parse_reference(s: &str) -> Result<Reference, PathError> {
     }
 }
 
-fn valid_name(name: &str) -> Result<String, PathError> {
+/// A repository name as the client wrote it, checked against the grammar.
+pub fn valid_name(name: &str) -> Result<String, PathError> {
     if name.len() > MAX_NAME || !name.split('/').all(is_valid_component) {
         return Err(PathError::Name);
     }
@@ -106,6 +155,25 @@ mod tests {
         assert!(matches!(
             parse(&format!("a/b/c/d/blobs/{D}")),
             Ok(Endpoint::Blob { name, .. }) if name == "a/b/c/d"
+        ));
+        assert_eq!(parse("_catalog"), Ok(Endpoint::Catalog));
+        assert_eq!(
+            parse("local/a/blobs/uploads/"),
+            Ok(Endpoint::UploadStart {
+                name: "local/a".into()
+            })
+        );
+        assert_eq!(
+            parse("local/a/blobs/uploads/0a-b"),
+            Ok(Endpoint::Upload {
+                name: "local/a".into(),
+                id: "0a-b".into()
+            })
+        );
+        assert_eq!(parse("local/a/blobs/uploads/../x"), Err(PathError::Upload));
+        assert!(matches!(
+            parse(&format!("local/a/referrers/{D}")),
+            Ok(Endpoint::Referrers { name, .. }) if name == "local/a"
         ));
         assert_eq!(
             parse("x/tags/list"),

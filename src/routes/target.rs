@@ -17,21 +17,51 @@ pub enum RouteError {
 pub struct Router {
     upstreams: BTreeMap<String, Arc<Upstream>>,
     default: Option<Arc<Upstream>>,
+    hosted: Option<String>,
 }
 
-/// Where a request goes: an upstream and the repository name as that upstream knows it.
+/// Where a request goes.
 #[derive(Debug)]
-pub struct Target {
-    pub upstream: Arc<Upstream>,
-    pub repo: String,
+pub enum Target {
+    /// An upstream, with the repository name as that upstream knows it.
+    Upstream {
+        upstream: Arc<Upstream>,
+        repo: String,
+    },
+    /// A hosted repository (name without the prefix).
+    Hosted { repo: String },
+}
+
+impl Target {
+    /// The store namespace: the upstream key or the hosted prefix.
+    pub fn namespace<'a>(&'a self, hosted_prefix: &'a str) -> &'a str {
+        match self {
+            Target::Upstream { upstream, .. } => &upstream.name,
+            Target::Hosted { .. } => hosted_prefix,
+        }
+    }
+
+    pub fn repo(&self) -> &str {
+        match self {
+            Target::Upstream { repo, .. } | Target::Hosted { repo } => repo,
+        }
+    }
 }
 
 impl Router {
-    pub fn new(upstreams: Vec<Arc<Upstream>>, default: Option<&str>) -> Router {
+    pub fn new(
+        upstreams: Vec<Arc<Upstream>>,
+        default: Option<&str>,
+        hosted: Option<&str>,
+    ) -> Router {
         let upstreams: BTreeMap<_, _> =
             upstreams.into_iter().map(|u| (u.name.clone(), u)).collect();
         let default = default.and_then(|d| upstreams.get(d).cloned());
-        Router { upstreams, default }
+        Router {
+            upstreams,
+            default,
+            hosted: hosted.map(str::to_string),
+        }
     }
 
     /// Resolves a validated repository name. The path prefix wins over `ns` (containerd
@@ -39,6 +69,11 @@ impl Router {
     /// configured upstreams, so an unknown one connects nowhere.
     pub fn resolve(&self, name: &str, ns: Option<&str>) -> Result<Target, RouteError> {
         if let Some((first, rest)) = name.split_once('/') {
+            if self.hosted.as_deref() == Some(first) {
+                return Ok(Target::Hosted {
+                    repo: rest.to_string(),
+                });
+            }
             if let Some(up) = self.upstreams.get(first) {
                 return Ok(target(up, rest));
             }
@@ -62,7 +97,7 @@ fn target(up: &Arc<Upstream>, repo: &str) -> Target {
     } else {
         repo.to_string()
     };
-    Target {
+    Target::Upstream {
         upstream: up.clone(),
         repo,
     }
@@ -79,17 +114,24 @@ mod tests {
             credentials: None,
             tag_ttl: std::time::Duration::from_secs(1),
             library_prefix: name == "docker.io",
+            filter: Default::default(),
         })
     }
 
     fn resolve(r: &Router, name: &str, ns: Option<&str>) -> Result<(String, String), RouteError> {
-        r.resolve(name, ns)
-            .map(|t| (t.upstream.name.clone(), t.repo))
+        r.resolve(name, ns).map(|t| match t {
+            Target::Upstream { upstream, repo } => (upstream.name.clone(), repo),
+            Target::Hosted { repo } => ("hosted".into(), repo),
+        })
     }
 
     #[test]
     fn prefix_ns_default() {
-        let r = Router::new(vec![up("docker.io"), up("quay.io")], Some("docker.io"));
+        let r = Router::new(
+            vec![up("docker.io"), up("quay.io")],
+            Some("docker.io"),
+            Some("local"),
+        );
         let pair = |a: &str, b: &str| Ok((a.to_string(), b.to_string()));
         assert_eq!(resolve(&r, "quay.io/a/b", None), pair("quay.io", "a/b"));
         assert_eq!(
@@ -98,6 +140,10 @@ mod tests {
         );
         assert_eq!(resolve(&r, "a/b", Some("quay.io")), pair("quay.io", "a/b"));
         assert_eq!(
+            resolve(&r, "local/team/app", Some("quay.io")),
+            pair("hosted", "team/app")
+        );
+        assert_eq!(
             resolve(&r, "alpine", None),
             pair("docker.io", "library/alpine")
         );
@@ -105,7 +151,7 @@ mod tests {
             resolve(&r, "x", Some("evil.example.com")),
             Err(RouteError::UnknownNamespace("evil.example.com".into()))
         );
-        let r = Router::new(vec![up("quay.io")], None);
+        let r = Router::new(vec![up("quay.io")], None, None);
         assert!(matches!(
             resolve(&r, "a/b", None),
             Err(RouteError::NoUpstream(_))

@@ -13,6 +13,7 @@ use super::flight::{Join, Lead};
 use super::stream::{Avail, BodyStream};
 use super::{status_error, ServiceError, Services, Source};
 use crate::names::Digest;
+use crate::services::access::Caller;
 use crate::store::StoreError;
 use crate::upstream::{UpRequest, Upstream};
 
@@ -74,7 +75,10 @@ impl Services {
         d: &Digest,
         range: Option<ByteRange>,
         method: &Method,
+        caller: &Caller,
     ) -> Result<BlobReply, ServiceError> {
+        up.filter.check(repo).map_err(ServiceError::Denied)?;
+        let _ = caller;
         let head = method == Method::HEAD;
         if let Some(size) = self.store().stat(d)? {
             if self.store().blob_linked(&up.name, repo, d)?
@@ -98,7 +102,7 @@ impl Services {
             .inc();
     }
 
-    fn cached(
+    pub(super) fn cached(
         &self,
         d: &Digest,
         size: u64,
@@ -267,7 +271,7 @@ impl Services {
             ));
         }
         let size = content_length(resp.headers());
-        let mut w = self.store().begin(d)?;
+        let mut w = self.store().begin()?;
         lead.tx.send_modify(|f| {
             f.file = Some(w.reader());
             f.size = size;
@@ -311,7 +315,8 @@ impl Services {
         up: &Upstream,
         d: &Digest,
     ) -> Result<(), ServiceError> {
-        match self.blocking(move |s| s.commit(w, size)).await {
+        let expected = d.clone();
+        match self.blocking(move |s| s.commit(w, &expected, size)).await {
             Ok(_) => {
                 self.metrics().store_bytes.set(self.store().size() as i64);
                 Ok(())

@@ -12,6 +12,7 @@ use super::flight::Join;
 use super::{status_error, ServiceError, Services, Source};
 use crate::names::Digest;
 use crate::names::Reference;
+use crate::services::access::Caller;
 use crate::store::{ManifestLink, TagRecord};
 use crate::upstream::{UpRequest, Upstream};
 
@@ -52,12 +53,15 @@ impl Services {
         reference: &Reference,
         accept: Option<&str>,
         method: &Method,
+        caller: &Caller,
     ) -> Result<ManifestReply, ServiceError> {
+        up.filter.check(repo).map_err(ServiceError::Denied)?;
+        let _ = caller;
         let head = method == Method::HEAD;
         let mut stale = None;
         match reference {
             Reference::Digest(d) => {
-                if let Some(r) = self.cached_by_digest(up, repo, d, head)? {
+                if let Some(r) = self.cached_by_digest(&up.name, repo, d, head)? {
                     return Ok(self.count(up, r));
                 }
             }
@@ -124,14 +128,14 @@ impl Services {
         }
     }
 
-    fn cached_by_digest(
+    pub(super) fn cached_by_digest(
         &self,
-        up: &Upstream,
+        ns: &str,
         repo: &str,
         d: &Digest,
         head: bool,
     ) -> Result<Option<ManifestReply>, ServiceError> {
-        match self.store().get_manifest_link(&up.name, repo, d)? {
+        match self.store().get_manifest_link(ns, repo, d)? {
             Some(link) => self.stored_reply(d, &link.media_type, head, Source::Cache),
             None => Ok(None),
         }
@@ -190,7 +194,7 @@ impl Services {
         Ok(header_digest(resp.headers()).as_ref() == Some(d))
     }
 
-    fn stored_reply(
+    pub(super) fn stored_reply(
         &self,
         d: &Digest,
         media_type: &str,

@@ -4,20 +4,27 @@
 //! [`Services`] adds one worker's upstream client. Routes call these methods with an
 //! already-resolved upstream and repository and never see the store or the client.
 
+pub mod access;
 mod blobs;
 mod flight;
+mod hosted;
 mod manifests;
+mod page;
 mod stream;
 mod tags;
+mod uploads;
 
 use std::sync::Arc;
 
 use actix_web::http::StatusCode;
 
 pub use blobs::{BlobReply, ByteRange};
+pub use hosted::Hosted;
 pub use manifests::{ManifestReply, MAX_MANIFEST_SIZE};
+pub use page::Page;
 pub use stream::BodyStream;
 pub use tags::{TagList, TagsReply};
+pub use uploads::{UploadStatus, Uploads};
 
 use crate::metrics::Metrics;
 use crate::names::Digest;
@@ -52,6 +59,22 @@ pub enum ServiceError {
     BadUpstream { upstream: String, msg: String },
     #[error("range not satisfiable (blob has {size} bytes)")]
     RangeNotSatisfiable { size: u64 },
+    #[error("{0}")]
+    Denied(String),
+    /// The repository's content was fetched with someone's own upstream credentials and
+    /// this caller has not shown the upstream that it may read it.
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("invalid digest: {0}")]
+    DigestInvalid(String),
+    #[error("invalid manifest: {0}")]
+    ManifestInvalid(String),
+    #[error("manifest references unknown {0}")]
+    ManifestBlobUnknown(String),
+    #[error("upload unknown: {0}")]
+    UploadUnknown(String),
+    #[error("upload range: {0}")]
+    UploadRange(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The same error, shared by every request that waited on one flight.
@@ -133,15 +156,17 @@ impl Source {
 pub struct Mirror {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
+    pub hosted: Option<Hosted>,
     blob_flights: Arc<flight::Flights<Digest, blobs::Fill>>,
     manifest_flights: Arc<flight::Flights<String, manifests::Pending>>,
 }
 
 impl Mirror {
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Mirror {
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, hosted: Option<Hosted>) -> Mirror {
         Mirror {
             store,
             metrics,
+            hosted,
             blob_flights: Arc::default(),
             manifest_flights: Arc::default(),
         }

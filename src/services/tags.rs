@@ -5,6 +5,7 @@ use actix_web::http::{header, Method};
 use serde::{Deserialize, Serialize};
 
 use super::{status_error, ServiceError, Services, Source};
+use crate::services::access::Caller;
 use crate::upstream::{UpRequest, Upstream};
 
 #[derive(Serialize, Deserialize)]
@@ -30,7 +31,10 @@ impl Services {
         repo: &str,
         name: &str,
         query: &str,
+        caller: &Caller,
     ) -> Result<TagsReply, ServiceError> {
+        up.filter.check(repo).map_err(ServiceError::Denied)?;
+        let _ = caller;
         let what = if query.is_empty() {
             "tags/list".to_string()
         } else {

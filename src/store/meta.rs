@@ -5,7 +5,7 @@
 
 use std::fs;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -140,6 +140,153 @@ impl Store {
     pub fn link_blob(&self, ns: &str, repo: &str, d: &Digest) -> Result<(), StoreError> {
         write_atomic(self.repo_dir(ns, repo).join("_blobs").join(d.hex()), b"")
     }
+}
+
+impl Store {
+    pub fn delete_tag(&self, ns: &str, repo: &str, tag: &str) -> Result<bool, StoreError> {
+        remove(self.repo_dir(ns, repo).join("_tags").join(tag))
+    }
+
+    pub fn delete_manifest_link(
+        &self,
+        ns: &str,
+        repo: &str,
+        d: &Digest,
+    ) -> Result<bool, StoreError> {
+        remove(self.repo_dir(ns, repo).join("_manifests").join(d.hex()))
+    }
+
+    pub fn unlink_blob(&self, ns: &str, repo: &str, d: &Digest) -> Result<bool, StoreError> {
+        remove(self.repo_dir(ns, repo).join("_blobs").join(d.hex()))
+    }
+
+    /// Records that manifest `desc` (a JSON descriptor) refers to `subject`.
+    pub fn put_referrer(
+        &self,
+        ns: &str,
+        repo: &str,
+        subject: &Digest,
+        referrer: &Digest,
+        desc: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let dir = self
+            .repo_dir(ns, repo)
+            .join("_referrers")
+            .join(subject.hex());
+        self.write_json(dir.join(referrer.hex()), desc)
+    }
+
+    pub fn delete_referrer(
+        &self,
+        ns: &str,
+        repo: &str,
+        subject: &Digest,
+        referrer: &Digest,
+    ) -> Result<bool, StoreError> {
+        remove(
+            self.repo_dir(ns, repo)
+                .join("_referrers")
+                .join(subject.hex())
+                .join(referrer.hex()),
+        )
+    }
+
+    /// Descriptors of the manifests that refer to `subject`, in digest order.
+    pub fn list_referrers(
+        &self,
+        ns: &str,
+        repo: &str,
+        subject: &Digest,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let dir = self
+            .repo_dir(ns, repo)
+            .join("_referrers")
+            .join(subject.hex());
+        let Some(entries) = not_found_is_none(fs::read_dir(&dir))? else {
+            return Ok(Vec::new());
+        };
+        let mut names: Vec<_> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        let mut out = Vec::new();
+        for n in names {
+            if let Some(v) = self.read_json(dir.join(n))? {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether a repository's content came through someone's own upstream credentials
+    /// (callers must then prove upstream access before it is served).
+    pub fn is_private(&self, ns: &str, repo: &str) -> Result<bool, StoreError> {
+        let p = self.repo_dir(ns, repo).join("_private");
+        Ok(not_found_is_none(fs::metadata(p))?.is_some())
+    }
+
+    pub fn set_private(&self, ns: &str, repo: &str, private: bool) -> Result<(), StoreError> {
+        let p = self.repo_dir(ns, repo).join("_private");
+        if private {
+            write_atomic(p, b"")
+        } else {
+            remove(p).map(|_| ())
+        }
+    }
+
+    /// Namespaces (upstream keys and the hosted prefix) that have repositories.
+    pub fn list_namespaces(&self) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(self.root.join("repos"))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type()?.is_dir() && !name.starts_with('.') {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Repositories under a namespace (those with any metadata), sorted.
+    pub fn list_repos(&self, ns: &str) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        collect_repos(&self.root.join("repos").join(ns), "", &mut out)?;
+        out.sort();
+        Ok(out)
+    }
+}
+
+fn collect_repos(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), StoreError> {
+    let Some(entries) = not_found_is_none(fs::read_dir(dir))? else {
+        return Ok(());
+    };
+    let mut is_repo = false;
+    for e in entries {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('_') {
+            is_repo = true;
+        } else if e.file_type()?.is_dir() && !name.starts_with('.') {
+            let child = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}/{name}")
+            };
+            collect_repos(&e.path(), &child, out)?;
+        }
+    }
+    if is_repo && !prefix.is_empty() {
+        out.push(prefix.to_string());
+    }
+    Ok(())
+}
+
+/// Removes a file; whether it existed.
+fn remove(p: PathBuf) -> Result<bool, StoreError> {
+    Ok(not_found_is_none(fs::remove_file(p))?.is_some())
 }
 
 /// Writes `bytes` to a dot-prefixed sibling, then renames it over `p`.

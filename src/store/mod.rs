@@ -94,16 +94,22 @@ impl Store {
         not_found_is_none(fs::read(self.blob_path(d)))
     }
 
-    /// Starts a write of `expected`; nothing is visible until [`Store::commit`].
-    pub fn begin(&self, expected: &Digest) -> Result<BlobWriter, StoreError> {
-        BlobWriter::create(&self.root.join("tmp"), expected.clone())
+    /// Starts a write; nothing is visible until [`Store::commit`], and dropping the
+    /// writer aborts it.
+    pub fn begin(&self) -> Result<BlobWriter, StoreError> {
+        BlobWriter::create(&self.root.join("tmp"))
     }
 
     /// Verifies the written bytes against the expected digest (and size, when known),
     /// syncs them to disk and moves them into place. On mismatch the temp file is removed.
-    pub fn commit(&self, w: BlobWriter, expected_size: Option<u64>) -> Result<u64, StoreError> {
-        let (tmp, expected, actual, written) = w.finish()?;
-        let verdict = if actual != expected {
+    pub fn commit(
+        &self,
+        w: BlobWriter,
+        expected: &Digest,
+        expected_size: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        let (tmp, actual, written) = w.finish()?;
+        let verdict = if actual != *expected {
             Err(StoreError::DigestMismatch {
                 expected: expected.clone(),
                 actual,
@@ -120,7 +126,7 @@ impl Store {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        let dest = self.blob_path(&expected);
+        let dest = self.blob_path(expected);
         if dest.exists() {
             // Same content already stored (another upstream, or a racing fill): keep one.
             let _ = fs::remove_file(&tmp);
@@ -136,9 +142,9 @@ impl Store {
 
     /// Writes a small, already-verified object (a manifest) in one go.
     pub fn put_small(&self, d: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
-        let mut w = self.begin(d)?;
+        let mut w = self.begin()?;
         w.write(bytes)?;
-        self.commit(w, Some(bytes.len() as u64)).map(|_| ())
+        self.commit(w, d, Some(bytes.len() as u64)).map(|_| ())
     }
 
     /// Removes a blob; returns whether it existed.

@@ -16,19 +16,14 @@ use crate::names::Digest;
 pub struct BlobWriter {
     file: Arc<File>,
     path: PathBuf,
-    expected: Digest,
     hasher: Sha256,
     written: u64,
     done: bool,
 }
 
 impl BlobWriter {
-    pub(super) fn create(tmp_dir: &Path, expected: Digest) -> Result<BlobWriter, StoreError> {
-        let name = format!(
-            "{}.{:016x}.part",
-            expected.hex(),
-            rand::thread_rng().gen::<u64>()
-        );
+    pub(super) fn create(tmp_dir: &Path) -> Result<BlobWriter, StoreError> {
+        let name = format!("{:032x}.part", rand::thread_rng().gen::<u128>());
         let path = tmp_dir.join(name);
         let file = OpenOptions::new()
             .read(true)
@@ -38,7 +33,6 @@ impl BlobWriter {
         Ok(BlobWriter {
             file: Arc::new(file),
             path,
-            expected,
             hasher: Sha256::new(),
             written: 0,
             done: false,
@@ -64,18 +58,12 @@ impl BlobWriter {
         self.file.clone()
     }
 
-    /// Syncs the file and hands back (temp path, expected, actual digest, bytes written).
-    pub(super) fn finish(mut self) -> io::Result<(PathBuf, Digest, Digest, u64)> {
+    /// Syncs the file and hands back (temp path, digest of the bytes, bytes written).
+    pub(super) fn finish(mut self) -> io::Result<(PathBuf, Digest, u64)> {
         self.done = true;
         self.file.sync_all()?;
-        let hasher = std::mem::take(&mut self.hasher);
-        let actual = Digest::from_hasher(hasher);
-        Ok((
-            self.path.clone(),
-            self.expected.clone(),
-            actual,
-            self.written,
-        ))
+        let actual = Digest::from_hasher(std::mem::take(&mut self.hasher));
+        Ok((self.path.clone(), actual, self.written))
     }
 }
 

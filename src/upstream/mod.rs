@@ -5,6 +5,7 @@
 //! cache that all workers share, so connections and tokens are reused across requests.
 
 mod auth;
+mod filter;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 pub use auth::{parse_challenge, Challenge, TokenCache};
+pub use filter::RepoFilter;
 
 use crate::config::{Config, ConfigError};
 
@@ -41,6 +43,8 @@ pub struct Upstream {
     pub tag_ttl: Duration,
     /// Docker Hub's convention: a one-part name means `library/<name>`.
     pub library_prefix: bool,
+    /// Which repositories may be fetched and served.
+    pub filter: RepoFilter,
 }
 
 impl Upstream {
@@ -56,6 +60,11 @@ impl Upstream {
                 }
             })?;
             let password = up.resolve_password(name)?;
+            let filter =
+                RepoFilter::new(&up.allow, &up.deny).map_err(|e| ConfigError::Upstream {
+                    name: name.clone(),
+                    msg: format!("allow/deny: {e}"),
+                })?;
             let credentials = up
                 .username
                 .clone()
@@ -67,6 +76,7 @@ impl Upstream {
                 base,
                 credentials,
                 tag_ttl: up.tag_ttl(),
+                filter,
             }));
         }
         Ok(out)

@@ -1,0 +1,160 @@
+//! GET/HEAD: manifests, blobs, tags, referrers, catalog.
+
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::HttpResponse;
+use serde_json::json;
+
+use super::target::Target;
+use super::{range, reply, Ctx, API_VERSION};
+use crate::error::OciError;
+use crate::names::{Digest, Reference};
+
+pub async fn manifest(
+    ctx: &Ctx<'_>,
+    name: &str,
+    reference: &Reference,
+) -> Result<HttpResponse, OciError> {
+    let head = ctx.method == Method::HEAD;
+    let r = match ctx.resolve(name)? {
+        Target::Upstream { upstream, repo } => {
+            let accept = ctx.header(header::ACCEPT);
+            let r = ctx
+                .svc
+                .manifest(
+                    &upstream,
+                    &repo,
+                    reference,
+                    accept,
+                    &ctx.method,
+                    &ctx.caller,
+                )
+                .await;
+            ctx.note(
+                &upstream.name,
+                "manifest",
+                r.as_ref().ok().map(|r| r.source.as_str()),
+            );
+            r?
+        }
+        Target::Hosted { repo } => {
+            ctx.note(ctx.hosted_prefix(), "manifest", Some("hosted"));
+            ctx.svc.hosted_manifest(&repo, reference, head).await?
+        }
+    };
+    Ok(reply::manifest(r))
+}
+
+pub async fn blob(ctx: &Ctx<'_>, name: &str, digest: &Digest) -> Result<HttpResponse, OciError> {
+    let range = ctx.header(header::RANGE).map(range::parse).transpose()?;
+    let r = match ctx.resolve(name)? {
+        Target::Upstream { upstream, repo } => {
+            let r = ctx
+                .svc
+                .blob(&upstream, &repo, digest, range, &ctx.method, &ctx.caller)
+                .await;
+            ctx.note(
+                &upstream.name,
+                "blob",
+                r.as_ref().ok().map(|r| r.source.as_str()),
+            );
+            r?
+        }
+        Target::Hosted { repo } => {
+            ctx.note(ctx.hosted_prefix(), "blob", Some("hosted"));
+            ctx.svc
+                .hosted_blob(&repo, digest, range, ctx.method == Method::HEAD)?
+        }
+    };
+    Ok(reply::blob(r, &digest.to_string()))
+}
+
+fn page_params(ctx: &Ctx<'_>) -> Result<(Option<usize>, Option<String>), OciError> {
+    let n = match ctx.query("n") {
+        Some(n) => Some(n.parse::<usize>().map_err(|_| {
+            OciError::new(
+                StatusCode::BAD_REQUEST,
+                "PAGINATION_NUMBER_INVALID",
+                "n must be a number",
+            )
+        })?),
+        None => None,
+    };
+    Ok((n, ctx.query("last")))
+}
+
+pub async fn tags(ctx: &Ctx<'_>, name: &str) -> Result<HttpResponse, OciError> {
+    let (n, last) = page_params(ctx)?;
+    let path = format!("/v2/{name}/tags/list");
+    match ctx.resolve(name)? {
+        Target::Upstream { upstream, repo } => {
+            let query = passthrough_query(ctx.req.query_string());
+            let r = ctx
+                .svc
+                .tags(&upstream, &repo, name, &query, &ctx.caller)
+                .await;
+            ctx.note(
+                &upstream.name,
+                "tags",
+                r.as_ref().ok().map(|r| r.source.as_str()),
+            );
+            let r = r?;
+            let mut resp = HttpResponse::Ok();
+            resp.insert_header(API_VERSION);
+            if let Some(link) = r.link {
+                resp.insert_header((header::LINK, link));
+            }
+            Ok(resp.json(r.list))
+        }
+        Target::Hosted { repo } => {
+            ctx.note(ctx.hosted_prefix(), "tags", Some("hosted"));
+            let page = ctx.svc.hosted_tags(&repo, n, last.as_deref())?;
+            Ok(reply::page(
+                json!({"name": name, "tags": page.items}),
+                &page,
+                &path,
+                n,
+            ))
+        }
+    }
+}
+
+pub fn catalog(ctx: &Ctx<'_>) -> Result<HttpResponse, OciError> {
+    let (n, last) = page_params(ctx)?;
+    let page = ctx.svc.catalog(n, last.as_deref())?;
+    Ok(reply::page(
+        json!({"repositories": page.items}),
+        &page,
+        "/v2/_catalog",
+        n,
+    ))
+}
+
+pub fn referrers(ctx: &Ctx<'_>, name: &str, digest: &Digest) -> Result<HttpResponse, OciError> {
+    let Target::Hosted { repo } = ctx.resolve(name)? else {
+        return Err(OciError::new(
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+            "the referrers API is served for hosted repositories only",
+        ));
+    };
+    let filter = ctx.query("artifactType");
+    let index = ctx.svc.referrers(&repo, digest, filter.as_deref())?;
+    let mut resp = HttpResponse::Ok();
+    resp.insert_header(API_VERSION).insert_header((
+        header::CONTENT_TYPE,
+        "application/vnd.oci.image.index.v1+json",
+    ));
+    if filter.is_some() {
+        resp.insert_header(("OCI-Filters-Applied", "artifactType"));
+    }
+    Ok(resp.body(index.to_string()))
+}
+
+/// The query without `ns`, for pagination parameters passed upstream.
+fn passthrough_query(query: &str) -> String {
+    let pairs =
+        url::form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k == "n" || k == "last");
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}

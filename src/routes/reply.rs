@@ -1,0 +1,77 @@
+//! Shaping service results into registry responses.
+
+use actix_web::body::{BoxBody, SizedStream};
+use actix_web::http::{header, StatusCode};
+use actix_web::HttpResponse;
+use futures_util::stream;
+
+use super::API_VERSION;
+use crate::services::{BlobReply, ManifestReply, Page};
+
+pub fn manifest(r: ManifestReply) -> HttpResponse {
+    let mut resp = HttpResponse::Ok();
+    resp.insert_header(API_VERSION)
+        .insert_header(("Docker-Content-Digest", r.digest.to_string()))
+        .insert_header((header::ETAG, format!("\"{}\"", r.digest)))
+        .insert_header((header::CONTENT_TYPE, r.media_type));
+    match r.body {
+        Some(b) => resp.body(b),
+        None => resp.body(empty_sized(r.size)),
+    }
+}
+
+pub fn blob(r: BlobReply, digest: &str) -> HttpResponse {
+    let status = if r.range.is_some() {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let mut resp = HttpResponse::build(status);
+    resp.insert_header(API_VERSION)
+        .insert_header(("Docker-Content-Digest", digest))
+        .insert_header((header::ETAG, format!("\"{digest}\"")))
+        .insert_header((header::CONTENT_TYPE, "application/octet-stream"));
+    if r.size.is_some() {
+        resp.insert_header((header::ACCEPT_RANGES, "bytes"));
+    }
+    let (start, end) = r.range.unwrap_or((0, r.size.unwrap_or(0)));
+    if let (Some((start, end)), Some(size)) = (r.range, r.size) {
+        resp.insert_header((
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{size}", end - 1),
+        ));
+    }
+    match (r.body, r.size) {
+        (Some(body), Some(_)) => resp.body(SizedStream::new(end - start, body)),
+        (Some(body), None) => resp.streaming(body),
+        (None, size) => resp.body(empty_sized(size.unwrap_or(0))),
+    }
+}
+
+/// A body that announces `len` bytes and has none: HEAD responses carry the real
+/// Content-Length this way (actix writes no body for HEAD).
+pub fn empty_sized(len: u64) -> BoxBody {
+    BoxBody::new(SizedStream::new(
+        len,
+        stream::empty::<Result<bytes::Bytes, std::io::Error>>(),
+    ))
+}
+
+/// A JSON list page with an RFC 5988 `Link` to the next page, as Distribution sends.
+pub fn page(body: serde_json::Value, page: &Page, path: &str, n: Option<usize>) -> HttpResponse {
+    let mut resp = HttpResponse::Ok();
+    resp.insert_header(API_VERSION);
+    if let (Some(next), Some(n)) = (&page.next, n) {
+        let q = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("n", &n.to_string())
+            .append_pair("last", next)
+            .finish();
+        resp.insert_header((header::LINK, format!("<{path}?{q}>; rel=\"next\"")));
+    }
+    resp.json(body)
+}
+
+/// `Range: 0-<last byte>` for upload progress (`0-0` when nothing arrived yet).
+pub fn upload_range(offset: u64) -> String {
+    format!("0-{}", offset.saturating_sub(1))
+}

@@ -1,0 +1,339 @@
+//! Hosted repositories: a read-write registry under one prefix, in the same store as the
+//! cache (a pushed layer equal to a cached one is stored once).
+
+use bytes::Bytes;
+use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
+use serde_json::json;
+
+use super::blobs::{BlobReply, ByteRange};
+use super::manifests::{ManifestReply, MAX_MANIFEST_SIZE};
+use super::page::{paginate, Page};
+use super::uploads::Uploads;
+use super::{ServiceError, Services, Source};
+use crate::names::{Digest, Reference};
+use crate::store::{ManifestLink, TagRecord};
+
+/// Manifest media types that list other manifests.
+const INDEX_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+const IMAGE_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+/// The hosted prefix and its upload sessions.
+pub struct Hosted {
+    pub prefix: String,
+    pub uploads: Uploads,
+}
+
+/// What a stored manifest refers to, for validation and the referrers API.
+struct Parsed {
+    media_type: String,
+    blobs: Vec<Digest>,
+    manifests: Vec<Digest>,
+    subject: Option<Digest>,
+    artifact_type: Option<String>,
+    annotations: Option<std::collections::HashMap<String, String>>,
+}
+
+impl Services {
+    pub(super) fn hosted(&self) -> Result<&Hosted, ServiceError> {
+        self.mirror
+            .hosted
+            .as_ref()
+            .ok_or_else(|| ServiceError::NameUnknown("no hosted repositories".into()))
+    }
+
+    pub async fn hosted_manifest(
+        &self,
+        repo: &str,
+        reference: &Reference,
+        head: bool,
+    ) -> Result<ManifestReply, ServiceError> {
+        let ns = &self.hosted()?.prefix;
+        let found = match reference {
+            Reference::Digest(d) => self.cached_by_digest(ns, repo, d, head)?,
+            Reference::Tag(t) => match self.store().get_tag(ns, repo, t)? {
+                Some(rec) => {
+                    self.stored_reply(&rec.digest()?, &rec.media_type, head, Source::Cache)?
+                }
+                None => None,
+            },
+        };
+        found.ok_or_else(|| ServiceError::ManifestUnknown(reference.to_string()))
+    }
+
+    pub fn hosted_blob(
+        &self,
+        repo: &str,
+        d: &Digest,
+        range: Option<ByteRange>,
+        head: bool,
+    ) -> Result<BlobReply, ServiceError> {
+        let ns = &self.hosted()?.prefix;
+        match self.store().stat(d)? {
+            Some(size) if self.store().blob_linked(ns, repo, d)? => {
+                self.cached(d, size, range, head)
+            }
+            _ => Err(ServiceError::BlobUnknown(d.to_string())),
+        }
+    }
+
+    pub fn hosted_tags(
+        &self,
+        repo: &str,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Result<Page, ServiceError> {
+        let ns = &self.hosted()?.prefix;
+        let tags = self.store().list_tags(ns, repo)?;
+        if tags.is_empty() && !self.store().list_repos(ns)?.iter().any(|r| r == repo) {
+            return Err(ServiceError::NameUnknown(repo.into()));
+        }
+        Ok(paginate(tags, n, last))
+    }
+
+    /// Stores a pushed manifest after checking that everything it references is in the
+    /// repository; returns its digest and the subject it refers to, if any.
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &Reference,
+        content_type: Option<&str>,
+        body: Bytes,
+    ) -> Result<(Digest, Option<Digest>), ServiceError> {
+        let ns = self.hosted()?.prefix.clone();
+        if body.len() > MAX_MANIFEST_SIZE {
+            return Err(ServiceError::ManifestTooLarge);
+        }
+        let digest = Digest::of(&body);
+        if let Reference::Digest(d) = reference {
+            if *d != digest {
+                return Err(ServiceError::DigestInvalid(format!(
+                    "body hashes to {digest}, not {d}"
+                )));
+            }
+        }
+        let parsed = parse_manifest(content_type, &body)?;
+        for b in &parsed.blobs {
+            if !self.store().blob_linked(&ns, repo, b)? || self.store().stat(b)?.is_none() {
+                return Err(ServiceError::ManifestBlobUnknown(b.to_string()));
+            }
+        }
+        for m in &parsed.manifests {
+            if self.store().get_manifest_link(&ns, repo, m)?.is_none() {
+                return Err(ServiceError::ManifestBlobUnknown(m.to_string()));
+            }
+        }
+        let desc = json!({
+            "mediaType": parsed.media_type, "digest": digest.to_string(), "size": body.len(),
+            "artifactType": parsed.artifact_type, "annotations": parsed.annotations,
+        });
+        let (repo, d, subject) = (repo.to_string(), digest.clone(), parsed.subject.clone());
+        let tag = match reference {
+            Reference::Tag(t) => Some(t.clone()),
+            Reference::Digest(_) => None,
+        };
+        self.blocking(move |s| {
+            if s.stat(&d)?.is_none() {
+                s.put_small(&d, &body)?;
+            }
+            let link = ManifestLink {
+                media_type: parsed.media_type.clone(),
+            };
+            s.put_manifest_link(&ns, &repo, &d, &link)?;
+            if let Some(t) = tag {
+                let rec = TagRecord {
+                    digest: d.to_string(),
+                    media_type: parsed.media_type,
+                    size: body.len() as u64,
+                    checked_at: crate::store::now_secs(),
+                };
+                s.put_tag(&ns, &repo, &t, &rec)?;
+            }
+            if let Some(subject) = &parsed.subject {
+                s.put_referrer(&ns, &repo, subject, &d, &desc)?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.metrics().store_bytes.set(self.store().size() as i64);
+        Ok((digest, subject))
+    }
+
+    /// Deletes a tag, or a manifest with every tag that points to it.
+    pub async fn delete_manifest(
+        &self,
+        repo: &str,
+        reference: &Reference,
+    ) -> Result<(), ServiceError> {
+        let ns = self.hosted()?.prefix.clone();
+        let store = self.store();
+        let found = match reference {
+            Reference::Tag(t) => store.delete_tag(&ns, repo, t)?,
+            Reference::Digest(d) => {
+                let Some(link) = store.get_manifest_link(&ns, repo, d)? else {
+                    return Err(ServiceError::ManifestUnknown(d.to_string()));
+                };
+                for t in store.list_tags(&ns, repo)? {
+                    if store
+                        .get_tag(&ns, repo, &t)?
+                        .is_some_and(|r| r.digest == d.to_string())
+                    {
+                        store.delete_tag(&ns, repo, &t)?;
+                    }
+                }
+                if let Some(bytes) = store.read_small(d)? {
+                    if let Some(subject) = parse_manifest(Some(&link.media_type), &bytes)
+                        .ok()
+                        .and_then(|p| p.subject)
+                    {
+                        store.delete_referrer(&ns, repo, &subject, d)?;
+                    }
+                }
+                store.delete_manifest_link(&ns, repo, d)?
+            }
+        };
+        if !found {
+            return Err(ServiceError::ManifestUnknown(reference.to_string()));
+        }
+        Ok(())
+    }
+
+    pub fn delete_blob(&self, repo: &str, d: &Digest) -> Result<(), ServiceError> {
+        let ns = &self.hosted()?.prefix;
+        if !self.store().unlink_blob(ns, repo, d)? {
+            return Err(ServiceError::BlobUnknown(d.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The OCI referrers API: an image index of the manifests whose subject is `d`.
+    pub fn referrers(
+        &self,
+        repo: &str,
+        d: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<serde_json::Value, ServiceError> {
+        let ns = &self.hosted()?.prefix;
+        let all = self.store().list_referrers(ns, repo, d)?;
+        let manifests: Vec<_> = all
+            .into_iter()
+            .filter(|m| artifact_type.is_none_or(|t| m["artifactType"] == t))
+            .map(|mut m| {
+                if let Some(o) = m.as_object_mut() {
+                    o.retain(|_, v| !v.is_null());
+                }
+                m
+            })
+            .collect();
+        Ok(json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests,
+        }))
+    }
+
+    /// Mounts a blob another repository holds (`from_ns`/`from_repo`, hosted or cached)
+    /// into a hosted repository; false if it cannot (the client then uploads).
+    pub fn mount_blob(
+        &self,
+        repo: &str,
+        d: &Digest,
+        from_ns: &str,
+        from_repo: &str,
+    ) -> Result<bool, ServiceError> {
+        let ns = &self.hosted()?.prefix;
+        let store = self.store();
+        if store.stat(d)?.is_none()
+            || !store.blob_linked(from_ns, from_repo, d)?
+            || store.is_private(from_ns, from_repo)?
+        {
+            return Ok(false);
+        }
+        store.link_blob(ns, repo, d)?;
+        Ok(true)
+    }
+
+    /// `_catalog`: hosted repositories and cached (non-private) upstream repositories,
+    /// as `<prefix>/<repo>`.
+    pub fn catalog(&self, n: Option<usize>, last: Option<&str>) -> Result<Page, ServiceError> {
+        let store = self.store();
+        let mut names = Vec::new();
+        for ns in store.list_namespaces()? {
+            for repo in store.list_repos(&ns)? {
+                if !store.is_private(&ns, &repo)? {
+                    names.push(format!("{ns}/{repo}"));
+                }
+            }
+        }
+        names.sort();
+        Ok(paginate(names, n, last))
+    }
+}
+
+fn digest_of(d: &Descriptor) -> Result<Digest, ServiceError> {
+    d.digest()
+        .to_string()
+        .parse()
+        .map_err(|e| ServiceError::ManifestInvalid(format!("descriptor digest: {e}")))
+}
+
+fn parse_manifest(content_type: Option<&str>, body: &[u8]) -> Result<Parsed, ServiceError> {
+    let invalid = |e: String| ServiceError::ManifestInvalid(e);
+    let probe: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
+    let media_type = probe["mediaType"]
+        .as_str()
+        .or(content_type.map(|c| c.split(';').next().unwrap_or("").trim()))
+        .unwrap_or("")
+        .to_string();
+    let media_type = if media_type.is_empty() && probe.get("manifests").is_some() {
+        INDEX_TYPES[0].to_string()
+    } else if media_type.is_empty() {
+        IMAGE_TYPES[0].to_string()
+    } else {
+        media_type
+    };
+    if INDEX_TYPES.contains(&media_type.as_str()) {
+        let idx = ImageIndex::from_reader(body).map_err(|e| invalid(e.to_string()))?;
+        return Ok(Parsed {
+            manifests: idx
+                .manifests()
+                .iter()
+                .map(digest_of)
+                .collect::<Result<_, _>>()?,
+            blobs: Vec::new(),
+            subject: idx.subject().as_ref().map(digest_of).transpose()?,
+            artifact_type: idx.artifact_type().as_ref().map(|t| t.to_string()),
+            annotations: idx.annotations().clone(),
+            media_type,
+        });
+    }
+    if !IMAGE_TYPES.contains(&media_type.as_str()) {
+        return Err(invalid(format!(
+            "unsupported manifest media type {media_type:?}"
+        )));
+    }
+    let m = ImageManifest::from_reader(body).map_err(|e| invalid(e.to_string()))?;
+    let mut blobs = vec![digest_of(m.config())?];
+    for l in m.layers() {
+        blobs.push(digest_of(l)?);
+    }
+    let artifact_type = m
+        .artifact_type()
+        .as_ref()
+        .map(|t| t.to_string())
+        .or_else(|| Some(m.config().media_type().to_string()));
+    Ok(Parsed {
+        manifests: Vec::new(),
+        blobs,
+        subject: m.subject().as_ref().map(digest_of).transpose()?,
+        artifact_type,
+        annotations: m.annotations().clone(),
+        media_type,
+    })
+}

@@ -1,0 +1,192 @@
+//! Blob upload sessions (POST, PATCH..., PUT) for hosted repositories.
+//!
+//! A session is a temp file in the store plus a running hash, kept in memory: bytes are
+//! verified at the final PUT and committed like any other blob. Sessions untouched for
+//! `upload_ttl` are dropped (their temp file with them) by [`Uploads::expire`]; a restart
+//! drops them all.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures_util::{Stream, StreamExt};
+use tokio::sync::Mutex;
+
+use super::{ServiceError, Services};
+use crate::names::Digest;
+use crate::store::{BlobWriter, StoreError};
+
+pub struct Uploads {
+    sessions: DashMap<String, Arc<Session>>,
+    ttl: Duration,
+}
+
+struct Session {
+    repo: String,
+    upload: Mutex<Upload>,
+}
+
+struct Upload {
+    writer: Option<BlobWriter>,
+    touched: Instant,
+}
+
+/// Where an upload stands.
+pub struct UploadStatus {
+    pub id: String,
+    /// Bytes received so far.
+    pub offset: u64,
+}
+
+impl Uploads {
+    pub fn new(ttl: Duration) -> Uploads {
+        Uploads {
+            sessions: DashMap::new(),
+            ttl,
+        }
+    }
+
+    /// Drops sessions idle for longer than the TTL; returns how many.
+    pub fn expire(&self) -> usize {
+        let before = self.sessions.len();
+        let ttl = self.ttl;
+        self.sessions.retain(|_, s| {
+            s.upload
+                .try_lock()
+                .map_or(true, |u| u.touched.elapsed() < ttl)
+        });
+        before - self.sessions.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+}
+
+impl Services {
+    /// The session `id`, if it belongs to `repo`.
+    fn session(&self, repo: &str, id: &str) -> Result<Arc<Session>, ServiceError> {
+        let s = self.hosted()?.uploads.sessions.get(id).map(|s| s.clone());
+        s.filter(|s| s.repo == repo)
+            .ok_or_else(|| ServiceError::UploadUnknown(id.into()))
+    }
+
+    pub fn upload_start(&self, repo: &str) -> Result<UploadStatus, ServiceError> {
+        let writer = self.store().begin()?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let session = Session {
+            repo: repo.to_string(),
+            upload: Mutex::new(Upload {
+                writer: Some(writer),
+                touched: Instant::now(),
+            }),
+        };
+        self.hosted()?
+            .uploads
+            .sessions
+            .insert(id.clone(), Arc::new(session));
+        Ok(UploadStatus { id, offset: 0 })
+    }
+
+    pub async fn upload_status(&self, repo: &str, id: &str) -> Result<UploadStatus, ServiceError> {
+        let s = self.session(repo, id)?;
+        let u = s.upload.lock().await;
+        Ok(UploadStatus {
+            id: id.to_string(),
+            offset: u.writer.as_ref().map_or(0, |w| w.written()),
+        })
+    }
+
+    /// Appends a chunk. `start`, from `Content-Range`, must equal the bytes received.
+    pub async fn upload_append<S, E>(
+        &self,
+        repo: &str,
+        id: &str,
+        start: Option<u64>,
+        body: S,
+    ) -> Result<UploadStatus, ServiceError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let s = self.session(repo, id)?;
+        let mut u = s.upload.lock().await;
+        u.touched = Instant::now();
+        let w = u
+            .writer
+            .as_mut()
+            .ok_or_else(|| ServiceError::UploadUnknown(id.into()))?;
+        if let Some(start) = start.filter(|s| *s != w.written()) {
+            return Err(ServiceError::UploadRange(format!(
+                "chunk starts at {start}, upload has {} bytes",
+                w.written()
+            )));
+        }
+        write_body(w, body).await?;
+        Ok(UploadStatus {
+            id: id.to_string(),
+            offset: w.written(),
+        })
+    }
+
+    /// Appends the last bytes, verifies the digest and stores the blob in the repository.
+    pub async fn upload_finish<S, E>(
+        &self,
+        repo: &str,
+        id: &str,
+        digest: &Digest,
+        body: S,
+    ) -> Result<(), ServiceError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let s = self.session(repo, id)?;
+        let mut w = {
+            let mut u = s.upload.lock().await;
+            u.writer
+                .take()
+                .ok_or_else(|| ServiceError::UploadUnknown(id.into()))?
+        };
+        self.hosted()?.uploads.sessions.remove(id);
+        write_body(&mut w, body).await?;
+        let expected = digest.clone();
+        self.blocking(move |s| s.commit(w, &expected, None))
+            .await
+            .map_err(|e| match e {
+                ServiceError::Store(StoreError::DigestMismatch { actual, .. }) => {
+                    ServiceError::DigestInvalid(format!(
+                        "uploaded bytes hash to {actual}, not {digest}"
+                    ))
+                }
+                e => e,
+            })?;
+        let ns = self.hosted()?.prefix.clone();
+        self.store().link_blob(&ns, repo, digest)?;
+        self.metrics().store_bytes.set(self.store().size() as i64);
+        Ok(())
+    }
+
+    pub fn upload_cancel(&self, repo: &str, id: &str) -> Result<(), ServiceError> {
+        self.session(repo, id)?;
+        self.hosted()?.uploads.sessions.remove(id);
+        Ok(())
+    }
+}
+
+async fn write_body<S, E>(w: &mut BlobWriter, mut body: S) -> Result<(), ServiceError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ServiceError::UploadRange(format!("request body: {e}")))?;
+        w.write(&chunk).map_err(StoreError::from)?;
+    }
+    Ok(())
+}
