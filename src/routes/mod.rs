@@ -125,6 +125,8 @@ async fn v2(
         if let Some(name) = endpoint_name(&endpoint) {
             writable(&ctx, &access, name)?;
         }
+    } else if endpoint == Endpoint::Base {
+        access.ping(&ctx.caller)?;
     } else {
         access.may_pull(&ctx.caller)?;
     }

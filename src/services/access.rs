@@ -43,6 +43,8 @@ pub struct Access {
     verified: DashMap<String, [u8; 32]>,
     anonymous_pull: bool,
     push: HashSet<String>,
+    /// Answer an anonymous `GET /v2/` with a challenge (when an htpasswd is configured).
+    challenge_anonymous: bool,
 }
 
 impl Access {
@@ -57,6 +59,7 @@ impl Access {
             verified: DashMap::new(),
             anonymous_pull: cfg.anonymous_pull,
             push: cfg.push.iter().cloned().collect(),
+            challenge_anonymous: cfg.htpasswd.is_some(),
         })
     }
 
@@ -84,6 +87,17 @@ impl Access {
         }
         self.verified.insert(user.clone(), digest);
         Ok(Caller::User(user))
+    }
+
+    /// `GET /v2/`. With an htpasswd configured an anonymous caller is challenged, as
+    /// Distribution with auth and Docker Hub do: clients such as skopeo, podman and
+    /// `docker login` send credentials only to a registry whose ping asked for them.
+    /// Anonymous pulls still work afterwards when `anonymous_pull` is on.
+    pub fn ping(&self, c: &Caller) -> Result<(), AccessError> {
+        match c {
+            Caller::Anonymous if self.challenge_anonymous => Err(AccessError::Unauthenticated),
+            _ => Ok(()),
+        }
     }
 
     pub fn may_pull(&self, c: &Caller) -> Result<(), AccessError> {

@@ -163,11 +163,21 @@ impl Reply {
 
 /// Sends a request; the body is read fully (tests only fetch what they compare).
 pub fn http(method: &str, url: &str, headers: &[(&str, &str)]) -> Reply {
+    send(url, method, &[], headers)
+}
+
+/// Sends a request with a body.
+pub fn send(url: &str, method: &str, body: &[u8], headers: &[(&str, &str)]) -> Reply {
     let mut req = agent().request(method, url);
     for (k, v) in headers {
         req = req.set(k, v);
     }
-    let resp = match req.call() {
+    let sent = if body.is_empty() && matches!(method, "GET" | "HEAD" | "DELETE") {
+        req.call()
+    } else {
+        req.send_bytes(body)
+    };
+    let resp = match sent {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => r,
         Err(e) => panic!("{method} {url}: {e}"),
