@@ -94,7 +94,9 @@ impl From<ServiceError> for OciError {
             E::BlobUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
             E::NameUnknown(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
             E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
-            E::UpstreamDenied { .. } => (StatusCode::FORBIDDEN, "DENIED"),
+            // As Docker Hub answers for private repositories: a client holding
+            // credentials for it retries with them after this challenge.
+            E::UpstreamDenied { .. } => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
             E::DigestMismatch { .. } | E::BadUpstream { .. } => {
                 (StatusCode::BAD_GATEWAY, "UNAVAILABLE")
             }

@@ -115,6 +115,7 @@ mod tests {
             tag_ttl: std::time::Duration::from_secs(1),
             library_prefix: name == "docker.io",
             filter: Default::default(),
+            client: None,
         })
     }
 

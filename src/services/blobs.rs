@@ -23,6 +23,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Progress of one blob download, watched by every request streaming it.
 #[derive(Default)]
 pub struct Fill {
+    /// `<upstream>/<repo>` the fill was started for.
+    pub origin: String,
     pub file: Option<Arc<File>>,
     /// Content-Length announced by the upstream.
     pub size: Option<u64>,
@@ -78,7 +80,9 @@ impl Services {
         caller: &Caller,
     ) -> Result<BlobReply, ServiceError> {
         up.filter.check(repo).map_err(ServiceError::Denied)?;
-        let _ = caller;
+        let up = &self
+            .upstream_for(up, repo, caller, &format!("blobs/{d}"))
+            .await?;
         let head = method == Method::HEAD;
         if let Some(size) = self.store().stat(d)? {
             if self.store().blob_linked(&up.name, repo, d)?
@@ -186,7 +190,12 @@ impl Services {
         d: &Digest,
         range: Option<ByteRange>,
     ) -> Result<BlobReply, ServiceError> {
-        let mut rx = match self.mirror.blob_flights.join(d.clone(), Fill::default) {
+        let origin = format!("{}/{repo}", up.name);
+        let init = || Fill {
+            origin: origin.clone(),
+            ..Fill::default()
+        };
+        let mut rx = match self.mirror.blob_flights.join(d.clone(), init) {
             Join::Leader(lead) => {
                 let rx = lead.subscribe();
                 let this = self.clone();
@@ -198,6 +207,12 @@ impl Services {
             }
             Join::Follower(rx) => {
                 self.metrics().coalesced.with_label_values(&["blob"]).inc();
+                // A fill started for another repository: this one must hold the blob too
+                // (no cross-repository leaks), which the upstream confirms with a HEAD.
+                let other = rx.borrow().origin != origin;
+                if other {
+                    self.confirm_upstream(up, repo, d).await?;
+                }
                 rx
             }
         };
@@ -244,6 +259,7 @@ impl Services {
         if let (Some(size), Some(file)) = (self.store().stat(d)?, self.store().open_blob(d)?) {
             lead.tx.send_modify(|f| {
                 *f = Fill {
+                    origin: std::mem::take(&mut f.origin),
                     file: Some(Arc::new(file)),
                     size: Some(size),
                     started: true,

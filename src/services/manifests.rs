@@ -21,7 +21,7 @@ pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
 
 /// What we ask an upstream for when the client sent no `Accept`: every current format, so
 /// the cached answer suits any client.
-const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+pub(super) const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.docker.distribution.manifest.v2+json";
@@ -56,7 +56,9 @@ impl Services {
         caller: &Caller,
     ) -> Result<ManifestReply, ServiceError> {
         up.filter.check(repo).map_err(ServiceError::Denied)?;
-        let _ = caller;
+        let up = &self
+            .upstream_for(up, repo, caller, &format!("manifests/{reference}"))
+            .await?;
         let head = method == Method::HEAD;
         let mut stale = None;
         match reference {
@@ -281,7 +283,12 @@ impl Services {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<Arc<Fetched>, ServiceError> {
-        let key = format!("{}\n{repo}\n{reference}\n{}", up.name, accept.unwrap_or(""));
+        let key = format!(
+            "{}\n{repo}\n{reference}\n{}\n{}",
+            up.name,
+            accept.unwrap_or(""),
+            up.client.as_deref().unwrap_or("")
+        );
         let mut rx = match self.mirror.manifest_flights.join(key, || None) {
             Join::Leader(lead) => {
                 let rx = lead.subscribe();

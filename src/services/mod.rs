@@ -10,6 +10,7 @@ mod flight;
 mod hosted;
 mod manifests;
 mod page;
+mod private;
 mod stream;
 mod tags;
 mod uploads;
@@ -157,6 +158,8 @@ pub struct Mirror {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub hosted: Option<Hosted>,
+    /// Successful upstream re-checks of private repositories, by credential and repo.
+    proofs: dashmap::DashMap<String, std::time::Instant>,
     blob_flights: Arc<flight::Flights<Digest, blobs::Fill>>,
     manifest_flights: Arc<flight::Flights<String, manifests::Pending>>,
 }
@@ -167,6 +170,7 @@ impl Mirror {
             store,
             metrics,
             hosted,
+            proofs: Default::default(),
             blob_flights: Arc::default(),
             manifest_flights: Arc::default(),
         }

@@ -1,6 +1,8 @@
 //! `tags/list`: asked upstream (tags are the upstream's truth), answered from the tags
 //! cached in the store when the upstream is unreachable.
 
+use std::sync::Arc;
+
 use actix_web::http::{header, Method};
 use serde::{Deserialize, Serialize};
 
@@ -27,14 +29,14 @@ impl Services {
     /// raw `n`/`last` query string to pass on.
     pub async fn tags(
         &self,
-        up: &Upstream,
+        up: &Arc<Upstream>,
         repo: &str,
         name: &str,
         query: &str,
         caller: &Caller,
     ) -> Result<TagsReply, ServiceError> {
         up.filter.check(repo).map_err(ServiceError::Denied)?;
-        let _ = caller;
+        let up = &self.upstream_for(up, repo, caller, "tags/list?n=1").await?;
         let what = if query.is_empty() {
             "tags/list".to_string()
         } else {

@@ -236,6 +236,11 @@ impl Store {
         }
     }
 
+    /// Whether the store holds anything for a repository.
+    pub fn repo_exists(&self, ns: &str, repo: &str) -> Result<bool, StoreError> {
+        Ok(not_found_is_none(fs::metadata(self.repo_dir(ns, repo)))?.is_some())
+    }
+
     /// Namespaces (upstream keys and the hosted prefix) that have repositories.
     pub fn list_namespaces(&self) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();

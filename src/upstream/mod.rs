@@ -34,7 +34,6 @@ pub enum UpstreamError {
 }
 
 /// One configured upstream registry (read-only after start-up).
-#[derive(Debug)]
 pub struct Upstream {
     /// The key: path prefix and `?ns=` host.
     pub name: String,
@@ -44,7 +43,22 @@ pub struct Upstream {
     /// Docker Hub's convention: a one-part name means `library/<name>`.
     pub library_prefix: bool,
     /// Which repositories may be fetched and served.
-    pub filter: RepoFilter,
+    pub filter: Arc<RepoFilter>,
+    /// Set on a per-request copy that carries a client's own credentials instead of the
+    /// configured ones: the identity of those credentials (see [`Creds::id`]).
+    pub client: Option<String>,
+}
+
+/// Never prints the password.
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("base", &self.base.as_str())
+            .field("user", &self.credentials.as_ref().map(|c| &c.0))
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Upstream {
@@ -76,10 +90,24 @@ impl Upstream {
                 base,
                 credentials,
                 tag_ttl: up.tag_ttl(),
-                filter,
+                filter: Arc::new(filter),
+                client: None,
             }));
         }
         Ok(out)
+    }
+
+    /// A copy that authenticates upstream with a client's own credentials.
+    pub fn with_client_creds(&self, c: &Creds) -> Arc<Upstream> {
+        Arc::new(Upstream {
+            name: self.name.clone(),
+            base: self.base.clone(),
+            credentials: Some((c.user.clone(), c.pass.clone())),
+            tag_ttl: self.tag_ttl,
+            library_prefix: self.library_prefix,
+            filter: self.filter.clone(),
+            client: Some(c.id()),
+        })
     }
 
     fn basic_header(&self) -> Option<String> {
@@ -93,6 +121,28 @@ fn basic(user: &str, pass: &str) -> String {
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(raw)
     )
+}
+
+/// A client's own credentials for an upstream, forwarded instead of the mirror's.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Creds {
+    pub user: String,
+    pub pass: String,
+}
+
+impl Creds {
+    /// A stable identity that does not reveal the password (token cache and proof keys).
+    pub fn id(&self) -> String {
+        use sha2::Digest as _;
+        let h = sha2::Sha256::digest(format!("{}:{}", self.user, self.pass));
+        hex::encode(&h[..12])
+    }
+}
+
+impl std::fmt::Debug for Creds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Creds({}, ***)", self.user)
+    }
 }
 
 /// A request to an upstream's `/v2/<repo>/<what>` endpoint.
@@ -146,7 +196,8 @@ impl UpstreamClient {
             req.repo,
             req.what
         );
-        let auth = self.auth_header(up, &scope, false).await?;
+        let who = Who::new(up, &scope);
+        let auth = self.auth_header(up, &who, false).await?;
         let resp = self.send_following(up, req, &url, auth).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
@@ -160,7 +211,7 @@ impl UpstreamClient {
             return Ok(resp);
         };
         self.tokens.put_challenge(&up.name, challenge);
-        let auth = self.auth_header(up, &scope, true).await?;
+        let auth = self.auth_header(up, &who, true).await?;
         if auth.is_none() {
             return Ok(resp);
         }
@@ -172,20 +223,20 @@ impl UpstreamClient {
     async fn auth_header(
         &self,
         up: &Upstream,
-        scope: &str,
+        who: &Who<'_>,
         fresh: bool,
     ) -> Result<Option<String>, UpstreamError> {
         if !fresh {
-            if let Some(t) = self.tokens.token(&up.name, scope) {
+            if let Some(t) = self.tokens.token(&up.name, &who.cache_key) {
                 return Ok(Some(format!("Bearer {t}")));
             }
         }
         match self.tokens.challenge(&up.name) {
             None => Ok(None),
-            Some(Challenge::Basic) => Ok(up.basic_header()),
+            Some(Challenge::Basic) => Ok(who.basic.clone()),
             Some(Challenge::Bearer { realm, service, .. }) => {
                 let token = self
-                    .fetch_token(up, &realm, service.as_deref(), scope)
+                    .fetch_token(up, who, &realm, service.as_deref())
                     .await?;
                 Ok(Some(format!("Bearer {token}")))
             }
@@ -195,9 +246,9 @@ impl UpstreamClient {
     async fn fetch_token(
         &self,
         up: &Upstream,
+        who: &Who<'_>,
         realm: &str,
         service: Option<&str>,
-        scope: &str,
     ) -> Result<String, UpstreamError> {
         let err = |msg: String| UpstreamError::Auth {
             upstream: up.name.clone(),
@@ -210,11 +261,11 @@ impl UpstreamClient {
             if let Some(s) = service {
                 q.append_pair("service", s);
             }
-            q.append_pair("scope", scope);
+            q.append_pair("scope", who.scope);
         }
         let mut req = self.http.get(url.as_str());
-        if let Some(b) = up.basic_header() {
-            req = req.insert_header((header::AUTHORIZATION, b));
+        if let Some(b) = &who.basic {
+            req = req.insert_header((header::AUTHORIZATION, b.as_str()));
         }
         let mut resp = req
             .send()
@@ -234,7 +285,8 @@ impl UpstreamClient {
             .ok_or_else(|| err("token response has no token".into()))?;
         // The spec's default lifetime is 60 s when `expires_in` is absent.
         let ttl = Duration::from_secs(body.expires_in.unwrap_or(60).max(60));
-        self.tokens.put_token(&up.name, scope, token.clone(), ttl);
+        self.tokens
+            .put_token(&up.name, &who.cache_key, token.clone(), ttl);
         Ok(token)
     }
 
@@ -274,6 +326,28 @@ impl UpstreamClient {
                 .map_err(|e| protocol(up, format!("bad redirect {location:?}: {e}")))?;
         }
         Err(protocol(up, "too many redirects".into()))
+    }
+}
+
+/// Whose credentials a request goes out with, and the token cache key for them: tokens
+/// fetched with one client's credentials are never used for another's requests.
+struct Who<'a> {
+    scope: &'a str,
+    cache_key: String,
+    basic: Option<String>,
+}
+
+impl<'a> Who<'a> {
+    fn new(up: &Upstream, scope: &'a str) -> Who<'a> {
+        let cache_key = match &up.client {
+            Some(id) => format!("{scope}#{id}"),
+            None => scope.to_string(),
+        };
+        Who {
+            scope,
+            cache_key,
+            basic: up.basic_header(),
+        }
     }
 }
 

@@ -1,0 +1,126 @@
+//! Private-image isolation: content fetched with a client's own upstream credentials is
+//! served only to callers who have shown the upstream that they may read that repository.
+//!
+//! A repository is marked private in the store when the mirror's own credentials were
+//! refused and a client's were accepted. For a private repository every caller is
+//! re-checked upstream (a HEAD with its credentials, or the mirror's for an anonymous
+//! caller); a success is remembered per credential and repository for [`PROOF_TTL`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::{Method, StatusCode};
+
+use super::access::Caller;
+use super::{ServiceError, Services};
+use crate::upstream::{Creds, UpRequest, Upstream};
+
+/// How long a successful upstream re-check is trusted for one credential.
+const PROOF_TTL: Duration = Duration::from_secs(60);
+
+/// What an upstream said to a probe.
+enum Probe {
+    Allowed,
+    Refused,
+}
+
+impl Services {
+    /// The upstream (with the right credentials) to use for `repo` on behalf of `caller`,
+    /// or `Unauthorized` if the caller may not read it. `probe` is the request's own
+    /// endpoint (e.g. `manifests/1`), asked with HEAD.
+    pub(super) async fn upstream_for(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &str,
+        caller: &Caller,
+        probe: &str,
+    ) -> Result<Arc<Upstream>, ServiceError> {
+        let client = match caller {
+            Caller::Foreign { user, pass } => Some(Creds {
+                user: user.clone(),
+                pass: pass.clone(),
+            }),
+            _ => None,
+        };
+        let private = self.store().is_private(&up.name, repo)?;
+        let known = self.store().repo_exists(&up.name, repo)?;
+        // Public content, or a caller with nothing to offer for unknown content.
+        if !private && (known || client.is_none()) {
+            return Ok(up.clone());
+        }
+        if let Some(c) = &client {
+            if self.proven(&c.id(), up, repo) {
+                return Ok(up.with_client_creds(c));
+            }
+        }
+        if !private || client.is_none() {
+            if let Probe::Allowed = self.probe(up, repo, probe).await? {
+                if private {
+                    // The upstream now lets the mirror read it: it is public.
+                    self.store().set_private(&up.name, repo, false)?;
+                }
+                return Ok(up.clone());
+            }
+            if private && client.is_none() {
+                return Err(denied(up, repo));
+            }
+        }
+        let Some(c) = client else {
+            return Ok(up.clone());
+        };
+        let mine = up.with_client_creds(&c);
+        match self.probe(&mine, repo, probe).await? {
+            Probe::Allowed => {
+                self.store().set_private(&up.name, repo, true)?;
+                self.mirror
+                    .proofs
+                    .insert(proof_key(&c.id(), up, repo), Instant::now());
+                Ok(mine)
+            }
+            Probe::Refused => Err(denied(up, repo)),
+        }
+    }
+
+    fn proven(&self, id: &str, up: &Upstream, repo: &str) -> bool {
+        self.mirror
+            .proofs
+            .get(&proof_key(id, up, repo))
+            .is_some_and(|t| t.elapsed() < PROOF_TTL)
+    }
+
+    async fn probe(&self, up: &Upstream, repo: &str, what: &str) -> Result<Probe, ServiceError> {
+        let method = if what.starts_with("tags/") {
+            Method::GET
+        } else {
+            Method::HEAD
+        };
+        let req = UpRequest {
+            method,
+            repo,
+            what,
+            accept: Some(super::manifests::DEFAULT_ACCEPT),
+        };
+        let resp = self.upstream(up, "auth-check", req).await?;
+        Ok(match resp.status() {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Probe::Refused,
+            s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+                return Err(ServiceError::Unavailable(format!(
+                    "upstream {} answered {s}",
+                    up.name
+                )))
+            }
+            _ => Probe::Allowed,
+        })
+    }
+}
+
+fn proof_key(id: &str, up: &Upstream, repo: &str) -> String {
+    format!("{id}\n{}\n{repo}", up.name)
+}
+
+fn denied(up: &Upstream, repo: &str) -> ServiceError {
+    ServiceError::Unauthorized(format!(
+        "{}/{repo} needs upstream credentials that can read it (send them with Basic auth)",
+        up.name
+    ))
+}
