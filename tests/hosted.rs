@@ -376,3 +376,127 @@ fn filters_refuse_without_asking_upstream_and_anonymous_pull_can_be_off() {
     let r = get(&format!("{m}/v2/docker.io/library/alpine/manifests/1"));
     assert_eq!((r.status, r.oci_code().as_str()), (401, "UNAUTHORIZED"));
 }
+
+/// An upstream repository that only the client's own credentials can read: pulled with
+/// them, never served to a caller who has not shown the upstream it may read it.
+#[test]
+fn private_upstream_images_stay_private() {
+    if !require(PEERS) {
+        return;
+    }
+    let private = Registry::start(Auth::Basic("owner", "s3cret"));
+    let public = Registry::start(Auth::Anonymous);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let digest = layout.build("t", &[("secret.txt", &noise(150_000, 41))]);
+    layout.push(
+        "t",
+        &format!("{}/team/secret:1", private.host()),
+        Some("owner:s3cret"),
+    );
+    let layer = layout.layers(&digest)[0].clone();
+    // The mirror has no credentials for priv.io; an (empty) htpasswd makes /v2/ challenge.
+    let htpasswd = tmp.path().join("htpasswd");
+    std::fs::write(&htpasswd, "").unwrap();
+    let mirror = Mirror::start(
+        "",
+        &format!(
+            "[auth]\nhtpasswd = \"{}\"\n[upstreams.\"priv.io\"]\nurl = \"{}\"\n[upstreams.\"docker.io\"]\nurl = \"{}\"\n",
+            htpasswd.display(),
+            private.url(),
+            public.url()
+        ),
+    );
+    let m = mirror.url();
+    let owner = basic("owner", "s3cret");
+
+    // containerd with the owner's credentials (sent after our 401 challenge) pulls it.
+    let ctr = Containerd::start();
+    let hosts = ctr.hosts_dir("h", "priv.io", &m, Style::Ns);
+    assert!(
+        ctr.pull("anon", &hosts, "priv.io/team/secret:1").is_err(),
+        "anonymous pull refused"
+    );
+    let got = ctr
+        .pull_as(
+            "owner",
+            &hosts,
+            "priv.io/team/secret:1",
+            Some("owner:s3cret"),
+        )
+        .expect("owner pulls");
+    assert_eq!(got, digest);
+    assert_eq!(
+        mirror.store_files(&layer[7..]).len(),
+        1,
+        "the bytes are cached"
+    );
+
+    // Anonymous, wrong-password and other-repository requests get nothing, after a
+    // re-check that the upstream's own log shows.
+    let checks_before = private
+        .log()
+        .matches(&format!("\"HEAD /v2/team/secret/manifests/{digest}"))
+        .count();
+    let r = get(&format!("{m}/v2/priv.io/team/secret/manifests/{digest}"));
+    assert_eq!((r.status, r.oci_code().as_str()), (401, "UNAUTHORIZED"));
+    assert!(
+        private
+            .log()
+            .matches(&format!("\"HEAD /v2/team/secret/manifests/{digest}"))
+            .count()
+            > checks_before,
+        "the mirror re-checked upstream"
+    );
+    assert_eq!(
+        get(&format!("{m}/v2/priv.io/team/secret/blobs/{layer}")).status,
+        401
+    );
+    let wrong = basic("owner", "guess");
+    let r = http(
+        "GET",
+        &format!("{m}/v2/priv.io/team/secret/blobs/{layer}"),
+        &[("Authorization", &wrong)],
+    );
+    assert_eq!(r.status, 401);
+    assert_ne!(sha256_hex(&r.body), layer[7..]);
+    let r = get(&format!("{m}/v2/priv.io/team/other/blobs/{layer}"));
+    assert_eq!(
+        r.status, 401,
+        "the blob under another private-upstream repo"
+    );
+    let r = get(&format!("{m}/v2/docker.io/library/x/blobs/{layer}"));
+    assert_eq!(
+        (r.status, r.oci_code().as_str()),
+        (404, "BLOB_UNKNOWN"),
+        "the blob under a public upstream"
+    );
+
+    // The owner, with curl-style Basic credentials, reads it; the proof is then reused.
+    let r = http(
+        "GET",
+        &format!("{m}/v2/priv.io/team/secret/blobs/{layer}"),
+        &[("Authorization", &owner)],
+    );
+    assert_eq!(
+        (r.status, sha256_hex(&r.body)),
+        (200, layer[7..].to_string())
+    );
+    let heads = private.count("HEAD", "/v2/team/secret/");
+    let r = http(
+        "GET",
+        &format!("{m}/v2/priv.io/team/secret/manifests/{digest}"),
+        &[("Authorization", &owner)],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        private.count("HEAD", "/v2/team/secret/"),
+        heads,
+        "proof cached per credential"
+    );
+    let cat = get(&format!("{m}/v2/_catalog")).json();
+    assert!(
+        !cat.to_string().contains("secret"),
+        "private repositories are not listed"
+    );
+}

@@ -326,14 +326,26 @@ impl Containerd {
 
     /// `ctr images pull` into a fresh namespace; Ok(image digest) or Err(output).
     pub fn pull(&self, namespace: &str, hosts: &Path, reference: &str) -> Result<String, String> {
-        let out = Command::new("ctr")
-            .arg("--address")
+        self.pull_as(namespace, hosts, reference, None)
+    }
+
+    /// `pull` with `--user user:pass` (sent after a 401 Basic challenge).
+    pub fn pull_as(
+        &self,
+        namespace: &str,
+        hosts: &Path,
+        reference: &str,
+        user: Option<&str>,
+    ) -> Result<String, String> {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
             .arg(&self.sock)
             .args(["-n", namespace, "images", "pull", "--hosts-dir"])
-            .arg(hosts)
-            .arg(reference)
-            .output()
-            .map_err(|e| e.to_string())?;
+            .arg(hosts);
+        if let Some(u) = user {
+            cmd.args(["--user", u]);
+        }
+        let out = cmd.arg(reference).output().map_err(|e| e.to_string())?;
         if !out.status.success() {
             return Err(format!(
                 "{}{}",
