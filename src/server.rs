@@ -14,7 +14,7 @@ use crate::services::{Hosted, Mirror, Services, Uploads};
 use crate::store::Store;
 use crate::upstream::{TokenCache, Upstream, UpstreamClient};
 
-/// How often abandoned uploads are looked for.
+/// Abandoned uploads are looked for at least this often (and twice per `upload_ttl`).
 const UPLOAD_SWEEP: Duration = Duration::from_secs(60);
 
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
@@ -67,8 +67,13 @@ fn spawn_upload_sweeper(mirror: Arc<Mirror>) {
     if mirror.hosted.is_none() {
         return;
     }
+    let ttl = mirror
+        .hosted
+        .as_ref()
+        .map_or(UPLOAD_SWEEP, |h| h.uploads.ttl());
     actix_web::rt::spawn(async move {
-        let mut tick = tokio::time::interval(UPLOAD_SWEEP);
+        let mut tick =
+            tokio::time::interval(UPLOAD_SWEEP.min(ttl / 2).max(Duration::from_millis(100)));
         loop {
             tick.tick().await;
             if let Some(h) = &mirror.hosted {

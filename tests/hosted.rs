@@ -500,3 +500,43 @@ fn private_upstream_images_stay_private() {
         "private repositories are not listed"
     );
 }
+
+#[test]
+fn abandoned_uploads_are_dropped_with_their_bytes() {
+    let tmp = TempDir::new().unwrap();
+    if !require(&["htpasswd"]) {
+        return;
+    }
+    let file = tmp.path().join("htpasswd");
+    let line = run(Command::new("htpasswd").args(["-Bbn", "alice", "pw"]));
+    std::fs::write(&file, line.trim()).unwrap();
+    let mirror = Mirror::start(
+        "",
+        &format!(
+            "[hosted]\nprefix = \"local\"\nupload_ttl = \"1s\"\n[auth]\nhtpasswd = \"{}\"\npush = [\"alice\"]\n",
+            file.display()
+        ),
+    );
+    let alice = basic("alice", "pw");
+    let auth: &[(&str, &str)] = &[("Authorization", &alice)];
+    let r = http(
+        "POST",
+        &format!("{}/v2/local/a/blobs/uploads/", mirror.url()),
+        auth,
+    );
+    let loc = format!("{}{}", mirror.url(), r.header("location").unwrap());
+    assert_eq!(send(&loc, "PATCH", &noise(10_000, 1), auth).status, 202);
+    assert_eq!(
+        mirror.tmp_files(),
+        1,
+        "the upload's bytes are in a temp file"
+    );
+    wait_until("upload expiry", std::time::Duration::from_secs(10), || {
+        mirror.tmp_files() == 0
+    });
+    let r = send(&loc, "PATCH", b"more", auth);
+    assert_eq!(
+        (r.status, r.oci_code().as_str()),
+        (404, "BLOB_UPLOAD_UNKNOWN")
+    );
+}

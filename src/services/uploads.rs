@@ -59,6 +59,10 @@ impl Uploads {
         before - self.sessions.len()
     }
 
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     pub fn len(&self) -> usize {
         self.sessions.len()
     }
