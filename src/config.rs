@@ -91,6 +91,14 @@ pub struct ServerConfig {
     /// How long to wait for an upstream's response headers.
     #[serde(with = "humantime_serde")]
     pub upstream_timeout: Duration,
+    /// Cap on upstream-cached content (hosted content never counts); none: unbounded.
+    pub max_cache_size: Option<bytesize::ByteSize>,
+    /// Cached content not pulled for this long is dropped; none: kept.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// How often eviction runs while serving.
+    #[serde(with = "humantime_serde")]
+    pub gc_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -100,6 +108,9 @@ impl Default for ServerConfig {
             storage: PathBuf::from("./data"),
             default_upstream: None,
             upstream_timeout: Duration::from_secs(30),
+            max_cache_size: None,
+            max_age: None,
+            gc_interval: Duration::from_secs(600),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! logic, singleflight, TTL) -> [`upstream`] (auth, tokens, redirects) and [`store`]
 //! (all disk I/O, atomic commit).
 
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod metrics;

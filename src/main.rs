@@ -1,41 +1,106 @@
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use entrepot::cli::{self, ImageArgs};
 use entrepot::config::Config;
 
 /// A multi-upstream OCI/Docker registry mirror.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Config file (TOML); default ./upstreams.toml if present, else built-in defaults.
+    /// ENTREPOT_* env vars override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Args)]
+struct Images {
+    /// References like docker.io/library/alpine:3.20 or quay.io/x/y@sha256:...
+    images: Vec<String>,
+    /// A file with one reference per line (# comments).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Only this platform of multi-platform images (os/arch[/variant]); default: all.
+    #[arg(long)]
+    platform: Option<String>,
+}
+
+impl From<Images> for ImageArgs {
+    fn from(i: Images) -> Self {
+        ImageArgs {
+            images: i.images,
+            file: i.file,
+            platform: i.platform,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the registry API (reads ./upstreams.toml if present, else built-in defaults).
-    Serve {
-        /// Config file (TOML); ENTREPOT_* env vars override it.
+    /// Serve the registry API.
+    Serve,
+    /// Run the eviction once and print what it freed.
+    Gc {
+        /// Print what would be evicted; delete nothing.
         #[arg(long)]
-        config: Option<PathBuf>,
+        dry_run: bool,
+    },
+    /// Re-hash every stored object; report (and with --repair remove) bad ones and temp leftovers.
+    Verify {
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Warm the cache with whole images.
+    Prefetch(Images),
+    /// Write images as an OCI image layout (for air-gapped sites).
+    Export {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        images: Images,
+    },
+    /// Load an OCI image layout written by `export` into the store.
+    Import {
+        /// The layout directory.
+        dir: PathBuf,
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_writer(std::io::stderr)
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Serve { config } => {
-            let cfg = Config::load(config.as_deref())?;
-            actix_web::rt::System::new().block_on(entrepot::server::serve(cfg))
+    match run(Cli::parse()) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<bool> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve => {
+            actix_web::rt::System::new().block_on(entrepot::server::serve(cfg))?;
+            Ok(true)
+        }
+        Command::Gc { dry_run } => cli::gc(&cfg, dry_run).map(|_| true),
+        Command::Verify { repair } => cli::verify(&cfg, repair),
+        Command::Prefetch(i) => cli::prefetch(&cfg, &i.into()).map(|_| true),
+        Command::Export { out, images } => cli::export(&cfg, &out, &images.into()).map(|_| true),
+        Command::Import { dir } => cli::import(&cfg, &dir),
     }
 }

@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::routes::{self, target::Router};
 use crate::services::access::Access;
+use crate::services::gc::GcPolicy;
 use crate::services::{Hosted, Mirror, Services, Uploads};
 use crate::store::Store;
 use crate::upstream::{TokenCache, Upstream, UpstreamClient};
@@ -19,6 +20,10 @@ const UPLOAD_SWEEP: Duration = Duration::from_secs(60);
 
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let store = Arc::new(Store::open(&cfg.server.storage)?);
+    let removed = store.clean_tmp()?;
+    if removed > 0 {
+        tracing::warn!(removed, "removed temp files left by an earlier process");
+    }
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
     metrics.store_bytes.set(store.size() as i64);
     let hosted_prefix = cfg.hosted.as_ref().map(|h| h.prefix.as_str());
@@ -34,6 +39,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     });
     let mirror = Arc::new(Mirror::new(store.clone(), metrics.clone(), hosted));
     spawn_upload_sweeper(mirror.clone());
+    spawn_gc(mirror.clone(), &cfg);
     let tokens = Arc::new(TokenCache::default());
     let timeout = cfg.server.upstream_timeout;
     let metrics_data = web::Data::from(metrics);
@@ -60,6 +66,37 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     .run()
     .await?;
     Ok(())
+}
+
+/// Runs eviction every `gc_interval` on a blocking thread, when a limit is set.
+fn spawn_gc(mirror: Arc<Mirror>, cfg: &Config) {
+    let policy = GcPolicy {
+        max_cache_size: cfg.server.max_cache_size.map(|s| s.as_u64()),
+        max_age: cfg.server.max_age,
+        dry_run: false,
+    };
+    if policy.max_cache_size.is_none() && policy.max_age.is_none() {
+        return;
+    }
+    let every = cfg.server.gc_interval.max(Duration::from_secs(1));
+    actix_web::rt::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let (m, p) = (mirror.clone(), policy.clone());
+            match tokio::task::spawn_blocking(move || m.gc(&p)).await {
+                Ok(Ok(r)) if !r.evicted.is_empty() => tracing::info!(
+                    objects = r.evicted.len(),
+                    bytes = r.evicted_bytes(),
+                    cached_bytes = r.cached_bytes_after,
+                    "evicted"
+                ),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "eviction failed"),
+                Err(e) => tracing::warn!(error = %e, "eviction task failed"),
+            }
+        }
+    });
 }
 
 /// Drops upload sessions idle for longer than `hosted.upload_ttl`, with their temp files.

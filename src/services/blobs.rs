@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::flight::{Join, Lead};
-use super::stream::{Avail, BodyStream};
+use super::stream::{Avail, BodyStream, Reading};
 use super::{status_error, ServiceError, Services, Source};
 use crate::names::Digest;
 use crate::services::access::Caller;
@@ -89,6 +89,8 @@ impl Services {
                 || self.confirm_upstream(up, repo, d).await?
             {
                 self.count_cache(up, "hit");
+                // Eviction goes by last use; a failed touch only makes it less precise.
+                let _ = self.store().touch(d);
                 return self.cached(d, size, range, head);
             }
         }
@@ -126,7 +128,7 @@ impl Services {
                 Arc::new(file),
                 start,
                 end,
-                Avail::Complete,
+                Avail::Complete(Reading::new(self.mirror.readers.clone(), d.clone())),
                 self.mirror.metrics.clone(),
                 "cache",
             ))

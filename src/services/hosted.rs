@@ -30,10 +30,10 @@ pub struct Hosted {
 }
 
 /// What a stored manifest refers to, for validation and the referrers API.
-struct Parsed {
+pub(super) struct Parsed {
     media_type: String,
-    blobs: Vec<Digest>,
-    manifests: Vec<Digest>,
+    pub(super) blobs: Vec<Digest>,
+    pub(super) manifests: Vec<Digest>,
     subject: Option<Digest>,
     artifact_type: Option<String>,
     annotations: Option<std::collections::HashMap<String, String>>,
@@ -282,7 +282,7 @@ fn digest_of(d: &Descriptor) -> Result<Digest, ServiceError> {
         .map_err(|e| ServiceError::ManifestInvalid(format!("descriptor digest: {e}")))
 }
 
-fn parse_manifest(content_type: Option<&str>, body: &[u8]) -> Result<Parsed, ServiceError> {
+pub(super) fn parse_manifest(content_type: Option<&str>, body: &[u8]) -> Result<Parsed, ServiceError> {
     let invalid = |e: String| ServiceError::ManifestInvalid(e);
     let probe: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;

@@ -21,7 +21,7 @@ pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
 
 /// What we ask an upstream for when the client sent no `Accept`: every current format, so
 /// the cached answer suits any client.
-pub(super) const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+pub const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.docker.distribution.manifest.v2+json";
@@ -107,6 +107,7 @@ impl Services {
             .cache
             .with_label_values(&[&up.name, "manifest", "hit"])
             .inc();
+        let _ = self.store().touch(&r.digest);
         r
     }
 

@@ -7,6 +7,7 @@
 pub mod access;
 mod blobs;
 mod flight;
+pub mod gc;
 mod hosted;
 mod manifests;
 mod page;
@@ -21,7 +22,7 @@ use actix_web::http::StatusCode;
 
 pub use blobs::{BlobReply, ByteRange};
 pub use hosted::Hosted;
-pub use manifests::{ManifestReply, MAX_MANIFEST_SIZE};
+pub use manifests::{ManifestReply, DEFAULT_ACCEPT, MAX_MANIFEST_SIZE};
 pub use page::Page;
 pub use stream::BodyStream;
 pub use tags::{TagList, TagsReply};
@@ -160,6 +161,8 @@ pub struct Mirror {
     pub hosted: Option<Hosted>,
     /// Successful upstream re-checks of private repositories, by credential and repo.
     proofs: dashmap::DashMap<String, std::time::Instant>,
+    /// Committed objects being streamed to clients right now (eviction skips them).
+    readers: Arc<dashmap::DashMap<Digest, usize>>,
     blob_flights: Arc<flight::Flights<Digest, blobs::Fill>>,
     manifest_flights: Arc<flight::Flights<String, manifests::Pending>>,
 }
@@ -171,6 +174,7 @@ impl Mirror {
             metrics,
             hosted,
             proofs: Default::default(),
+            readers: Default::default(),
             blob_flights: Arc::default(),
             manifest_flights: Arc::default(),
         }

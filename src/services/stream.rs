@@ -13,7 +13,10 @@ use bytes::Bytes;
 use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio::sync::watch;
 
+use dashmap::DashMap;
+
 use super::blobs::Fill;
+use crate::names::Digest;
 use super::ServiceError;
 use crate::metrics::Metrics;
 
@@ -32,10 +35,32 @@ impl Stream for BodyStream {
     }
 }
 
+/// Marks a committed object as being read, so eviction leaves it alone until dropped.
+pub struct Reading {
+    readers: Arc<DashMap<Digest, usize>>,
+    digest: Digest,
+}
+
+impl Reading {
+    pub fn new(readers: Arc<DashMap<Digest, usize>>, digest: Digest) -> Reading {
+        *readers.entry(digest.clone()).or_insert(0) += 1;
+        Reading { readers, digest }
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.readers.remove_if_mut(&self.digest, |_, n| {
+            *n -= 1;
+            *n == 0
+        });
+    }
+}
+
 /// How far the file can be read.
 pub enum Avail {
     /// A committed blob: everything.
-    Complete,
+    Complete(Reading),
     /// A fill in progress.
     Fill(watch::Receiver<Fill>),
 }
@@ -115,7 +140,7 @@ impl Cursor {
     /// receives a complete body that turned out to be corrupt.
     async fn wait_readable(&mut self) -> Result<u64, ServiceError> {
         let rx = match &mut self.avail {
-            Avail::Complete => return Ok(self.end),
+            Avail::Complete(_) => return Ok(self.end),
             Avail::Fill(rx) => rx,
         };
         loop {

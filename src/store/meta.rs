@@ -93,19 +93,7 @@ impl Store {
 
     /// Tags cached for a repository, sorted.
     pub fn list_tags(&self, ns: &str, repo: &str) -> Result<Vec<String>, StoreError> {
-        let dir = self.repo_dir(ns, repo).join("_tags");
-        let Some(entries) = not_found_is_none(fs::read_dir(dir))? else {
-            return Ok(Vec::new());
-        };
-        let mut tags = Vec::new();
-        for e in entries {
-            let name = e?.file_name().to_string_lossy().into_owned();
-            if !name.starts_with('.') {
-                tags.push(name);
-            }
-        }
-        tags.sort();
-        Ok(tags)
+        list_names(&self.repo_dir(ns, repo).join("_tags"))
     }
 
     pub fn get_manifest_link(
@@ -202,17 +190,8 @@ impl Store {
             .repo_dir(ns, repo)
             .join("_referrers")
             .join(subject.hex());
-        let Some(entries) = not_found_is_none(fs::read_dir(&dir))? else {
-            return Ok(Vec::new());
-        };
-        let mut names: Vec<_> = entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.starts_with('.'))
-            .collect();
-        names.sort();
         let mut out = Vec::new();
-        for n in names {
+        for n in list_names(&dir)? {
             if let Some(v) = self.read_json(dir.join(n))? {
                 out.push(v);
             }
@@ -234,6 +213,27 @@ impl Store {
         } else {
             remove(p).map(|_| ())
         }
+    }
+
+    /// Manifests linked to a repository.
+    pub fn list_manifest_links(&self, ns: &str, repo: &str) -> Result<Vec<(Digest, ManifestLink)>, StoreError> {
+        let dir = self.repo_dir(ns, repo).join("_manifests");
+        let mut out = Vec::new();
+        for name in list_names(&dir)? {
+            let Ok(d) = format!("sha256:{name}").parse::<Digest>() else {
+                continue;
+            };
+            if let Some(link) = self.read_json(dir.join(&name))? {
+                out.push((d, link));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Blobs linked to a repository.
+    pub fn list_blob_links(&self, ns: &str, repo: &str) -> Result<Vec<Digest>, StoreError> {
+        let names = list_names(&self.repo_dir(ns, repo).join("_blobs"))?;
+        Ok(names.iter().filter_map(|n| format!("sha256:{n}").parse().ok()).collect())
     }
 
     /// Whether the store holds anything for a repository.
@@ -287,6 +287,22 @@ fn collect_repos(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), 
         out.push(prefix.to_string());
     }
     Ok(())
+}
+
+/// File names in `dir` (none if it does not exist), without in-progress dot files.
+fn list_names(dir: &Path) -> Result<Vec<String>, StoreError> {
+    let Some(entries) = not_found_is_none(fs::read_dir(dir))? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Removes a file; whether it existed.

@@ -14,6 +14,7 @@
 //! write, delete, list, and metadata get/put) so that an object-store backend can follow
 //! without touching the services.
 
+pub mod layout;
 mod meta;
 mod writer;
 
@@ -21,6 +22,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 pub use meta::{now_secs, ManifestLink, TagRecord};
 pub use writer::BlobWriter;
@@ -47,17 +49,14 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `root`, removes temp files left by a process
-    /// that died mid-write, and measures the stored bytes.
+    /// Opens (creating if needed) the store at `root` and measures the stored bytes.
+    /// Temp files are left alone here: a CLI command may open the store of a running
+    /// server; `serve` calls [`Store::clean_tmp`] at start.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         for dir in ["blobs/sha256", "tmp", "repos"] {
             fs::create_dir_all(root.join(dir))?;
         }
         let root = fs::canonicalize(root)?;
-        let removed = clean_dir(&root.join("tmp"))?;
-        if removed > 0 {
-            tracing::warn!(removed, "removed temp files left by an earlier process");
-        }
         let size = dir_size(&root.join("blobs"))?;
         Ok(Store {
             root,
@@ -158,19 +157,104 @@ impl Store {
         Ok(true)
     }
 
-    /// Every committed digest (for gc and verify).
-    pub fn list(&self) -> Result<Vec<Digest>, StoreError> {
+    /// Every committed object with its size and last use (for gc and verify).
+    pub fn list(&self) -> Result<Vec<BlobInfo>, StoreError> {
         let mut out = Vec::new();
         for shard in fs::read_dir(self.root.join("blobs/sha256"))? {
             for entry in fs::read_dir(shard?.path())? {
-                let name = entry?.file_name();
-                if let Ok(d) = format!("sha256:{}", name.to_string_lossy()).parse() {
-                    out.push(d);
-                }
+                let entry = entry?;
+                let name = entry.file_name();
+                let Ok(digest) = format!("sha256:{}", name.to_string_lossy()).parse() else {
+                    continue;
+                };
+                let Some(meta) = not_found_is_none(entry.metadata())? else {
+                    continue;
+                };
+                out.push(BlobInfo {
+                    digest,
+                    size: meta.len(),
+                    last_used: meta.modified()?,
+                });
             }
         }
         Ok(out)
     }
+
+    /// Records a use of `d` (its mtime is the "last pulled" time eviction goes by).
+    /// Skipped when the last record is recent, to keep hot blobs from costing a
+    /// syscall per request.
+    pub fn touch(&self, d: &Digest) -> Result<(), StoreError> {
+        let path = self.blob_path(d);
+        let Some(file) = not_found_is_none(File::options().append(true).open(&path))? else {
+            return Ok(());
+        };
+        let now = SystemTime::now();
+        let fresh = file
+            .metadata()?
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .is_some_and(|age| age < TOUCH_EVERY);
+        if !fresh {
+            file.set_modified(now)?;
+        }
+        Ok(())
+    }
+
+    /// Re-hashes a stored object; `Some(actual)` when it does not match its name.
+    pub fn verify(&self, d: &Digest) -> Result<Option<Digest>, StoreError> {
+        use sha2::Digest as _;
+        let Some(mut f) = self.open_blob(d)? else {
+            return Ok(None);
+        };
+        let mut h = sha2::Sha256::new();
+        io::copy(&mut f, &mut h)?;
+        let actual = Digest::from_hasher(h);
+        Ok((actual != *d).then_some(actual))
+    }
+
+    /// Temp files with their age (since last written).
+    pub fn temp_files(&self) -> Result<Vec<(PathBuf, Duration)>, StoreError> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(self.root.join("tmp"))? {
+            let e = e?;
+            let Some(meta) = not_found_is_none(e.metadata())? else {
+                continue;
+            };
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| SystemTime::now().duration_since(m).ok())
+                .unwrap_or_default();
+            out.push((e.path(), age));
+        }
+        Ok(out)
+    }
+
+    /// Removes a temp file listed by [`Store::temp_files`].
+    pub fn remove_temp(&self, p: &Path) -> Result<(), StoreError> {
+        if p.parent() != Some(self.root.join("tmp").as_path()) {
+            return Err(StoreError::Meta(format!("{} is not a temp file", p.display())));
+        }
+        not_found_is_none(fs::remove_file(p))?;
+        Ok(())
+    }
+
+    /// Removes every temp file: only at server start, when no write can be in progress.
+    pub fn clean_tmp(&self) -> Result<usize, StoreError> {
+        Ok(clean_dir(&self.root.join("tmp"))?)
+    }
+}
+
+/// Use records are refreshed at most this often per object.
+const TOUCH_EVERY: Duration = Duration::from_secs(10);
+
+/// A committed object as listed by [`Store::list`].
+#[derive(Debug, Clone)]
+pub struct BlobInfo {
+    pub digest: Digest,
+    pub size: u64,
+    pub last_used: SystemTime,
 }
 
 /// Removes every file in `dir`; returns how many.

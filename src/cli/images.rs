@@ -1,0 +1,317 @@
+//! `prefetch`, `export` and `import`: whole images (index, platform manifests, configs,
+//! layers) through the same services the server uses, so everything is verified and
+//! singleflighted exactly as for a client pull.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use actix_web::http::Method;
+use anyhow::{anyhow, bail, Context};
+use futures_util::StreamExt;
+use serde_json::Value;
+
+use super::progress::Progress;
+use super::{mirror, router};
+use crate::config::Config;
+use crate::names::{Digest, Reference};
+use crate::routes::target::Target;
+use crate::services::access::Caller;
+use crate::services::{Services, DEFAULT_ACCEPT};
+use crate::store::layout::{LayoutEntry, LayoutReader, LayoutWriter};
+use crate::store::{ManifestLink, Store, StoreError, TagRecord};
+use crate::upstream::{TokenCache, UpstreamClient};
+
+/// Images named on the command line and/or in a file (one per line, `#` comments).
+#[derive(Debug, Clone, Default)]
+pub struct ImageArgs {
+    pub images: Vec<String>,
+    pub file: Option<PathBuf>,
+    /// `os/arch[/variant]`; none: every platform of an index.
+    pub platform: Option<String>,
+}
+
+impl ImageArgs {
+    fn references(&self) -> anyhow::Result<Vec<String>> {
+        let mut out = self.images.clone();
+        if let Some(f) = &self.file {
+            let text = std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
+            out.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
+        }
+        if out.is_empty() {
+            bail!("no images given (IMAGE... or --file LIST)");
+        }
+        Ok(out)
+    }
+}
+
+/// An image reference split into the mirror's name (prefix included) and reference.
+fn split_reference(image: &str) -> anyhow::Result<(String, Reference)> {
+    let (name, reference) = match image.split_once('@') {
+        Some((n, d)) => (n, Reference::Digest(d.parse().map_err(|e| anyhow!("{image}: {e}"))?)),
+        None => match image.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, Reference::Tag(t.to_string())),
+            _ => (image, Reference::Tag("latest".into())),
+        },
+    };
+    let name = crate::routes::path::valid_name(name).map_err(|e| anyhow!("{image}: {e}"))?;
+    Ok((name, reference))
+}
+
+/// What one image consists of, once everything is in the store.
+struct Fetched {
+    top: LayoutEntry,
+    objects: Vec<Digest>,
+}
+
+/// Walks an image through the services, filling the store; returns its objects.
+async fn fetch_image(svc: &Services, target: &Target, reference: &Reference, platform: Option<&str>, progress: &mut Progress) -> anyhow::Result<(LayoutEntry, Vec<Digest>)> {
+    let Target::Upstream { upstream, repo } = target else {
+        bail!("hosted images are already in the store; export reads them as they are");
+    };
+    let caller = Caller::Anonymous;
+    let get = Method::GET;
+    let top = svc
+        .manifest(upstream, repo, reference, Some(DEFAULT_ACCEPT), &get, &caller)
+        .await?;
+    let entry = LayoutEntry {
+        reference: String::new(),
+        media_type: top.media_type.clone(),
+        digest: top.digest.clone(),
+        size: top.size,
+    };
+    let mut objects = vec![top.digest.clone()];
+    let mut pending = vec![top.body.unwrap_or_default()];
+    while let Some(body) = pending.pop() {
+        let doc: Value = serde_json::from_slice(&body).context("manifest json")?;
+        for child in children(&doc, platform) {
+            let d: Digest = child.parse().map_err(|e| anyhow!("{child}: {e}"))?;
+            if doc.get("manifests").is_some() {
+                let m = svc
+                    .manifest(upstream, repo, &Reference::Digest(d.clone()), Some(DEFAULT_ACCEPT), &get, &caller)
+                    .await?;
+                pending.push(m.body.unwrap_or_default());
+            } else {
+                let r = svc.blob(upstream, repo, &d, None, &get, &caller).await?;
+                let mut n = 0;
+                if let Some(mut body) = r.body {
+                    while let Some(chunk) = body.next().await {
+                        n += chunk?.len() as u64;
+                    }
+                }
+                progress.item(&d.to_string(), n);
+            }
+            objects.push(d);
+        }
+    }
+    progress.item(&format!("{}@{}", repo, entry.digest), entry.size);
+    Ok((entry, objects))
+}
+
+/// Digests an index or image manifest points to (index entries filtered by platform).
+fn children(doc: &Value, platform: Option<&str>) -> Vec<String> {
+    if let Some(ms) = doc["manifests"].as_array() {
+        return ms
+            .iter()
+            .filter(|m| platform.is_none_or(|p| platform_of(m) == p || platform_of(m).starts_with(&format!("{p}/"))))
+            .filter_map(|m| m["digest"].as_str().map(String::from))
+            .collect();
+    }
+    let mut out: Vec<String> = doc["config"]["digest"].as_str().map(String::from).into_iter().collect();
+    out.extend(
+        doc["layers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["digest"].as_str().map(String::from)),
+    );
+    out
+}
+
+fn platform_of(m: &Value) -> String {
+    let p = &m["platform"];
+    let mut s = format!("{}/{}", p["os"].as_str().unwrap_or(""), p["architecture"].as_str().unwrap_or(""));
+    if let Some(v) = p["variant"].as_str() {
+        s = format!("{s}/{v}");
+    }
+    s
+}
+
+/// Runs `work` with a services instance on an actix runtime (awc needs one).
+fn with_services<T>(cfg: &Config, work: impl AsyncFnOnce(&Services) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let m = mirror(cfg)?;
+    let timeout = cfg.server.upstream_timeout;
+    actix_web::rt::System::new().block_on(async move {
+        let client = UpstreamClient::new(Arc::new(TokenCache::default()), timeout);
+        let svc = Services::new(m, client);
+        work(&svc).await
+    })
+}
+
+async fn fetch_all(cfg: &Config, svc: &Services, args: &ImageArgs, progress: &mut Progress) -> anyhow::Result<Vec<Fetched>> {
+    let router = router(cfg)?;
+    let mut out = Vec::new();
+    for image in args.references()? {
+        let (name, reference) = split_reference(&image)?;
+        let target = router.resolve(&name, None)?;
+        let (mut top, objects) = fetch_image(svc, &target, &reference, args.platform.as_deref(), progress)
+            .await
+            .with_context(|| format!("{image}"))?;
+        let ns = target.namespace("");
+        top.reference = match &reference {
+            Reference::Tag(t) => format!("{ns}/{}:{t}", target.repo()),
+            Reference::Digest(d) => format!("{ns}/{}@{d}", target.repo()),
+        };
+        out.push(Fetched { top, objects });
+    }
+    Ok(out)
+}
+
+/// `entrepot prefetch IMAGE... | --file LIST [--platform os/arch]`.
+pub fn prefetch(cfg: &Config, args: &ImageArgs) -> anyhow::Result<()> {
+    let images = with_services(cfg, async |svc| {
+        let mut progress = Progress::new("prefetch");
+        let r = fetch_all(cfg, svc, args, &mut progress).await;
+        let (items, bytes) = progress.finish();
+        println!("prefetched {items} objects, {}", bytesize::ByteSize(bytes));
+        r
+    })?;
+    for i in images {
+        println!("{} {}", i.top.reference, i.top.digest);
+    }
+    Ok(())
+}
+
+/// `entrepot export --out DIR IMAGE...`: an OCI layout of the images (fetched first if
+/// they are not cached).
+pub fn export(cfg: &Config, out: &Path, args: &ImageArgs) -> anyhow::Result<()> {
+    let images = with_services(cfg, async |svc| {
+        let mut progress = Progress::new("fetch");
+        let r = fetch_all(cfg, svc, args, &mut progress).await;
+        progress.finish();
+        r
+    })?;
+    let store = mirror(cfg)?.store.clone();
+    let mut layout = LayoutWriter::create(out)?;
+    let mut progress = Progress::new("export");
+    for img in &images {
+        for d in &img.objects {
+            let n = layout.add_blob(&store, d)?;
+            progress.item(&d.to_string(), n);
+        }
+        layout.add_entry(&img.top);
+    }
+    layout.finish()?;
+    let (items, bytes) = progress.finish();
+    println!("exported {} images ({items} objects, {}) to {}", images.len(), bytesize::ByteSize(bytes), out.display());
+    Ok(())
+}
+
+/// `entrepot import DIR`: loads a layout so its references are served with the upstreams
+/// unreachable. Objects whose bytes do not match their digest are refused; returns
+/// whether everything was imported.
+pub fn import(cfg: &Config, dir: &Path) -> anyhow::Result<bool> {
+    let store = mirror(cfg)?.store.clone();
+    let layout = LayoutReader::open(dir)?;
+    let mut progress = Progress::new("import");
+    let mut refused = 0;
+    let entries = layout.entries()?;
+    for e in &entries {
+        let (name, reference) = split_reference(&e.reference)?;
+        let (ns, repo) = name
+            .split_once('/')
+            .ok_or_else(|| anyhow!("{}: reference has no registry prefix", e.reference))?;
+        let repo = if ns == "docker.io" && !repo.contains('/') {
+            format!("library/{repo}")
+        } else {
+            repo.to_string()
+        };
+        let mut imp = Importer {
+            store: &store,
+            layout: &layout,
+            ns,
+            repo: &repo,
+            refused: 0,
+        };
+        imp.manifest(&e.digest, &e.media_type, &mut progress)?;
+        refused += imp.refused;
+        if let Reference::Tag(t) = &reference {
+            let rec = TagRecord {
+                digest: e.digest.to_string(),
+                media_type: e.media_type.clone(),
+                size: e.size,
+                checked_at: crate::store::now_secs(),
+            };
+            store.put_tag(ns, &repo, t, &rec)?;
+        }
+        println!("imported {}", e.reference);
+    }
+    let (items, bytes) = progress.finish();
+    println!(
+        "imported {} references ({items} objects, {}); {refused} objects refused",
+        entries.len(),
+        bytesize::ByteSize(bytes)
+    );
+    Ok(refused == 0)
+}
+
+struct Importer<'a> {
+    store: &'a Store,
+    layout: &'a LayoutReader,
+    ns: &'a str,
+    repo: &'a str,
+    refused: usize,
+}
+
+impl Importer<'_> {
+    /// Imports one object; false if it is absent or its bytes do not match.
+    fn object(&mut self, d: &Digest, progress: &mut Progress) -> anyhow::Result<bool> {
+        match self.store.import_blob(self.layout, d) {
+            Ok(true) => {
+                progress.item(&d.to_string(), self.store.stat(d)?.unwrap_or(0));
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(StoreError::DigestMismatch { actual, .. }) => {
+                println!("REFUSED {d}: its bytes hash to {actual}");
+                self.refused += 1;
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn manifest(&mut self, d: &Digest, media_type: &str, progress: &mut Progress) -> anyhow::Result<()> {
+        if !self.object(d, progress)? {
+            return Ok(());
+        }
+        let link = ManifestLink {
+            media_type: media_type.to_string(),
+        };
+        self.store.put_manifest_link(self.ns, self.repo, d, &link)?;
+        let bytes = self.store.read_small(d)?.unwrap_or_default();
+        let doc: Value = serde_json::from_slice(&bytes).context("manifest json")?;
+        if let Some(ms) = doc["manifests"].as_array() {
+            for m in ms {
+                let (Some(child), Some(mt)) = (m["digest"].as_str(), m["mediaType"].as_str()) else {
+                    continue;
+                };
+                if let Ok(child) = child.parse() {
+                    self.manifest(&child, mt, progress)?;
+                }
+            }
+            return Ok(());
+        }
+        for b in children(&doc, None) {
+            let b: Digest = b.parse().map_err(|e| anyhow!("{b}: {e}"))?;
+            if self.object(&b, progress)? {
+                self.store.link_blob(self.ns, self.repo, &b)?;
+            }
+        }
+        Ok(())
+    }
+}

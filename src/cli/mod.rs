@@ -1,0 +1,107 @@
+//! Command-line work besides `serve`: eviction, verification, prefetch, export, import.
+//! Each opens the store of the given config; all of them may run beside a live server.
+
+mod images;
+mod progress;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::routes::target::Router;
+use crate::services::gc::GcPolicy;
+use crate::services::{Hosted, Mirror, Uploads};
+use crate::store::Store;
+use crate::upstream::Upstream;
+
+pub use images::{export, import, prefetch, ImageArgs};
+
+/// Temp files older than this are leftovers, not writes in progress.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(600);
+
+fn mirror(cfg: &Config) -> anyhow::Result<Arc<Mirror>> {
+    let store = Arc::new(Store::open(&cfg.server.storage).context("open store")?);
+    let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
+    let hosted = cfg.hosted.as_ref().map(|h| Hosted {
+        prefix: h.prefix.clone(),
+        uploads: Uploads::new(h.upload_ttl),
+    });
+    Ok(Arc::new(Mirror::new(store, metrics, hosted)))
+}
+
+fn router(cfg: &Config) -> anyhow::Result<Router> {
+    Ok(Router::new(
+        Upstream::all_from(cfg)?,
+        cfg.server.default_upstream.as_deref(),
+        cfg.hosted.as_ref().map(|h| h.prefix.as_str()),
+    ))
+}
+
+/// `entrepot gc [--dry-run]`.
+pub fn gc(cfg: &Config, dry_run: bool) -> anyhow::Result<()> {
+    let m = mirror(cfg)?;
+    let policy = GcPolicy {
+        max_cache_size: cfg.server.max_cache_size.map(|s| s.as_u64()),
+        max_age: cfg.server.max_age,
+        dry_run,
+    };
+    if policy.max_cache_size.is_none() && policy.max_age.is_none() {
+        println!("no max_cache_size or max_age configured: nothing to evict");
+        return Ok(());
+    }
+    let r = m.gc(&policy)?;
+    let verb = if dry_run { "would evict" } else { "evicted" };
+    for (d, size) in &r.evicted {
+        println!("{verb} {d} ({})", bytesize::ByteSize(*size));
+    }
+    println!(
+        "{verb} {} objects, {}; cached content {} -> {}; {} manifests and {} tags dropped",
+        r.evicted.len(),
+        bytesize::ByteSize(r.evicted_bytes()),
+        bytesize::ByteSize(r.cached_bytes_before),
+        bytesize::ByteSize(r.cached_bytes_after),
+        r.manifests_dropped,
+        r.tags_dropped,
+    );
+    Ok(())
+}
+
+/// `entrepot verify [--repair]`: re-hashes every object. Exits non-zero if anything bad
+/// is left.
+pub fn verify(cfg: &Config, repair: bool) -> anyhow::Result<bool> {
+    let m = mirror(cfg)?;
+    let store = &m.store;
+    let mut progress = progress::Progress::new("verify");
+    let mut bad = 0;
+    for b in store.list()? {
+        if let Some(actual) = store.verify(&b.digest)? {
+            bad += 1;
+            println!("BAD {} (content hashes to {actual})", b.digest);
+            if repair {
+                store.delete(&b.digest)?;
+                println!("removed {}", b.digest);
+            }
+        }
+        progress.item(&b.digest.to_string(), b.size);
+    }
+    let (items, bytes) = progress.finish();
+    let mut leftovers = 0;
+    for (path, age) in store.temp_files()? {
+        if age < STALE_TEMP {
+            continue;
+        }
+        leftovers += 1;
+        println!("temp leftover {}", path.display());
+        if repair {
+            store.remove_temp(&path)?;
+        }
+    }
+    println!(
+        "checked {items} objects ({}): {bad} bad, {leftovers} temp leftovers{}",
+        bytesize::ByteSize(bytes),
+        if repair && bad + leftovers > 0 { " (removed)" } else { "" }
+    );
+    Ok(repair || bad + leftovers == 0)
+}

@@ -1,0 +1,163 @@
+//! Eviction: keeps upstream-cached content under `max_cache_size`, least recently pulled
+//! first, and drops what was not pulled for `max_age`.
+//!
+//! Hosted content is never evicted and never counted. Objects being streamed right now
+//! are skipped. A manifest that references an evicted object is dropped with it (and
+//! indexes that list a dropped manifest, and tags that point to any of them), so the
+//! cache never offers an image it can only half serve; anything dropped is fetched again
+//! on demand. Runs on a blocking thread: serving goes on meanwhile.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use super::hosted::parse_manifest;
+use super::{Mirror, ServiceError};
+use crate::names::Digest;
+use crate::store::{BlobInfo, Store, StoreError};
+
+/// What to evict.
+#[derive(Debug, Clone, Default)]
+pub struct GcPolicy {
+    pub max_cache_size: Option<u64>,
+    pub max_age: Option<Duration>,
+    /// Report what would go, delete nothing.
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct GcReport {
+    pub cached_bytes_before: u64,
+    pub cached_bytes_after: u64,
+    pub evicted: Vec<(Digest, u64)>,
+    pub manifests_dropped: usize,
+    pub tags_dropped: usize,
+}
+
+impl GcReport {
+    pub fn evicted_bytes(&self) -> u64 {
+        self.evicted.iter().map(|(_, s)| s).sum()
+    }
+}
+
+impl Mirror {
+    /// Runs one eviction pass (blocking).
+    pub fn gc(&self, policy: &GcPolicy) -> Result<GcReport, ServiceError> {
+        let store = &self.store;
+        let hosted = self.hosted.as_ref().map(|h| h.prefix.as_str());
+        let pinned = pinned(store, hosted)?;
+        let mut cached: Vec<BlobInfo> = store
+            .list()?
+            .into_iter()
+            .filter(|b| !pinned.contains(&b.digest))
+            .collect();
+        cached.sort_by_key(|b| b.last_used);
+        let before: u64 = cached.iter().map(|b| b.size).sum();
+        let mut report = GcReport {
+            cached_bytes_before: before,
+            cached_bytes_after: before,
+            ..GcReport::default()
+        };
+        let now = SystemTime::now();
+        for b in cached {
+            let expired = policy
+                .max_age
+                .is_some_and(|age| now.duration_since(b.last_used).unwrap_or_default() > age);
+            let over = policy
+                .max_cache_size
+                .is_some_and(|max| report.cached_bytes_after > max);
+            if !expired && !over {
+                break;
+            }
+            if self.readers.contains_key(&b.digest) {
+                continue;
+            }
+            if !policy.dry_run {
+                store.delete(&b.digest)?;
+            }
+            report.cached_bytes_after -= b.size;
+            report.evicted.push((b.digest, b.size));
+        }
+        if !policy.dry_run && !report.evicted.is_empty() {
+            let gone: HashSet<Digest> = report.evicted.iter().map(|(d, _)| d.clone()).collect();
+            drop_dependents(store, hosted, &pinned, gone, &mut report)?;
+            self.metrics.evicted_bytes.inc_by(report.evicted_bytes());
+            self.metrics.evicted_objects.inc_by(report.evicted.len() as u64);
+            self.metrics.store_bytes.set(store.size() as i64);
+        }
+        Ok(report)
+    }
+}
+
+/// Everything a hosted repository holds or references.
+fn pinned(store: &Store, hosted: Option<&str>) -> Result<HashSet<Digest>, StoreError> {
+    let mut set = HashSet::new();
+    if let Some(ns) = hosted {
+        for repo in store.list_repos(ns)? {
+            set.extend(store.list_blob_links(ns, &repo)?);
+            set.extend(store.list_manifest_links(ns, &repo)?.into_iter().map(|(d, _)| d));
+        }
+    }
+    Ok(set)
+}
+
+/// Drops manifests (and then indexes) that reference anything in `gone`, the links to
+/// evicted objects, and tags pointing to dropped manifests, in every upstream namespace.
+fn drop_dependents(store: &Store, hosted: Option<&str>, pinned: &HashSet<Digest>, mut gone: HashSet<Digest>, report: &mut GcReport) -> Result<(), ServiceError> {
+    let namespaces: Vec<String> = store
+        .list_namespaces()?
+        .into_iter()
+        .filter(|ns| Some(ns.as_str()) != hosted)
+        .collect();
+    // Two rounds: image manifests lose their layers, then indexes lose their manifests.
+    for _ in 0..2 {
+        let mut dropped = HashSet::new();
+        for ns in &namespaces {
+            for repo in store.list_repos(ns)? {
+                for (d, link) in store.list_manifest_links(ns, &repo)? {
+                    let refs_gone = gone.contains(&d)
+                        || store.read_small(&d)?.is_some_and(|bytes| {
+                            parse_manifest(Some(&link.media_type), &bytes)
+                                .map(|p| p.blobs.iter().chain(&p.manifests).any(|c| gone.contains(c)))
+                                .unwrap_or(false)
+                        });
+                    if refs_gone {
+                        store.delete_manifest_link(ns, &repo, &d)?;
+                        report.manifests_dropped += 1;
+                        dropped.insert(d);
+                    }
+                }
+            }
+        }
+        for d in &dropped {
+            if pinned.contains(d) {
+                continue;
+            }
+            if let Some(size) = store.stat(d)? {
+                store.delete(d)?;
+                report.cached_bytes_after = report.cached_bytes_after.saturating_sub(size);
+                report.evicted.push((d.clone(), size));
+            }
+        }
+        gone.extend(dropped);
+    }
+    for ns in &namespaces {
+        for repo in store.list_repos(ns)? {
+            for d in store.list_blob_links(ns, &repo)? {
+                if gone.contains(&d) {
+                    store.unlink_blob(ns, &repo, &d)?;
+                }
+            }
+            for t in store.list_tags(ns, &repo)? {
+                let points_gone = store
+                    .get_tag(ns, &repo, &t)?
+                    .and_then(|r| r.digest().ok())
+                    .is_some_and(|d| gone.contains(&d));
+                if points_gone {
+                    store.delete_tag(ns, &repo, &t)?;
+                    report.tags_dropped += 1;
+                }
+            }
+        }
+    }
+    Ok(())
+}
