@@ -20,6 +20,8 @@ pub struct Metrics {
     /// Body bytes sent to clients by source (cache/upstream).
     pub served_bytes: IntCounterVec,
     pub store_bytes: IntGauge,
+    /// Writes the store refused, by reason (e.g. `no_space`: passed through uncached).
+    pub store_errors: IntCounterVec,
     pub evicted_bytes: prometheus::IntCounter,
     pub evicted_objects: prometheus::IntCounter,
     pub fills_in_flight: IntGauge,
@@ -36,7 +38,11 @@ fn counter(
     Ok(c)
 }
 
-fn plain_counter(reg: &Registry, name: &str, help: &str) -> prometheus::Result<prometheus::IntCounter> {
+fn plain_counter(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+) -> prometheus::Result<prometheus::IntCounter> {
     let c = prometheus::IntCounter::new(name, help)?;
     reg.register(Box::new(c.clone()))?;
     Ok(c)
@@ -106,8 +112,22 @@ impl Metrics {
                 "Bytes of content in the store",
             )?,
             fills_in_flight: gauge(r, "entrepot_fills_in_flight", "Blob downloads in progress")?,
-            evicted_bytes: plain_counter(r, "entrepot_evicted_bytes_total", "Bytes evicted from the cache")?,
-            evicted_objects: plain_counter(r, "entrepot_evicted_objects_total", "Objects evicted from the cache")?,
+            store_errors: counter(
+                r,
+                "entrepot_store_write_errors_total",
+                "Store writes refused",
+                &["reason"],
+            )?,
+            evicted_bytes: plain_counter(
+                r,
+                "entrepot_evicted_bytes_total",
+                "Bytes evicted from the cache",
+            )?,
+            evicted_objects: plain_counter(
+                r,
+                "entrepot_evicted_objects_total",
+                "Objects evicted from the cache",
+            )?,
             registry,
         })
     }

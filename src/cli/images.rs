@@ -34,7 +34,8 @@ impl ImageArgs {
     fn references(&self) -> anyhow::Result<Vec<String>> {
         let mut out = self.images.clone();
         if let Some(f) = &self.file {
-            let text = std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
             out.extend(
                 text.lines()
                     .map(str::trim)
@@ -52,7 +53,10 @@ impl ImageArgs {
 /// An image reference split into the mirror's name (prefix included) and reference.
 fn split_reference(image: &str) -> anyhow::Result<(String, Reference)> {
     let (name, reference) = match image.split_once('@') {
-        Some((n, d)) => (n, Reference::Digest(d.parse().map_err(|e| anyhow!("{image}: {e}"))?)),
+        Some((n, d)) => (
+            n,
+            Reference::Digest(d.parse().map_err(|e| anyhow!("{image}: {e}"))?),
+        ),
         None => match image.rsplit_once(':') {
             Some((n, t)) if !t.contains('/') => (n, Reference::Tag(t.to_string())),
             _ => (image, Reference::Tag("latest".into())),
@@ -69,14 +73,27 @@ struct Fetched {
 }
 
 /// Walks an image through the services, filling the store; returns its objects.
-async fn fetch_image(svc: &Services, target: &Target, reference: &Reference, platform: Option<&str>, progress: &mut Progress) -> anyhow::Result<(LayoutEntry, Vec<Digest>)> {
+async fn fetch_image(
+    svc: &Services,
+    target: &Target,
+    reference: &Reference,
+    platform: Option<&str>,
+    progress: &mut Progress,
+) -> anyhow::Result<(LayoutEntry, Vec<Digest>)> {
     let Target::Upstream { upstream, repo } = target else {
         bail!("hosted images are already in the store; export reads them as they are");
     };
     let caller = Caller::Anonymous;
     let get = Method::GET;
     let top = svc
-        .manifest(upstream, repo, reference, Some(DEFAULT_ACCEPT), &get, &caller)
+        .manifest(
+            upstream,
+            repo,
+            reference,
+            Some(DEFAULT_ACCEPT),
+            &get,
+            &caller,
+        )
         .await?;
     let entry = LayoutEntry {
         reference: String::new(),
@@ -92,7 +109,14 @@ async fn fetch_image(svc: &Services, target: &Target, reference: &Reference, pla
             let d: Digest = child.parse().map_err(|e| anyhow!("{child}: {e}"))?;
             if doc.get("manifests").is_some() {
                 let m = svc
-                    .manifest(upstream, repo, &Reference::Digest(d.clone()), Some(DEFAULT_ACCEPT), &get, &caller)
+                    .manifest(
+                        upstream,
+                        repo,
+                        &Reference::Digest(d.clone()),
+                        Some(DEFAULT_ACCEPT),
+                        &get,
+                        &caller,
+                    )
                     .await?;
                 pending.push(m.body.unwrap_or_default());
             } else {
@@ -117,11 +141,19 @@ fn children(doc: &Value, platform: Option<&str>) -> Vec<String> {
     if let Some(ms) = doc["manifests"].as_array() {
         return ms
             .iter()
-            .filter(|m| platform.is_none_or(|p| platform_of(m) == p || platform_of(m).starts_with(&format!("{p}/"))))
+            .filter(|m| {
+                platform.is_none_or(|p| {
+                    platform_of(m) == p || platform_of(m).starts_with(&format!("{p}/"))
+                })
+            })
             .filter_map(|m| m["digest"].as_str().map(String::from))
             .collect();
     }
-    let mut out: Vec<String> = doc["config"]["digest"].as_str().map(String::from).into_iter().collect();
+    let mut out: Vec<String> = doc["config"]["digest"]
+        .as_str()
+        .map(String::from)
+        .into_iter()
+        .collect();
     out.extend(
         doc["layers"]
             .as_array()
@@ -134,7 +166,11 @@ fn children(doc: &Value, platform: Option<&str>) -> Vec<String> {
 
 fn platform_of(m: &Value) -> String {
     let p = &m["platform"];
-    let mut s = format!("{}/{}", p["os"].as_str().unwrap_or(""), p["architecture"].as_str().unwrap_or(""));
+    let mut s = format!(
+        "{}/{}",
+        p["os"].as_str().unwrap_or(""),
+        p["architecture"].as_str().unwrap_or("")
+    );
     if let Some(v) = p["variant"].as_str() {
         s = format!("{s}/{v}");
     }
@@ -142,7 +178,10 @@ fn platform_of(m: &Value) -> String {
 }
 
 /// Runs `work` with a services instance on an actix runtime (awc needs one).
-fn with_services<T>(cfg: &Config, work: impl AsyncFnOnce(&Services) -> anyhow::Result<T>) -> anyhow::Result<T> {
+fn with_services<T>(
+    cfg: &Config,
+    work: impl AsyncFnOnce(&Services) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let m = mirror(cfg)?;
     let timeout = cfg.server.upstream_timeout;
     actix_web::rt::System::new().block_on(async move {
@@ -152,15 +191,21 @@ fn with_services<T>(cfg: &Config, work: impl AsyncFnOnce(&Services) -> anyhow::R
     })
 }
 
-async fn fetch_all(cfg: &Config, svc: &Services, args: &ImageArgs, progress: &mut Progress) -> anyhow::Result<Vec<Fetched>> {
+async fn fetch_all(
+    cfg: &Config,
+    svc: &Services,
+    args: &ImageArgs,
+    progress: &mut Progress,
+) -> anyhow::Result<Vec<Fetched>> {
     let router = router(cfg)?;
     let mut out = Vec::new();
     for image in args.references()? {
         let (name, reference) = split_reference(&image)?;
         let target = router.resolve(&name, None)?;
-        let (mut top, objects) = fetch_image(svc, &target, &reference, args.platform.as_deref(), progress)
-            .await
-            .with_context(|| format!("{image}"))?;
+        let (mut top, objects) =
+            fetch_image(svc, &target, &reference, args.platform.as_deref(), progress)
+                .await
+                .with_context(|| format!("{image}"))?;
         let ns = target.namespace("");
         top.reference = match &reference {
             Reference::Tag(t) => format!("{ns}/{}:{t}", target.repo()),
@@ -207,7 +252,12 @@ pub fn export(cfg: &Config, out: &Path, args: &ImageArgs) -> anyhow::Result<()> 
     }
     layout.finish()?;
     let (items, bytes) = progress.finish();
-    println!("exported {} images ({items} objects, {}) to {}", images.len(), bytesize::ByteSize(bytes), out.display());
+    println!(
+        "exported {} images ({items} objects, {}) to {}",
+        images.len(),
+        bytesize::ByteSize(bytes),
+        out.display()
+    );
     Ok(())
 }
 
@@ -285,7 +335,12 @@ impl Importer<'_> {
         }
     }
 
-    fn manifest(&mut self, d: &Digest, media_type: &str, progress: &mut Progress) -> anyhow::Result<()> {
+    fn manifest(
+        &mut self,
+        d: &Digest,
+        media_type: &str,
+        progress: &mut Progress,
+    ) -> anyhow::Result<()> {
         if !self.object(d, progress)? {
             return Ok(());
         }
@@ -297,7 +352,8 @@ impl Importer<'_> {
         let doc: Value = serde_json::from_slice(&bytes).context("manifest json")?;
         if let Some(ms) = doc["manifests"].as_array() {
             for m in ms {
-                let (Some(child), Some(mt)) = (m["digest"].as_str(), m["mediaType"].as_str()) else {
+                let (Some(child), Some(mt)) = (m["digest"].as_str(), m["mediaType"].as_str())
+                else {
                     continue;
                 };
                 if let Ok(child) = child.parse() {

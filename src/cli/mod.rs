@@ -101,7 +101,11 @@ pub fn verify(cfg: &Config, repair: bool) -> anyhow::Result<bool> {
     println!(
         "checked {items} objects ({}): {bad} bad, {leftovers} temp leftovers{}",
         bytesize::ByteSize(bytes),
-        if repair && bad + leftovers > 0 { " (removed)" } else { "" }
+        if repair && bad + leftovers > 0 {
+            " (removed)"
+        } else {
+            ""
+        }
     );
     Ok(repair || bad + leftovers == 0)
 }

@@ -15,8 +15,9 @@ pub struct Progress {
 impl Progress {
     pub fn new(what: &'static str) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let style = ProgressStyle::with_template("{spinner} {msg} {pos} items, {prefix} [{elapsed}]")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner());
+            let style =
+                ProgressStyle::with_template("{spinner} {msg} {pos} items, {prefix} [{elapsed}]")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner());
             let b = ProgressBar::new_spinner().with_style(style);
             b.set_message(what);
             b.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -39,7 +40,14 @@ impl Progress {
                 b.inc(1);
                 b.set_prefix(bytesize::ByteSize(self.bytes).to_string());
             }
-            None => tracing::info!(what = self.what, item = name, bytes, total_items = self.items, total_bytes = self.bytes, "progress"),
+            None => tracing::info!(
+                what = self.what,
+                item = name,
+                bytes,
+                total_items = self.items,
+                total_bytes = self.bytes,
+                "progress"
+            ),
         }
     }
 

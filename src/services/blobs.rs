@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::flight::{Join, Lead};
-use super::stream::{Avail, BodyStream, Reading};
+use super::stream::{Avail, BodyStream, OpenRelay, Reading};
 use super::{status_error, ServiceError, Services, Source};
 use crate::names::Digest;
 use crate::services::access::Caller;
@@ -33,6 +33,9 @@ pub struct Fill {
     pub written: u64,
     /// Verified and moved into the store.
     pub committed: bool,
+    /// The store could not take the bytes (disk full): `written` bytes are readable from
+    /// `file` (if any) and readers relay the rest from upstream themselves.
+    pub passthrough: bool,
     pub error: Option<Arc<ServiceError>>,
 }
 
@@ -125,7 +128,7 @@ impl Services {
                 .ok_or_else(|| ServiceError::BlobUnknown(d.to_string()))?;
             let (start, end) = range.unwrap_or((0, size));
             Some(BodyStream::new(
-                Arc::new(file),
+                Some(Arc::new(file)),
                 start,
                 end,
                 Avail::Complete(Reading::new(self.mirror.readers.clone(), d.clone())),
@@ -166,6 +169,7 @@ impl Services {
             repo,
             what: &what,
             accept: None,
+            range_from: None,
         };
         let resp = self.upstream(up, "blob", req).await?;
         if !resp.status().is_success() {
@@ -224,11 +228,15 @@ impl Services {
             _ => None,
         };
         let (start, end) = range.unwrap_or((0, size.unwrap_or(u64::MAX)));
+        let relay: OpenRelay = {
+            let (this, up, repo, d) = (self.clone(), up.clone(), repo.to_string(), d.clone());
+            Box::new(move |pos| Box::pin(async move { this.relay_from(&up, &repo, &d, pos).await }))
+        };
         let body = BodyStream::new(
             file,
             start,
             end,
-            Avail::Fill(rx),
+            Avail::Fill(rx, Some(relay)),
             self.mirror.metrics.clone(),
             "upstream",
         );
@@ -267,6 +275,7 @@ impl Services {
                     started: true,
                     written: size,
                     committed: true,
+                    passthrough: false,
                     error: None,
                 }
             });
@@ -278,6 +287,7 @@ impl Services {
             repo,
             what: &what,
             accept: None,
+            range_from: None,
         };
         let mut resp = self.upstream(up, "blob", req).await?;
         if !resp.status().is_success() {
@@ -289,7 +299,14 @@ impl Services {
             ));
         }
         let size = content_length(resp.headers());
-        let mut w = self.store().begin()?;
+        let mut w = match self.store().begin() {
+            Ok(w) => w,
+            Err(StoreError::Io(e)) if no_space(&e) => {
+                self.pass_through(lead, up, d, size, &e);
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
         lead.tx.send_modify(|f| {
             f.file = Some(w.reader());
             f.size = size;
@@ -313,7 +330,15 @@ impl Services {
                 }
                 Ok(Some(Ok(b))) => b,
             };
-            w.write(&chunk).map_err(StoreError::from)?;
+            if let Err(e) = w.write(&chunk) {
+                if no_space(&e) {
+                    // Dropping the writer removes the partial file; readers keep their
+                    // handle on the bytes already written and relay the rest.
+                    self.pass_through(lead, up, d, size, &e);
+                    return Ok(());
+                }
+                return Err(StoreError::from(e).into());
+            }
             bytes_metric.inc_by(chunk.len() as u64);
             let n = w.written();
             lead.tx.send_modify(|f| f.written = n);
@@ -322,6 +347,70 @@ impl Services {
         self.store().link_blob(&up.name, repo, d)?;
         lead.tx.send_modify(|f| f.committed = true);
         Ok(())
+    }
+
+    /// Gives up caching this blob: the store is full. Clients still get their bytes.
+    fn pass_through(
+        &self,
+        lead: &Lead<Digest, Fill>,
+        up: &Upstream,
+        d: &Digest,
+        size: Option<u64>,
+        e: &std::io::Error,
+    ) {
+        self.metrics()
+            .store_errors
+            .with_label_values(&["no_space"])
+            .inc();
+        tracing::warn!(upstream = %up.name, digest = %d, error = %e, "store is full: passing the blob through uncached");
+        lead.tx.send_modify(|f| {
+            f.size = size;
+            f.started = true;
+            f.passthrough = true;
+        });
+    }
+
+    /// Upstream bytes of `d` from offset `pos` on (a `Range` request; a server that
+    /// ignores it has the skipped bytes dropped here).
+    pub(super) async fn relay_from(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        d: &Digest,
+        pos: u64,
+    ) -> Result<super::stream::Relay, ServiceError> {
+        let what = format!("blobs/{d}");
+        let req = UpRequest {
+            method: Method::GET,
+            repo,
+            what: &what,
+            accept: None,
+            range_from: Some(pos).filter(|p| *p > 0),
+        };
+        let resp = self.upstream(up, "blob", req).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(status_error(
+                up,
+                repo,
+                status,
+                ServiceError::BlobUnknown(d.to_string()),
+            ));
+        }
+        let mut skip = if status == actix_web::http::StatusCode::PARTIAL_CONTENT {
+            0
+        } else {
+            pos
+        };
+        let name = up.name.clone();
+        let stream = resp.map(move |chunk| {
+            let mut chunk =
+                chunk.map_err(|e| ServiceError::Unavailable(format!("upstream {name}: {e}")))?;
+            let drop = skip.min(chunk.len() as u64) as usize;
+            skip -= drop as u64;
+            Ok(chunk.split_off(drop))
+        });
+        Ok(stream.boxed_local())
     }
 
     /// Verifies and stores a finished download; a mismatch is counted and logged with the
@@ -365,15 +454,15 @@ impl Services {
 /// Waits for a fill's upstream headers (or its failure).
 async fn wait_started(
     rx: &mut watch::Receiver<Fill>,
-) -> Result<(Arc<File>, Option<u64>), ServiceError> {
+) -> Result<(Option<Arc<File>>, Option<u64>), ServiceError> {
     loop {
         {
             let f = rx.borrow_and_update();
             if let Some(e) = &f.error {
                 return Err(ServiceError::Shared(e.clone()));
             }
-            if let (true, Some(file)) = (f.started, &f.file) {
-                return Ok((file.clone(), f.size));
+            if f.started && (f.file.is_some() || f.passthrough) {
+                return Ok((f.file.clone(), f.size));
             }
         }
         if rx.changed().await.is_err() {
@@ -382,6 +471,14 @@ async fn wait_started(
             ));
         }
     }
+}
+
+/// Whether a write failed because the disk (or quota) is full.
+fn no_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 pub(super) fn content_length(h: &actix_web::http::header::HeaderMap) -> Option<u64> {

@@ -81,7 +81,9 @@ impl Mirror {
             let gone: HashSet<Digest> = report.evicted.iter().map(|(d, _)| d.clone()).collect();
             drop_dependents(store, hosted, &pinned, gone, &mut report)?;
             self.metrics.evicted_bytes.inc_by(report.evicted_bytes());
-            self.metrics.evicted_objects.inc_by(report.evicted.len() as u64);
+            self.metrics
+                .evicted_objects
+                .inc_by(report.evicted.len() as u64);
             self.metrics.store_bytes.set(store.size() as i64);
         }
         Ok(report)
@@ -94,7 +96,12 @@ fn pinned(store: &Store, hosted: Option<&str>) -> Result<HashSet<Digest>, StoreE
     if let Some(ns) = hosted {
         for repo in store.list_repos(ns)? {
             set.extend(store.list_blob_links(ns, &repo)?);
-            set.extend(store.list_manifest_links(ns, &repo)?.into_iter().map(|(d, _)| d));
+            set.extend(
+                store
+                    .list_manifest_links(ns, &repo)?
+                    .into_iter()
+                    .map(|(d, _)| d),
+            );
         }
     }
     Ok(set)
@@ -102,7 +109,13 @@ fn pinned(store: &Store, hosted: Option<&str>) -> Result<HashSet<Digest>, StoreE
 
 /// Drops manifests (and then indexes) that reference anything in `gone`, the links to
 /// evicted objects, and tags pointing to dropped manifests, in every upstream namespace.
-fn drop_dependents(store: &Store, hosted: Option<&str>, pinned: &HashSet<Digest>, mut gone: HashSet<Digest>, report: &mut GcReport) -> Result<(), ServiceError> {
+fn drop_dependents(
+    store: &Store,
+    hosted: Option<&str>,
+    pinned: &HashSet<Digest>,
+    mut gone: HashSet<Digest>,
+    report: &mut GcReport,
+) -> Result<(), ServiceError> {
     let namespaces: Vec<String> = store
         .list_namespaces()?
         .into_iter()
@@ -117,7 +130,9 @@ fn drop_dependents(store: &Store, hosted: Option<&str>, pinned: &HashSet<Digest>
                     let refs_gone = gone.contains(&d)
                         || store.read_small(&d)?.is_some_and(|bytes| {
                             parse_manifest(Some(&link.media_type), &bytes)
-                                .map(|p| p.blobs.iter().chain(&p.manifests).any(|c| gone.contains(c)))
+                                .map(|p| {
+                                    p.blobs.iter().chain(&p.manifests).any(|c| gone.contains(c))
+                                })
                                 .unwrap_or(false)
                         });
                     if refs_gone {

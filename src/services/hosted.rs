@@ -282,7 +282,10 @@ fn digest_of(d: &Descriptor) -> Result<Digest, ServiceError> {
         .map_err(|e| ServiceError::ManifestInvalid(format!("descriptor digest: {e}")))
 }
 
-pub(super) fn parse_manifest(content_type: Option<&str>, body: &[u8]) -> Result<Parsed, ServiceError> {
+pub(super) fn parse_manifest(
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<Parsed, ServiceError> {
     let invalid = |e: String| ServiceError::ManifestInvalid(e);
     let probe: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;

@@ -446,6 +446,7 @@ fn manifest_request<'a>(
         repo,
         what,
         accept: Some(upstream_accept(accept)),
+        range_from: None,
     }
 }
 

@@ -99,6 +99,7 @@ impl Services {
             repo,
             what,
             accept: Some(super::manifests::DEFAULT_ACCEPT),
+            range_from: None,
         };
         let resp = self.upstream(up, "auth-check", req).await?;
         Ok(match resp.status() {

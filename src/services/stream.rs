@@ -1,7 +1,8 @@
 //! Blob bodies read from a file with positional reads, either a committed blob or the temp
 //! file of a fill in progress (then the reader waits for the fill to get ahead of it).
 //!
-//! Only a bounded chunk is in memory per response, whatever the blob's size.
+//! Only a bounded chunk is in memory per response, whatever the blob's size. When a fill
+//! cannot write (disk full) the readers relay the rest straight from the upstream.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -10,23 +11,30 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::stream::{BoxStream, Stream, StreamExt};
+use futures_util::future::LocalBoxFuture;
+use futures_util::stream::{LocalBoxStream, Stream, StreamExt};
 use tokio::sync::watch;
 
 use dashmap::DashMap;
 
 use super::blobs::Fill;
-use crate::names::Digest;
 use super::ServiceError;
 use crate::metrics::Metrics;
+use crate::names::Digest;
 
 /// Bytes read per step: large enough to keep syscalls rare, small enough for memory.
 const CHUNK: u64 = 256 * 1024;
 
 /// The body of a blob response.
 pub struct BodyStream {
-    inner: BoxStream<'static, Result<Bytes, ServiceError>>,
+    inner: LocalBoxStream<'static, Result<Bytes, ServiceError>>,
 }
+
+/// Bytes from upstream starting at an offset, for when the disk cannot take them.
+pub type Relay = LocalBoxStream<'static, Result<Bytes, ServiceError>>;
+
+/// Opens a [`Relay`] from the given offset.
+pub type OpenRelay = Box<dyn FnOnce(u64) -> LocalBoxFuture<'static, Result<Relay, ServiceError>>>;
 
 impl Stream for BodyStream {
     type Item = Result<Bytes, ServiceError>;
@@ -61,12 +69,21 @@ impl Drop for Reading {
 pub enum Avail {
     /// A committed blob: everything.
     Complete(Reading),
-    /// A fill in progress.
-    Fill(watch::Receiver<Fill>),
+    /// A fill in progress, and how to go on from upstream if it stops writing.
+    Fill(watch::Receiver<Fill>, Option<OpenRelay>),
+}
+
+/// What a reader may do next.
+enum Next {
+    /// Read the file up to this offset.
+    Upto(u64),
+    /// The fill stopped writing at or before `pos`: continue from upstream.
+    Relay,
 }
 
 struct Cursor {
-    file: Arc<File>,
+    file: Option<Arc<File>>,
+    relay: Option<Relay>,
     pos: u64,
     end: u64,
     avail: Avail,
@@ -77,7 +94,7 @@ struct Cursor {
 impl BodyStream {
     /// Streams `[start, end)` of `file`.
     pub fn new(
-        file: Arc<File>,
+        file: Option<Arc<File>>,
         start: u64,
         end: u64,
         avail: Avail,
@@ -86,6 +103,7 @@ impl BodyStream {
     ) -> BodyStream {
         let cur = Cursor {
             file,
+            relay: None,
             pos: start,
             end,
             avail,
@@ -101,7 +119,7 @@ impl BodyStream {
             }
         });
         BodyStream {
-            inner: inner.boxed(),
+            inner: inner.boxed_local(),
         }
     }
 }
@@ -111,12 +129,22 @@ impl Cursor {
         if self.pos >= self.end {
             return Ok(None);
         }
-        let readable = self.wait_readable().await?;
+        if self.relay.is_some() {
+            return self.relayed().await;
+        }
+        let readable = match self.wait_readable().await? {
+            Next::Upto(n) => n,
+            Next::Relay => return self.start_relay().await,
+        };
         if readable <= self.pos {
             return Ok(None);
         }
         let len = (readable.min(self.end) - self.pos).min(CHUNK) as usize;
-        let (file, pos) = (self.file.clone(), self.pos);
+        let file = self
+            .file
+            .clone()
+            .ok_or_else(|| ServiceError::Unavailable("no file to read".into()))?;
+        let pos = self.pos;
         let buf = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             let mut buf = vec![0u8; len];
             file.read_exact_at(&mut buf, pos)?;
@@ -138,10 +166,10 @@ impl Cursor {
     /// below `pos` only at the end of a committed fill). During
     /// a fill the last byte is held back until the digest is verified, so a client never
     /// receives a complete body that turned out to be corrupt.
-    async fn wait_readable(&mut self) -> Result<u64, ServiceError> {
+    async fn wait_readable(&mut self) -> Result<Next, ServiceError> {
         let rx = match &mut self.avail {
-            Avail::Complete(_) => return Ok(self.end),
-            Avail::Fill(rx) => rx,
+            Avail::Complete(_) => return Ok(Next::Upto(self.end)),
+            Avail::Fill(rx, _) => rx,
         };
         loop {
             {
@@ -150,11 +178,18 @@ impl Cursor {
                     return Err(ServiceError::Shared(e.clone()));
                 }
                 if fill.committed {
-                    return Ok(fill.written);
+                    return Ok(Next::Upto(fill.written));
+                }
+                if fill.passthrough {
+                    return Ok(if fill.written > self.pos {
+                        Next::Upto(fill.written)
+                    } else {
+                        Next::Relay
+                    });
                 }
                 let limit = fill.written.saturating_sub(1);
                 if limit > self.pos {
-                    return Ok(limit);
+                    return Ok(Next::Upto(limit));
                 }
             }
             if rx.changed().await.is_err() {
@@ -163,5 +198,33 @@ impl Cursor {
                 ));
             }
         }
+    }
+
+    async fn start_relay(&mut self) -> Result<Option<Bytes>, ServiceError> {
+        let open = match &mut self.avail {
+            Avail::Fill(_, open) => open.take(),
+            Avail::Complete(_) => None,
+        };
+        let open = open.ok_or_else(|| {
+            ServiceError::Unavailable("the fill stopped and cannot be relayed".into())
+        })?;
+        self.relay = Some(open(self.pos).await?);
+        self.relayed().await
+    }
+
+    async fn relayed(&mut self) -> Result<Option<Bytes>, ServiceError> {
+        let Some(relay) = self.relay.as_mut() else {
+            return Ok(None);
+        };
+        let Some(chunk) = relay.next().await.transpose()? else {
+            return Ok(None);
+        };
+        let keep = (self.end - self.pos).min(chunk.len() as u64) as usize;
+        self.pos += keep as u64;
+        self.metrics
+            .served_bytes
+            .with_label_values(&[self.source])
+            .inc_by(keep as u64);
+        Ok(Some(chunk.slice(..keep)))
     }
 }

@@ -47,6 +47,7 @@ impl Services {
             repo,
             what: &what,
             accept: Some("application/json"),
+            range_from: None,
         };
         match self.upstream_tags(up, repo, req).await {
             Ok((mut list, link)) => {

@@ -79,7 +79,10 @@ pub struct LayoutReader {
 impl LayoutReader {
     pub fn open(dir: &Path) -> Result<LayoutReader, StoreError> {
         if !dir.join("index.json").is_file() {
-            return Err(StoreError::Meta(format!("{} has no index.json", dir.display())));
+            return Err(StoreError::Meta(format!(
+                "{} has no index.json",
+                dir.display()
+            )));
         }
         Ok(LayoutReader {
             dir: dir.to_path_buf(),
@@ -89,8 +92,8 @@ impl LayoutReader {
     /// Entries of `index.json` that carry a reference name.
     pub fn entries(&self) -> Result<Vec<LayoutEntry>, StoreError> {
         let text = fs::read_to_string(self.dir.join("index.json"))?;
-        let index: Value =
-            serde_json::from_str(&text).map_err(|e| StoreError::Meta(format!("index.json: {e}")))?;
+        let index: Value = serde_json::from_str(&text)
+            .map_err(|e| StoreError::Meta(format!("index.json: {e}")))?;
         let mut out = Vec::new();
         for m in index["manifests"].as_array().into_iter().flatten() {
             let ann = &m["annotations"];

@@ -216,7 +216,11 @@ impl Store {
     }
 
     /// Manifests linked to a repository.
-    pub fn list_manifest_links(&self, ns: &str, repo: &str) -> Result<Vec<(Digest, ManifestLink)>, StoreError> {
+    pub fn list_manifest_links(
+        &self,
+        ns: &str,
+        repo: &str,
+    ) -> Result<Vec<(Digest, ManifestLink)>, StoreError> {
         let dir = self.repo_dir(ns, repo).join("_manifests");
         let mut out = Vec::new();
         for name in list_names(&dir)? {
@@ -233,7 +237,10 @@ impl Store {
     /// Blobs linked to a repository.
     pub fn list_blob_links(&self, ns: &str, repo: &str) -> Result<Vec<Digest>, StoreError> {
         let names = list_names(&self.repo_dir(ns, repo).join("_blobs"))?;
-        Ok(names.iter().filter_map(|n| format!("sha256:{n}").parse().ok()).collect())
+        Ok(names
+            .iter()
+            .filter_map(|n| format!("sha256:{n}").parse().ok())
+            .collect())
     }
 
     /// Whether the store holds anything for a repository.

@@ -234,7 +234,10 @@ impl Store {
     /// Removes a temp file listed by [`Store::temp_files`].
     pub fn remove_temp(&self, p: &Path) -> Result<(), StoreError> {
         if p.parent() != Some(self.root.join("tmp").as_path()) {
-            return Err(StoreError::Meta(format!("{} is not a temp file", p.display())));
+            return Err(StoreError::Meta(format!(
+                "{} is not a temp file",
+                p.display()
+            )));
         }
         not_found_is_none(fs::remove_file(p))?;
         Ok(())

@@ -152,6 +152,8 @@ pub struct UpRequest<'a> {
     /// e.g. `manifests/latest`, `blobs/sha256:...`, `tags/list?n=10`.
     pub what: &'a str,
     pub accept: Option<&'a str>,
+    /// Ask for the bytes from this offset on (`Range: bytes=N-`).
+    pub range_from: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -305,6 +307,9 @@ impl UpstreamClient {
             let mut r = self.http.request(req.method.clone(), url.as_str());
             if let Some(a) = req.accept {
                 r = r.insert_header((header::ACCEPT, a));
+            }
+            if let Some(from) = req.range_from {
+                r = r.insert_header((header::RANGE, format!("bytes={from}-")));
             }
             if let Some(a) = auth.as_ref().filter(|_| url.origin() == origin) {
                 r = r.insert_header((header::AUTHORIZATION, a.as_str()));
