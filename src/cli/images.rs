@@ -205,7 +205,7 @@ async fn fetch_all(
         let (mut top, objects) =
             fetch_image(svc, &target, &reference, args.platform.as_deref(), progress)
                 .await
-                .with_context(|| format!("{image}"))?;
+                .with_context(|| image.clone())?;
         let ns = target.namespace("");
         top.reference = match &reference {
             Reference::Tag(t) => format!("{ns}/{}:{t}", target.repo()),

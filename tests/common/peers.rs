@@ -167,9 +167,14 @@ impl Mirror {
     /// Starts a mirror whose config is `[server]` with `server_extra` lines, plus `rest`
     /// (upstream tables).
     pub fn start(server_extra: &str, rest: &str) -> Mirror {
+        Mirror::start_with_store(None, server_extra, rest)
+    }
+
+    /// `start` with the store at `store` (e.g. a small tmpfs) instead of a temp dir.
+    pub fn start_with_store(store: Option<PathBuf>, server_extra: &str, rest: &str) -> Mirror {
         let dir = TempDir::new().expect("tempdir");
         let port = free_port();
-        let store = dir.path().join("store");
+        let store = store.unwrap_or_else(|| dir.path().join("store"));
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nstorage = \"{}\"\n{server_extra}\n{rest}",
             store.display()
@@ -203,6 +208,31 @@ impl Mirror {
         if let Some(mut p) = self.proc.take() {
             p.kill();
         }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("upstreams.toml")
+    }
+
+    /// Runs `entrepot <args> --config <this mirror's config>`: (success, stdout).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_entrepot"))
+            .args(args)
+            .arg("--config")
+            .arg(self.config_path())
+            .output()
+            .expect("run entrepot");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!(
+            "entrepot {args:?}:\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), stdout)
+    }
+
+    /// Bytes of committed content in the store.
+    pub fn store_bytes(&self) -> u64 {
+        dir_bytes(&self.store.join("blobs"))
     }
 
     pub fn url(&self) -> String {
@@ -249,6 +279,23 @@ impl Drop for Mirror {
             eprintln!("--- mirror log (last 40 lines) ---\n{tail}");
         }
     }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                dir_bytes(&p)
+            } else {
+                e.metadata().map_or(0, |m| m.len())
+            }
+        })
+        .sum()
 }
 
 fn find_files(dir: &Path, name: &str) -> Vec<PathBuf> {
