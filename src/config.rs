@@ -99,6 +99,19 @@ pub struct ServerConfig {
     /// How often eviction runs while serving.
     #[serde(with = "humantime_serde")]
     pub gc_interval: Duration,
+    /// Serve `/metrics` on this address only (not on `listen`).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Serve HTTPS (HTTP/1.1 and HTTP/2) on `listen` with this certificate.
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -111,6 +124,8 @@ impl Default for ServerConfig {
             max_cache_size: None,
             max_age: None,
             gc_interval: Duration::from_secs(600),
+            metrics_listen: None,
+            tls: None,
         }
     }
 }

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use entrepot::cli::integrate::{self, Style};
 use entrepot::cli::{self, ImageArgs};
 use entrepot::config::Config;
 
@@ -71,6 +72,38 @@ enum Command {
         /// The layout directory.
         dir: PathBuf,
     },
+    /// Write containerd hosts.toml files (config_path layout) for every upstream.
+    Hosts {
+        /// The mirror as nodes reach it, e.g. http://mirror.internal:5000
+        #[arg(long)]
+        mirror: String,
+        /// Output directory (e.g. /etc/containerd/certs.d).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "ns")]
+        style: Style,
+        /// CA certificate file for an https mirror (written as `ca =`).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// Print a Kind cluster config whose nodes pull through the mirror.
+    KindConfig {
+        /// The mirror as Kind nodes reach it (on the `kind` network: http://entrepot:5000).
+        #[arg(long)]
+        mirror: String,
+        /// Where to write the hosts files that the nodes mount.
+        #[arg(long, default_value = "entrepot-hosts")]
+        hosts_dir: PathBuf,
+        /// Use the older inline `registry.mirrors` patch instead of a hosts directory.
+        #[arg(long)]
+        inline: bool,
+    },
+    /// Print registries.conf mirror entries for podman, CRI-O and skopeo.
+    RegistriesConf {
+        /// The mirror, e.g. http://mirror.internal:5000
+        #[arg(long)]
+        mirror: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -104,5 +137,19 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Prefetch(i) => cli::prefetch(&cfg, &i.into()).map(|_| true),
         Command::Export { out, images } => cli::export(&cfg, &out, &images.into()).map(|_| true),
         Command::Import { dir } => cli::import(&cfg, &dir),
+        Command::Hosts { mirror, out, style, ca } => {
+            for f in integrate::hosts(&cfg, &mirror, &out, style, ca.as_deref())? {
+                println!("wrote {}", f.display());
+            }
+            Ok(true)
+        }
+        Command::KindConfig { mirror, hosts_dir, inline } => {
+            print!("{}", integrate::kind_config(&cfg, &mirror, &hosts_dir, inline)?);
+            Ok(true)
+        }
+        Command::RegistriesConf { mirror } => {
+            print!("{}", integrate::registries_conf(&cfg, &mirror)?);
+            Ok(true)
+        }
     }
 }

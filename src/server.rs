@@ -6,7 +6,9 @@ use std::time::Duration;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 
-use crate::config::Config;
+use anyhow::Context;
+
+use crate::config::{Config, TlsConfig};
 use crate::metrics::Metrics;
 use crate::routes::{self, target::Router};
 use crate::services::access::Access;
@@ -51,21 +53,51 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         hosted = ?hosted_prefix,
         "entrepot serving"
     );
-    HttpServer::new(move || {
+    let separate_metrics = cfg.server.metrics_listen;
+    let md = metrics_data.clone();
+    let server = HttpServer::new(move || {
         // awc clients are per worker thread; the token cache is shared by all.
         let client = UpstreamClient::new(tokens.clone(), timeout);
         App::new()
             .app_data(web::Data::new(Services::new(mirror.clone(), client)))
             .app_data(router.clone())
             .app_data(access.clone())
-            .app_data(metrics_data.clone())
+            .app_data(md.clone())
             .wrap(from_fn(routes::log_request))
-            .configure(routes::configure)
-    })
-    .bind(cfg.server.listen)?
-    .run()
-    .await?;
+            .configure(|c| routes::configure(c, separate_metrics.is_none()))
+    });
+    let server = match &cfg.server.tls {
+        Some(tls) => server.bind_rustls_0_23(cfg.server.listen, tls_config(tls)?)?,
+        None => server.bind(cfg.server.listen)?,
+    };
+    match separate_metrics {
+        None => server.run().await?,
+        Some(addr) => {
+            let metrics_server = HttpServer::new(move || {
+                App::new()
+                    .app_data(metrics_data.clone())
+                    .configure(routes::configure_metrics)
+            })
+            .workers(1)
+            .bind(addr)?
+            .run();
+            futures_util::future::try_join(server.run(), metrics_server).await?;
+        }
+    }
     Ok(())
+}
+
+/// rustls server config from PEM files; ALPN (h2, http/1.1) is added by actix.
+fn tls_config(tls: &TlsConfig) -> anyhow::Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("tls.cert {}", tls.cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key).with_context(|| format!("tls.key {}", tls.key.display()))?;
+    Ok(rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?)
 }
 
 /// Runs eviction every `gc_interval` on a blocking thread, when a limit is set.

@@ -2,6 +2,7 @@
 //! Each opens the store of the given config; all of them may run beside a live server.
 
 mod images;
+pub mod integrate;
 mod progress;
 
 use std::sync::Arc;

@@ -35,11 +35,25 @@ struct RequestInfo {
     cache: &'static str,
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
+/// The registry API, `/healthz`, and `/metrics` unless it has its own listener.
+pub fn configure(cfg: &mut web::ServiceConfig, with_metrics: bool) {
     cfg.route("/v2", web::to(v2))
         .route("/v2/{tail:.*}", web::to(v2))
-        .route("/metrics", web::get().to(metrics))
-        .default_service(web::to(not_found));
+        .route("/healthz", web::get().to(healthz));
+    if with_metrics {
+        configure_metrics(cfg);
+    }
+    cfg.default_service(web::to(not_found));
+}
+
+/// `/metrics` alone (for `metrics_listen`).
+pub fn configure_metrics(cfg: &mut web::ServiceConfig) {
+    cfg.route("/metrics", web::get().to(metrics));
+}
+
+/// Liveness/readiness: the process serves requests (no auth, no upstream involved).
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain").body("ok\n")
 }
 
 async fn not_found() -> HttpResponse {
@@ -232,6 +246,9 @@ pub async fn log_request(
         m.requests
             .with_label_values(&[upstream, endpoint, &status.to_string()])
             .inc();
+        m.request_seconds
+            .with_label_values(&[upstream, endpoint])
+            .observe(start.elapsed().as_secs_f64());
     }
     Ok(res)
 }

@@ -212,7 +212,13 @@ impl Services {
             .upstream_requests
             .with_label_values(&[&up.name, kind, req.method.as_str()])
             .inc();
-        Ok(self.client.send(up, &req).await?)
+        let start = std::time::Instant::now();
+        let resp = self.client.send(up, &req).await;
+        self.metrics()
+            .upstream_seconds
+            .with_label_values(&[&up.name, kind])
+            .observe(start.elapsed().as_secs_f64());
+        Ok(resp?)
     }
 
     /// Runs blocking store work off the async worker thread.
