@@ -137,14 +137,26 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Prefetch(i) => cli::prefetch(&cfg, &i.into()).map(|_| true),
         Command::Export { out, images } => cli::export(&cfg, &out, &images.into()).map(|_| true),
         Command::Import { dir } => cli::import(&cfg, &dir),
-        Command::Hosts { mirror, out, style, ca } => {
+        Command::Hosts {
+            mirror,
+            out,
+            style,
+            ca,
+        } => {
             for f in integrate::hosts(&cfg, &mirror, &out, style, ca.as_deref())? {
                 println!("wrote {}", f.display());
             }
             Ok(true)
         }
-        Command::KindConfig { mirror, hosts_dir, inline } => {
-            print!("{}", integrate::kind_config(&cfg, &mirror, &hosts_dir, inline)?);
+        Command::KindConfig {
+            mirror,
+            hosts_dir,
+            inline,
+        } => {
+            print!(
+                "{}",
+                integrate::kind_config(&cfg, &mirror, &hosts_dir, inline)?
+            );
             Ok(true)
         }
         Command::RegistriesConf { mirror } => {

@@ -53,10 +53,20 @@ fn plain_counter(
 }
 
 /// Buckets from 0.5 ms (cache hits) to 30 s (slow upstreams).
-const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
-fn histogram(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<prometheus::HistogramVec> {
-    let h = prometheus::HistogramVec::new(prometheus::HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()), labels)?;
+fn histogram(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<prometheus::HistogramVec> {
+    let h = prometheus::HistogramVec::new(
+        prometheus::HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
+        labels,
+    )?;
     reg.register(Box::new(h.clone()))?;
     Ok(h)
 }
@@ -125,8 +135,18 @@ impl Metrics {
                 "Bytes of content in the store",
             )?,
             fills_in_flight: gauge(r, "entrepot_fills_in_flight", "Blob downloads in progress")?,
-            request_seconds: histogram(r, "entrepot_http_request_duration_seconds", "Time to respond (headers)", &["upstream", "endpoint"])?,
-            upstream_seconds: histogram(r, "entrepot_upstream_request_duration_seconds", "Time to an upstream's response headers", &["upstream", "kind"])?,
+            request_seconds: histogram(
+                r,
+                "entrepot_http_request_duration_seconds",
+                "Time to respond (headers)",
+                &["upstream", "endpoint"],
+            )?,
+            upstream_seconds: histogram(
+                r,
+                "entrepot_upstream_request_duration_seconds",
+                "Time to an upstream's response headers",
+                &["upstream", "kind"],
+            )?,
             store_errors: counter(
                 r,
                 "entrepot_store_write_errors_total",

@@ -94,7 +94,8 @@ fn tls_config(tls: &TlsConfig) -> anyhow::Result<rustls::ServerConfig> {
     let certs = CertificateDer::pem_file_iter(&tls.cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .with_context(|| format!("tls.cert {}", tls.cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key).with_context(|| format!("tls.key {}", tls.key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .with_context(|| format!("tls.key {}", tls.key.display()))?;
     Ok(rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)?)

@@ -237,3 +237,57 @@ pub fn raw(port: u16, method: &str, path: &str, headers: &[(&str, &str)]) -> Rep
         body: buf.get(split + 4..).unwrap_or_default().to_vec(),
     }
 }
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key).
+pub fn make_tls(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let p = |n: &str| dir.join(n);
+    let s = |p: std::path::PathBuf| p.display().to_string();
+    run(Command::new("openssl").args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=entrepot test CA",
+        "-keyout",
+        &s(p("ca.key")),
+        "-out",
+        &s(p("ca.pem")),
+    ]));
+    run(Command::new("openssl").args([
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &s(p("server.key")),
+        "-out",
+        &s(p("server.csr")),
+    ]));
+    std::fs::write(p("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").expect("ext");
+    run(Command::new("openssl").args([
+        "x509",
+        "-req",
+        "-in",
+        &s(p("server.csr")),
+        "-CA",
+        &s(p("ca.pem")),
+        "-CAkey",
+        &s(p("ca.key")),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &s(p("ext.cnf")),
+        "-out",
+        &s(p("server.pem")),
+    ]));
+    (p("ca.pem"), p("server.pem"), p("server.key"))
+}
