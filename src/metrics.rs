@@ -20,6 +20,8 @@ pub struct Metrics {
     /// Body bytes sent to clients by source (cache/upstream).
     pub served_bytes: IntCounterVec,
     pub store_bytes: IntGauge,
+    /// The configured `max_cache_size` (0: none), for "near the cap" alerts.
+    pub cache_limit_bytes: IntGauge,
     /// Writes the store refused, by reason (e.g. `no_space`: passed through uncached).
     pub store_errors: IntCounterVec,
     pub evicted_bytes: prometheus::IntCounter,
@@ -135,6 +137,11 @@ impl Metrics {
                 "Bytes of content in the store",
             )?,
             fills_in_flight: gauge(r, "entrepot_fills_in_flight", "Blob downloads in progress")?,
+            cache_limit_bytes: gauge(
+                r,
+                "entrepot_cache_limit_bytes",
+                "Configured max_cache_size (0: unbounded)",
+            )?,
             request_seconds: histogram(
                 r,
                 "entrepot_http_request_duration_seconds",

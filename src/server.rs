@@ -28,6 +28,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
     metrics.store_bytes.set(store.size() as i64);
+    let limit = cfg.server.max_cache_size.map_or(0, |s| s.as_u64());
+    metrics.cache_limit_bytes.set(limit as i64);
     let hosted_prefix = cfg.hosted.as_ref().map(|h| h.prefix.as_str());
     let router = web::Data::new(Router::new(
         Upstream::all_from(&cfg)?,
