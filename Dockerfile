@@ -8,12 +8,14 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
     && cargo build --release --locked && rm -rf src
 COPY src ./src
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked && mkdir -p /store
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/entrepot /usr/local/bin/entrepot
 # The default config equals the built-in defaults; mount your own over it.
 COPY upstreams.toml /etc/entrepot/upstreams.toml
+# An empty store owned by the runtime user, so a fresh named volume is writable.
+COPY --from=build --chown=65532:65532 /store /var/lib/entrepot
 ENV ENTREPOT_SERVER__STORAGE=/var/lib/entrepot \
     ENTREPOT_SERVER__LISTEN=0.0.0.0:5000
 VOLUME ["/var/lib/entrepot"]
