@@ -181,3 +181,35 @@ fn kind_config_is_a_cluster_that_mounts_the_generated_hosts() {
         .unwrap()
         .contains("endpoint = [\"http://entrepot:5000\"]"));
 }
+
+#[test]
+fn metrics_on_their_own_listener_with_latency_histograms() {
+    let metrics_port = free_port();
+    let mirror = Mirror::start(
+        &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""),
+        &upstreams("http://127.0.0.1:9"),
+    );
+    assert_eq!(get(&format!("{}/healthz", mirror.url())).body, b"ok\n");
+    assert_eq!(
+        get(&format!(
+            "{}/v2/docker.io/library/x/manifests/1",
+            mirror.url()
+        ))
+        .status,
+        503
+    );
+    assert_eq!(
+        get(&format!("{}/metrics", mirror.url())).status,
+        404,
+        "not on the API port"
+    );
+    wait_port(metrics_port);
+    let text =
+        String::from_utf8(get(&format!("http://127.0.0.1:{metrics_port}/metrics")).body).unwrap();
+    assert!(
+        text.contains("entrepot_http_request_duration_seconds_bucket{endpoint=\"manifest\""),
+        "{text}"
+    );
+    assert!(text.contains("entrepot_upstream_request_duration_seconds_count{kind=\"manifest\",upstream=\"docker.io\"} 1"));
+    assert!(text.contains("# TYPE entrepot_http_requests_total counter"));
+}
