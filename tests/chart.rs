@@ -141,7 +141,7 @@ fn chart_structure_and_values_wiring() {
             walk(
                 v,
                 d,
-                &format!("{path}.{k}").trim_start_matches('.').to_string(),
+                format!("{path}.{k}").trim_start_matches('.'),
             );
         }
     }
