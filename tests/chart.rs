@@ -138,11 +138,7 @@ fn chart_structure_and_values_wiring() {
             let d = defaults.get(k).unwrap_or_else(|| {
                 panic!("chart-all-values sets {path}.{k}, unknown to values.yaml")
             });
-            walk(
-                v,
-                d,
-                format!("{path}.{k}").trim_start_matches('.'),
-            );
+            walk(v, d, format!("{path}.{k}").trim_start_matches('.'));
         }
     }
     walk(&all, &values, "");
