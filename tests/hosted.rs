@@ -73,6 +73,7 @@ fn skopeo_pushes_and_containerd_pulls_hosted_images() {
         &format!("{host}/local/team/app:1"),
         Some("alice:alice-pw"),
     );
+    mirror.settle();
     assert_eq!(
         mirror.store_files(&layer[7..]).len(),
         1,
@@ -426,6 +427,7 @@ fn private_upstream_images_stay_private() {
         )
         .expect("owner pulls");
     assert_eq!(got, digest);
+    mirror.settle();
     assert_eq!(
         mirror.store_files(&layer[7..]).len(),
         1,

@@ -75,6 +75,7 @@ fn eviction_keeps_the_cache_under_its_cap_least_recently_pulled_first() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    mirror.settle();
     let before = mirror.store_bytes();
     assert!(
         before > 75 << 20,
@@ -185,6 +186,7 @@ fn kill_9_during_cold_pulls_leaves_nothing_corrupt() {
     }
 
     // verify finds a corrupted object, and --repair removes it.
+    mirror.settle();
     let victim = mirror.store_files(&digests[0][7..]).pop().expect("stored");
     std::fs::write(&victim, b"rotten").unwrap();
     let (ok, out) = mirror.cli(&["verify"]);
@@ -345,6 +347,7 @@ fn a_full_disk_passes_blobs_through_and_caching_resumes_with_space() {
         .args(["-o", "remount,size=64m"])
         .arg(&store));
     assert_eq!(sha256_hex(&get(&url).body), digest[7..]);
+    mirror.settle();
     assert_eq!(
         mirror.store_files(&digest[7..]).len(),
         1,

@@ -76,6 +76,7 @@ fn containerd_pulls_a_multiarch_index_through_ns_and_prefix_styles() {
         1,
         "platform manifest fetched once"
     );
+    mirror.settle();
     assert_eq!(
         mirror
             .store_files(layer.trim_start_matches("sha256:"))
@@ -151,6 +152,7 @@ fn shared_layer_is_stored_once_and_skopeo_pulls_through_a_basic_auth_upstream() 
         layer_hex
     );
 
+    mirror.settle();
     assert_eq!(
         mirror.store_files(layer_hex).len(),
         1,
@@ -269,6 +271,7 @@ fn concurrent_cold_requests_make_one_upstream_fetch() {
         31.0,
         "the other 31 joined the fill or read the result"
     );
+    mirror.settle();
     assert_eq!(mirror.store_files(&hex).len(), 1);
     assert_eq!(mirror.tmp_files(), 0);
 

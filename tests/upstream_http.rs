@@ -70,6 +70,7 @@ fn redirects_are_followed_without_leaking_the_upstream_authorization() {
         .filter(|q| q.header("authorization") == Some(USER))
         .count();
     assert!(authed >= 1, "the registry itself got the credentials");
+    mirror.settle();
     assert_eq!(
         mirror.store_files(&digest[7..]).len(),
         1,

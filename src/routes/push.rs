@@ -64,7 +64,7 @@ pub async fn upload_start(
         if let Ok(from) = super::path::valid_name(&from) {
             let source = ctx.resolve(&from)?;
             let ns = source.namespace(ctx.hosted_prefix());
-            if ctx.svc.mount_blob(&repo, &d, ns, source.repo())? {
+            if ctx.svc.mount_blob(&repo, &d, ns, source.repo()).await? {
                 return Ok(created(name, &d));
             }
         }

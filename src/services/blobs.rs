@@ -2,11 +2,13 @@
 //! every requester streams the bytes as they land on disk.
 
 use std::fs::File;
+
+use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::{header, Method};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use super::flight::{Join, Lead};
@@ -14,8 +16,11 @@ use super::stream::{Avail, BodyStream, OpenRelay, Reading};
 use super::{status_error, ServiceError, Services, Source};
 use crate::names::Digest;
 use crate::services::access::Caller;
-use crate::store::StoreError;
+use crate::store::{BlobWriter, StoreError};
 use crate::upstream::{UpRequest, Upstream};
+
+/// The fill writes (and wakes its readers) in batches of up to this many bytes.
+const WRITE_BATCH: usize = 512 * 1024;
 
 /// A fill whose upstream sends nothing for this long is abandoned.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -31,6 +36,9 @@ pub struct Fill {
     /// Upstream headers arrived with a success status.
     pub started: bool,
     pub written: u64,
+    /// All bytes arrived and match the digest (readers may send the last byte; the
+    /// fsync and rename into the store follow).
+    pub verified: bool,
     /// Verified and moved into the store.
     pub committed: bool,
     /// The store could not take the bytes (disk full): `written` bytes are readable from
@@ -274,6 +282,7 @@ impl Services {
                     size: Some(size),
                     started: true,
                     written: size,
+                    verified: true,
                     committed: true,
                     passthrough: false,
                     error: None,
@@ -299,7 +308,7 @@ impl Services {
             ));
         }
         let size = content_length(resp.headers());
-        let mut w = match self.store().begin() {
+        let w = match self.store().begin() {
             Ok(w) => w,
             Err(StoreError::Io(e)) if no_space(&e) => {
                 self.pass_through(lead, up, d, size, &e);
@@ -313,35 +322,49 @@ impl Services {
             f.started = true;
         });
         let bytes_metric = self.metrics().upstream_bytes.with_label_values(&[&up.name]);
+        // Two stages: this task receives the next batch while a blocking thread hashes and
+        // writes the previous one, so receiving, hashing and writing overlap.
+        let mut ended = false;
+        let mut writing: Option<tokio::task::JoinHandle<(BlobWriter, std::io::Result<u64>)>> = None;
+        let mut w = Some(w);
         loop {
-            let chunk = match tokio::time::timeout(IDLE_TIMEOUT, resp.next()).await {
-                Err(_) => {
-                    return Err(ServiceError::Unavailable(format!(
-                        "upstream {} stalled",
-                        up.name
-                    )))
+            let next = read_batch(&mut resp, &mut ended, up).await?;
+            if let Some(h) = writing.take() {
+                let (back, result) = h
+                    .await
+                    .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+                match result {
+                    Ok(n) => {
+                        bytes_metric.inc_by(n);
+                        let total = back.written();
+                        lead.tx.send_modify(|f| f.written = total);
+                        w = Some(back);
+                    }
+                    Err(e) if no_space(&e) => {
+                        // Dropping the writer removes the partial file; readers keep their
+                        // handle on the bytes already written and relay the rest.
+                        drop(back);
+                        self.pass_through(lead, up, d, size, &e);
+                        return Ok(());
+                    }
+                    Err(e) => return Err(StoreError::from(e).into()),
                 }
-                Ok(None) => break,
-                Ok(Some(Err(e))) => {
-                    return Err(ServiceError::Unavailable(format!(
-                        "upstream {}: {e}",
-                        up.name
-                    )))
-                }
-                Ok(Some(Ok(b))) => b,
-            };
-            if let Err(e) = w.write(&chunk) {
-                if no_space(&e) {
-                    // Dropping the writer removes the partial file; readers keep their
-                    // handle on the bytes already written and relay the rest.
-                    self.pass_through(lead, up, d, size, &e);
-                    return Ok(());
-                }
-                return Err(StoreError::from(e).into());
             }
-            bytes_metric.inc_by(chunk.len() as u64);
-            let n = w.written();
-            lead.tx.send_modify(|f| f.written = n);
+            let Some(chunk) = next else { break };
+            let Some(mut writer) = w.take() else { break };
+            writing = Some(tokio::task::spawn_blocking(move || {
+                let r = chunk
+                    .iter()
+                    .try_fold(0, |n, c| writer.write(c).map(|_| n + c.len() as u64));
+                (writer, r)
+            }));
+        }
+        let Some(w) = w else {
+            return Err(ServiceError::Unavailable("fill lost its writer".into()));
+        };
+        // Clients need not wait for the fsync: release them as soon as the bytes check out.
+        if w.digest() == *d && size.is_none_or(|s| s == w.written()) {
+            lead.tx.send_modify(|f| f.verified = true);
         }
         self.commit(w, size, up, d).await?;
         self.store().link_blob(&up.name, repo, d)?;
@@ -471,6 +494,48 @@ async fn wait_started(
             ));
         }
     }
+}
+
+/// The next batch of upstream bytes: at least one chunk (waiting at most the idle
+/// timeout), plus whatever else is already there, up to [`WRITE_BATCH`]. `None` at the end.
+async fn read_batch(
+    resp: &mut awc::ClientResponse,
+    ended: &mut bool,
+    up: &Upstream,
+) -> Result<Option<Vec<Bytes>>, ServiceError> {
+    let upstream_err = |e: String| ServiceError::Unavailable(format!("upstream {}: {e}", up.name));
+    // awc panics if its payload is polled again after its end: `ended` guards that.
+    if *ended {
+        return Ok(None);
+    }
+    let first = match tokio::time::timeout(IDLE_TIMEOUT, resp.next()).await {
+        Err(_) => return Err(upstream_err("stalled".into())),
+        Ok(None) => {
+            *ended = true;
+            return Ok(None);
+        }
+        Ok(Some(Err(e))) => return Err(upstream_err(e.to_string())),
+        Ok(Some(Ok(b))) => b,
+    };
+    // Coalesce what is already there into one write and one wake-up of the readers (the
+    // upstream hands over ~16-64 KiB at a time); never wait for more.
+    let mut len = first.len();
+    let mut batch = vec![first];
+    while len < WRITE_BATCH {
+        match resp.next().now_or_never() {
+            Some(Some(Ok(b))) => {
+                len += b.len();
+                batch.push(b);
+            }
+            Some(Some(Err(e))) => return Err(upstream_err(e.to_string())),
+            Some(None) => {
+                *ended = true;
+                break;
+            }
+            None => break,
+        }
+    }
+    Ok(Some(batch))
 }
 
 /// Whether a write failed because the disk (or quota) is full.

@@ -54,6 +54,11 @@ impl<K: Eq + Hash + Clone, V> Flights<K, V> {
         }
     }
 
+    /// The flight for `key`, if one is running.
+    pub fn follow(&self, key: &K) -> Option<watch::Receiver<V>> {
+        self.map.get(key).map(|rx| rx.clone())
+    }
+
     #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.map.len()

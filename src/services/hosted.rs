@@ -239,13 +239,19 @@ impl Services {
 
     /// Mounts a blob another repository holds (`from_ns`/`from_repo`, hosted or cached)
     /// into a hosted repository; false if it cannot (the client then uploads).
-    pub fn mount_blob(
+    pub async fn mount_blob(
         &self,
         repo: &str,
         d: &Digest,
         from_ns: &str,
         from_repo: &str,
     ) -> Result<bool, ServiceError> {
+        // A blob still being filled (its client may already have all bytes) is mounted
+        // once it is in the store.
+        if let Some(mut rx) = self.mirror.blob_flights.follow(d) {
+            let done = rx.wait_for(|f| f.committed || f.error.is_some() || f.passthrough);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), done).await;
+        }
         let ns = &self.hosted()?.prefix;
         let store = self.store();
         if store.stat(d)?.is_none()

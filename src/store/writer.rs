@@ -52,6 +52,11 @@ impl BlobWriter {
         self.written
     }
 
+    /// The digest of the bytes written so far (the writer goes on).
+    pub fn digest(&self) -> Digest {
+        Digest::from_hasher(self.hasher.clone())
+    }
+
     /// A handle for positional reads of the bytes written so far, shared with the
     /// requests that stream a fill while it is still in progress.
     pub fn reader(&self) -> Arc<File> {

@@ -73,6 +73,32 @@ impl Registry {
         r
     }
 
+    /// A Distribution registry in proxy (pull-through) mode in front of `remote`, the
+    /// stock single-upstream cache entrepot is compared with.
+    pub fn start_proxy(remote: &str) -> Registry {
+        let dir = TempDir::new().expect("tempdir");
+        let port = free_port();
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\nproxy:\n  remoteurl: {remote}\n",
+            dir.path().join("storage").display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config).expect("write config");
+        let log = dir.path().join("access.log");
+        let mut r = Registry {
+            port,
+            dir,
+            log,
+            proc: None,
+            token: None,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
+    }
+
     pub fn restart(&mut self) {
         self.stop();
         let mut cmd = Command::new("docker-registry");
@@ -210,6 +236,11 @@ impl Mirror {
         }
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("upstreams.toml")
     }
@@ -262,6 +293,14 @@ impl Mirror {
     /// Every file in the store's content area named `hex`.
     pub fn store_files(&self, hex: &str) -> Vec<PathBuf> {
         find_files(&self.store.join("blobs"), hex)
+    }
+
+    /// Waits until no write is in progress: a fill's client gets its last byte once the
+    /// bytes are verified, and the fsync and rename into the store follow.
+    pub fn settle(&self) {
+        wait_until("fills committed", Duration::from_secs(20), || {
+            self.tmp_files() == 0
+        });
     }
 
     pub fn tmp_files(&self) -> usize {

@@ -1,0 +1,461 @@
+//! Side-by-side benchmark: entrepot vs Distribution in proxy mode vs nginx (sendfile) vs
+//! the upstream itself, all on loopback. Run by hand:
+//!
+//! ```sh
+//! apt-get install -y docker-registry nginx-light wrk curl
+//! cargo bench --bench mirror            # BENCH_QUICK=1 for a smaller, faster smoke run
+//! ```
+//!
+//! Prints a Markdown table (also written to `target/bench-results.md`); BENCHMARKS.md keeps
+//! the latest one with the machine it ran on.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fmt::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tempfile::TempDir;
+
+const MIB: usize = 1 << 20;
+
+struct Sizes {
+    warm: usize,
+    coalesce: usize,
+    scale_blobs: usize,
+    scale_repos: usize,
+    wrk_secs: u32,
+}
+
+fn sizes() -> Sizes {
+    if std::env::var("BENCH_QUICK").is_ok() {
+        Sizes {
+            warm: 64 * MIB,
+            coalesce: 32 * MIB,
+            scale_blobs: 10_000,
+            scale_repos: 1_000,
+            wrk_secs: 3,
+        }
+    } else {
+        Sizes {
+            warm: 512 * MIB,
+            coalesce: 256 * MIB,
+            scale_blobs: 100_000,
+            scale_repos: 10_000,
+            wrk_secs: 10,
+        }
+    }
+}
+
+/// One curl GET: (time to first byte, total time, bytes).
+fn curl(url: &str, extra: &[&str]) -> (f64, f64, u64) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_starttransfer} %{time_total} %{size_download}",
+        ])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl");
+    let s = String::from_utf8_lossy(&out.stdout);
+    let mut it = s
+        .split_whitespace()
+        .map(|x| x.parse::<f64>().unwrap_or(0.0));
+    (
+        it.next().unwrap_or(0.0),
+        it.next().unwrap_or(0.0),
+        it.next().unwrap_or(0.0) as u64,
+    )
+}
+
+/// `n` concurrent GETs: (wall seconds, slowest client seconds, total bytes).
+fn concurrent(n: usize, url: &str) -> (f64, f64, u64) {
+    let start = Instant::now();
+    let children: Vec<_> = (0..n)
+        .map(|_| {
+            Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{time_total} %{size_download}",
+                ])
+                .arg(url)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("curl")
+        })
+        .collect();
+    let mut slowest = 0f64;
+    let mut bytes = 0u64;
+    for c in children {
+        let out = c.wait_with_output().expect("curl");
+        let s = String::from_utf8_lossy(&out.stdout);
+        let mut it = s
+            .split_whitespace()
+            .map(|x| x.parse::<f64>().unwrap_or(0.0));
+        slowest = slowest.max(it.next().unwrap_or(0.0));
+        bytes += it.next().unwrap_or(0.0) as u64;
+    }
+    (start.elapsed().as_secs_f64(), slowest, bytes)
+}
+
+/// wrk at 64 connections: (requests/s, p99 ms).
+fn wrk(url: &str, method: &str, accept: Option<&str>, secs: u32) -> (f64, f64) {
+    let dir = TempDir::new().expect("tmp");
+    let script = dir.path().join("s.lua");
+    let mut lua = format!("wrk.method = \"{method}\"\n");
+    if let Some(a) = accept {
+        lua.push_str(&format!("wrk.headers[\"Accept\"] = \"{a}\"\n"));
+    }
+    std::fs::write(&script, lua).expect("lua");
+    let out = Command::new("wrk")
+        .args(["-t2", "-c64", &format!("-d{secs}s"), "--latency", "-s"])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .expect("wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let p99 = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("99%"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(parse_ms)
+        .unwrap_or(0.0);
+    (rps, p99)
+}
+
+fn parse_ms(v: &str) -> f64 {
+    let num: String = v
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let n: f64 = num.parse().unwrap_or(0.0);
+    match &v[num.len()..] {
+        "us" => n / 1000.0,
+        "s" => n * 1000.0,
+        _ => n,
+    }
+}
+
+/// Peak resident memory of a process (VmHWM), MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Bytes the upstream sent for GETs of `path_part` (from its access log).
+fn upstream_bytes(up: &Registry, path_part: &str) -> u64 {
+    up.log()
+        .lines()
+        .filter(|l| {
+            l.contains(&format!("\"GET {path_part}"))
+                || (l.contains("\"GET ") && l.contains(path_part))
+        })
+        .filter_map(|l| {
+            let after = l.split("\" ").nth(1)?;
+            let mut it = after.split_whitespace();
+            let status = it.next()?;
+            (status == "200")
+                .then(|| it.next()?.parse::<u64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// nginx serving one file with sendfile on.
+struct Nginx {
+    port: u16,
+    _dir: TempDir,
+    _proc: Proc,
+}
+
+fn nginx(file: &std::path::Path) -> Nginx {
+    let dir = TempDir::new().expect("tmp");
+    let port = free_port();
+    let conf = format!(
+        "daemon off;\nworker_processes 2;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\n\
+         http {{\n access_log off;\n sendfile on;\n tcp_nopush on;\n client_body_temp_path {d};\n proxy_temp_path {d};\n fastcgi_temp_path {d};\n uwsgi_temp_path {d};\n scgi_temp_path {d};\n\
+         server {{ listen 127.0.0.1:{port}; location = /blob {{ alias {f}; default_type application/octet-stream; }} }}\n}}\n",
+        d = dir.path().display(),
+        f = file.display()
+    );
+    std::fs::write(dir.path().join("nginx.conf"), conf).expect("conf");
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c")
+        .arg(dir.path().join("nginx.conf"))
+        .arg("-p")
+        .arg(dir.path());
+    let proc = Proc::spawn("nginx", cmd, &dir.path().join("out.log"));
+    wait_port(port);
+    Nginx {
+        port,
+        _dir: dir,
+        _proc: proc,
+    }
+}
+
+/// Pushes a small image (config + layer + manifest) as `repo:tag`; returns the manifest digest.
+fn push_small_image(up: &Registry, repo: &str, tag: &str) -> String {
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let layer = noise(4096, 1);
+    let c = up.push_blob(repo, config);
+    let l = up.push_blob(repo, &layer);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l}","size":{}}}]}}"#,
+        config.len(),
+        layer.len()
+    );
+    let r = send(
+        &format!("{}/v2/{repo}/manifests/{tag}", up.url()),
+        "PUT",
+        manifest.as_bytes(),
+        &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+    );
+    assert_eq!(r.status, 201, "push manifest");
+    format!("sha256:{}", sha256_hex(manifest.as_bytes()))
+}
+
+struct Report(String);
+
+impl Report {
+    fn row(&mut self, cells: &[String]) {
+        let _ = writeln!(self.0, "| {} |", cells.join(" | "));
+        println!("| {} |", cells.join(" | "));
+    }
+}
+
+fn gbs(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / secs.max(1e-9) / 1e9
+}
+
+fn main() {
+    if !require(&["docker-registry", "nginx", "wrk", "curl"]) {
+        return;
+    }
+    let s = sizes();
+    let mut report = Report(String::new());
+    let head = "| scenario | entrepot | Distribution proxy | nginx sendfile / direct upstream | entrepot vs peers |";
+    println!("{head}\n|---|---|---|---|---|");
+    let _ = writeln!(report.0, "{head}\n|---|---|---|---|---|");
+
+    let up = Registry::start(Auth::Anonymous);
+    let warm_blob = noise(s.warm, 11);
+    let warm_d = up.push_blob("bench/warm", &warm_blob);
+    drop(warm_blob);
+    let co_blob = noise(s.coalesce, 12);
+    let co_d = up.push_blob("bench/co", &co_blob);
+    let co_d_proxy = up.push_blob("bench/co", &noise(s.coalesce, 13));
+    drop(co_blob);
+    let cold_d = up.push_blob("bench/cold", &noise(s.warm, 14));
+    let manifest_d = push_small_image(&up, "bench/app", "1");
+    let small_layer = format!("sha256:{}", sha256_hex(&noise(4096, 1)));
+
+    let mirror = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"docker.io\"]\nurl = \"{}\"\ntag_ttl = \"1h\"\n",
+            up.url()
+        ),
+    );
+    let proxy = Registry::start_proxy(&up.url());
+    let ngx = nginx(&up.blob_data(&warm_d[7..]));
+    let m = |repo: &str, what: &str| format!("{}/v2/docker.io/{repo}/{what}", mirror.url());
+    let p = |repo: &str, what: &str| format!("{}/v2/{repo}/{what}", proxy.url());
+
+    // 2. Cold pull of one big blob, vs fetching it straight from the upstream.
+    let direct = curl(&format!("{}/v2/bench/cold/blobs/{cold_d}", up.url()), &[]);
+    let cold = curl(&m("bench/cold", &format!("blobs/{cold_d}")), &[]);
+    let pcold = curl(&p("bench/cold", &format!("blobs/{cold_d}")), &[]);
+    report.row(&[
+        format!("cold {} MiB: wall (TTFB)", s.warm / MIB),
+        format!("{:.2} s ({:.1} ms)", cold.1, cold.0 * 1e3),
+        format!("{:.2} s ({:.1} ms)", pcold.1, pcold.0 * 1e3),
+        format!("direct {:.2} s ({:.1} ms)", direct.1, direct.0 * 1e3),
+        format!("{:.2}x direct wall", cold.1 / direct.1),
+    ]);
+
+    // 1. Warm throughput, 1 and 16 clients.
+    curl(&p("bench/warm", &format!("blobs/{warm_d}")), &[]);
+    curl(&m("bench/warm", &format!("blobs/{warm_d}")), &[]);
+    let ngx_url = format!("http://127.0.0.1:{}/blob", ngx.port);
+    for clients in [1usize, 16] {
+        let run = |url: &str| {
+            let (wall, _, bytes) = concurrent(clients, url);
+            gbs(bytes, wall)
+        };
+        let (e, pr, n) = (
+            run(&m("bench/warm", &format!("blobs/{warm_d}"))),
+            run(&p("bench/warm", &format!("blobs/{warm_d}"))),
+            run(&ngx_url),
+        );
+        report.row(&[
+            format!("warm {} MiB, {clients} client(s)", s.warm / MIB),
+            format!("{e:.2} GB/s"),
+            format!("{pr:.2} GB/s"),
+            format!("nginx {n:.2} GB/s"),
+            format!("{:.2}x nginx, {:.1}x proxy", e / n, e / pr),
+        ]);
+    }
+
+    // 3. Coalescing: 64 concurrent cold requests.
+    let before = upstream_bytes(&up, &co_d);
+    let (_, slowest, bytes) = concurrent(64, &m("bench/co", &format!("blobs/{co_d}")));
+    let e_ratio = (upstream_bytes(&up, &co_d) - before) as f64 / s.coalesce as f64;
+    let before = upstream_bytes(&up, &co_d_proxy);
+    let (_, pslowest, pbytes) = concurrent(64, &p("bench/co", &format!("blobs/{co_d_proxy}")));
+    let p_ratio = (upstream_bytes(&up, &co_d_proxy) - before) as f64 / s.coalesce as f64;
+    report.row(&[
+        format!(
+            "64 cold clients, {} MiB: upstream bytes / blob (slowest client)",
+            s.coalesce / MIB
+        ),
+        format!(
+            "{e_ratio:.2}x ({slowest:.2} s, {} MiB served)",
+            bytes / MIB as u64
+        ),
+        format!(
+            "{p_ratio:.2}x ({pslowest:.2} s, {} MiB served)",
+            pbytes / MIB as u64
+        ),
+        "-".into(),
+        format!("{:.0}x fewer upstream bytes", p_ratio / e_ratio.max(1e-9)),
+    ]);
+    let rss = mirror.pid().map_or(0.0, peak_rss_mib);
+
+    // 4. Small requests at 64 connections.
+    let oci = Some("application/vnd.oci.image.manifest.v1+json");
+    curl(
+        &m("bench/app", "manifests/1"),
+        &["-H", "Accept: application/vnd.oci.image.manifest.v1+json"],
+    );
+    curl(
+        &p("bench/app", "manifests/1"),
+        &["-H", "Accept: application/vnd.oci.image.manifest.v1+json"],
+    );
+    curl(&m("bench/app", &format!("blobs/{small_layer}")), &[]);
+    curl(&p("bench/app", &format!("blobs/{small_layer}")), &[]);
+    for (name, what, method) in [
+        (
+            "manifest by digest",
+            format!("manifests/{manifest_d}"),
+            "GET",
+        ),
+        (
+            "manifest by tag (within TTL)",
+            "manifests/1".to_string(),
+            "GET",
+        ),
+        ("HEAD blob", format!("blobs/{small_layer}"), "HEAD"),
+    ] {
+        let (e, ep99) = wrk(&m("bench/app", &what), method, oci, s.wrk_secs);
+        let (pr, pp99) = wrk(&p("bench/app", &what), method, oci, s.wrk_secs);
+        report.row(&[
+            format!("{name}: req/s (p99)"),
+            format!("{e:.0} ({ep99:.2} ms)"),
+            format!("{pr:.0} ({pp99:.2} ms)"),
+            "-".into(),
+            format!("{:.1}x proxy", e / pr.max(1e-9)),
+        ]);
+    }
+
+    // 5. Memory while 64 clients stream the warm blob.
+    let (wall, _, bytes) = concurrent(64, &m("bench/warm", &format!("blobs/{warm_d}")));
+    let rss64 = mirror.pid().map_or(0.0, peak_rss_mib);
+    report.row(&[
+        "peak RSS (after 1-3; after 64 warm streams)".into(),
+        format!(
+            "{rss:.1} MiB; {rss64:.1} MiB ({:.2} GB/s)",
+            gbs(bytes, wall)
+        ),
+        format!("{:.1} MiB", proxy.pid().map_or(0.0, peak_rss_mib)),
+        "-".into(),
+        "-".into(),
+    ]);
+
+    // 6. Scale: manifest by digest with many blobs and repositories in the store.
+    let (small_rps, small_p99) = wrk(
+        &m("bench/app", &format!("manifests/{manifest_d}")),
+        "GET",
+        oci,
+        s.wrk_secs,
+    );
+    let big = scale_store(&s, &up.url());
+    let (rps, p99) = wrk(
+        &format!("{}/v2/docker.io/r0/app/manifests/{}", big.0.url(), big.1),
+        "GET",
+        oci,
+        s.wrk_secs,
+    );
+    report.row(&[
+        format!(
+            "manifest by digest, {} blobs / {} repos",
+            s.scale_blobs, s.scale_repos
+        ),
+        format!("{rps:.0} req/s ({p99:.2} ms p99)"),
+        "-".into(),
+        format!("small store {small_rps:.0} req/s ({small_p99:.2} ms)"),
+        format!("{:.2}x small-store rate", rps / small_rps.max(1e-9)),
+    ]);
+
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results.md");
+    let _ = std::fs::write(&out, &report.0);
+    println!("\nwritten to {}", out.display());
+    let _ = Duration::from_secs(0);
+}
+
+/// A mirror whose store holds `scale_blobs` objects in `scale_repos` repositories, written
+/// directly in the store's layout; returns it and one manifest digest to ask for.
+fn scale_store(s: &Sizes, upstream: &str) -> (Mirror, String) {
+    let dir = TempDir::new().expect("tmp").keep();
+    let store = dir.join("store");
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":1},"layers":[]}"#;
+    let md = sha256_hex(manifest);
+    for i in 0..s.scale_blobs {
+        let bytes = format!("blob {i}");
+        let hex = sha256_hex(bytes.as_bytes());
+        let d = store.join("blobs/sha256").join(&hex[..2]);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(d.join(&hex), bytes).expect("write");
+        let repo = store.join(format!("repos/docker.io/r{}/app/_blobs", i % s.scale_repos));
+        std::fs::create_dir_all(&repo).expect("mkdir");
+        std::fs::write(repo.join(&hex), b"").expect("link");
+    }
+    let d = store.join("blobs/sha256").join(&md[..2]);
+    std::fs::create_dir_all(&d).expect("mkdir");
+    std::fs::write(d.join(&md), manifest).expect("write");
+    let links = store.join("repos/docker.io/r0/app/_manifests");
+    std::fs::create_dir_all(&links).expect("mkdir");
+    std::fs::write(
+        links.join(&md),
+        br#"{"media_type":"application/vnd.oci.image.manifest.v1+json"}"#,
+    )
+    .expect("link");
+    let m = Mirror::start_with_store(
+        Some(store),
+        "",
+        &format!("[upstreams.\"docker.io\"]\nurl = \"{upstream}\"\n"),
+    );
+    (m, format!("sha256:{md}"))
+}
