@@ -343,6 +343,43 @@ fn main() {
         format!("{:.2}x direct wall", cold.1 / direct.1),
     ]);
 
+    // 2b. The same over a link slower than one core's SHA-256 (as any real network is):
+    //     upstream behind a 200 MB/s per-connection throttle, direct and through entrepot.
+    let slow_d = up.push_blob("bench/slow", &noise(s.coalesce / 2, 15));
+    let link = throttle::Throttle::start(up.port, 200_000_000);
+    let slow_mirror = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:{}\"\n",
+            link.port
+        ),
+    );
+    let sdirect = curl(
+        &format!(
+            "http://127.0.0.1:{}/v2/bench/slow/blobs/{slow_d}",
+            link.port
+        ),
+        &[],
+    );
+    let scold = curl(
+        &format!(
+            "{}/v2/docker.io/bench/slow/blobs/{slow_d}",
+            slow_mirror.url()
+        ),
+        &[],
+    );
+    report.row(&[
+        format!(
+            "cold {} MiB over a 200 MB/s link: wall (TTFB)",
+            s.coalesce / 2 / MIB
+        ),
+        format!("{:.2} s ({:.1} ms)", scold.1, scold.0 * 1e3),
+        "-".into(),
+        format!("direct {:.2} s ({:.1} ms)", sdirect.1, sdirect.0 * 1e3),
+        format!("{:.2}x direct wall", scold.1 / sdirect.1),
+    ]);
+    drop(slow_mirror);
+
     // 1. Warm throughput, 1 and 16 clients.
     curl(&p("bench/warm", &format!("blobs/{warm_d}")), &[]);
     curl(&m("bench/warm", &format!("blobs/{warm_d}")), &[]);

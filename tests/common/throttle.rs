@@ -52,11 +52,13 @@ impl Drop for Throttle {
     }
 }
 
-/// Copies `from` to `to` at most `rate` bytes per second, in 10 ms slices.
+/// Copies `from` to `to` at most `rate` bytes per second on average: after each read it
+/// sleeps until the bytes sent so far are due.
 fn pump(mut from: TcpStream, mut to: TcpStream, rate: usize) {
     let slice = (rate / 100).clamp(1, 64 * 1024);
     let mut buf = vec![0u8; slice];
     let start = Instant::now();
+    let mut sent = 0u64;
     while start.elapsed() < LIFETIME {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -65,8 +67,12 @@ fn pump(mut from: TcpStream, mut to: TcpStream, rate: usize) {
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
+        sent += n as u64;
         if rate != usize::MAX {
-            std::thread::sleep(Duration::from_millis(10));
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
         }
     }
     let _ = to.shutdown(Shutdown::Write);
