@@ -51,11 +51,7 @@ fn skopeo_pushes_and_containerd_pulls_hosted_images() {
     let up = Registry::start(Auth::Anonymous);
     let tmp = TempDir::new().unwrap();
     let layout = Layout::new(tmp.path());
-    layout.build("amd", &[("a", &noise(300_000, 31))]);
-    layout.build("arm", &[("b", &noise(100_000, 32))]);
-    let amd = layout.set_arch("amd", "amd64");
-    layout.set_arch("arm", "arm64");
-    let index = layout.make_index("multi", &[("amd", "amd64"), ("arm", "arm64")]);
+    let (index, amd) = layout.multiarch(300_000, 31);
     let layer = layout.layers(&amd)[0].clone();
     layout.push("amd", &format!("{}/library/app:1", up.host()), None);
 

@@ -206,11 +206,7 @@ fn export_then_import_serves_images_with_the_upstreams_unreachable() {
     let up = Registry::start(Auth::Anonymous);
     let tmp = TempDir::new().unwrap();
     let layout = Layout::new(tmp.path());
-    layout.build("amd", &[("a", &noise(200_000, 81))]);
-    layout.build("arm", &[("b", &noise(200_000, 82))]);
-    layout.set_arch("amd", "amd64");
-    layout.set_arch("arm", "arm64");
-    let index = layout.make_index("multi", &[("amd", "amd64"), ("arm", "arm64")]);
+    let (index, _) = layout.multiarch(200_000, 81);
     let single = layout.build("single", &[("s", &noise(100_000, 83))]);
     layout.push("multi", &format!("{}/library/multi:1", up.host()), None);
     layout.push("single", &format!("{}/tools/single:2", up.host()), None);

@@ -40,11 +40,7 @@ fn containerd_pulls_a_multiarch_index_through_ns_and_prefix_styles() {
     let up = Registry::start(Auth::Anonymous);
     let tmp = TempDir::new().unwrap();
     let layout = Layout::new(tmp.path());
-    layout.build("amd", &[("a.txt", &noise(300_000, 1))]);
-    layout.build("arm", &[("b.txt", &noise(200_000, 2))]);
-    let amd = layout.set_arch("amd", "amd64");
-    layout.set_arch("arm", "arm64");
-    let index = layout.make_index("multi", &[("amd", "amd64"), ("arm", "arm64")]);
+    let (index, amd) = layout.multiarch(300_000, 1);
     layout.push("multi", &format!("{}/library/multi:1", up.host()), None);
 
     let mirror = Mirror::start(

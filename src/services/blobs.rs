@@ -172,13 +172,7 @@ impl Services {
         d: &Digest,
     ) -> Result<BlobReply, ServiceError> {
         let what = format!("blobs/{d}");
-        let req = UpRequest {
-            method: Method::HEAD,
-            repo,
-            what: &what,
-            accept: None,
-            range_from: None,
-        };
+        let req = blob_request(Method::HEAD, repo, &what, None);
         let resp = self.upstream(up, "blob", req).await?;
         if !resp.status().is_success() {
             return Err(status_error(
@@ -291,13 +285,7 @@ impl Services {
             return Ok(());
         }
         let what = format!("blobs/{d}");
-        let req = UpRequest {
-            method: Method::GET,
-            repo,
-            what: &what,
-            accept: None,
-            range_from: None,
-        };
+        let req = blob_request(Method::GET, repo, &what, None);
         let mut resp = self.upstream(up, "blob", req).await?;
         if !resp.status().is_success() {
             return Err(status_error(
@@ -403,13 +391,7 @@ impl Services {
         pos: u64,
     ) -> Result<super::stream::Relay, ServiceError> {
         let what = format!("blobs/{d}");
-        let req = UpRequest {
-            method: Method::GET,
-            repo,
-            what: &what,
-            accept: None,
-            range_from: Some(pos).filter(|p| *p > 0),
-        };
+        let req = blob_request(Method::GET, repo, &what, Some(pos).filter(|p| *p > 0));
         let resp = self.upstream(up, "blob", req).await?;
         let status = resp.status();
         if !status.is_success() {
@@ -493,6 +475,22 @@ async fn wait_started(
                 "fill ended without a result".into(),
             ));
         }
+    }
+}
+
+/// An upstream request for `blobs/<digest>` (`what`).
+fn blob_request<'a>(
+    method: Method,
+    repo: &'a str,
+    what: &'a str,
+    range_from: Option<u64>,
+) -> UpRequest<'a> {
+    UpRequest {
+        method,
+        repo,
+        what,
+        accept: None,
+        range_from,
     }
 }
 

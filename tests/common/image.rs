@@ -96,6 +96,17 @@ impl Layout {
             .unwrap_or_default()
     }
 
+    /// Builds a two-platform image (linux/amd64 and linux/arm64, one random layer each of
+    /// `size` bytes) tagged `multi`; returns (index digest, amd64 manifest digest).
+    pub fn multiarch(&self, size: usize, seed: u64) -> (String, String) {
+        self.build("amd", &[("a", &noise(size, seed))]);
+        self.build("arm", &[("b", &noise(size, seed + 1))]);
+        let amd = self.set_arch("amd", "amd64");
+        self.set_arch("arm", "arm64");
+        let index = self.make_index("multi", &[("amd", "amd64"), ("arm", "arm64")]);
+        (index, amd)
+    }
+
     /// Writes an image index over `tags` (each tag's config names its platform) as `tag`.
     pub fn make_index(&self, tag: &str, tags: &[(&str, &str)]) -> String {
         let manifests: Vec<Value> = tags
