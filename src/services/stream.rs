@@ -25,6 +25,14 @@ use crate::names::Digest;
 /// streams hold little memory (a mapped chunk is unmapped once the socket has it).
 const CHUNK: u64 = 512 * 1024;
 
+fn spawn_map(
+    file: Arc<File>,
+    pos: u64,
+    len: usize,
+) -> tokio::task::JoinHandle<std::io::Result<Bytes>> {
+    tokio::task::spawn_blocking(move || map_chunk(&file, pos, len))
+}
+
 /// Maps `[pos, pos+len)` of a blob file, faulted in up front (on this blocking thread, so
 /// a page-cache miss never stalls an async worker). The bytes go to the socket without
 /// being copied into a user-space buffer first, which is what a `read` would cost.
@@ -98,8 +106,13 @@ enum Next {
     Relay,
 }
 
+/// A chunk being mapped ahead of the reader: (offset, length, the mapping task).
+type Ahead = (u64, usize, tokio::task::JoinHandle<std::io::Result<Bytes>>);
+
 struct Cursor {
     file: Option<Arc<File>>,
+    /// For committed blobs, the next chunk is mapped while this one goes to the socket.
+    ahead: Option<Ahead>,
     relay: Option<Relay>,
     pos: u64,
     end: u64,
@@ -120,6 +133,7 @@ impl BodyStream {
     ) -> BodyStream {
         let cur = Cursor {
             file,
+            ahead: None,
             relay: None,
             pos: start,
             end,
@@ -162,12 +176,20 @@ impl Cursor {
             .clone()
             .ok_or_else(|| ServiceError::Unavailable("no file to read".into()))?;
         let pos = self.pos;
-        let chunk = tokio::task::spawn_blocking(move || map_chunk(&file, pos, len))
+        let task = match self.ahead.take() {
+            Some((p, l, task)) if p == pos && l == len => task,
+            _ => spawn_map(file.clone(), pos, len),
+        };
+        let chunk = task
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))
             .and_then(|r| r)
             .map_err(crate::store::StoreError::from)?;
         self.pos += len as u64;
+        if matches!(self.avail, Avail::Complete(_)) && self.pos < self.end {
+            let next = (self.end - self.pos).min(CHUNK) as usize;
+            self.ahead = Some((self.pos, next, spawn_map(file, self.pos, next)));
+        }
         self.metrics
             .served_bytes
             .with_label_values(&[self.source])
