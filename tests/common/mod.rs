@@ -24,7 +24,15 @@ pub use peers::*;
 
 /// Whether every tool in `tools` is installed; panics under `CI=true` if one is not.
 pub fn require(tools: &[&str]) -> bool {
-    let missing: Vec<_> = tools.iter().filter(|t| which(t).is_none()).collect();
+    let mut missing: Vec<String> = tools
+        .iter()
+        .filter(|t| which(t).is_none())
+        .map(|t| t.to_string())
+        .collect();
+    // containerd (and mounting a tmpfs) need root.
+    if tools.iter().any(|t| ["containerd", "mount"].contains(t)) && !is_root() {
+        missing.push("root (containerd/mount)".into());
+    }
     if missing.is_empty() {
         return true;
     }
@@ -33,6 +41,13 @@ pub fn require(tools: &[&str]) -> bool {
     }
     eprintln!("SKIP: missing tools {missing:?}; install them (see .ci/run) to run this test");
     false
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn which(tool: &str) -> Option<std::path::PathBuf> {
