@@ -142,6 +142,9 @@ pub struct UpstreamConfig {
     /// How long a tag -> digest answer is trusted before it is revalidated upstream.
     #[serde(default, with = "humantime_serde")]
     pub tag_ttl: Option<Duration>,
+    /// Extra CA certificates (PEM) trusted for this upstream, besides the public roots: for
+    /// private registries behind an internal CA.
+    pub ca_file: Option<PathBuf>,
     /// Glob patterns on the repository name; when set, only matching repositories are
     /// fetched or served.
     #[serde(default)]

@@ -31,8 +31,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let limit = cfg.server.max_cache_size.map_or(0, |s| s.as_u64());
     metrics.cache_limit_bytes.set(limit as i64);
     let hosted_prefix = cfg.hosted.as_ref().map(|h| h.prefix.as_str());
+    let upstreams = Upstream::all_from(&cfg)?;
     let router = web::Data::new(Router::new(
-        Upstream::all_from(&cfg)?,
+        upstreams.clone(),
         cfg.server.default_upstream.as_deref(),
         hosted_prefix,
     ));
@@ -59,7 +60,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let md = metrics_data.clone();
     let server = HttpServer::new(move || {
         // awc clients are per worker thread; the token cache is shared by all.
-        let client = UpstreamClient::new(tokens.clone(), timeout);
+        let client = UpstreamClient::new(tokens.clone(), timeout, &upstreams);
         App::new()
             .app_data(web::Data::new(Services::new(mirror.clone(), client)))
             .app_data(router.clone())

@@ -213,3 +213,47 @@ fn metrics_on_their_own_listener_with_latency_histograms() {
     assert!(text.contains("entrepot_upstream_request_duration_seconds_count{kind=\"manifest\",upstream=\"docker.io\"} 1"));
     assert!(text.contains("# TYPE entrepot_http_requests_total counter"));
 }
+
+#[test]
+fn a_private_registry_behind_an_internal_ca_is_trusted_through_ca_file() {
+    if !require(PEERS) {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let (ca, cert, key) = make_tls(tmp.path());
+    let up = Registry::start_tls(&cert, &key);
+    let layout = Layout::new(tmp.path());
+    let digest = layout.build("t", &[("f", &noise(20_000, 103))]);
+    layout.push("t", &format!("{}/team/app:1", up.host()), None);
+    let https = format!("https://127.0.0.1:{}", up.port);
+    let trusted = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"corp.io\"]\nurl = \"{https}\"\nca_file = \"{}\"\n",
+            ca.display()
+        ),
+    );
+    let oci = "application/vnd.oci.image.manifest.v1+json";
+    let r = http(
+        "GET",
+        &format!("{}/v2/corp.io/team/app/manifests/1", trusted.url()),
+        &[("Accept", oci)],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(format!("sha256:{}", sha256_hex(&r.body)), digest);
+    let untrusted = Mirror::start("", &format!("[upstreams.\"corp.io\"]\nurl = \"{https}\"\n"));
+    let r = http(
+        "GET",
+        &format!("{}/v2/corp.io/team/app/manifests/1", untrusted.url()),
+        &[("Accept", oci)],
+    );
+    assert_eq!(
+        (r.status, r.oci_code().as_str()),
+        (503, "UNAVAILABLE"),
+        "unknown CA refused"
+    );
+    assert!(r.json()["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("certificate"));
+}

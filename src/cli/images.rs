@@ -184,8 +184,9 @@ fn with_services<T>(
 ) -> anyhow::Result<T> {
     let m = mirror(cfg)?;
     let timeout = cfg.server.upstream_timeout;
+    let upstreams = crate::upstream::Upstream::all_from(cfg)?;
     actix_web::rt::System::new().block_on(async move {
-        let client = UpstreamClient::new(Arc::new(TokenCache::default()), timeout);
+        let client = UpstreamClient::new(Arc::new(TokenCache::default()), timeout, &upstreams);
         let svc = Services::new(m, client);
         work(&svc).await
     })

@@ -116,6 +116,7 @@ mod tests {
             library_prefix: name == "docker.io",
             filter: Default::default(),
             client: None,
+            tls: None,
         })
     }
 

@@ -47,6 +47,8 @@ pub struct Upstream {
     /// Set on a per-request copy that carries a client's own credentials instead of the
     /// configured ones: the identity of those credentials (see [`Creds::id`]).
     pub client: Option<String>,
+    /// TLS settings when the upstream has its own CA (`ca_file`); none: public roots.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Never prints the password.
@@ -92,6 +94,11 @@ impl Upstream {
                 tag_ttl: up.tag_ttl(),
                 filter: Arc::new(filter),
                 client: None,
+                tls: up
+                    .ca_file
+                    .as_deref()
+                    .map(|f| tls_with_ca(name, f))
+                    .transpose()?,
             }));
         }
         Ok(out)
@@ -107,12 +114,48 @@ impl Upstream {
             library_prefix: self.library_prefix,
             filter: self.filter.clone(),
             client: Some(c.id()),
+            tls: self.tls.clone(),
         })
     }
 
     fn basic_header(&self) -> Option<String> {
         self.credentials.as_ref().map(|(u, p)| basic(u, p))
     }
+}
+
+/// Public roots plus the CA certificates in `ca_file`, offering h2 and http/1.1.
+fn tls_with_ca(
+    name: &str,
+    ca_file: &std::path::Path,
+) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let err = |msg: String| ConfigError::Upstream {
+        name: name.to_string(),
+        msg,
+    };
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| err(format!("ca_file {}: {e}", ca_file.display())))?;
+    if certs.is_empty() {
+        return Err(err(format!(
+            "ca_file {} holds no certificate",
+            ca_file.display()
+        )));
+    }
+    for c in certs {
+        roots
+            .add(c)
+            .map_err(|e| err(format!("ca_file {}: {e}", ca_file.display())))?;
+    }
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 fn basic(user: &str, pass: &str) -> String {
@@ -167,21 +210,51 @@ struct TokenResponse {
 #[derive(Clone)]
 pub struct UpstreamClient {
     http: awc::Client,
+    /// Clients for upstreams with their own CA (`ca_file`), by upstream name.
+    custom: Arc<std::collections::HashMap<String, awc::Client>>,
     tokens: Arc<TokenCache>,
 }
 
+fn build_client(timeout: Duration, tls: Option<&Arc<rustls::ClientConfig>>) -> awc::Client {
+    let mut connector = awc::Connector::new().timeout(timeout);
+    if let Some(cfg) = tls {
+        connector = connector.rustls_0_23(cfg.clone());
+    }
+    awc::Client::builder()
+        .disable_redirects()
+        .timeout(timeout)
+        .add_default_header((
+            header::USER_AGENT,
+            concat!("entrepot/", env!("CARGO_PKG_VERSION")),
+        ))
+        .connector(connector)
+        .finish()
+}
+
 impl UpstreamClient {
-    pub fn new(tokens: Arc<TokenCache>, timeout: Duration) -> UpstreamClient {
-        let http = awc::Client::builder()
-            .disable_redirects()
-            .timeout(timeout)
-            .add_default_header((
-                header::USER_AGENT,
-                concat!("entrepot/", env!("CARGO_PKG_VERSION")),
-            ))
-            .connector(awc::Connector::new().timeout(timeout))
-            .finish();
-        UpstreamClient { http, tokens }
+    pub fn new(
+        tokens: Arc<TokenCache>,
+        timeout: Duration,
+        upstreams: &[Arc<Upstream>],
+    ) -> UpstreamClient {
+        let custom = upstreams
+            .iter()
+            .filter_map(|u| {
+                u.tls
+                    .as_ref()
+                    .map(|t| (u.name.clone(), build_client(timeout, Some(t))))
+            })
+            .collect();
+        UpstreamClient {
+            http: build_client(timeout, None),
+            custom: Arc::new(custom),
+            tokens,
+        }
+    }
+
+    /// The connection pool for `up` (its own when it has its own CA).
+    fn http(&self, up: &Upstream) -> &awc::Client {
+        self.custom.get(&up.name).unwrap_or(&self.http)
     }
 
     /// Sends `req`, answering one auth challenge and following redirects. A 401 that
@@ -265,7 +338,7 @@ impl UpstreamClient {
             }
             q.append_pair("scope", who.scope);
         }
-        let mut req = self.http.get(url.as_str());
+        let mut req = self.http(up).get(url.as_str());
         if let Some(b) = &who.basic {
             req = req.insert_header((header::AUTHORIZATION, b.as_str()));
         }
@@ -304,7 +377,7 @@ impl UpstreamClient {
         let origin = up.base.origin();
         let mut url = url::Url::parse(url).map_err(|e| protocol(up, format!("bad url: {e}")))?;
         for _ in 0..=MAX_REDIRECTS {
-            let mut r = self.http.request(req.method.clone(), url.as_str());
+            let mut r = self.http(up).request(req.method.clone(), url.as_str());
             if let Some(a) = req.accept {
                 r = r.insert_header((header::ACCEPT, a));
             }

@@ -30,6 +30,21 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(auth: Auth) -> Registry {
+        Registry::start_with(auth, "")
+    }
+
+    /// An anonymous registry serving HTTPS with this certificate and key.
+    pub fn start_tls(cert: &Path, key: &Path) -> Registry {
+        let tls = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        );
+        Registry::start_with(Auth::Anonymous, &tls)
+    }
+
+    /// `http_extra` is appended under the config's `http:` section.
+    fn start_with(auth: Auth, http_extra: &str) -> Registry {
         let dir = TempDir::new().expect("tempdir");
         let port = free_port();
         let root = dir.path().join("storage");
@@ -57,7 +72,7 @@ impl Registry {
             }
         }
         let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth_yaml}",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{http_extra}{auth_yaml}",
             root.display()
         );
         std::fs::write(dir.path().join("config.yml"), config).expect("write config");
