@@ -211,7 +211,7 @@ struct TokenResponse {
 pub struct UpstreamClient {
     http: awc::Client,
     /// Clients for upstreams with their own CA (`ca_file`), by upstream name.
-    custom: Arc<std::collections::HashMap<String, awc::Client>>,
+    custom: std::rc::Rc<std::collections::HashMap<String, awc::Client>>,
     tokens: Arc<TokenCache>,
 }
 
@@ -247,7 +247,7 @@ impl UpstreamClient {
             .collect();
         UpstreamClient {
             http: build_client(timeout, None),
-            custom: Arc::new(custom),
+            custom: std::rc::Rc::new(custom),
             tokens,
         }
     }
