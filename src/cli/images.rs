@@ -81,7 +81,7 @@ async fn fetch_image(
     progress: &mut Progress,
 ) -> anyhow::Result<(LayoutEntry, Vec<Digest>)> {
     let Target::Upstream { upstream, repo } = target else {
-        bail!("hosted images are already in the store; export reads them as they are");
+        bail!("hosted images cannot be prefetched or exported yet (only upstream images)");
     };
     let caller = Caller::Anonymous;
     let get = Method::GET;
