@@ -5,6 +5,7 @@
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpResponse};
 
+use super::path::PathError;
 use super::target::Target;
 use super::{reply, Ctx, API_VERSION};
 use crate::error::OciError;
@@ -22,14 +23,13 @@ fn hosted_repo(ctx: &Ctx<'_>, name: &str) -> Result<String, OciError> {
     }
 }
 
+/// A digest from the query, refused as the path's digests are (400 DIGEST_INVALID).
+fn parse_digest(s: &str) -> Result<Digest, OciError> {
+    Ok(s.parse::<Digest>().map_err(PathError::from)?)
+}
+
 fn digest_param(ctx: &Ctx<'_>) -> Result<Option<Digest>, OciError> {
-    ctx.query("digest")
-        .map(|d| {
-            d.parse().map_err(|e| {
-                OciError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", format!("{e}"))
-            })
-        })
-        .transpose()
+    ctx.query("digest").as_deref().map(parse_digest).transpose()
 }
 
 fn created(name: &str, digest: &Digest) -> HttpResponse {
@@ -58,9 +58,7 @@ pub async fn upload_start(
     let repo = hosted_repo(ctx, name)?;
     ctx.note(ctx.hosted_prefix(), "upload", None);
     if let (Some(mount), Some(from)) = (ctx.query("mount"), ctx.query("from")) {
-        let d: Digest = mount.parse().map_err(|e| {
-            OciError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", format!("{e}"))
-        })?;
+        let d = parse_digest(&mount)?;
         if let Ok(from) = super::path::valid_name(&from) {
             let source = ctx.resolve(&from)?;
             let ns = source.namespace(ctx.hosted_prefix());

@@ -422,7 +422,7 @@ impl Services {
     /// upstream that sent it.
     async fn commit(
         &self,
-        w: crate::store::BlobWriter,
+        w: BlobWriter,
         size: Option<u64>,
         up: &Upstream,
         d: &Digest,

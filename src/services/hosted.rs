@@ -90,7 +90,7 @@ impl Services {
     ) -> Result<Page, ServiceError> {
         let ns = &self.hosted()?.prefix;
         let tags = self.store().list_tags(ns, repo)?;
-        if tags.is_empty() && !self.store().list_repos(ns)?.iter().any(|r| r == repo) {
+        if tags.is_empty() && !self.store().repo_exists(ns, repo)? {
             return Err(ServiceError::NameUnknown(repo.into()));
         }
         Ok(paginate(tags, n, last))

@@ -43,9 +43,10 @@ impl Services {
             _ => None,
         };
         let private = self.store().is_private(&up.name, repo)?;
-        let known = self.store().repo_exists(&up.name, repo)?;
-        // Public content, or a caller with nothing to offer for unknown content.
-        if !private && (known || client.is_none()) {
+        // Public content, or a caller with nothing to offer for unknown content. (Whether
+        // the repository is known is only asked when the answer matters: not for anonymous
+        // callers, which are most requests.)
+        if !private && (client.is_none() || self.store().repo_exists(&up.name, repo)?) {
             return Ok(up.clone());
         }
         if let Some(c) = &client {

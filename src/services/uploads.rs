@@ -62,14 +62,6 @@ impl Uploads {
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
-
-    pub fn len(&self) -> usize {
-        self.sessions.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
-    }
 }
 
 impl Services {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use super::{Store, StoreError};
+use super::{not_found_is_none, Store, StoreError};
 use crate::names::Digest;
 
 /// One tagged entry of `index.json`.
@@ -118,11 +118,7 @@ impl LayoutReader {
 
     /// Opens a blob of the layout, if present.
     pub fn open_blob(&self, d: &Digest) -> Result<Option<File>, StoreError> {
-        match File::open(self.dir.join("blobs/sha256").join(d.hex())) {
-            Ok(f) => Ok(Some(f)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        not_found_is_none(File::open(self.dir.join("blobs/sha256").join(d.hex())))
     }
 }
 

@@ -243,9 +243,13 @@ impl Store {
             .collect())
     }
 
-    /// Whether the store holds anything for a repository.
+    /// Whether the store holds metadata for a repository (the same test [`Store::list_repos`]
+    /// applies: a `_tags`/`_manifests`/`_blobs`/`_private` entry, not merely a parent folder
+    /// of deeper repositories).
     pub fn repo_exists(&self, ns: &str, repo: &str) -> Result<bool, StoreError> {
-        Ok(not_found_is_none(fs::metadata(self.repo_dir(ns, repo)))?.is_some())
+        Ok(list_names(&self.repo_dir(ns, repo))?
+            .iter()
+            .any(|n| n.starts_with('_')))
     }
 
     /// Namespaces (upstream keys and the hosted prefix) that have repositories.
