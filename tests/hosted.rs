@@ -10,16 +10,6 @@ use common::*;
 use serde_json::json;
 use tempfile::TempDir;
 
-const PEERS: &[&str] = &[
-    "docker-registry",
-    "skopeo",
-    "umoci",
-    "containerd",
-    "ctr",
-    "htpasswd",
-    "openssl",
-];
-
 fn basic(user: &str, pass: &str) -> String {
     format!(
         "Basic {}",

@@ -9,16 +9,6 @@ use std::process::Command;
 use common::*;
 use tempfile::TempDir;
 
-const PEERS: &[&str] = &[
-    "docker-registry",
-    "skopeo",
-    "umoci",
-    "containerd",
-    "ctr",
-    "openssl",
-    "curl",
-];
-
 fn upstreams(url: &str) -> String {
     format!(
         "[upstreams.\"docker.io\"]\nurl = \"{url}\"\n[upstreams.\"quay.io\"]\nurl = \"{url}\"\n"

@@ -10,16 +10,6 @@ use std::time::Duration;
 use common::*;
 use tempfile::TempDir;
 
-const PEERS: &[&str] = &[
-    "docker-registry",
-    "skopeo",
-    "umoci",
-    "containerd",
-    "ctr",
-    "htpasswd",
-    "openssl",
-];
-
 fn upstream_toml(key: &str, url: &str) -> String {
     format!("[upstreams.\"{key}\"]\nurl = \"{url}\"\n")
 }

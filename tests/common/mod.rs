@@ -22,6 +22,18 @@ use sha2::{Digest as _, Sha256};
 pub use image::*;
 pub use peers::*;
 
+/// The peers the end-to-end tests run (all installed by `.ci/run`).
+pub const PEERS: &[&str] = &[
+    "docker-registry",
+    "skopeo",
+    "umoci",
+    "containerd",
+    "ctr",
+    "htpasswd",
+    "openssl",
+    "curl",
+];
+
 /// Whether every tool in `tools` is installed; panics under `CI=true` if one is not.
 pub fn require(tools: &[&str]) -> bool {
     let mut missing: Vec<String> = tools
