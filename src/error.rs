@@ -61,7 +61,7 @@ impl From<PathError> for OciError {
     fn from(e: PathError) -> Self {
         let (status, code) = match e {
             PathError::Name => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
-            PathError::Tag => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
+            PathError::Reference => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
             PathError::Digest(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
             PathError::Unknown => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
             PathError::Upload => (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"),

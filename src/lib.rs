@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod media;
 pub mod metrics;
 pub mod names;
 pub mod routes;

@@ -16,7 +16,8 @@ use crate::config::Config;
 use crate::names::{Digest, Reference};
 use crate::routes::target::Target;
 use crate::services::access::Caller;
-use crate::services::{Services, DEFAULT_ACCEPT};
+use crate::media::Accepted;
+use crate::services::Services;
 use crate::store::layout::{LayoutEntry, LayoutReader, LayoutWriter};
 use crate::store::{ManifestLink, Store, StoreError, TagRecord};
 use crate::upstream::{TokenCache, UpstreamClient};
@@ -90,7 +91,7 @@ async fn fetch_image(
             upstream,
             repo,
             reference,
-            Some(DEFAULT_ACCEPT),
+            Accepted::ALL,
             &get,
             &caller,
         )
@@ -113,7 +114,7 @@ async fn fetch_image(
                         upstream,
                         repo,
                         &Reference::Digest(d.clone()),
-                        Some(DEFAULT_ACCEPT),
+                        Accepted::ALL,
                         &get,
                         &caller,
                     )

@@ -121,7 +121,8 @@ async fn v2(
     access: web::Data<Access>,
 ) -> Result<HttpResponse, OciError> {
     let tail = req.path().strip_prefix("/v2").unwrap_or("");
-    let endpoint = path::parse(tail.strip_prefix('/').unwrap_or(tail))?;
+    let endpoint = path::parse(tail.strip_prefix('/').unwrap_or(tail))
+        .map_err(|e| path_error(e, req.method()))?;
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -186,6 +187,16 @@ async fn v2(
             format!("{m} is not supported on this endpoint"),
         )),
     }
+}
+
+/// A malformed manifest reference names no manifest: reads and deletes get `404
+/// MANIFEST_UNKNOWN` (as every registry answers, and the OCI conformance suite expects);
+/// only a PUT, which would create it, is told `400`.
+fn path_error(e: path::PathError, method: &Method) -> OciError {
+    if e == path::PathError::Reference && method != Method::PUT {
+        return OciError::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", e.to_string());
+    }
+    e.into()
 }
 
 fn endpoint_name(e: &Endpoint) -> Option<&str> {

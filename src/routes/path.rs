@@ -43,8 +43,9 @@ pub enum Endpoint {
 pub enum PathError {
     #[error("invalid repository name")]
     Name,
-    #[error("invalid tag")]
-    Tag,
+    /// A manifest reference that is neither a valid tag nor a valid digest.
+    #[error("invalid manifest reference: neither a tag nor a digest")]
+    Reference,
     #[error("invalid digest: {0}")]
     Digest(#[from] DigestError),
     #[error("unknown endpoint")]
@@ -119,12 +120,15 @@ pub fn parse(raw_tail: &str) -> Result<Endpoint, PathError> {
 
 fn parse_reference(s: &str) -> Result<Reference, PathError> {
     if s.contains(':') {
-        return Ok(Reference::Digest(s.parse()?));
+        return s
+            .parse()
+            .map(Reference::Digest)
+            .map_err(|_| PathError::Reference);
     }
     if is_valid_tag(s) {
         Ok(Reference::Tag(s.to_string()))
     } else {
-        Err(PathError::Tag)
+        Err(PathError::Reference)
     }
 }
 
@@ -206,5 +210,10 @@ mod tests {
             assert!(parse(bad).is_err(), "{bad} should be rejected");
         }
         assert!(parse(&format!("{}/tags/list", "a".repeat(256))).is_err());
+        assert_eq!(
+            parse("a/manifests/.INVALID_MANIFEST_NAME"),
+            Err(PathError::Reference)
+        );
+        assert_eq!(parse("a/manifests/sha256:zz"), Err(PathError::Reference));
     }
 }

@@ -7,6 +7,7 @@ use serde_json::json;
 use super::target::Target;
 use super::{range, reply, Ctx, API_VERSION};
 use crate::error::OciError;
+use crate::media::Accepted;
 use crate::names::{Digest, Reference};
 
 pub async fn manifest(
@@ -15,16 +16,21 @@ pub async fn manifest(
     reference: &Reference,
 ) -> Result<HttpResponse, OciError> {
     let head = ctx.method == Method::HEAD;
+    let accepted = Accepted::from_lines(
+        ctx.req
+            .headers()
+            .get_all(header::ACCEPT)
+            .filter_map(|v| v.to_str().ok()),
+    );
     let r = match ctx.resolve(name)? {
         Target::Upstream { upstream, repo } => {
-            let accept = ctx.header(header::ACCEPT);
             let r = ctx
                 .svc
                 .manifest(
                     &upstream,
                     &repo,
                     reference,
-                    accept,
+                    accepted,
                     &ctx.method,
                     &ctx.caller,
                 )
@@ -38,7 +44,9 @@ pub async fn manifest(
         }
         Target::Hosted { repo } => {
             ctx.note(ctx.hosted_prefix(), "manifest", Some("hosted"));
-            ctx.svc.hosted_manifest(&repo, reference, head).await?
+            ctx.svc
+                .hosted_manifest(&repo, reference, accepted, head)
+                .await?
         }
     };
     Ok(reply::manifest(r))
@@ -140,10 +148,8 @@ pub fn referrers(ctx: &Ctx<'_>, name: &str, digest: &Digest) -> Result<HttpRespo
     let filter = ctx.query("artifactType");
     let index = ctx.svc.referrers(&repo, digest, filter.as_deref())?;
     let mut resp = HttpResponse::Ok();
-    resp.insert_header(API_VERSION).insert_header((
-        header::CONTENT_TYPE,
-        "application/vnd.oci.image.index.v1+json",
-    ));
+    resp.insert_header(API_VERSION)
+        .insert_header((header::CONTENT_TYPE, crate::media::OCI_INDEX));
     if filter.is_some() {
         resp.insert_header(("OCI-Filters-Applied", "artifactType"));
     }

@@ -6,22 +6,14 @@ use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 use serde_json::json;
 
 use super::blobs::{BlobReply, ByteRange};
-use super::manifests::{ManifestReply, MAX_MANIFEST_SIZE};
+use super::manifests::{negotiate, ManifestReply, MAX_MANIFEST_SIZE};
 use super::page::{paginate, Page};
 use super::uploads::Uploads;
 use super::{ServiceError, Services, Source};
+use crate::media::{Accepted, IMAGE_TYPES, INDEX_TYPES, OCI_INDEX};
 use crate::names::{Digest, Reference};
 use crate::store::{ManifestLink, TagRecord};
 
-/// Manifest media types that list other manifests.
-const INDEX_TYPES: [&str; 2] = [
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
-const IMAGE_TYPES: [&str; 2] = [
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-];
 
 /// The hosted prefix and its upload sessions.
 pub struct Hosted {
@@ -51,6 +43,7 @@ impl Services {
         &self,
         repo: &str,
         reference: &Reference,
+        accepted: Accepted,
         head: bool,
     ) -> Result<ManifestReply, ServiceError> {
         let ns = &self.hosted()?.prefix;
@@ -63,7 +56,8 @@ impl Services {
                 None => None,
             },
         };
-        found.ok_or_else(|| ServiceError::ManifestUnknown(reference.to_string()))
+        let r = found.ok_or_else(|| ServiceError::ManifestUnknown(reference.to_string()))?;
+        negotiate(r, reference, accepted)
     }
 
     pub fn hosted_blob(
@@ -232,7 +226,7 @@ impl Services {
             .collect();
         Ok(json!({
             "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "mediaType": OCI_INDEX,
             "manifests": manifests,
         }))
     }

@@ -10,21 +10,14 @@ use bytes::Bytes;
 use super::blobs::content_length;
 use super::flight::Join;
 use super::{status_error, ServiceError, Services, Source};
-use crate::names::Digest;
-use crate::names::Reference;
+use crate::media::{Accepted, UPSTREAM_ACCEPT};
+use crate::names::{Digest, Reference};
 use crate::services::access::Caller;
 use crate::store::{ManifestLink, TagRecord};
 use crate::upstream::{UpRequest, Upstream};
 
 /// Largest manifest accepted, from upstream or client (Distribution's limit too).
 pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
-
-/// What we ask an upstream for when the client sent no `Accept`: every current format, so
-/// the cached answer suits any client.
-pub const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.list.v2+json, \
-application/vnd.docker.distribution.manifest.v2+json";
 
 pub struct ManifestReply {
     pub digest: Digest,
@@ -51,7 +44,19 @@ impl Services {
         up: &Arc<Upstream>,
         repo: &str,
         reference: &Reference,
-        accept: Option<&str>,
+        accepted: Accepted,
+        method: &Method,
+        caller: &Caller,
+    ) -> Result<ManifestReply, ServiceError> {
+        let r = self.upstream_manifest(up, repo, reference, method, caller).await?;
+        negotiate(r, reference, accepted)
+    }
+
+    async fn upstream_manifest(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &str,
+        reference: &Reference,
         method: &Method,
         caller: &Caller,
     ) -> Result<ManifestReply, ServiceError> {
@@ -69,13 +74,11 @@ impl Services {
             }
             Reference::Tag(tag) => {
                 if let Some(rec) = self.store().get_tag(&up.name, repo, tag)? {
-                    if accepts(accept, &rec.media_type) {
-                        match self.cached_tag(up, repo, tag, &rec, accept, head).await {
-                            Ok(Some(r)) => return Ok(self.count(up, r)),
-                            Ok(None) => {}
-                            Err(e) if e.allows_stale() => stale = Some((rec, e)),
-                            Err(e) => return Err(e),
-                        }
+                    match self.cached_tag(up, repo, tag, &rec, head).await {
+                        Ok(Some(r)) => return Ok(self.count(up, r)),
+                        Ok(None) => {}
+                        Err(e) if e.allows_stale() => stale = Some((rec, e)),
+                        Err(e) => return Err(e),
                     }
                 }
             }
@@ -88,11 +91,11 @@ impl Services {
             .with_label_values(&[&up.name, "manifest", "miss"])
             .inc();
         if head {
-            if let Some(r) = self.head_manifest(up, repo, reference, accept).await? {
+            if let Some(r) = self.head_manifest(up, repo, reference).await? {
                 return Ok(r);
             }
         }
-        let f = self.fetch_coalesced(up, repo, reference, accept).await?;
+        let f = self.fetch_coalesced(up, repo, reference).await?;
         Ok(ManifestReply {
             digest: f.digest.clone(),
             media_type: f.media_type.clone(),
@@ -152,12 +155,11 @@ impl Services {
         repo: &str,
         tag: &str,
         rec: &TagRecord,
-        accept: Option<&str>,
         head: bool,
     ) -> Result<Option<ManifestReply>, ServiceError> {
         let d = rec.digest()?;
         if rec.age() >= up.tag_ttl {
-            if !self.revalidate(up, repo, tag, &d, accept).await? {
+            if !self.revalidate(up, repo, tag, &d).await? {
                 return Ok(None);
             }
             let fresh = TagRecord {
@@ -176,15 +178,10 @@ impl Services {
         repo: &str,
         tag: &str,
         d: &Digest,
-        accept: Option<&str>,
     ) -> Result<bool, ServiceError> {
         let what = format!("manifests/{tag}");
         let resp = self
-            .upstream(
-                up,
-                "manifest",
-                manifest_request(Method::HEAD, repo, &what, accept),
-            )
+            .upstream(up, "manifest", manifest_request(Method::HEAD, repo, &what))
             .await?;
         if !resp.status().is_success() {
             return Err(status_error(
@@ -231,15 +228,10 @@ impl Services {
         up: &Upstream,
         repo: &str,
         reference: &Reference,
-        accept: Option<&str>,
     ) -> Result<Option<ManifestReply>, ServiceError> {
         let what = format!("manifests/{reference}");
         let resp = self
-            .upstream(
-                up,
-                "manifest",
-                manifest_request(Method::HEAD, repo, &what, accept),
-            )
+            .upstream(up, "manifest", manifest_request(Method::HEAD, repo, &what))
             .await?;
         if !resp.status().is_success() {
             return Err(status_error(
@@ -276,18 +268,16 @@ impl Services {
         }))
     }
 
-    /// One upstream GET per (upstream, repo, reference, accept), however many ask.
+    /// One upstream GET per (upstream, repo, reference, credential), however many ask.
     async fn fetch_coalesced(
         &self,
         up: &Arc<Upstream>,
         repo: &str,
         reference: &Reference,
-        accept: Option<&str>,
     ) -> Result<Arc<Fetched>, ServiceError> {
         let key = format!(
-            "{}\n{repo}\n{reference}\n{}\n{}",
+            "{}\n{repo}\n{reference}\n{}",
             up.name,
-            accept.unwrap_or(""),
             up.client.as_deref().unwrap_or("")
         );
         let mut rx = match self.mirror.manifest_flights.join(key, || None) {
@@ -295,11 +285,8 @@ impl Services {
                 let rx = lead.subscribe();
                 let this = self.clone();
                 let (up, repo, reference) = (up.clone(), repo.to_string(), reference.clone());
-                let accept = accept.map(str::to_string);
                 actix_web::rt::spawn(async move {
-                    let r = this
-                        .fetch_manifest(&up, &repo, &reference, accept.as_deref())
-                        .await;
+                    let r = this.fetch_manifest(&up, &repo, &reference).await;
                     lead.tx
                         .send_replace(Some(r.map(Arc::new).map_err(Arc::new)));
                 });
@@ -330,15 +317,10 @@ impl Services {
         up: &Upstream,
         repo: &str,
         reference: &Reference,
-        accept: Option<&str>,
     ) -> Result<Fetched, ServiceError> {
         let what = format!("manifests/{reference}");
         let mut resp = self
-            .upstream(
-                up,
-                "manifest",
-                manifest_request(Method::GET, repo, &what, accept),
-            )
+            .upstream(up, "manifest", manifest_request(Method::GET, repo, &what))
             .await?;
         if !resp.status().is_success() {
             return Err(status_error(
@@ -384,7 +366,7 @@ impl Services {
         }
         let media_type = media_type
             .or_else(|| body_media_type(&bytes))
-            .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+            .unwrap_or_else(|| crate::media::OCI_MANIFEST.into());
         let fetched = Fetched {
             digest,
             media_type,
@@ -435,44 +417,30 @@ impl Services {
     }
 }
 
-fn manifest_request<'a>(
-    method: Method,
-    repo: &'a str,
-    what: &'a str,
-    accept: Option<&'a str>,
-) -> UpRequest<'a> {
+fn manifest_request<'a>(method: Method, repo: &'a str, what: &'a str) -> UpRequest<'a> {
     UpRequest {
         method,
         repo,
         what,
-        accept: Some(upstream_accept(accept)),
+        accept: Some(UPSTREAM_ACCEPT),
         range_from: None,
     }
 }
 
-/// The client's `Accept` if it names manifest types; otherwise (absent, or only
-/// wildcards, which Distribution answers with 404 for OCI content) every current format.
-fn upstream_accept(accept: Option<&str>) -> &str {
-    match accept {
-        Some(a)
-            if a.split(',')
-                .any(|t| !t.split(';').next().unwrap_or("").trim().ends_with('*')) =>
-        {
-            a
-        }
-        _ => DEFAULT_ACCEPT,
+/// The reply if the client accepts its type; otherwise `404 MANIFEST_UNKNOWN`, as
+/// Distribution answers a type mismatch (the manifest stays cached for other clients).
+pub(super) fn negotiate(
+    r: ManifestReply,
+    reference: &Reference,
+    accepted: Accepted,
+) -> Result<ManifestReply, ServiceError> {
+    if accepted.admits(&r.media_type) {
+        return Ok(r);
     }
-}
-
-/// Whether a client's `Accept` admits `media_type` (no header, or `*/*`, admits all).
-fn accepts(accept: Option<&str>, media_type: &str) -> bool {
-    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
-        return true;
-    };
-    accept.split(',').any(|item| {
-        let t = item.split(';').next().unwrap_or("").trim();
-        t == media_type || t == "*/*"
-    })
+    Err(ServiceError::ManifestUnknown(format!(
+        "{reference} is a {}, which the request's Accept header does not list",
+        r.media_type
+    )))
 }
 
 fn header_digest(h: &header::HeaderMap) -> Option<Digest> {
@@ -496,7 +464,7 @@ fn body_media_type(bytes: &[u8]) -> Option<String> {
     let p: Probe = serde_json::from_slice(bytes).ok()?;
     p.media_type.or_else(|| {
         p.manifests
-            .map(|_| "application/vnd.oci.image.index.v1+json".to_string())
+            .map(|_| crate::media::OCI_INDEX.to_string())
     })
 }
 
@@ -505,37 +473,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn accept_matching() {
-        let m = "application/vnd.oci.image.index.v1+json";
-        assert!(accepts(None, m));
-        assert!(accepts(Some("*/*"), m));
-        assert!(accepts(
-            Some("application/json, application/vnd.oci.image.index.v1+json;q=0.5"),
-            m
-        ));
-        assert!(!accepts(
-            Some("application/vnd.docker.distribution.manifest.v2+json"),
-            m
-        ));
-    }
-
-    #[test]
-    fn wildcard_accept_asks_for_every_format() {
-        assert_eq!(upstream_accept(None), DEFAULT_ACCEPT);
-        assert_eq!(upstream_accept(Some("*/*")), DEFAULT_ACCEPT);
-        assert_eq!(
-            upstream_accept(Some("application/*;q=0.9, */*")),
-            DEFAULT_ACCEPT
-        );
-        let m = "application/vnd.oci.image.manifest.v1+json, */*";
-        assert_eq!(upstream_accept(Some(m)), m);
-    }
-
-    #[test]
     fn media_type_from_body() {
         assert_eq!(
             body_media_type(br#"{"manifests":[]}"#).as_deref(),
-            Some("application/vnd.oci.image.index.v1+json")
+            Some(crate::media::OCI_INDEX)
         );
         assert_eq!(
             body_media_type(br#"{"mediaType":"x"}"#).as_deref(),

@@ -22,7 +22,7 @@ use actix_web::http::StatusCode;
 
 pub use blobs::{BlobReply, ByteRange};
 pub use hosted::Hosted;
-pub use manifests::{ManifestReply, DEFAULT_ACCEPT, MAX_MANIFEST_SIZE};
+pub use manifests::{ManifestReply, MAX_MANIFEST_SIZE};
 pub use page::Page;
 pub use stream::BodyStream;
 pub use tags::{TagList, TagsReply};

@@ -99,7 +99,7 @@ impl Services {
             method,
             repo,
             what,
-            accept: Some(super::manifests::DEFAULT_ACCEPT),
+            accept: Some(crate::media::UPSTREAM_ACCEPT),
             range_from: None,
         };
         let resp = self.upstream(up, "auth-check", req).await?;

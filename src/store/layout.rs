@@ -63,7 +63,7 @@ impl LayoutWriter {
     pub fn finish(self) -> Result<(), StoreError> {
         let index = json!({
             "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "mediaType": crate::media::OCI_INDEX,
             "manifests": self.entries,
         });
         fs::write(self.dir.join("index.json"), index.to_string())?;
