@@ -34,8 +34,14 @@ fn bad_requests_get_oci_errors() {
         ),
         ("/v2//etc/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/docker.io/UPPER/manifests/latest", 400, "NAME_INVALID"),
-        ("/v2/docker.io/a/manifests/..", 400, "TAG_INVALID"),
-        ("/v2/docker.io/a/manifests/sha256:zz", 400, "DIGEST_INVALID"),
+        // A malformed reference names no manifest (OCI conformance): 404 on reads.
+        ("/v2/docker.io/a/manifests/..", 404, "MANIFEST_UNKNOWN"),
+        ("/v2/docker.io/a/manifests/sha256:zz", 404, "MANIFEST_UNKNOWN"),
+        (
+            "/v2/docker.io/a/manifests/.INVALID_MANIFEST_NAME",
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
         ("/v2/docker.io/a/blobs/sha512:abcd", 400, "DIGEST_INVALID"),
         ("/v2/docker.io/a/blobs/md5:../../x", 400, "DIGEST_INVALID"),
         ("/v2/docker.io/a/nothing", 404, "NAME_UNKNOWN"),
