@@ -65,6 +65,15 @@ pub struct AuthConfig {
     pub anonymous_pull: bool,
     /// htpasswd users allowed to push and delete under the hosted prefix.
     pub push: Vec<String>,
+    /// Secret that signs the mirror's own bearer tokens (and seals client credentials held
+    /// in them). Replicas that share it accept each other's tokens; none: a random secret
+    /// per process (clients fetch a new token after a restart).
+    pub token_key: Option<String>,
+    /// File holding `token_key` (trailing newline ignored).
+    pub token_key_file: Option<PathBuf>,
+    /// How long an issued token is valid.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
 }
 
 impl Default for AuthConfig {
@@ -73,7 +82,30 @@ impl Default for AuthConfig {
             htpasswd: None,
             anonymous_pull: true,
             push: Vec::new(),
+            token_key: None,
+            token_key_file: None,
+            token_ttl: Duration::from_secs(300),
         }
+    }
+}
+
+impl AuthConfig {
+    /// The token signing secret from `token_key` or `token_key_file`, if configured.
+    pub fn token_secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let key = match (&self.token_key, &self.token_key_file) {
+            (Some(k), _) => k.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map_err(|e| ConfigError::Server(format!("token_key_file {}: {e}", f.display())))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+            (None, None) => return Ok(None),
+        };
+        if key.len() < 16 {
+            return Err(ConfigError::Server(
+                "auth.token_key must be at least 16 characters".into(),
+            ));
+        }
+        Ok(Some(key.into_bytes()))
     }
 }
 
@@ -103,6 +135,9 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Serve HTTPS (HTTP/1.1 and HTTP/2) on `listen` with this certificate.
     pub tls: Option<TlsConfig>,
+    /// The URL clients reach the mirror at (e.g. behind a load balancer): the token realm
+    /// is built from it. None: from the request (`Host`, `X-Forwarded-Proto`/`-Host`).
+    pub external_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,6 +161,7 @@ impl Default for ServerConfig {
             gc_interval: Duration::from_secs(600),
             metrics_listen: None,
             tls: None,
+            external_url: None,
         }
     }
 }
@@ -237,6 +273,15 @@ impl Config {
             return Err(ConfigError::Server(
                 "auth.push names users but auth.htpasswd is not set".into(),
             ));
+        }
+        if let Some(u) = &self.server.external_url {
+            let url = url::Url::parse(u)
+                .map_err(|e| ConfigError::Server(format!("external_url: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(ConfigError::Server(
+                    "external_url must be http:// or https://".into(),
+                ));
+            }
         }
         if let Some(d) = &self.server.default_upstream {
             if !self.upstreams.contains_key(d) {

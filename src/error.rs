@@ -15,6 +15,9 @@ pub struct OciError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// `WWW-Authenticate` of a `401` (the request's Bearer challenge; set by the route,
+    /// which knows the scope).
+    pub challenge: Option<String>,
 }
 
 impl OciError {
@@ -23,7 +26,16 @@ impl OciError {
             status,
             code,
             message: message.into(),
+            challenge: None,
         }
+    }
+
+    /// A `401` gets `challenge` unless it has one; other errors are left as they are.
+    pub fn challenged(mut self, challenge: &str) -> OciError {
+        if self.status == StatusCode::UNAUTHORIZED && self.challenge.is_none() {
+            self.challenge = Some(challenge.to_string());
+        }
+        self
     }
 }
 
@@ -51,7 +63,11 @@ impl ResponseError for OciError {
         resp.insert_header(("Docker-Distribution-API-Version", "registry/2.0"));
         if self.status == StatusCode::UNAUTHORIZED {
             // The challenge that makes docker, skopeo and containerd send credentials.
-            resp.insert_header(("WWW-Authenticate", "Basic realm=\"entrepot\""));
+            let c = self
+                .challenge
+                .as_deref()
+                .unwrap_or("Basic realm=\"entrepot\"");
+            resp.insert_header(("WWW-Authenticate", c));
         }
         resp.json(body)
     }
@@ -74,6 +90,9 @@ impl From<AccessError> for OciError {
     fn from(e: AccessError) -> Self {
         match e {
             AccessError::Denied(_) => OciError::new(StatusCode::FORBIDDEN, "DENIED", e.to_string()),
+            AccessError::Internal(_) => {
+                OciError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string())
+            }
             _ => OciError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", e.to_string()),
         }
     }

@@ -37,7 +37,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.server.default_upstream.as_deref(),
         hosted_prefix,
     ));
-    let access = web::Data::new(Access::load(&cfg.auth)?);
+    let mut access = Access::load(&cfg.auth)?;
+    access.external_url = cfg.server.external_url.clone();
+    let access = web::Data::new(access);
     let hosted = cfg.hosted.as_ref().map(|h| Hosted {
         prefix: h.prefix.clone(),
         uploads: Uploads::new(h.upload_ttl),

@@ -36,7 +36,11 @@ fn bad_requests_get_oci_errors() {
         ("/v2/docker.io/UPPER/manifests/latest", 400, "NAME_INVALID"),
         // A malformed reference names no manifest (OCI conformance): 404 on reads.
         ("/v2/docker.io/a/manifests/..", 404, "MANIFEST_UNKNOWN"),
-        ("/v2/docker.io/a/manifests/sha256:zz", 404, "MANIFEST_UNKNOWN"),
+        (
+            "/v2/docker.io/a/manifests/sha256:zz",
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
         (
             "/v2/docker.io/a/manifests/.INVALID_MANIFEST_NAME",
             404,

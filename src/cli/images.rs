@@ -13,10 +13,10 @@ use serde_json::Value;
 use super::progress::Progress;
 use super::{mirror, router};
 use crate::config::Config;
+use crate::media::Accepted;
 use crate::names::{Digest, Reference};
 use crate::routes::target::Target;
 use crate::services::access::Caller;
-use crate::media::Accepted;
 use crate::services::Services;
 use crate::store::layout::{LayoutEntry, LayoutReader, LayoutWriter};
 use crate::store::{ManifestLink, Store, StoreError, TagRecord};
@@ -87,14 +87,7 @@ async fn fetch_image(
     let caller = Caller::Anonymous;
     let get = Method::GET;
     let top = svc
-        .manifest(
-            upstream,
-            repo,
-            reference,
-            Accepted::ALL,
-            &get,
-            &caller,
-        )
+        .manifest(upstream, repo, reference, Accepted::ALL, &get, &caller)
         .await?;
     let entry = LayoutEntry {
         reference: String::new(),

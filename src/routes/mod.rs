@@ -10,6 +10,7 @@ mod push;
 mod range;
 mod reply;
 pub mod target;
+mod token;
 
 use std::time::Instant;
 
@@ -20,7 +21,7 @@ use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 
 use crate::error::OciError;
 use crate::metrics::Metrics;
-use crate::services::access::{Access, Caller};
+use crate::services::access::{Access, Caller, Need};
 use crate::services::Services;
 use path::Endpoint;
 use target::{Router, Target};
@@ -39,6 +40,7 @@ struct RequestInfo {
 pub fn configure(cfg: &mut web::ServiceConfig, with_metrics: bool) {
     cfg.route("/v2", web::to(v2))
         .route("/v2/{tail:.*}", web::to(v2))
+        .route("/token", web::get().to(token::token))
         .route("/healthz", web::get().to(healthz));
     if with_metrics {
         configure_metrics(cfg);
@@ -123,64 +125,64 @@ async fn v2(
     let tail = req.path().strip_prefix("/v2").unwrap_or("");
     let endpoint = path::parse(tail.strip_prefix('/').unwrap_or(tail))
         .map_err(|e| path_error(e, req.method()))?;
+    let need = need(&endpoint, req.method());
+    let challenge = |e: OciError| e.challenged(&token::challenge(&req, &access, need));
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let caller = access.identify(auth).await?;
+    let id = access
+        .identify(auth)
+        .await
+        .map_err(|e| challenge(e.into()))?;
     let ctx = Ctx {
         req: &req,
         svc: &svc,
         router: &router,
-        caller,
+        caller: id.caller.clone(),
         method: req.method().clone(),
     };
-    let write = !matches!(ctx.method, Method::GET | Method::HEAD);
-    if write {
-        if let Some(name) = endpoint_name(&endpoint) {
-            writable(&ctx, &access, name)?;
-        }
-    } else if endpoint == Endpoint::Base {
-        access.ping(&ctx.caller)?;
-    } else {
-        access.may_pull(&ctx.caller)?;
+    if let Need::Push(name) | Need::Delete(name) = need {
+        read_only_mirror(&ctx, name)?;
     }
-    let m = ctx.method.clone();
-    match (endpoint, m) {
+    access
+        .authorize(&id, need)
+        .map_err(|e| challenge(e.into()))?;
+    dispatch(&ctx, &endpoint, body).await.map_err(challenge)
+}
+
+async fn dispatch(
+    ctx: &Ctx<'_>,
+    endpoint: &Endpoint,
+    body: web::Payload,
+) -> Result<HttpResponse, OciError> {
+    match (endpoint, ctx.method.clone()) {
         (Endpoint::Base, _) => Ok(HttpResponse::Ok()
             .insert_header(API_VERSION)
             .json(serde_json::json!({}))),
-        (Endpoint::Catalog, Method::GET) => pull::catalog(&ctx),
+        (Endpoint::Catalog, Method::GET) => pull::catalog(ctx),
         (Endpoint::Manifest { name, reference }, Method::GET | Method::HEAD) => {
-            pull::manifest(&ctx, &name, &reference).await
+            pull::manifest(ctx, name, reference).await
         }
         (Endpoint::Manifest { name, reference }, Method::PUT) => {
-            push::put_manifest(&ctx, &name, &reference, body).await
+            push::put_manifest(ctx, name, reference, body).await
         }
         (Endpoint::Manifest { name, reference }, Method::DELETE) => {
-            push::delete_manifest(&ctx, &name, &reference).await
+            push::delete_manifest(ctx, name, reference).await
         }
         (Endpoint::Blob { name, digest }, Method::GET | Method::HEAD) => {
-            pull::blob(&ctx, &name, &digest).await
+            pull::blob(ctx, name, digest).await
         }
-        (Endpoint::Blob { name, digest }, Method::DELETE) => {
-            push::delete_blob(&ctx, &name, &digest)
-        }
-        (Endpoint::TagsList { name }, Method::GET) => pull::tags(&ctx, &name).await,
-        (Endpoint::Referrers { name, digest }, Method::GET) => {
-            pull::referrers(&ctx, &name, &digest)
-        }
-        (Endpoint::UploadStart { name }, Method::POST) => {
-            push::upload_start(&ctx, &name, body).await
-        }
-        (Endpoint::Upload { name, id }, Method::GET) => push::upload_status(&ctx, &name, &id).await,
+        (Endpoint::Blob { name, digest }, Method::DELETE) => push::delete_blob(ctx, name, digest),
+        (Endpoint::TagsList { name }, Method::GET) => pull::tags(ctx, name).await,
+        (Endpoint::Referrers { name, digest }, Method::GET) => pull::referrers(ctx, name, digest),
+        (Endpoint::UploadStart { name }, Method::POST) => push::upload_start(ctx, name, body).await,
+        (Endpoint::Upload { name, id }, Method::GET) => push::upload_status(ctx, name, id).await,
         (Endpoint::Upload { name, id }, Method::PATCH) => {
-            push::upload_patch(&ctx, &name, &id, body).await
+            push::upload_patch(ctx, name, id, body).await
         }
-        (Endpoint::Upload { name, id }, Method::PUT) => {
-            push::upload_put(&ctx, &name, &id, body).await
-        }
-        (Endpoint::Upload { name, id }, Method::DELETE) => push::upload_cancel(&ctx, &name, &id),
+        (Endpoint::Upload { name, id }, Method::PUT) => push::upload_put(ctx, name, id, body).await,
+        (Endpoint::Upload { name, id }, Method::DELETE) => push::upload_cancel(ctx, name, id),
         (_, m) => Err(OciError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "UNSUPPORTED",
@@ -199,22 +201,33 @@ fn path_error(e: path::PathError, method: &Method) -> OciError {
     e.into()
 }
 
-fn endpoint_name(e: &Endpoint) -> Option<&str> {
-    match e {
-        Endpoint::Base | Endpoint::Catalog => None,
+/// What the request needs the caller to be allowed: deleting content is `delete`, every
+/// other write (uploads, manifest PUT, cancelling an upload) `push`.
+fn need<'a>(e: &'a Endpoint, method: &Method) -> Need<'a> {
+    let name = match e {
+        Endpoint::Base => return Need::Ping,
+        Endpoint::Catalog => return Need::Catalog,
         Endpoint::Manifest { name, .. }
         | Endpoint::Blob { name, .. }
         | Endpoint::TagsList { name }
         | Endpoint::UploadStart { name }
         | Endpoint::Upload { name, .. }
-        | Endpoint::Referrers { name, .. } => Some(name),
+        | Endpoint::Referrers { name, .. } => name.as_str(),
+    };
+    match *method {
+        Method::GET | Method::HEAD => Need::Pull(name),
+        Method::DELETE if matches!(e, Endpoint::Manifest { .. } | Endpoint::Blob { .. }) => {
+            Need::Delete(name)
+        }
+        _ => Need::Push(name),
     }
 }
 
-/// Writes go only to hosted repositories, and only from users allowed to push.
-fn writable(ctx: &Ctx<'_>, access: &Access, name: &str) -> Result<(), OciError> {
+/// Writes go only to hosted repositories: a write to a mirrored upstream is `405`, before
+/// any credential is asked for.
+fn read_only_mirror(ctx: &Ctx<'_>, name: &str) -> Result<(), OciError> {
     match ctx.resolve(name)? {
-        Target::Hosted { .. } => Ok(access.may_push(&ctx.caller)?),
+        Target::Hosted { .. } => Ok(()),
         Target::Upstream { upstream, .. } => {
             let hint = match ctx.svc.mirror.hosted.as_ref() {
                 Some(h) => format!("; push to {}/<repository> instead", h.prefix),

@@ -1,4 +1,5 @@
-//! Client authentication (htpasswd Basic) and authorisation (pull, push).
+//! Client authentication (htpasswd Basic, or the mirror's own bearer tokens) and
+//! authorisation (pull, push, delete, catalog).
 //!
 //! bcrypt is slow on purpose; a verified password is remembered as its SHA-256 per user and
 //! later requests are compared against that in constant time, so a busy server does not
@@ -12,6 +13,7 @@ use dashmap::DashMap;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::tokens::{Grant, Issued, Tokens};
 use crate::config::{AuthConfig, ConfigError};
 
 /// Who is calling.
@@ -34,8 +36,82 @@ pub enum AccessError {
     Unauthenticated,
     #[error("invalid username or password")]
     BadCredentials,
+    #[error("invalid or expired token; fetch a new one from the token endpoint")]
+    BadToken,
+    #[error("the token does not grant {0}")]
+    InsufficientScope(String),
     #[error("{0}")]
     Denied(String),
+    #[error("{0}")]
+    Internal(&'static str),
+}
+
+/// Who is calling, and what a bearer token limits it to (`None`: not a token; the ACL
+/// alone decides).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub caller: Caller,
+    pub grants: Option<Vec<Grant>>,
+}
+
+/// What a request needs, with the repository name as the client wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need<'a> {
+    /// `GET /v2/`.
+    Ping,
+    Catalog,
+    Pull(&'a str),
+    Push(&'a str),
+    Delete(&'a str),
+}
+
+impl Need<'_> {
+    /// The token scope that covers this need (`type:name:actions`), as sent in challenges.
+    pub fn scope(&self) -> Option<String> {
+        match self {
+            Need::Ping => None,
+            Need::Catalog => Some("registry:catalog:*".into()),
+            Need::Pull(n) => Some(format!("repository:{n}:pull")),
+            Need::Push(n) => Some(format!("repository:{n}:pull,push")),
+            Need::Delete(n) => Some(format!("repository:{n}:delete")),
+        }
+    }
+
+    /// (type, name, action) a token grant must cover.
+    fn grant_key(&self) -> Option<(&str, &str, &str)> {
+        match *self {
+            Need::Ping => None,
+            Need::Catalog => Some(("registry", "catalog", "*")),
+            Need::Pull(n) => Some(("repository", n, "pull")),
+            Need::Push(n) => Some(("repository", n, "push")),
+            Need::Delete(n) => Some(("repository", n, "delete")),
+        }
+    }
+}
+
+/// A scope asked of the token endpoint: `repository:<name>:<actions>` or
+/// `registry:catalog:*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub kind: String,
+    pub name: String,
+    pub actions: Vec<String>,
+}
+
+impl Scope {
+    /// Parses one scope; `None` for a malformed one (ignored, as token servers do).
+    pub fn parse(s: &str) -> Option<Scope> {
+        let (kind, rest) = s.split_once(':')?;
+        let (name, actions) = rest.rsplit_once(':')?;
+        if kind.is_empty() || name.is_empty() {
+            return None;
+        }
+        Some(Scope {
+            kind: kind.to_string(),
+            name: name.to_string(),
+            actions: actions.split(',').map(str::to_string).collect(),
+        })
+    }
 }
 
 pub struct Access {
@@ -45,6 +121,9 @@ pub struct Access {
     push: HashSet<String>,
     /// Answer an anonymous `GET /v2/` with a challenge (when an htpasswd is configured).
     challenge_anonymous: bool,
+    tokens: Tokens,
+    /// `server.external_url`: where clients reach the mirror (the token realm's base).
+    pub external_url: Option<String>,
 }
 
 impl Access {
@@ -60,11 +139,88 @@ impl Access {
             anonymous_pull: cfg.anonymous_pull,
             push: cfg.push.iter().cloned().collect(),
             challenge_anonymous: cfg.htpasswd.is_some(),
+            tokens: Tokens::load(cfg)?,
+            external_url: None,
         })
     }
 
-    /// Identifies the caller from an `Authorization` header.
-    pub async fn identify(&self, authorization: Option<&str>) -> Result<Caller, AccessError> {
+    /// Identifies the caller from an `Authorization` header: a bearer token of this
+    /// mirror's, Basic credentials, or nothing.
+    pub async fn identify(&self, authorization: Option<&str>) -> Result<Identity, AccessError> {
+        if let Some(token) = authorization.and_then(bearer) {
+            let (caller, grants) = self.tokens.verify(token)?;
+            return Ok(Identity {
+                caller,
+                grants: Some(grants),
+            });
+        }
+        Ok(Identity {
+            caller: self.identify_basic(authorization).await?,
+            grants: None,
+        })
+    }
+
+    /// Whether the caller may do what the request needs. A token must grant it; without
+    /// one the ACL decides.
+    pub fn authorize(&self, id: &Identity, need: Need<'_>) -> Result<(), AccessError> {
+        if let Some(grants) = &id.grants {
+            let Some((kind, name, action)) = need.grant_key() else {
+                return Ok(());
+            };
+            if grants.iter().any(|g| g.allows(kind, name, action)) {
+                return Ok(());
+            }
+            return Err(AccessError::InsufficientScope(
+                need.scope().unwrap_or_default(),
+            ));
+        }
+        match need {
+            Need::Ping => self.ping(&id.caller),
+            Need::Catalog | Need::Pull(_) => self.may_pull(&id.caller),
+            Need::Push(_) | Need::Delete(_) => self.may_push(&id.caller),
+        }
+    }
+
+    /// The token endpoint: authenticates Basic credentials (if any) and signs a token for
+    /// the asked scopes, each cut down to the actions the ACL allows this caller.
+    pub async fn token(
+        &self,
+        authorization: Option<&str>,
+        scopes: &[Scope],
+    ) -> Result<Issued, AccessError> {
+        let caller = self.identify_basic(authorization).await?;
+        let grants = scopes
+            .iter()
+            .filter_map(|s| self.grant(&caller, s))
+            .collect();
+        self.tokens.issue(&caller, grants)
+    }
+
+    fn grant(&self, caller: &Caller, s: &Scope) -> Option<Grant> {
+        let pull = self.may_pull(caller).is_ok();
+        let push = self.may_push(caller).is_ok();
+        let actions: Vec<String> = match s.kind.as_str() {
+            "repository" => s
+                .actions
+                .iter()
+                .filter(|a| match a.as_str() {
+                    "pull" => pull,
+                    "push" | "delete" => push,
+                    _ => false,
+                })
+                .cloned()
+                .collect(),
+            "registry" if s.name == "catalog" && pull => vec!["*".into()],
+            _ => Vec::new(),
+        };
+        (!actions.is_empty()).then(|| Grant {
+            kind: s.kind.clone(),
+            name: s.name.clone(),
+            actions,
+        })
+    }
+
+    async fn identify_basic(&self, authorization: Option<&str>) -> Result<Caller, AccessError> {
         let Some(value) = authorization else {
             return Ok(Caller::Anonymous);
         };
@@ -93,7 +249,7 @@ impl Access {
     /// Distribution with auth and Docker Hub do: clients such as skopeo, podman and
     /// `docker login` send credentials only to a registry whose ping asked for them.
     /// Anonymous pulls still work afterwards when `anonymous_pull` is on.
-    pub fn ping(&self, c: &Caller) -> Result<(), AccessError> {
+    fn ping(&self, c: &Caller) -> Result<(), AccessError> {
         match c {
             Caller::Anonymous if self.challenge_anonymous => Err(AccessError::Unauthenticated),
             _ => Ok(()),
@@ -115,6 +271,13 @@ impl Access {
             _ => Err(AccessError::Unauthenticated),
         }
     }
+}
+
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }
 
 fn parse_basic(value: &str) -> Option<(String, String)> {
@@ -173,23 +336,27 @@ mod tests {
             htpasswd: Some(file),
             anonymous_pull: false,
             push: vec!["alice".into()],
+            ..Default::default()
         })
         .expect("load");
         let alice = a
-            .identify(Some(&basic("alice", "pw")))
+            .identify_basic(Some(&basic("alice", "pw")))
             .await
             .expect("alice");
         assert_eq!(alice, Caller::User("alice".into()));
         // Second time from the cache, same answer; a wrong password still fails.
         assert_eq!(
-            a.identify(Some(&basic("alice", "pw"))).await,
+            a.identify_basic(Some(&basic("alice", "pw"))).await,
             Ok(alice.clone())
         );
         assert_eq!(
-            a.identify(Some(&basic("alice", "nope"))).await,
+            a.identify_basic(Some(&basic("alice", "nope"))).await,
             Err(AccessError::BadCredentials)
         );
-        let bob = a.identify(Some(&basic("bob", "pw"))).await.expect("bob");
+        let bob = a
+            .identify_basic(Some(&basic("bob", "pw")))
+            .await
+            .expect("bob");
         assert!(a.may_push(&alice).is_ok());
         assert!(matches!(a.may_push(&bob), Err(AccessError::Denied(_))));
         assert_eq!(
@@ -201,10 +368,56 @@ mod tests {
             Err(AccessError::Unauthenticated)
         );
         let foreign = a
-            .identify(Some(&basic("hub-user", "tok")))
+            .identify_basic(Some(&basic("hub-user", "tok")))
             .await
             .expect("foreign");
         assert!(matches!(foreign, Caller::Foreign { .. }));
         assert_eq!(a.may_pull(&foreign), Err(AccessError::Unauthenticated));
+    }
+
+    #[tokio::test]
+    async fn tokens_carry_only_what_the_acl_allows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("htpasswd");
+        let hash = bcrypt::hash("pw", 4).expect("hash");
+        std::fs::write(&file, format!("alice:{hash}\n")).expect("write");
+        let a = Access::load(&AuthConfig {
+            htpasswd: Some(file),
+            push: vec!["alice".into()],
+            ..Default::default()
+        })
+        .expect("load");
+        let scopes: Vec<Scope> = ["repository:local/app:pull,push", "registry:catalog:*"]
+            .into_iter()
+            .filter_map(Scope::parse)
+            .collect();
+        let anon = a.token(None, &scopes).await.expect("anonymous token");
+        let id = a
+            .identify(Some(&format!("Bearer {}", anon.token)))
+            .await
+            .expect("verify");
+        assert_eq!(id.caller, Caller::Anonymous);
+        assert!(a.authorize(&id, Need::Pull("local/app")).is_ok());
+        assert!(a.authorize(&id, Need::Catalog).is_ok());
+        assert_eq!(
+            a.authorize(&id, Need::Push("local/app")),
+            Err(AccessError::InsufficientScope(
+                "repository:local/app:pull,push".into()
+            ))
+        );
+        assert!(a.authorize(&id, Need::Pull("local/other")).is_err());
+        let alice = a
+            .token(Some(&basic("alice", "pw")), &scopes)
+            .await
+            .expect("alice token");
+        let id = a
+            .identify(Some(&format!("Bearer {}", alice.token)))
+            .await
+            .expect("verify");
+        assert!(a.authorize(&id, Need::Push("local/app")).is_ok());
+        assert_eq!(
+            a.token(Some(&basic("alice", "bad")), &scopes).await.err(),
+            Some(AccessError::BadCredentials)
+        );
     }
 }

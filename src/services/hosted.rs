@@ -14,7 +14,6 @@ use crate::media::{Accepted, IMAGE_TYPES, INDEX_TYPES, OCI_INDEX};
 use crate::names::{Digest, Reference};
 use crate::store::{ManifestLink, TagRecord};
 
-
 /// The hosted prefix and its upload sessions.
 pub struct Hosted {
     pub prefix: String,

@@ -48,7 +48,9 @@ impl Services {
         method: &Method,
         caller: &Caller,
     ) -> Result<ManifestReply, ServiceError> {
-        let r = self.upstream_manifest(up, repo, reference, method, caller).await?;
+        let r = self
+            .upstream_manifest(up, repo, reference, method, caller)
+            .await?;
         negotiate(r, reference, accepted)
     }
 
@@ -462,10 +464,8 @@ fn body_media_type(bytes: &[u8]) -> Option<String> {
         manifests: Option<serde_json::Value>,
     }
     let p: Probe = serde_json::from_slice(bytes).ok()?;
-    p.media_type.or_else(|| {
-        p.manifests
-            .map(|_| crate::media::OCI_INDEX.to_string())
-    })
+    p.media_type
+        .or_else(|| p.manifests.map(|_| crate::media::OCI_INDEX.to_string()))
 }
 
 #[cfg(test)]

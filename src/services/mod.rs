@@ -14,6 +14,7 @@ mod page;
 mod private;
 mod stream;
 mod tags;
+pub mod tokens;
 mod uploads;
 
 use std::sync::Arc;
