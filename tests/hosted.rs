@@ -5,17 +5,9 @@ mod common;
 
 use std::process::Command;
 
-use base64::Engine as _;
 use common::*;
 use serde_json::json;
 use tempfile::TempDir;
-
-fn basic(user: &str, pass: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-    )
-}
 
 /// A mirror with hosted prefix `local`, users alice (may push) and bob (may not).
 fn hosted_mirror(tmp: &TempDir, upstream_url: &str, anonymous_pull: bool) -> Mirror {
@@ -77,9 +69,17 @@ fn skopeo_pushes_and_containerd_pulls_hosted_images() {
     let start = format!("{}/v2/local/team/app/blobs/uploads/", mirror.url());
     let r = http("POST", &start, &[]);
     assert_eq!((r.status, r.oci_code().as_str()), (401, "UNAUTHORIZED"));
+    // A Bearer challenge, as Docker Hub and Distribution send: Docker skips a mirror
+    // that answers with Basic.
     assert_eq!(
         r.header("www-authenticate"),
-        Some("Basic realm=\"entrepot\"")
+        Some(
+            format!(
+                "Bearer realm=\"{}/token\",service=\"entrepot\",scope=\"repository:local/team/app:pull,push\"",
+                mirror.url()
+            )
+            .as_str()
+        )
     );
     let r = http(
         "POST",
@@ -357,7 +357,10 @@ fn filters_refuse_without_asking_upstream_and_anonymous_pull_can_be_off() {
     let r = get(&format!("{m}/v2/"));
     assert_eq!(
         (r.status, r.header("www-authenticate")),
-        (401, Some("Basic realm=\"entrepot\""))
+        (
+            401,
+            Some(format!("Bearer realm=\"{m}/token\",service=\"entrepot\"").as_str())
+        )
     );
     assert_eq!(http("GET", &format!("{m}/v2/"), auth).status, 200);
     let r = get(&format!("{m}/v2/docker.io/library/alpine/manifests/1"));

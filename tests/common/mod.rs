@@ -5,6 +5,7 @@
 //! elsewhere the test is skipped with a printed reason.
 #![allow(dead_code, unused_imports)]
 
+pub mod clients;
 pub mod fake;
 pub mod image;
 pub mod peers;
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 
+pub use clients::*;
 pub use image::*;
 pub use peers::*;
 
@@ -41,9 +43,10 @@ pub fn require(tools: &[&str]) -> bool {
         .filter(|t| which(t).is_none())
         .map(|t| t.to_string())
         .collect();
-    // containerd (and mounting a tmpfs) need root.
-    if tools.iter().any(|t| ["containerd", "mount"].contains(t)) && !is_root() {
-        missing.push("root (containerd/mount)".into());
+    // containerd, dockerd, podman's storage (and mounting a tmpfs) need root.
+    let rooted = ["containerd", "mount", "dockerd", "podman"];
+    if tools.iter().any(|t| rooted.contains(t)) && !is_root() {
+        missing.push("root (containerd/dockerd/podman/mount)".into());
     }
     if missing.is_empty() {
         return true;
@@ -147,6 +150,15 @@ pub fn run(cmd: &mut Command) -> String {
         );
     }
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An `Authorization: Basic` value.
+pub fn basic(user: &str, pass: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
