@@ -28,6 +28,23 @@ fn outcome(cmd: &mut Command) -> Result<String, String> {
     }
 }
 
+const REPO_DIGESTS: &str = "{{range .RepoDigests}}{{println .}}{{end}}";
+
+/// The digest `reference` (`[host/]repo:tag`) was pulled at, from an image's repo
+/// digests (`repo@sha256:..`, one per repository the image was pulled from).
+fn repo_digest(reference: &str, digests: &str) -> Result<String, String> {
+    let repo = match reference.rsplit_once(':') {
+        Some((r, tag)) if !tag.contains('/') => r,
+        _ => reference,
+    };
+    digests
+        .lines()
+        .filter_map(|l| l.trim().split_once('@'))
+        .find(|(r, _)| *r == repo || r.ends_with(&format!("/{repo}")))
+        .map(|(_, d)| d.to_string())
+        .ok_or_else(|| format!("no repo digest for {reference} in {digests:?}"))
+}
+
 /// podman with its own root, runroot, tmpdir, registries.conf and authfile.
 pub struct Podman {
     dir: TempDir,
@@ -73,18 +90,15 @@ impl Podman {
         cmd
     }
 
-    /// Pulls `reference`; Ok(the image digest podman records) or Err(its output).
+    /// Pulls `reference`; Ok(its manifest digest, as podman records it) or Err(output).
     pub fn pull(&self, reference: &str) -> Result<String, String> {
         outcome(self.cmd("pull").arg("-q").arg(reference))?;
-        self.digest(reference)
-    }
-
-    pub fn digest(&self, reference: &str) -> Result<String, String> {
-        outcome(
-            self.cmd("image")
-                .args(["inspect", "--format", "{{.Digest}}"])
-                .arg(reference),
-        )
+        let digests =
+            outcome(
+                self.cmd("image")
+                    .args(["inspect", "--format", REPO_DIGESTS, reference]),
+            )?;
+        repo_digest(reference, &digests)
     }
 
     pub fn login(&self, host: &str, user: &str, pass: &str) -> Result<String, String> {
@@ -162,17 +176,8 @@ impl Dockerd {
     /// images are listed as `x@sha256:...`).
     pub fn pull(&self, reference: &str) -> Result<String, String> {
         self.run(&["pull", "-q", reference])?;
-        let digests = self.run(&[
-            "image",
-            "inspect",
-            "--format",
-            "{{range .RepoDigests}}{{println .}}{{end}}",
-            reference,
-        ])?;
-        digests
-            .lines()
-            .find_map(|l| l.split_once('@').map(|(_, d)| d.trim().to_string()))
-            .ok_or_else(|| format!("no repo digest for {reference}: {digests}"))
+        let digests = self.run(&["image", "inspect", "--format", REPO_DIGESTS, reference])?;
+        repo_digest(reference, &digests)
     }
 
     pub fn log(&self) -> String {
