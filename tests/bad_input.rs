@@ -90,8 +90,14 @@ fn bad_requests_get_oci_errors() {
         "the unknown ns made no connection; hostile got one"
     );
 
+    // The ping challenges anonymous callers (as Docker Hub does): Docker, podman and
+    // skopeo only send credentials, or fetch an anonymous token, after that challenge.
     let ok = get(&format!("{m}/v2/"));
-    assert_eq!(ok.status, 200);
+    assert_eq!(ok.status, 401);
+    assert_eq!(
+        ok.header("www-authenticate"),
+        Some(format!("Bearer realm=\"{m}/token\",service=\"entrepot\"").as_str())
+    );
     assert_eq!(
         ok.header("docker-distribution-api-version"),
         Some("registry/2.0")

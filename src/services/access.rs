@@ -119,8 +119,6 @@ pub struct Access {
     verified: DashMap<String, [u8; 32]>,
     anonymous_pull: bool,
     push: HashSet<String>,
-    /// Answer an anonymous `GET /v2/` with a challenge (when an htpasswd is configured).
-    challenge_anonymous: bool,
     tokens: Tokens,
     /// `server.external_url`: where clients reach the mirror (the token realm's base).
     pub external_url: Option<String>,
@@ -138,7 +136,6 @@ impl Access {
             verified: DashMap::new(),
             anonymous_pull: cfg.anonymous_pull,
             push: cfg.push.iter().cloned().collect(),
-            challenge_anonymous: cfg.htpasswd.is_some(),
             tokens: Tokens::load(cfg)?,
             external_url: None,
         })
@@ -245,13 +242,14 @@ impl Access {
         Ok(Caller::User(user))
     }
 
-    /// `GET /v2/`. With an htpasswd configured an anonymous caller is challenged, as
-    /// Distribution with auth and Docker Hub do: clients such as skopeo, podman and
-    /// `docker login` send credentials only to a registry whose ping asked for them.
-    /// Anonymous pulls still work afterwards when `anonymous_pull` is on.
+    /// `GET /v2/`. An anonymous caller is always challenged, as Docker Hub and
+    /// Distribution with auth do: Docker, podman and skopeo take their challenges from
+    /// this ping only, so without it they never send credentials (a private upstream image
+    /// after `docker login` could not be pulled) and never fetch a token. Anonymous pulls
+    /// still work afterwards when `anonymous_pull` is on, with or without a token.
     fn ping(&self, c: &Caller) -> Result<(), AccessError> {
         match c {
-            Caller::Anonymous if self.challenge_anonymous => Err(AccessError::Unauthenticated),
+            Caller::Anonymous => Err(AccessError::Unauthenticated),
             _ => Ok(()),
         }
     }
