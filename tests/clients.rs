@@ -146,15 +146,15 @@ fn podman_skopeo_and_curl_pull_every_manifest_kind() {
     let got = podman
         .pull(&format!("{host}/docker.io/library/multi:1"))
         .expect("podman pulls a multi-arch index");
-    assert_eq!(got, img.multi.0);
+    assert!(got.contains(&img.multi.0), "{got:?}");
     let got = podman
         .pull(&format!("{host}/docker.io/library/demo:1.0"))
         .expect("podman pulls an OCI image");
-    assert_eq!(got, img.demo);
+    assert!(got.contains(&img.demo), "{got:?}");
     let got = podman
         .pull(&format!("{host}/docker.io/library/v2img:1"))
         .expect("podman pulls a Docker v2s2 image");
-    assert_eq!(got, img.v2img);
+    assert!(got.contains(&img.v2img), "{got:?}");
 
     // skopeo inspects the index by tag: the exact bytes.
     let raw = run(Command::new("skopeo").args([
@@ -225,7 +225,8 @@ fn podman_skopeo_and_curl_pull_every_manifest_kind() {
         &format!("{}/v2/local/team/demo/manifests/1", mirror.url()),
         &[("Authorization", &basic("alice", "alice-pw"))],
     );
-    assert_eq!(r.header("docker-content-digest"), Some(pulled.as_str()));
+    let head = r.header("docker-content-digest").unwrap().to_string();
+    assert!(pulled.contains(&head), "{pulled:?} {head}");
 }
 
 #[test]
@@ -263,7 +264,7 @@ fn docker_pulls_through_registry_mirrors_with_and_without_auth() {
                 let got = docker
                     .pull(name)
                     .unwrap_or_else(|e| panic!("round {round} {name}: {e}\n{}", docker.log()));
-                assert_eq!(&got, want, "round {round} {name}");
+                assert_eq!(&got, &[want.clone()], "round {round} {name}");
                 docker.run(&["rmi", name]).expect("rmi");
             }
         }
@@ -284,7 +285,7 @@ fn docker_pulls_through_registry_mirrors_with_and_without_auth() {
         let got = docker
             .pull("multi:1")
             .expect("docker pulls a multi-arch image");
-        assert_eq!(got, img.multi.0);
+        assert!(got.contains(&img.multi.0), "{got:?}");
         let arch = docker
             .run(&[
                 "image",
@@ -316,7 +317,8 @@ fn docker_pulls_through_registry_mirrors_with_and_without_auth() {
                 &format!("{}/v2/local/team/demo/manifests/1", mirror.url()),
                 &[("Authorization", &basic("alice", "alice-pw"))],
             );
-            assert_eq!(r.header("docker-content-digest"), Some(pushed.as_str()));
+            let head = r.header("docker-content-digest").unwrap().to_string();
+            assert_eq!(pushed, [head]);
         }
 
         // A private upstream image: refused anonymously, pulled after `docker login` with
@@ -330,7 +332,7 @@ fn docker_pulls_through_registry_mirrors_with_and_without_auth() {
         let got = docker
             .pull(&secret_ref)
             .expect("private upstream image pulled");
-        assert_eq!(got, secret);
+        assert_eq!(got, [secret.clone()]);
         assert!(!mirror.log().contains("s3cret"), "password never logged");
     }
     assert!(img.up.count("GET", "/v2/library/demo/manifests/") >= 1);

@@ -30,19 +30,24 @@ fn outcome(cmd: &mut Command) -> Result<String, String> {
 
 const REPO_DIGESTS: &str = "{{range .RepoDigests}}{{println .}}{{end}}";
 
-/// The digest `reference` (`[host/]repo:tag`) was pulled at, from an image's repo
-/// digests (`repo@sha256:..`, one per repository the image was pulled from).
-fn repo_digest(reference: &str, digests: &str) -> Result<String, String> {
+/// The digests an image is known by in the repository of `reference` (`[host/]repo:tag`),
+/// from its repo digests (`repo@sha256:..`): podman lists both the index and the
+/// platform's manifest of a multi-arch pull, Docker the one it resolved the tag to.
+fn repo_digests(reference: &str, digests: &str) -> Result<Vec<String>, String> {
     let repo = match reference.rsplit_once(':') {
         Some((r, tag)) if !tag.contains('/') => r,
         _ => reference,
     };
-    digests
+    let found: Vec<String> = digests
         .lines()
         .filter_map(|l| l.trim().split_once('@'))
-        .find(|(r, _)| *r == repo || r.ends_with(&format!("/{repo}")))
+        .filter(|(r, _)| *r == repo || r.ends_with(&format!("/{repo}")))
         .map(|(_, d)| d.to_string())
-        .ok_or_else(|| format!("no repo digest for {reference} in {digests:?}"))
+        .collect();
+    if found.is_empty() {
+        return Err(format!("no repo digest for {reference} in {digests:?}"));
+    }
+    Ok(found)
 }
 
 /// podman with its own root, runroot, tmpdir, registries.conf and authfile.
@@ -90,15 +95,15 @@ impl Podman {
         cmd
     }
 
-    /// Pulls `reference`; Ok(its manifest digest, as podman records it) or Err(output).
-    pub fn pull(&self, reference: &str) -> Result<String, String> {
+    /// Pulls `reference`; Ok(the digests podman records for it) or Err(its output).
+    pub fn pull(&self, reference: &str) -> Result<Vec<String>, String> {
         outcome(self.cmd("pull").arg("-q").arg(reference))?;
         let digests =
             outcome(
                 self.cmd("image")
                     .args(["inspect", "--format", REPO_DIGESTS, reference]),
             )?;
-        repo_digest(reference, &digests)
+        repo_digests(reference, &digests)
     }
 
     pub fn login(&self, host: &str, user: &str, pass: &str) -> Result<String, String> {
@@ -172,12 +177,12 @@ impl Dockerd {
         )
     }
 
-    /// Pulls `reference` and returns its repo digest for `repo` (`docker.io/library/x`
-    /// images are listed as `x@sha256:...`).
-    pub fn pull(&self, reference: &str) -> Result<String, String> {
+    /// Pulls `reference` and returns its repo digests (`docker.io/library/x` images are
+    /// listed as `x@sha256:...`).
+    pub fn pull(&self, reference: &str) -> Result<Vec<String>, String> {
         self.run(&["pull", "-q", reference])?;
         let digests = self.run(&["image", "inspect", "--format", REPO_DIGESTS, reference])?;
-        repo_digest(reference, &digests)
+        repo_digests(reference, &digests)
     }
 
     pub fn log(&self) -> String {
