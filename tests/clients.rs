@@ -264,7 +264,7 @@ fn docker_pulls_through_registry_mirrors_with_and_without_auth() {
                 let got = docker
                     .pull(name)
                     .unwrap_or_else(|e| panic!("round {round} {name}: {e}\n{}", docker.log()));
-                assert_eq!(&got, &[want.clone()], "round {round} {name}");
+                assert_eq!(got, std::slice::from_ref(want), "round {round} {name}");
                 docker.run(&["rmi", name]).expect("rmi");
             }
         }
@@ -332,7 +332,7 @@ fn docker_pulls_through_registry_mirrors_with_and_without_auth() {
         let got = docker
             .pull(&secret_ref)
             .expect("private upstream image pulled");
-        assert_eq!(got, [secret.clone()]);
+        assert_eq!(got, std::slice::from_ref(&secret));
         assert!(!mirror.log().contains("s3cret"), "password never logged");
     }
     assert!(img.up.count("GET", "/v2/library/demo/manifests/") >= 1);
