@@ -171,6 +171,10 @@ impl Default for ServerConfig {
 pub struct UpstreamConfig {
     /// Base URL of the upstream registry, e.g. `https://registry-1.docker.io`.
     pub url: String,
+    /// Tried in order when `url` fails or rate-limits (e.g. `https://mirror.gcr.io`);
+    /// never sent the credentials.
+    #[serde(default)]
+    pub fallback_urls: Vec<String>,
     pub username: Option<String>,
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
@@ -254,9 +258,11 @@ impl Config {
                     "key must be a valid lowercase repository path component",
                 ));
             }
-            let url = url::Url::parse(&up.url).map_err(|e| err(&format!("url: {e}")))?;
-            if !matches!(url.scheme(), "http" | "https") {
-                return Err(err("url must be http:// or https://"));
+            for u in std::iter::once(&up.url).chain(&up.fallback_urls) {
+                let url = url::Url::parse(u).map_err(|e| err(&format!("url {u}: {e}")))?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err(err("url and fallback_urls must be http:// or https://"));
+                }
             }
         }
         if let Some(h) = &self.hosted {

@@ -18,6 +18,8 @@ pub struct OciError {
     /// `WWW-Authenticate` of a `401` (the request's Bearer challenge; set by the route,
     /// which knows the scope).
     pub challenge: Option<String>,
+    /// `Retry-After` seconds (with `429 TOOMANYREQUESTS`).
+    pub retry_after: Option<u64>,
 }
 
 impl OciError {
@@ -27,6 +29,7 @@ impl OciError {
             code,
             message: message.into(),
             challenge: None,
+            retry_after: None,
         }
     }
 
@@ -61,6 +64,9 @@ impl ResponseError for OciError {
             json!({"errors": [{"code": self.code, "message": self.message, "detail": null}]});
         let mut resp = HttpResponse::build(self.status);
         resp.insert_header(("Docker-Distribution-API-Version", "registry/2.0"));
+        if let Some(secs) = self.retry_after {
+            resp.insert_header(("Retry-After", secs.to_string()));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             // The challenge that makes docker, skopeo and containerd send credentials.
             let c = self
@@ -108,11 +114,20 @@ impl From<ServiceError> for OciError {
     fn from(e: ServiceError) -> Self {
         use ServiceError as E;
         let msg = e.to_string();
+        if let E::RateLimited { retry_after, .. } = e.root() {
+            let mut err = OciError::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", msg);
+            // Whole seconds, rounded up: a client never comes back too early.
+            err.retry_after =
+                Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0));
+            return err;
+        }
         let (status, code) = match e.root() {
             E::ManifestUnknown(_) => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
             E::BlobUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
             E::NameUnknown(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
-            E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            E::Unavailable(_) | E::RateLimited { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+            }
             // As Docker Hub answers for private repositories: a client holding
             // credentials for it retries with them after this challenge.
             E::UpstreamDenied { .. } => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),

@@ -11,6 +11,13 @@ pub struct Metrics {
     pub cache: IntCounterVec,
     /// Requests sent upstream by upstream, kind and method.
     pub upstream_requests: IntCounterVec,
+    /// Upstream answers used, by upstream and the URL (primary or fallback) that gave it.
+    pub upstream_answers: IntCounterVec,
+    /// `429`/`503` answers (and token refusals) that put an upstream URL in back-off.
+    pub rate_limited: IntCounterVec,
+    /// Docker Hub's `ratelimit-remaining` / `ratelimit-limit`, by upstream.
+    pub ratelimit_remaining: prometheus::IntGaugeVec,
+    pub ratelimit_limit: prometheus::IntGaugeVec,
     pub upstream_bytes: IntCounterVec,
     /// Requests that joined a fetch already in flight instead of starting one.
     pub coalesced: IntCounterVec,
@@ -73,6 +80,17 @@ fn histogram(
     Ok(h)
 }
 
+fn gauge_vec(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<prometheus::IntGaugeVec> {
+    let g = prometheus::IntGaugeVec::new(Opts::new(name, help), labels)?;
+    reg.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
 fn gauge(reg: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
     let g = IntGauge::new(name, help)?;
     reg.register(Box::new(g.clone()))?;
@@ -100,6 +118,30 @@ impl Metrics {
                 "entrepot_upstream_requests_total",
                 "Requests sent to upstreams",
                 &["upstream", "kind", "method"],
+            )?,
+            upstream_answers: counter(
+                r,
+                "entrepot_upstream_answers_total",
+                "Upstream answers used, by the URL that gave them",
+                &["upstream", "url"],
+            )?,
+            rate_limited: counter(
+                r,
+                "entrepot_upstream_rate_limited_total",
+                "429/503 answers that put an upstream URL in back-off",
+                &["upstream"],
+            )?,
+            ratelimit_remaining: gauge_vec(
+                r,
+                "entrepot_upstream_ratelimit_remaining",
+                "The upstream's ratelimit-remaining header (Docker Hub pulls left)",
+                &["upstream"],
+            )?,
+            ratelimit_limit: gauge_vec(
+                r,
+                "entrepot_upstream_ratelimit_limit",
+                "The upstream's ratelimit-limit header",
+                &["upstream"],
             )?,
             upstream_bytes: counter(
                 r,

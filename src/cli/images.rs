@@ -180,7 +180,13 @@ fn with_services<T>(
     let timeout = cfg.server.upstream_timeout;
     let upstreams = crate::upstream::Upstream::all_from(cfg)?;
     actix_web::rt::System::new().block_on(async move {
-        let client = UpstreamClient::new(Arc::new(TokenCache::default()), timeout, &upstreams);
+        let client = UpstreamClient::new(
+            Arc::new(TokenCache::default()),
+            Arc::default(),
+            m.metrics.clone(),
+            timeout,
+            &upstreams,
+        );
         let svc = Services::new(m, client);
         work(&svc).await
     })

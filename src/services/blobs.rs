@@ -491,6 +491,7 @@ fn blob_request<'a>(
         what,
         accept: None,
         range_from,
+        primary_only: false,
     }
 }
 

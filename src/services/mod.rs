@@ -44,6 +44,12 @@ pub enum ServiceError {
     NameUnknown(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The upstream said "slow down" (`429`/`503`) and nothing cached could answer.
+    #[error("upstream {upstream} is rate limiting or unavailable; retry after {}s", .retry_after.as_secs())]
+    RateLimited {
+        upstream: String,
+        retry_after: std::time::Duration,
+    },
     #[error("upstream {upstream} denied access to {repo} ({status})")]
     UpstreamDenied {
         upstream: String,
@@ -89,6 +95,13 @@ impl From<UpstreamError> for ServiceError {
     fn from(e: UpstreamError) -> Self {
         match e {
             UpstreamError::Connect { .. } => ServiceError::Unavailable(e.to_string()),
+            UpstreamError::RateLimited {
+                upstream,
+                retry_after,
+            } => ServiceError::RateLimited {
+                upstream,
+                retry_after,
+            },
             UpstreamError::Auth { upstream, msg } | UpstreamError::Protocol { upstream, msg } => {
                 ServiceError::BadUpstream { upstream, msg }
             }
@@ -105,10 +118,13 @@ impl ServiceError {
         }
     }
 
-    /// Whether a cached answer may be served instead (the upstream is down or overloaded,
-    /// as opposed to saying "no").
+    /// Whether a cached answer may be served instead (the upstream is down, overloaded or
+    /// rate limiting, as opposed to saying "no").
     fn allows_stale(&self) -> bool {
-        matches!(self.root(), ServiceError::Unavailable(_))
+        matches!(
+            self.root(),
+            ServiceError::Unavailable(_) | ServiceError::RateLimited { .. }
+        )
     }
 }
 

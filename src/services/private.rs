@@ -101,6 +101,7 @@ impl Services {
             what,
             accept: Some(crate::media::UPSTREAM_ACCEPT),
             range_from: None,
+            primary_only: true,
         };
         let resp = self.upstream(up, "auth-check", req).await?;
         Ok(match resp.status() {

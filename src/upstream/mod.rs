@@ -5,6 +5,7 @@
 //! cache that all workers share, so connections and tokens are reused across requests.
 
 mod auth;
+mod backoff;
 mod filter;
 
 use std::sync::Arc;
@@ -16,9 +17,11 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 pub use auth::{parse_challenge, Challenge, TokenCache};
+pub use backoff::Backoff;
 pub use filter::RepoFilter;
 
 use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
 
 /// At most this many redirects are followed (Docker Hub uses one, to its CDN).
 const MAX_REDIRECTS: usize = 5;
@@ -31,6 +34,13 @@ pub enum UpstreamError {
     Auth { upstream: String, msg: String },
     #[error("upstream {upstream}: {msg}")]
     Protocol { upstream: String, msg: String },
+    /// The upstream said `429`/`503` (now or within its `Retry-After`): not asked again
+    /// before `retry_after` has passed.
+    #[error("upstream {upstream} is rate limiting or unavailable; retry after {}s", .retry_after.as_secs())]
+    RateLimited {
+        upstream: String,
+        retry_after: Duration,
+    },
 }
 
 /// One configured upstream registry (read-only after start-up).
@@ -38,6 +48,8 @@ pub struct Upstream {
     /// The key: path prefix and `?ns=` host.
     pub name: String,
     pub base: url::Url,
+    /// Tried in order when `base` fails or is in back-off; never sent credentials.
+    pub fallbacks: Vec<url::Url>,
     pub credentials: Option<(String, String)>,
     pub tag_ttl: Duration,
     /// Docker Hub's convention: a one-part name means `library/<name>`.
@@ -69,12 +81,18 @@ impl Upstream {
     pub fn all_from(cfg: &Config) -> Result<Vec<Arc<Upstream>>, ConfigError> {
         let mut out = Vec::new();
         for (name, up) in &cfg.upstreams {
-            let base = url::Url::parse(up.url.trim_end_matches('/')).map_err(|e| {
-                ConfigError::Upstream {
+            let parse = |u: &str| {
+                url::Url::parse(u.trim_end_matches('/')).map_err(|e| ConfigError::Upstream {
                     name: name.clone(),
-                    msg: e.to_string(),
-                }
-            })?;
+                    msg: format!("{u}: {e}"),
+                })
+            };
+            let base = parse(&up.url)?;
+            let fallbacks = up
+                .fallback_urls
+                .iter()
+                .map(|u| parse(u))
+                .collect::<Result<_, _>>()?;
             let password = up.resolve_password(name)?;
             let filter =
                 RepoFilter::new(&up.allow, &up.deny).map_err(|e| ConfigError::Upstream {
@@ -90,6 +108,7 @@ impl Upstream {
                     || base.host_str() == Some("registry-1.docker.io"),
                 name: name.clone(),
                 base,
+                fallbacks,
                 credentials,
                 tag_ttl: up.tag_ttl(),
                 filter: Arc::new(filter),
@@ -109,6 +128,7 @@ impl Upstream {
         Arc::new(Upstream {
             name: self.name.clone(),
             base: self.base.clone(),
+            fallbacks: self.fallbacks.clone(),
             credentials: Some((c.user.clone(), c.pass.clone())),
             tag_ttl: self.tag_ttl,
             library_prefix: self.library_prefix,
@@ -197,6 +217,9 @@ pub struct UpRequest<'a> {
     pub accept: Option<&'a str>,
     /// Ask for the bytes from this offset on (`Range: bytes=N-`).
     pub range_from: Option<u64>,
+    /// Only the primary URL may answer (a credential check must not be answered by an
+    /// anonymous fallback).
+    pub primary_only: bool,
 }
 
 #[derive(Deserialize)]
@@ -213,6 +236,8 @@ pub struct UpstreamClient {
     /// Clients for upstreams with their own CA (`ca_file`), by upstream name.
     custom: std::rc::Rc<std::collections::HashMap<String, awc::Client>>,
     tokens: Arc<TokenCache>,
+    backoff: Arc<Backoff>,
+    metrics: Arc<Metrics>,
 }
 
 fn build_client(timeout: Duration, tls: Option<&Arc<rustls::ClientConfig>>) -> awc::Client {
@@ -234,6 +259,8 @@ fn build_client(timeout: Duration, tls: Option<&Arc<rustls::ClientConfig>>) -> a
 impl UpstreamClient {
     pub fn new(
         tokens: Arc<TokenCache>,
+        backoff: Arc<Backoff>,
+        metrics: Arc<Metrics>,
         timeout: Duration,
         upstreams: &[Arc<Upstream>],
     ) -> UpstreamClient {
@@ -249,6 +276,8 @@ impl UpstreamClient {
             http: build_client(timeout, None),
             custom: std::rc::Rc::new(custom),
             tokens,
+            backoff,
+            metrics,
         }
     }
 
@@ -257,23 +286,140 @@ impl UpstreamClient {
         self.custom.get(&up.name).unwrap_or(&self.http)
     }
 
-    /// Sends `req`, answering one auth challenge and following redirects. A 401 that
-    /// survives the challenge is returned as is, for the caller to map.
+    /// Sends `req` to the first of the upstream's URLs (primary, then `fallback_urls`)
+    /// that is not in back-off and answers. A connect error, a timeout or a 5xx moves on
+    /// to the next URL; a `429`/`503` also puts the URL in back-off for its
+    /// `Retry-After`. When every URL is failing or in back-off the last failure is
+    /// returned ([`UpstreamError::RateLimited`] when it was a rate limit).
     pub async fn send(
         &self,
         up: &Upstream,
         req: &UpRequest<'_>,
     ) -> Result<ClientResponse, UpstreamError> {
+        let urls: Vec<&url::Url> = std::iter::once(&up.base)
+            .chain(
+                up.fallbacks
+                    .iter()
+                    .take(if req.primary_only { 0 } else { usize::MAX }),
+            )
+            .collect();
+        let mut last = None;
+        for (i, base) in urls.iter().enumerate() {
+            let more = i + 1 < urls.len();
+            if let Some(left) = self.backoff.remaining(base.as_str()) {
+                last = Some(rate_limited(up, left));
+                continue;
+            }
+            let answer = self.send_to(up, base, i == 0, req).await;
+            match self.judge(up, base, more, answer) {
+                Ok(resp) => {
+                    self.metrics
+                        .upstream_answers
+                        .with_label_values(&[&up.name, base.as_str()])
+                        .inc();
+                    if i > 0 {
+                        tracing::info!(upstream = %up.name, url = %base, "answered by a fallback URL");
+                    }
+                    return Ok(resp);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| rate_limited(up, backoff::DEFAULT_RETRY_AFTER)))
+    }
+
+    /// Whether an answer from `base` is the one to use; otherwise the error to remember,
+    /// with `base` put in back-off when it asked for it (or failed and `more` URLs exist).
+    fn judge(
+        &self,
+        up: &Upstream,
+        base: &url::Url,
+        more: bool,
+        answer: Result<ClientResponse, UpstreamError>,
+    ) -> Result<ClientResponse, UpstreamError> {
+        let resp = match answer {
+            Ok(resp) => resp,
+            Err(UpstreamError::RateLimited { retry_after, .. }) => {
+                self.hold(up, base, retry_after);
+                return Err(rate_limited(up, retry_after));
+            }
+            Err(e) => {
+                if more {
+                    self.hold_failed(up, base, &e.to_string());
+                }
+                return Err(e);
+            }
+        };
+        self.observe_ratelimit(up, &resp);
+        let status = resp.status();
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            let d = backoff::retry_after(resp.headers());
+            self.hold(up, base, d);
+            return Err(rate_limited(up, d));
+        }
+        if status.is_server_error() && more {
+            let e = protocol(up, format!("{base} answered {status}"));
+            self.hold_failed(up, base, &e.to_string());
+            return Err(e);
+        }
+        Ok(resp)
+    }
+
+    /// `base` said "slow down": left alone for `d`, counted.
+    fn hold(&self, up: &Upstream, base: &url::Url, d: Duration) {
+        self.metrics
+            .rate_limited
+            .with_label_values(&[&up.name])
+            .inc();
+        tracing::warn!(upstream = %up.name, url = %base, retry_after = d.as_secs(), "upstream rate limiting: backing off");
+        self.backoff.hold(base.as_str(), d);
+    }
+
+    /// `base` failed while another URL can answer: skipped for a short while.
+    fn hold_failed(&self, up: &Upstream, base: &url::Url, why: &str) {
+        let d = backoff::FAILED_URL_BACKOFF;
+        tracing::warn!(upstream = %up.name, url = %base, why, secs = d.as_secs(), "upstream URL failing: trying the next one");
+        self.backoff.hold(base.as_str(), d);
+    }
+
+    /// Docker Hub's pull-limit headers, as gauges (an alert can fire before the limit).
+    fn observe_ratelimit(&self, up: &Upstream, resp: &ClientResponse) {
+        let h = resp.headers();
+        for (name, gauge) in [
+            ("ratelimit-remaining", &self.metrics.ratelimit_remaining),
+            ("ratelimit-limit", &self.metrics.ratelimit_limit),
+        ] {
+            if let Some(n) = backoff::ratelimit_header(h, name) {
+                gauge.with_label_values(&[&up.name]).set(n);
+            }
+        }
+    }
+
+    /// One URL of the upstream: answers one auth challenge and follows redirects. A 401
+    /// that survives the challenge is returned as is, for the caller to map. Credentials
+    /// go only to the primary URL; a fallback is asked anonymously (with its own
+    /// anonymous tokens, kept apart from the primary's).
+    async fn send_to(
+        &self,
+        up: &Upstream,
+        base: &url::Url,
+        primary: bool,
+        req: &UpRequest<'_>,
+    ) -> Result<ClientResponse, UpstreamError> {
         let scope = format!("repository:{}:pull", req.repo);
         let url = format!(
             "{}/v2/{}/{}",
-            up.base.as_str().trim_end_matches('/'),
+            base.as_str().trim_end_matches('/'),
             req.repo,
             req.what
         );
-        let who = Who::new(up, &scope);
+        let who = if primary {
+            Who::new(up, &scope)
+        } else {
+            Who::anonymous_at(base, &scope)
+        };
         let auth = self.auth_header(up, &who, false).await?;
-        let resp = self.send_following(up, req, &url, auth).await?;
+        let resp = self.send_following(up, base, req, &url, auth).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
@@ -285,12 +431,12 @@ impl UpstreamClient {
         else {
             return Ok(resp);
         };
-        self.tokens.put_challenge(&up.name, challenge);
+        self.tokens.put_challenge(&who.site, challenge);
         let auth = self.auth_header(up, &who, true).await?;
         if auth.is_none() {
             return Ok(resp);
         }
-        self.send_following(up, req, &url, auth).await
+        self.send_following(up, base, req, &url, auth).await
     }
 
     /// The Authorization value for `scope`, from the cache, or fetched if the upstream is
@@ -302,11 +448,11 @@ impl UpstreamClient {
         fresh: bool,
     ) -> Result<Option<String>, UpstreamError> {
         if !fresh {
-            if let Some(t) = self.tokens.token(&up.name, &who.cache_key) {
+            if let Some(t) = self.tokens.token(&who.site, &who.cache_key) {
                 return Ok(Some(format!("Bearer {t}")));
             }
         }
-        match self.tokens.challenge(&up.name) {
+        match self.tokens.challenge(&who.site) {
             None => Ok(None),
             Some(Challenge::Basic) => Ok(who.basic.clone()),
             Some(Challenge::Bearer { realm, service, .. }) => {
@@ -346,8 +492,12 @@ impl UpstreamClient {
             .send()
             .await
             .map_err(|e| err(format!("token endpoint: {e}")))?;
-        if !resp.status().is_success() {
-            return Err(err(format!("token endpoint answered {}", resp.status())));
+        let status = resp.status();
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            return Err(rate_limited(up, backoff::retry_after(resp.headers())));
+        }
+        if !status.is_success() {
+            return Err(err(format!("token endpoint answered {status}")));
         }
         let body: TokenResponse = resp
             .json()
@@ -361,7 +511,7 @@ impl UpstreamClient {
         // The spec's default lifetime is 60 s when `expires_in` is absent.
         let ttl = Duration::from_secs(body.expires_in.unwrap_or(60).max(60));
         self.tokens
-            .put_token(&up.name, &who.cache_key, token.clone(), ttl);
+            .put_token(&who.site, &who.cache_key, token.clone(), ttl);
         Ok(token)
     }
 
@@ -370,11 +520,12 @@ impl UpstreamClient {
     async fn send_following(
         &self,
         up: &Upstream,
+        base: &url::Url,
         req: &UpRequest<'_>,
         url: &str,
         auth: Option<String>,
     ) -> Result<ClientResponse, UpstreamError> {
-        let origin = up.base.origin();
+        let origin = base.origin();
         let mut url = url::Url::parse(url).map_err(|e| protocol(up, format!("bad url: {e}")))?;
         for _ in 0..=MAX_REDIRECTS {
             let mut r = self.http(up).request(req.method.clone(), url.as_str());
@@ -410,6 +561,9 @@ impl UpstreamClient {
 /// Whose credentials a request goes out with, and the token cache key for them: tokens
 /// fetched with one client's credentials are never used for another's requests.
 struct Who<'a> {
+    /// Whose challenges and tokens: the upstream's key for its primary URL, the URL
+    /// itself for a fallback.
+    site: String,
     scope: &'a str,
     cache_key: String,
     basic: Option<String>,
@@ -422,10 +576,28 @@ impl<'a> Who<'a> {
             None => scope.to_string(),
         };
         Who {
+            site: up.name.clone(),
             scope,
             cache_key,
             basic: up.basic_header(),
         }
+    }
+
+    /// No credentials at all: for fallback URLs.
+    fn anonymous_at(base: &url::Url, scope: &'a str) -> Who<'a> {
+        Who {
+            site: base.to_string(),
+            scope,
+            cache_key: scope.to_string(),
+            basic: None,
+        }
+    }
+}
+
+fn rate_limited(up: &Upstream, retry_after: Duration) -> UpstreamError {
+    UpstreamError::RateLimited {
+        upstream: up.name.clone(),
+        retry_after,
     }
 }
 
