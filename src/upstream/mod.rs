@@ -315,10 +315,10 @@ impl UpstreamClient {
                 Ok(resp) => {
                     self.metrics
                         .upstream_answers
-                        .with_label_values(&[&up.name, base.as_str()])
+                        .with_label_values(&[&up.name, shown(base)])
                         .inc();
                     if i > 0 {
-                        tracing::info!(upstream = %up.name, url = %base, "answered by a fallback URL");
+                        tracing::info!(upstream = %up.name, url = shown(base), "answered by a fallback URL");
                     }
                     return Ok(resp);
                 }
@@ -371,14 +371,14 @@ impl UpstreamClient {
             .rate_limited
             .with_label_values(&[&up.name])
             .inc();
-        tracing::warn!(upstream = %up.name, url = %base, retry_after = d.as_secs(), "upstream rate limiting: backing off");
+        tracing::warn!(upstream = %up.name, url = shown(base), retry_after = d.as_secs(), "upstream rate limiting: backing off");
         self.backoff.hold(base.as_str(), d);
     }
 
     /// `base` failed while another URL can answer: skipped for a short while.
     fn hold_failed(&self, up: &Upstream, base: &url::Url, why: &str) {
         let d = backoff::FAILED_URL_BACKOFF;
-        tracing::warn!(upstream = %up.name, url = %base, why, secs = d.as_secs(), "upstream URL failing: trying the next one");
+        tracing::warn!(upstream = %up.name, url = shown(base), why, secs = d.as_secs(), "upstream URL failing: trying the next one");
         self.backoff.hold(base.as_str(), d);
     }
 
@@ -606,4 +606,9 @@ fn protocol(up: &Upstream, msg: String) -> UpstreamError {
         upstream: up.name.clone(),
         msg,
     }
+}
+
+/// A URL as configured (no trailing `/`), for metric labels and logs.
+fn shown(base: &url::Url) -> &str {
+    base.as_str().trim_end_matches('/')
 }

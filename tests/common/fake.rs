@@ -126,7 +126,15 @@ fn serve(s: TcpStream, handler: &Handler, reqs: &Mutex<Vec<Request>>) {
     for (k, v) in &resp.headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
-    head.push_str(&format!("Content-Length: {}\r\n\r\n", resp.body.len()));
+    // A HEAD answer may announce the length of the body it does not send.
+    if !resp
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+    {
+        head.push_str(&format!("Content-Length: {}\r\n", resp.body.len()));
+    }
+    head.push_str("\r\n");
     let mut w = &s;
     let _ = w.write_all(head.as_bytes());
     if req.method != "HEAD" {

@@ -8,6 +8,7 @@
 pub mod clients;
 pub mod fake;
 pub mod image;
+pub mod passthrough;
 pub mod peers;
 pub mod throttle;
 pub mod token;
