@@ -175,7 +175,9 @@ async fn dispatch(
         }
         (Endpoint::Blob { name, digest }, Method::DELETE) => push::delete_blob(ctx, name, digest),
         (Endpoint::TagsList { name }, Method::GET) => pull::tags(ctx, name).await,
-        (Endpoint::Referrers { name, digest }, Method::GET) => pull::referrers(ctx, name, digest),
+        (Endpoint::Referrers { name, digest }, Method::GET) => {
+            pull::referrers(ctx, name, digest).await
+        }
         (Endpoint::UploadStart { name }, Method::POST) => push::upload_start(ctx, name, body).await,
         (Endpoint::Upload { name, id }, Method::GET) => push::upload_status(ctx, name, id).await,
         (Endpoint::Upload { name, id }, Method::PATCH) => {

@@ -137,16 +137,24 @@ pub fn catalog(ctx: &Ctx<'_>) -> Result<HttpResponse, OciError> {
     ))
 }
 
-pub fn referrers(ctx: &Ctx<'_>, name: &str, digest: &Digest) -> Result<HttpResponse, OciError> {
-    let Target::Hosted { repo } = ctx.resolve(name)? else {
-        return Err(OciError::new(
-            StatusCode::NOT_FOUND,
-            "NAME_UNKNOWN",
-            "the referrers API is served for hosted repositories only",
-        ));
-    };
+pub async fn referrers(
+    ctx: &Ctx<'_>,
+    name: &str,
+    digest: &Digest,
+) -> Result<HttpResponse, OciError> {
     let filter = ctx.query("artifactType");
-    let index = ctx.svc.referrers(&repo, digest, filter.as_deref())?;
+    let index = match ctx.resolve(name)? {
+        Target::Upstream { upstream, repo } => {
+            ctx.note(&upstream.name, "referrers", None);
+            ctx.svc
+                .upstream_referrers(&upstream, &repo, digest, filter.as_deref(), &ctx.caller)
+                .await?
+        }
+        Target::Hosted { repo } => {
+            ctx.note(ctx.hosted_prefix(), "referrers", Some("hosted"));
+            ctx.svc.referrers(&repo, digest, filter.as_deref())?
+        }
+    };
     let mut resp = HttpResponse::Ok();
     resp.insert_header(API_VERSION)
         .insert_header((header::CONTENT_TYPE, crate::media::OCI_INDEX));

@@ -12,6 +12,7 @@ mod hosted;
 mod manifests;
 mod page;
 mod private;
+mod referrers;
 mod stream;
 mod tags;
 pub mod tokens;

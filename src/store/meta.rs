@@ -199,6 +199,33 @@ impl Store {
         Ok(out)
     }
 
+    /// The cached referrers index of an upstream `subject` (what it pointed to, and when
+    /// the upstream last said so), kept like a tag.
+    pub fn get_referrers_index(
+        &self,
+        ns: &str,
+        repo: &str,
+        subject: &Digest,
+    ) -> Result<Option<TagRecord>, StoreError> {
+        self.read_json(self.referrers_index_path(ns, repo, subject))
+    }
+
+    pub fn put_referrers_index(
+        &self,
+        ns: &str,
+        repo: &str,
+        subject: &Digest,
+        rec: &TagRecord,
+    ) -> Result<(), StoreError> {
+        self.write_json(self.referrers_index_path(ns, repo, subject), rec)
+    }
+
+    fn referrers_index_path(&self, ns: &str, repo: &str, subject: &Digest) -> PathBuf {
+        self.repo_dir(ns, repo)
+            .join("_referrers_index")
+            .join(subject.hex())
+    }
+
     /// Whether a repository's content came through someone's own upstream credentials
     /// (callers must then prove upstream access before it is served).
     pub fn is_private(&self, ns: &str, repo: &str) -> Result<bool, StoreError> {
