@@ -111,3 +111,45 @@ fn a_manifest_that_does_not_match_its_digest_header_is_refused() {
     ));
     assert_eq!(r.status, 502);
 }
+
+/// An upstream with the OCI 1.1 referrers API (Distribution 2.8 has none): its answer is
+/// used, and the fallback tag is never asked.
+#[test]
+fn referrers_api_of_an_upstream_that_has_one() {
+    let subject = format!("sha256:{}", "ab".repeat(32));
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": format!("sha256:{}", "cd".repeat(32)), "size": 10,
+                       "artifactType": "application/x-sig"}],
+    })
+    .to_string()
+    .into_bytes();
+    let reg = FakeServer::start(move |req| {
+        if req.path.contains("/referrers/") {
+            let ct = [("Content-Type", "application/vnd.oci.image.index.v1+json")];
+            return Response::new(200, &ct, index.clone());
+        }
+        Response::new(404, &[], vec![])
+    });
+    let mirror = Mirror::start(
+        "",
+        &format!("[upstreams.\"ghcr.io\"]\nurl = \"{}\"\n", reg.url()),
+    );
+    let url = format!("{}/v2/ghcr.io/org/app/referrers/{subject}", mirror.url());
+    let r = get(&format!("{url}?artifactType=application/x-sbom"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["manifests"], serde_json::json!([]));
+    let r = get(&url);
+    assert_eq!(
+        r.json()["manifests"][0]["artifactType"],
+        "application/x-sig"
+    );
+    let asked: Vec<String> = reg.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(
+        asked,
+        [format!("/v2/org/app/referrers/{subject}")],
+        "one API call, cached; no fallback tag"
+    );
+}
