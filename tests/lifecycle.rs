@@ -259,6 +259,84 @@ fn export_then_import_serves_images_with_the_upstreams_unreachable() {
     );
 }
 
+/// Hosted images export too, and `--platform` writes an index listing only what the
+/// export holds, so `skopeo copy --all` of the layout works.
+#[test]
+fn export_of_hosted_images_and_of_one_platform() {
+    if !require(PEERS) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let (index, amd) = layout.multiarch(150_000, 85);
+    layout.push("multi", &format!("{}/library/multi:1", up.host()), None);
+    let file = tmp.path().join("htpasswd");
+    let alice = run(Command::new("htpasswd").args(["-Bbn", "alice", "pw"]));
+    std::fs::write(&file, alice).unwrap();
+    let mirror = Mirror::start(
+        "",
+        &format!(
+            "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\npush = [\"alice\"]\n{}",
+            file.display(),
+            upstream_toml("docker.io", &up.url())
+        ),
+    );
+    let host = format!("127.0.0.1:{}", mirror.port);
+    layout.push(
+        "multi",
+        &format!("{host}/local/team/app:1"),
+        Some("alice:pw"),
+    );
+
+    let out = tmp.path().join("export").display().to_string();
+    let (ok, text) = mirror.cli(&[
+        "export",
+        "--out",
+        &out,
+        "--platform",
+        "linux/amd64",
+        "docker.io/library/multi:1",
+        "local/team/app:1",
+    ]);
+    assert!(ok, "{text}");
+    for name in ["docker.io/library/multi:1", "local/team/app:1"] {
+        let copy = tmp
+            .path()
+            .join(format!("copy-{}", name.replace(['/', ':'], "-")));
+        run(Command::new("skopeo")
+            .args(["copy", "--all"])
+            .arg(format!("oci:{out}:{name}"))
+            .arg(format!("dir:{}", copy.display())));
+        let top: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(copy.join("manifest.json")).unwrap()).unwrap();
+        let listed: Vec<&str> = top["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["digest"].as_str())
+            .collect();
+        assert_eq!(listed, [amd.as_str()], "{name}: only linux/amd64 listed");
+    }
+
+    // Without --platform: the hosted index as pushed.
+    let whole = tmp.path().join("whole").display().to_string();
+    let (ok, text) = mirror.cli(&["export", "--out", &whole, "local/team/app:1"]);
+    assert!(ok, "{text}");
+    let copy = tmp.path().join("copy-whole");
+    run(Command::new("skopeo")
+        .args(["copy", "--all"])
+        .arg(format!("oci:{whole}:local/team/app:1"))
+        .arg(format!("dir:{}", copy.display())));
+    assert_eq!(
+        format!(
+            "sha256:{}",
+            sha256_hex(&std::fs::read(copy.join("manifest.json")).unwrap())
+        ),
+        index
+    );
+}
+
 /// Unmounts on drop.
 struct Mount(std::path::PathBuf);
 

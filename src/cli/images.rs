@@ -17,7 +17,7 @@ use crate::media::Accepted;
 use crate::names::{Digest, Reference};
 use crate::routes::target::Target;
 use crate::services::access::Caller;
-use crate::services::Services;
+use crate::services::{ManifestReply, Services};
 use crate::store::layout::{LayoutEntry, LayoutReader, LayoutWriter};
 use crate::store::{ManifestLink, Store, StoreError, TagRecord};
 use crate::upstream::{TokenCache, UpstreamClient};
@@ -71,63 +71,134 @@ fn split_reference(image: &str) -> anyhow::Result<(String, Reference)> {
 struct Fetched {
     top: LayoutEntry,
     objects: Vec<Digest>,
+    /// With `--platform`, the index trimmed to what was fetched (not in the store): the
+    /// export's top object, so `skopeo copy --all` of the layout finds every child.
+    trimmed: Option<Vec<u8>>,
+}
+
+/// One image's manifests and blobs through the services: an upstream's (fetched and
+/// verified as for a client pull) or a hosted repository's.
+struct Source<'a> {
+    svc: &'a Services,
+    target: &'a Target,
+}
+
+impl Source<'_> {
+    async fn manifest(&self, reference: &Reference) -> anyhow::Result<ManifestReply> {
+        Ok(match self.target {
+            Target::Upstream { upstream, repo } => {
+                self.svc
+                    .manifest(
+                        upstream,
+                        repo,
+                        reference,
+                        Accepted::ALL,
+                        &Method::GET,
+                        &Caller::Anonymous,
+                    )
+                    .await?
+            }
+            Target::Hosted { repo } => {
+                self.svc
+                    .hosted_manifest(repo, reference, Accepted::ALL, false)
+                    .await?
+            }
+        })
+    }
+
+    /// Reads a blob through (filling the store for an upstream's); its length.
+    async fn blob(&self, d: &Digest) -> anyhow::Result<u64> {
+        let r = match self.target {
+            Target::Upstream { upstream, repo } => {
+                self.svc
+                    .blob(upstream, repo, d, None, &Method::GET, &Caller::Anonymous)
+                    .await?
+            }
+            Target::Hosted { repo } => self.svc.hosted_blob(repo, d, None, false)?,
+        };
+        let mut n = 0;
+        if let Some(mut body) = r.body {
+            while let Some(chunk) = body.next().await {
+                n += chunk?.len() as u64;
+            }
+        }
+        Ok(n)
+    }
 }
 
 /// Walks an image through the services, filling the store; returns its objects.
 async fn fetch_image(
-    svc: &Services,
-    target: &Target,
+    src: &Source<'_>,
     reference: &Reference,
     platform: Option<&str>,
     progress: &mut Progress,
-) -> anyhow::Result<(LayoutEntry, Vec<Digest>)> {
-    let Target::Upstream { upstream, repo } = target else {
-        bail!("hosted images cannot be prefetched or exported yet (only upstream images)");
-    };
-    let caller = Caller::Anonymous;
-    let get = Method::GET;
-    let top = svc
-        .manifest(upstream, repo, reference, Accepted::ALL, &get, &caller)
-        .await?;
-    let entry = LayoutEntry {
+) -> anyhow::Result<Fetched> {
+    let top = src.manifest(reference).await?;
+    let mut entry = LayoutEntry {
         reference: String::new(),
         media_type: top.media_type.clone(),
         digest: top.digest.clone(),
         size: top.size,
     };
+    let top_body = top.body.unwrap_or_default();
     let mut objects = vec![top.digest.clone()];
-    let mut pending = vec![top.body.unwrap_or_default()];
+    let mut pending = vec![top_body.clone()];
     while let Some(body) = pending.pop() {
         let doc: Value = serde_json::from_slice(&body).context("manifest json")?;
         for child in children(&doc, platform) {
             let d: Digest = child.parse().map_err(|e| anyhow!("{child}: {e}"))?;
             if doc.get("manifests").is_some() {
-                let m = svc
-                    .manifest(
-                        upstream,
-                        repo,
-                        &Reference::Digest(d.clone()),
-                        Accepted::ALL,
-                        &get,
-                        &caller,
-                    )
-                    .await?;
+                let m = src.manifest(&Reference::Digest(d.clone())).await?;
                 pending.push(m.body.unwrap_or_default());
             } else {
-                let r = svc.blob(upstream, repo, &d, None, &get, &caller).await?;
-                let mut n = 0;
-                if let Some(mut body) = r.body {
-                    while let Some(chunk) = body.next().await {
-                        n += chunk?.len() as u64;
-                    }
-                }
+                let n = src.blob(&d).await?;
                 progress.item(&d.to_string(), n);
             }
             objects.push(d);
         }
     }
-    progress.item(&format!("{}@{}", repo, entry.digest), entry.size);
-    Ok((entry, objects))
+    let trimmed = match platform {
+        Some(p) => trim_index(&top_body, p)?,
+        None => None,
+    };
+    if let Some(t) = &trimmed {
+        objects.remove(0);
+        entry.digest = Digest::of(t);
+        entry.size = t.len() as u64;
+    }
+    progress.item(&entry.digest.to_string(), entry.size);
+    Ok(Fetched {
+        top: entry,
+        objects,
+        trimmed,
+    })
+}
+
+/// An index listing only `platform`'s manifests (`None` for an image manifest, or an
+/// index that already lists nothing else).
+fn trim_index(body: &[u8], platform: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    let mut doc: Value = serde_json::from_slice(body).context("manifest json")?;
+    let Some(all) = doc["manifests"].as_array() else {
+        return Ok(None);
+    };
+    let keep: Vec<Value> = all
+        .iter()
+        .filter(|m| matches_platform(m, platform))
+        .cloned()
+        .collect();
+    if keep.is_empty() {
+        bail!("the index lists no {platform} image");
+    }
+    if keep.len() == all.len() {
+        return Ok(None);
+    }
+    doc["manifests"] = Value::Array(keep);
+    Ok(Some(serde_json::to_vec(&doc)?))
+}
+
+fn matches_platform(m: &Value, p: &str) -> bool {
+    let have = platform_of(m);
+    have == p || have.starts_with(&format!("{p}/"))
 }
 
 /// Digests an index or image manifest points to (index entries filtered by platform).
@@ -135,11 +206,7 @@ fn children(doc: &Value, platform: Option<&str>) -> Vec<String> {
     if let Some(ms) = doc["manifests"].as_array() {
         return ms
             .iter()
-            .filter(|m| {
-                platform.is_none_or(|p| {
-                    platform_of(m) == p || platform_of(m).starts_with(&format!("{p}/"))
-                })
-            })
+            .filter(|m| platform.is_none_or(|p| matches_platform(m, p)))
             .filter_map(|m| m["digest"].as_str().map(String::from))
             .collect();
     }
@@ -203,16 +270,20 @@ async fn fetch_all(
     for image in args.references()? {
         let (name, reference) = split_reference(&image)?;
         let target = router.resolve(&name, None)?;
-        let (mut top, objects) =
-            fetch_image(svc, &target, &reference, args.platform.as_deref(), progress)
-                .await
-                .with_context(|| image.clone())?;
-        let ns = target.namespace("");
-        top.reference = match &reference {
-            Reference::Tag(t) => format!("{ns}/{}:{t}", target.repo()),
-            Reference::Digest(d) => format!("{ns}/{}@{d}", target.repo()),
+        let src = Source {
+            svc,
+            target: &target,
         };
-        out.push(Fetched { top, objects });
+        let mut img = fetch_image(&src, &reference, args.platform.as_deref(), progress)
+            .await
+            .with_context(|| image.clone())?;
+        let ns = target.namespace(cfg.hosted.as_ref().map_or("", |h| h.prefix.as_str()));
+        img.top.reference = match &reference {
+            Reference::Tag(t) => format!("{ns}/{}:{t}", target.repo()),
+            // The exported object (a trimmed index has a digest of its own).
+            Reference::Digest(_) => format!("{ns}/{}@{}", target.repo(), img.top.digest),
+        };
+        out.push(img);
     }
     Ok(out)
 }
@@ -248,6 +319,9 @@ pub fn export(cfg: &Config, out: &Path, args: &ImageArgs) -> anyhow::Result<()> 
         for d in &img.objects {
             let n = layout.add_blob(&store, d)?;
             progress.item(&d.to_string(), n);
+        }
+        if let Some(t) = &img.trimmed {
+            layout.add_bytes(t)?;
         }
         layout.add_entry(&img.top);
     }

@@ -48,6 +48,13 @@ impl LayoutWriter {
         Ok(fs::metadata(&dst)?.len())
     }
 
+    /// Writes an object made for the export (a platform-trimmed index); its digest.
+    pub fn add_bytes(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
+        let d = Digest::of(bytes);
+        fs::write(self.dir.join("blobs/sha256").join(d.hex()), bytes)?;
+        Ok(d)
+    }
+
     pub fn add_entry(&mut self, e: &LayoutEntry) {
         self.entries.push(json!({
             "mediaType": e.media_type,
