@@ -22,32 +22,35 @@ use crate::metrics::Metrics;
 use crate::names::Digest;
 
 /// Bytes per step: large enough to keep thread hand-offs rare, small enough that 64
-/// streams hold little memory (a mapped chunk is unmapped once the socket has it).
+/// streams hold little memory.
 const CHUNK: u64 = 512 * 1024;
 
-fn spawn_map(
+fn spawn_read(
     file: Arc<File>,
     pos: u64,
     len: usize,
 ) -> tokio::task::JoinHandle<std::io::Result<Bytes>> {
-    tokio::task::spawn_blocking(move || map_chunk(&file, pos, len))
+    tokio::task::spawn_blocking(move || read_chunk(&file, pos, len))
 }
 
-/// Maps `[pos, pos+len)` of a blob file, faulted in up front (on this blocking thread, so
-/// a page-cache miss never stalls an async worker). The bytes go to the socket without
-/// being copied into a user-space buffer first, which is what a `read` would cost.
-fn map_chunk(file: &File, pos: u64, len: usize) -> std::io::Result<Bytes> {
-    // SAFETY: the mapped range lies below the bytes already written, and blob files are
-    // never modified in place: a committed object is immutable (eviction and repair
-    // unlink it, which leaves existing mappings valid) and a fill only appends.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(pos)
-            .len(len)
-            .populate()
-            .map(file)?
-    };
-    Ok(Bytes::from_owner(map))
+/// Reads `[pos, pos+len)` of a blob file on a blocking thread (a page-cache miss never
+/// stalls an async worker). Positional reads, not a memory map: a file cut short under a
+/// reader (a disk cleanup, an operator) then gives a short read, which aborts this one
+/// response, where a mapping would kill the whole process with SIGBUS.
+fn read_chunk(file: &File, pos: u64, len: usize) -> std::io::Result<Bytes> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = bytes::BytesMut::zeroed(len);
+    file.read_exact_at(&mut buf, pos).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            std::io::Error::other(format!(
+                "blob file ends before byte {} (cut short while being read)",
+                pos + len as u64
+            ))
+        } else {
+            e
+        }
+    })?;
+    Ok(buf.freeze())
 }
 
 /// The body of a blob response.
@@ -106,12 +109,12 @@ enum Next {
     Relay,
 }
 
-/// A chunk being mapped ahead of the reader: (offset, length, the mapping task).
+/// A chunk being read ahead of the reader: (offset, length, the read task).
 type Ahead = (u64, usize, tokio::task::JoinHandle<std::io::Result<Bytes>>);
 
 struct Cursor {
     file: Option<Arc<File>>,
-    /// For committed blobs, the next chunk is mapped while this one goes to the socket.
+    /// For committed blobs, the next chunk is read while this one goes to the socket.
     ahead: Option<Ahead>,
     relay: Option<Relay>,
     pos: u64,
@@ -178,7 +181,7 @@ impl Cursor {
         let pos = self.pos;
         let task = match self.ahead.take() {
             Some((p, l, task)) if p == pos && l == len => task,
-            _ => spawn_map(file.clone(), pos, len),
+            _ => spawn_read(file.clone(), pos, len),
         };
         let chunk = task
             .await
@@ -188,7 +191,7 @@ impl Cursor {
         self.pos += len as u64;
         if matches!(self.avail, Avail::Complete(_)) && self.pos < self.end {
             let next = (self.end - self.pos).min(CHUNK) as usize;
-            self.ahead = Some((self.pos, next, spawn_map(file, self.pos, next)));
+            self.ahead = Some((self.pos, next, spawn_read(file, self.pos, next)));
         }
         self.metrics
             .served_bytes

@@ -53,7 +53,7 @@ impl Store {
     /// Temp files are left alone here: a CLI command may open the store of a running
     /// server; `serve` calls [`Store::clean_tmp`] at start.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        for dir in ["blobs/sha256", "tmp", "repos"] {
+        for dir in ["blobs/sha256", "sizes", "quarantine", "tmp", "repos"] {
             fs::create_dir_all(root.join(dir))?;
         }
         let root = fs::canonicalize(root)?;
@@ -78,19 +78,80 @@ impl Store {
         self.root.join("blobs/sha256").join(&hex[..2]).join(hex)
     }
 
-    /// Size of a committed blob, or `None` if it is not stored.
+    /// Where the length of a committed blob is recorded (written before the blob becomes
+    /// visible): a file cut short later (a disk cleanup, an operator, a bad restore) is
+    /// caught when it is opened, without re-hashing.
+    fn size_path(&self, d: &Digest) -> PathBuf {
+        let hex = d.hex();
+        self.root.join("sizes").join(&hex[..2]).join(hex)
+    }
+
+    fn recorded_size(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
+        let Some(text) = not_found_is_none(fs::read_to_string(self.size_path(d)))? else {
+            return Ok(None);
+        };
+        Ok(text.trim().parse().ok())
+    }
+
+    /// Whether a blob file of `len` bytes is whole; if not it is moved to `quarantine/`
+    /// (kept for inspection, no longer served) and the blob counts as not stored.
+    fn check_len(&self, d: &Digest, len: u64) -> Result<bool, StoreError> {
+        match self.recorded_size(d)? {
+            Some(want) if want != len => {
+                let dest = self.root.join("quarantine").join(format!(
+                    "{}.{}",
+                    d.hex(),
+                    SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |t| t.as_nanos())
+                ));
+                tracing::error!(digest = %d, recorded = want, found = len, quarantine = %dest.display(), "stored blob has the wrong length: quarantined, it will be fetched again");
+                if not_found_is_none(fs::rename(self.blob_path(d), &dest))?.is_some() {
+                    self.size.fetch_sub(len.min(self.size()), Ordering::Relaxed);
+                }
+                not_found_is_none(fs::remove_file(self.size_path(d)))?;
+                Ok(false)
+            }
+            _ => Ok(true),
+        }
+    }
+
+    /// Size of a committed blob, or `None` if it is not stored (or not whole).
     pub fn stat(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
-        Ok(not_found_is_none(fs::metadata(self.blob_path(d)))?.map(|m| m.len()))
+        let Some(len) = not_found_is_none(fs::metadata(self.blob_path(d)))?.map(|m| m.len()) else {
+            return Ok(None);
+        };
+        Ok(self.check_len(d, len)?.then_some(len))
     }
 
-    /// Opens a committed blob for positional reads (`FileExt::read_at`).
+    /// Opens a committed blob for positional reads (`FileExt::read_at`); `None` if it is
+    /// not stored or not whole.
     pub fn open_blob(&self, d: &Digest) -> Result<Option<File>, StoreError> {
-        not_found_is_none(File::open(self.blob_path(d)))
+        let Some(f) = not_found_is_none(File::open(self.blob_path(d)))? else {
+            return Ok(None);
+        };
+        let len = f.metadata()?.len();
+        Ok(self.check_len(d, len)?.then_some(f))
     }
 
-    /// Reads a whole small blob (a manifest) into memory.
+    /// Reads a whole small blob (a manifest) into memory; `None` if not stored or whole.
     pub fn read_small(&self, d: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
-        not_found_is_none(fs::read(self.blob_path(d)))
+        let Some(bytes) = not_found_is_none(fs::read(self.blob_path(d)))? else {
+            return Ok(None);
+        };
+        Ok(self.check_len(d, bytes.len() as u64)?.then_some(bytes))
+    }
+
+    /// Records the length of a blob about to be committed (temp file + rename).
+    fn record_size(&self, d: &Digest, len: u64) -> Result<(), StoreError> {
+        let path = self.size_path(d);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, len.to_string())?;
+        fs::rename(&tmp, &path)?;
+        Ok(())
     }
 
     /// Starts a write; nothing is visible until [`Store::commit`], and dropping the
@@ -126,7 +187,7 @@ impl Store {
             return Err(e);
         }
         let dest = self.blob_path(expected);
-        if dest.exists() {
+        if self.stat(expected)?.is_some() {
             // Same content already stored (another upstream, or a racing fill): keep one.
             let _ = fs::remove_file(&tmp);
             return Ok(written);
@@ -134,6 +195,7 @@ impl Store {
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent)?;
         }
+        self.record_size(expected, written)?;
         fs::rename(&tmp, &dest)?;
         self.size.fetch_add(written, Ordering::Relaxed);
         Ok(written)
@@ -153,6 +215,7 @@ impl Store {
             return Ok(false);
         };
         fs::remove_file(&path)?;
+        not_found_is_none(fs::remove_file(self.size_path(d)))?;
         self.size.fetch_sub(len, Ordering::Relaxed);
         Ok(true)
     }
@@ -204,7 +267,8 @@ impl Store {
     /// Re-hashes a stored object; `Some(actual)` when it does not match its name.
     pub fn verify(&self, d: &Digest) -> Result<Option<Digest>, StoreError> {
         use sha2::Digest as _;
-        let Some(mut f) = self.open_blob(d)? else {
+        // The file as it is (no length check: verify reports, it does not quarantine).
+        let Some(mut f) = not_found_is_none(File::open(self.blob_path(d)))? else {
             return Ok(None);
         };
         let mut h = sha2::Sha256::new();

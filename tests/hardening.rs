@@ -1,0 +1,110 @@
+//! What a hostile client, a broken upstream or a careless operator does: each test here
+//! failed before its fix.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn anonymous_upstream_mirror(up: &Registry, extra: &str) -> Mirror {
+    Mirror::start(
+        "",
+        &format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n{extra}", up.url()),
+    )
+}
+
+/// Reads an HTTP response's head from a raw socket: (status, Content-Length).
+fn read_head(s: &mut TcpStream) -> (u16, u64, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 4096];
+    loop {
+        let n = s.read(&mut byte).expect("read head");
+        assert!(n > 0, "connection closed before the head");
+        buf.extend_from_slice(&byte[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_string();
+            let status = head
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            return (status, len, buf[i + 4..].to_vec());
+        }
+    }
+}
+
+/// Item 1: a stored blob cut short under a slow reader neither kills the process nor is
+/// served as complete; `verify` reports it and the next GET fetches it again, whole.
+#[test]
+fn a_blob_file_cut_short_is_never_served_as_complete() {
+    if !require(&["docker-registry"]) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let blob = noise(32 << 20, 101);
+    let d = up.push_blob("library/big", &blob);
+    let mirror = anonymous_upstream_mirror(&up, "");
+    let url = format!("{}/v2/docker.io/library/big/blobs/{d}", mirror.url());
+    assert_eq!(get(&url).body.len(), blob.len());
+    mirror.settle();
+    let file = mirror.store_files(&d[7..])[0].clone();
+
+    // A slow reader: 256 KiB, then the file is truncated, then it reads on.
+    let mut s = TcpStream::connect(("127.0.0.1", mirror.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let path = format!("/v2/docker.io/library/big/blobs/{d}");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let (status, len, mut got) = read_head(&mut s);
+    assert_eq!((status, len), (200, blob.len() as u64));
+    let mut buf = vec![0u8; 64 * 1024];
+    while got.len() < 256 * 1024 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert!(
+        got.len() < blob.len(),
+        "the reader of the moment gets an aborted transfer, not the whole blob"
+    );
+    assert_eq!(got[..256 * 1024], blob[..256 * 1024]);
+
+    // The process is alive; verify reports the file.
+    assert_eq!(get(&format!("{}/healthz", mirror.url())).status, 200);
+    let (ok, out) = mirror.cli(&["verify"]);
+    assert!(!ok && out.contains(&format!("BAD {d}")), "{out}");
+    // The next GET is whole and verified: the short file was quarantined and refetched.
+    let before = up.count("GET", &format!("/blobs/{d}"));
+    let r = get(&url);
+    assert_eq!(r.status, 200);
+    assert_eq!(sha256_hex(&r.body), d[7..]);
+    assert_eq!(up.count("GET", &format!("/blobs/{d}")), before + 1);
+    assert!(mirror.log().contains("quarantined"));
+}
