@@ -182,6 +182,10 @@ pub struct UpstreamConfig {
     /// How long a tag -> digest answer is trusted before it is revalidated upstream.
     #[serde(default, with = "humantime_serde")]
     pub tag_ttl: Option<Duration>,
+    /// Whether a client's own Basic credentials (not an htpasswd user's) are forwarded to
+    /// this upstream when the mirror's are refused (private upstream images). Default:
+    /// true only for upstreams without credentials of their own.
+    pub client_credentials: Option<bool>,
     /// Extra CA certificates (PEM) trusted for this upstream, besides the public roots: for
     /// private registries behind an internal CA.
     pub ca_file: Option<PathBuf>,

@@ -108,3 +108,116 @@ fn a_blob_file_cut_short_is_never_served_as_complete() {
     assert_eq!(up.count("GET", &format!("/blobs/{d}")), before + 1);
     assert!(mirror.log().contains("quarantined"));
 }
+
+/// A private upstream image (htpasswd Distribution) behind a pass-through, pulled once
+/// with the owner's credentials.
+struct PrivateImage {
+    _up: Registry,
+    pt: common::passthrough::Passthrough,
+    _tmp: tempfile::TempDir,
+    manifest: String,
+    layer: String,
+}
+
+impl PrivateImage {
+    fn push() -> PrivateImage {
+        let up = Registry::start(Auth::Basic("owner", "s3cret"));
+        let tmp = tempfile::TempDir::new().unwrap();
+        let layout = Layout::new(tmp.path());
+        let manifest = layout.build("s", &[("secret", &noise(50_000, 102))]);
+        layout.push(
+            "s",
+            &format!("{}/team/secret:1", up.host()),
+            Some("owner:s3cret"),
+        );
+        let layer = layout.layers(&manifest)[0].clone();
+        let pt = common::passthrough::Passthrough::start(&up.url());
+        PrivateImage {
+            _up: up,
+            pt,
+            _tmp: tmp,
+            manifest,
+            layer,
+        }
+    }
+}
+
+/// Item 3: when the upstream answers the anonymous re-check of a private repository with
+/// 404 (deleted, renamed, hidden), the content stays private.
+#[test]
+fn private_content_fails_closed_when_the_upstream_says_404() {
+    if !require(&["docker-registry", "skopeo", "umoci", "htpasswd"]) {
+        return;
+    }
+    let img = PrivateImage::push();
+    let mirror = Mirror::start(
+        "",
+        &format!("[upstreams.\"quay.io\"]\nurl = \"{}\"\n", img.pt.url()),
+    );
+    let m = |what: &str| format!("{}/v2/quay.io/team/secret/{what}", mirror.url());
+    let owner = basic("owner", "s3cret");
+    let r = http("GET", &m("manifests/1"), &[("Authorization", &owner)]);
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(img.manifest.as_str())
+    );
+    assert_eq!(get(&m("manifests/1")).status, 401);
+    img.pt.set(common::passthrough::Mode::HideFromAnonymous);
+    for what in [
+        "manifests/1".to_string(),
+        format!("manifests/{}", img.manifest),
+        format!("blobs/{}", img.layer),
+    ] {
+        let r = get(&m(&what));
+        assert_eq!(
+            (r.status, r.oci_code().as_str()),
+            (401, "UNAUTHORIZED"),
+            "{what} stays private"
+        );
+    }
+    let r = http("GET", &m("manifests/1"), &[("Authorization", &owner)]);
+    assert_eq!(r.status, 200, "the owner still reads it");
+}
+
+/// Item 9: a client's Basic credentials go to an upstream only where its configuration
+/// allows (default: only upstreams without credentials of their own).
+#[test]
+fn client_credentials_go_only_where_allowed() {
+    if !require(&["docker-registry", "skopeo", "umoci", "htpasswd"]) {
+        return;
+    }
+    let img = PrivateImage::push();
+    let url = img.pt.url();
+    let mirror = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"corp\"]\nurl = \"{url}\"\nusername = \"mirror\"\npassword = \"refused\"\n\
+             [upstreams.\"open\"]\nurl = \"{url}\"\nusername = \"mirror\"\npassword = \"refused\"\nclient_credentials = true\n"
+        ),
+    );
+    let owner = basic("owner", "s3cret");
+    let get_as = |prefix: &str| {
+        http(
+            "GET",
+            &format!("{}/v2/{prefix}/team/secret/manifests/1", mirror.url()),
+            &[("Authorization", &owner)],
+        )
+    };
+    let r = get_as("corp");
+    assert_eq!(
+        r.status, 401,
+        "not forwarded to an upstream with its own credentials"
+    );
+    assert!(
+        img.pt
+            .requests()
+            .iter()
+            .all(|r| r.header("authorization") != Some(owner.as_str())),
+        "the owner's credentials never reached the upstream"
+    );
+    let r = get_as("open");
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(img.manifest.as_str())
+    );
+}

@@ -112,6 +112,7 @@ mod tests {
             name: name.into(),
             base: url::Url::parse("http://127.0.0.1:9").expect("url"),
             fallbacks: Vec::new(),
+            client_credentials: true,
             credentials: None,
             tag_ttl: std::time::Duration::from_secs(1),
             library_prefix: name == "docker.io",

@@ -20,8 +20,12 @@ const PROOF_TTL: Duration = Duration::from_secs(60);
 
 /// What an upstream said to a probe.
 enum Probe {
+    /// A 2xx: the only answer that proves access.
     Allowed,
+    /// 401/403.
     Refused,
+    /// Anything else (404 for a deleted, renamed or hidden repository, ...): no proof.
+    Unproven,
 }
 
 impl Services {
@@ -36,7 +40,8 @@ impl Services {
         probe: &str,
     ) -> Result<Arc<Upstream>, ServiceError> {
         let client = match caller {
-            Caller::Foreign { user, pass } => Some(Creds {
+            // Only where the upstream's configuration lets client credentials through.
+            Caller::Foreign { user, pass } if up.client_credentials => Some(Creds {
                 user: user.clone(),
                 pass: pass.clone(),
             }),
@@ -55,15 +60,19 @@ impl Services {
             }
         }
         if !private || client.is_none() {
-            if let Probe::Allowed = self.probe(up, repo, probe).await? {
-                if private {
-                    // The upstream now lets the mirror read it: it is public.
-                    self.store().set_private(&up.name, repo, false)?;
+            match self.probe(up, repo, probe).await? {
+                Probe::Allowed => {
+                    if private {
+                        // The upstream now lets the mirror read it: it is public.
+                        self.store().set_private(&up.name, repo, false)?;
+                    }
+                    return Ok(up.clone());
                 }
-                return Ok(up.clone());
-            }
-            if private && client.is_none() {
-                return Err(denied(up, repo));
+                // Not private and not refused (e.g. 404): the request itself will say.
+                Probe::Unproven if !private => return Ok(up.clone()),
+                // Private content fails closed: only a 2xx proves access.
+                _ if private && client.is_none() => return Err(denied(up, repo)),
+                _ => {}
             }
         }
         let Some(c) = client else {
@@ -78,7 +87,7 @@ impl Services {
                     .insert(proof_key(&c.id(), up, repo), Instant::now());
                 Ok(mine)
             }
-            Probe::Refused => Err(denied(up, repo)),
+            Probe::Refused | Probe::Unproven => Err(denied(up, repo)),
         }
     }
 
@@ -112,7 +121,8 @@ impl Services {
                     up.name
                 )))
             }
-            _ => Probe::Allowed,
+            s if s.is_success() => Probe::Allowed,
+            _ => Probe::Unproven,
         })
     }
 }

@@ -51,6 +51,8 @@ pub struct Upstream {
     /// Tried in order when `base` fails or is in back-off; never sent credentials.
     pub fallbacks: Vec<url::Url>,
     pub credentials: Option<(String, String)>,
+    /// Clients' own credentials may be forwarded here (`client_credentials`).
+    pub client_credentials: bool,
     pub tag_ttl: Duration,
     /// Docker Hub's convention: a one-part name means `library/<name>`.
     pub library_prefix: bool,
@@ -109,6 +111,7 @@ impl Upstream {
                 name: name.clone(),
                 base,
                 fallbacks,
+                client_credentials: up.client_credentials.unwrap_or(credentials.is_none()),
                 credentials,
                 tag_ttl: up.tag_ttl(),
                 filter: Arc::new(filter),
@@ -130,6 +133,7 @@ impl Upstream {
             base: self.base.clone(),
             fallbacks: self.fallbacks.clone(),
             credentials: Some((c.user.clone(), c.pass.clone())),
+            client_credentials: true,
             tag_ttl: self.tag_ttl,
             library_prefix: self.library_prefix,
             filter: self.filter.clone(),

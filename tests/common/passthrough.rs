@@ -13,6 +13,9 @@ pub enum Mode {
     Pass,
     /// Every request gets this status with this `Retry-After` value (none: no header).
     Refuse(u16, Option<String>),
+    /// Requests without credentials get `404 NAME_UNKNOWN` (a repository deleted, renamed
+    /// or hidden); the rest pass.
+    HideFromAnonymous,
 }
 
 pub struct Passthrough {
@@ -59,6 +62,13 @@ impl Passthrough {
             let now = m.lock().map(|g| g.clone()).unwrap_or(Mode::Pass);
             match now {
                 Mode::Pass => forward(&target, req, !bearer),
+                Mode::HideFromAnonymous if req.header("authorization").is_some() => {
+                    forward(&target, req, !bearer)
+                }
+                Mode::HideFromAnonymous => {
+                    let body = br#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}]}"#;
+                    Response::new(404, &[("Content-Type", "application/json")], body.to_vec())
+                }
                 Mode::Refuse(status, retry) => {
                     let mut h = vec![("Content-Type", "application/json")];
                     if let Some(r) = retry.as_deref() {
