@@ -221,3 +221,54 @@ fn client_credentials_go_only_where_allowed() {
         Some(img.manifest.as_str())
     );
 }
+
+/// Item 2: requests for a digest through a repository that does not hold it, racing
+/// real pulls through the one that does, never make the real pulls fail.
+#[test]
+fn a_wrong_repository_cannot_poison_the_singleflight() {
+    if !require(&["docker-registry"]) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let pt = common::passthrough::Passthrough::start(&up.url());
+    pt.set_delay(Duration::from_millis(500));
+    let mirror = Mirror::start(
+        "",
+        &format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", pt.url()),
+    );
+    for round in 0..3u64 {
+        let blob = noise(2 << 20, 110 + round);
+        let d = up.push_blob("library/real", &blob);
+        let url = |repo: &str| format!("{}/v2/docker.io/library/{repo}/blobs/{d}", mirror.url());
+        let wrong: Vec<_> = (0..4)
+            .map(|_| {
+                let u = url("nothere");
+                std::thread::spawn(move || get(&u).status)
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let real: Vec<_> = (0..6)
+            .map(|_| {
+                let u = url("real");
+                std::thread::spawn(move || get(&u))
+            })
+            .collect();
+        for h in wrong {
+            assert_eq!(
+                h.join().unwrap(),
+                404,
+                "round {round}: the wrong repository gets 404"
+            );
+        }
+        for h in real {
+            let r = h.join().unwrap();
+            assert_eq!(r.status, 200, "round {round}: a real pull failed");
+            assert_eq!(sha256_hex(&r.body), d[7..]);
+        }
+        assert_eq!(
+            up.count("GET", &format!("/v2/library/real/blobs/{d}")),
+            1,
+            "round {round}: one fill for the real repository"
+        );
+    }
+}

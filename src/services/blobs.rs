@@ -22,6 +22,25 @@ use crate::upstream::{UpRequest, Upstream};
 /// The fill writes (and wakes its readers) in batches of up to this many bytes.
 const WRITE_BATCH: usize = 512 * 1024;
 
+/// How often a request re-joins after fills led through other repositories failed.
+const MAX_REJOINS: usize = 4;
+
+/// A joined fill whose upstream headers are in: its progress, file and size.
+type FillStart = (watch::Receiver<Fill>, Option<Arc<File>>, Option<u64>);
+
+/// An error about one repository (not found, unauthorized, denied), which must never
+/// reach a request that came through another.
+fn belongs_to_repo(e: &ServiceError) -> bool {
+    matches!(
+        e.root(),
+        ServiceError::BlobUnknown(_)
+            | ServiceError::NameUnknown(_)
+            | ServiceError::UpstreamDenied { .. }
+            | ServiceError::Unauthorized(_)
+            | ServiceError::Denied(_)
+    )
+}
+
 /// A fill whose upstream sends nothing for this long is abandoned.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -199,32 +218,7 @@ impl Services {
         range: Option<ByteRange>,
     ) -> Result<BlobReply, ServiceError> {
         let origin = format!("{}/{repo}", up.name);
-        let init = || Fill {
-            origin: origin.clone(),
-            ..Fill::default()
-        };
-        let mut rx = match self.mirror.blob_flights.join(d.clone(), init) {
-            Join::Leader(lead) => {
-                let rx = lead.subscribe();
-                let this = self.clone();
-                let (up, repo, d) = (up.clone(), repo.to_string(), d.clone());
-                // Detached: a client that disconnects must not abort the fill that other
-                // waiters and the cache depend on.
-                actix_web::rt::spawn(async move { this.run_fill(lead, &up, &repo, &d).await });
-                rx
-            }
-            Join::Follower(rx) => {
-                self.metrics().coalesced.with_label_values(&["blob"]).inc();
-                // A fill started for another repository: this one must hold the blob too
-                // (no cross-repository leaks), which the upstream confirms with a HEAD.
-                let other = rx.borrow().origin != origin;
-                if other {
-                    self.confirm_upstream(up, repo, d).await?;
-                }
-                rx
-            }
-        };
-        let (file, size) = wait_started(&mut rx).await?;
+        let (rx, file, size) = self.join_fill(up, repo, d, &origin).await?;
         let range = match (range, size) {
             (Some(r), Some(size)) => Some(r.resolve(size)?),
             _ => None,
@@ -248,6 +242,62 @@ impl Services {
             body: Some(body),
             source: Source::Upstream,
         })
+    }
+
+    /// Joins (or starts) the fill of `d` for `origin` and waits for its upstream headers.
+    /// A fill led through another repository whose upstream said "not here" (or "not for
+    /// you") must not fail this request: once the upstream has confirmed that this
+    /// repository holds the blob, the request leads a fill of its own (still one per digest
+    /// at a time), so a guessed digest asked through a wrong repository cannot make real
+    /// pulls fail.
+    async fn join_fill(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &str,
+        d: &Digest,
+        origin: &str,
+    ) -> Result<FillStart, ServiceError> {
+        let mut confirmed = false;
+        for _ in 0..MAX_REJOINS {
+            let init = || Fill {
+                origin: origin.to_string(),
+                ..Fill::default()
+            };
+            let mut rx = match self.mirror.blob_flights.join(d.clone(), init) {
+                Join::Leader(lead) => {
+                    let rx = lead.subscribe();
+                    let this = self.clone();
+                    let (up, repo, d) = (up.clone(), repo.to_string(), d.clone());
+                    // Detached: a client that disconnects must not abort the fill that
+                    // other waiters and the cache depend on.
+                    actix_web::rt::spawn(async move { this.run_fill(lead, &up, &repo, &d).await });
+                    rx
+                }
+                Join::Follower(rx) => {
+                    self.metrics().coalesced.with_label_values(&["blob"]).inc();
+                    // A fill started for another repository: this one must hold the blob
+                    // too (no cross-repository leaks), which the upstream confirms with a
+                    // HEAD.
+                    if rx.borrow().origin != origin && !confirmed {
+                        self.confirm_upstream(up, repo, d).await?;
+                        confirmed = true;
+                    }
+                    rx
+                }
+            };
+            match wait_started(&mut rx).await {
+                Ok((file, size)) => return Ok((rx, file, size)),
+                Err(e) if rx.borrow().origin != origin && belongs_to_repo(&e) => {
+                    // Wait for that flight to end (its entry is gone once the sender is
+                    // dropped), then try again: this request may lead the next one.
+                    while rx.changed().await.is_ok() {}
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ServiceError::Unavailable(format!(
+            "blob {d}: fills through other repositories kept failing"
+        )))
     }
 
     async fn run_fill(self, lead: Lead<Digest, Fill>, up: &Upstream, repo: &str, d: &Digest) {

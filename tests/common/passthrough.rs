@@ -21,6 +21,7 @@ pub enum Mode {
 pub struct Passthrough {
     pub server: FakeServer,
     mode: Arc<Mutex<Mode>>,
+    delay: Arc<Mutex<std::time::Duration>>,
 }
 
 /// The token a [`Passthrough::start_bearer`] issues to anyone who asks at its `/token`.
@@ -41,9 +42,17 @@ impl Passthrough {
 
     fn start_with(target: &str, bearer: bool) -> Passthrough {
         let mode = Arc::new(Mutex::new(Mode::Pass));
+        let delay = Arc::new(Mutex::new(std::time::Duration::ZERO));
         let realm = Arc::new(Mutex::new(String::new()));
-        let (m, target, r) = (mode.clone(), target.to_string(), realm.clone());
+        let (m, target, r, wait) = (
+            mode.clone(),
+            target.to_string(),
+            realm.clone(),
+            delay.clone(),
+        );
         let server = FakeServer::start(move |req| {
+            let pause = wait.lock().map(|g| *g).unwrap_or_default();
+            std::thread::sleep(pause);
             if bearer {
                 if req.path.starts_with("/token") {
                     let body = format!("{{\"token\":\"{ANON_TOKEN}\",\"expires_in\":300}}");
@@ -82,7 +91,18 @@ impl Passthrough {
         if let Ok(mut g) = realm.lock() {
             *g = format!("{}/token", server.url());
         }
-        Passthrough { server, mode }
+        Passthrough {
+            server,
+            mode,
+            delay,
+        }
+    }
+
+    /// Every answer waits this long first (so that concurrent requests overlap).
+    pub fn set_delay(&self, d: std::time::Duration) {
+        if let Ok(mut g) = self.delay.lock() {
+            *g = d;
+        }
     }
 
     pub fn set(&self, mode: Mode) {
