@@ -272,3 +272,98 @@ fn a_wrong_repository_cannot_poison_the_singleflight() {
         );
     }
 }
+
+/// Item 4: blobs mounted into hosted repositories while eviction runs (in the server and
+/// from the command line at once) are never evicted.
+#[test]
+fn hosted_blobs_survive_eviction_running_during_mounts() {
+    if !require(&["docker-registry", "htpasswd"]) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = tempfile::TempDir::new().unwrap();
+    let file = tmp.path().join("htpasswd");
+    let alice = run(std::process::Command::new("htpasswd").args(["-Bbn", "alice", "pw"]));
+    std::fs::write(&file, alice).unwrap();
+    let mirror = Mirror::start(
+        "max_cache_size = \"1KiB\"\ngc_interval = \"1s\"",
+        &format!(
+            "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\npush = [\"alice\"]\n\
+             [upstreams.\"docker.io\"]\nurl = \"{}\"\n",
+            file.display(),
+            up.url()
+        ),
+    );
+    let m = mirror.url();
+    let auth = basic("alice", "pw");
+    // Per round: 30 blobs to mount, each cached just before, and 10 never mounted.
+    let blobs: Vec<Vec<String>> = (0..3u64)
+        .map(|round| {
+            (0..40)
+                .map(|i| up.push_blob("library/src", &noise(20_000, 300 + round * 100 + i)))
+                .collect()
+        })
+        .collect();
+    // CLI gc in a loop beside the server's own passes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cli = {
+        let (stop, config) = (stop.clone(), mirror.config_path());
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(60)
+            {
+                let _ = std::process::Command::new(env!("CARGO_BIN_EXE_entrepot"))
+                    .args(["gc", "--config"])
+                    .arg(&config)
+                    .output();
+            }
+        })
+    };
+    let mut mounted = Vec::new();
+    for (round, ds) in blobs.iter().enumerate() {
+        for (i, d) in ds.iter().enumerate() {
+            // Cached through the upstream (eviction's prey), then mounted into a hosted repo.
+            let _ = get(&format!("{m}/v2/docker.io/library/src/blobs/{d}"));
+            if i >= 30 {
+                continue;
+            }
+            let r = http(
+                "POST",
+                &format!(
+                    "{m}/v2/local/r{round}/blobs/uploads/?mount={d}&from=docker.io/library/src"
+                ),
+                &[("Authorization", &auth)],
+            );
+            if r.status == 201 {
+                mounted.push((format!("local/r{round}"), d.clone()));
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    cli.join().unwrap();
+    assert!(
+        mounted.len() > 45,
+        "most mounts succeeded: {}",
+        mounted.len()
+    );
+    let prey_left = blobs
+        .iter()
+        .flat_map(|ds| &ds[30..])
+        .filter(|d| !mirror.store_files(&d[7..]).is_empty())
+        .count();
+    assert_eq!(
+        prey_left, 0,
+        "eviction ran meanwhile and took every unmounted blob"
+    );
+    for (repo, d) in &mounted {
+        let r = http(
+            "GET",
+            &format!("{m}/v2/{repo}/blobs/{d}"),
+            &[("Authorization", &auth)],
+        );
+        assert_eq!(r.status, 200, "{repo}@{d} was evicted");
+        assert_eq!(sha256_hex(&r.body), d[7..]);
+    }
+}

@@ -40,9 +40,13 @@ impl GcReport {
 }
 
 impl Mirror {
-    /// Runs one eviction pass (blocking).
+    /// Runs one eviction pass (blocking), under the store's link lock: what a hosted
+    /// repository links meanwhile waits, and what it linked before is seen as pinned.
     pub fn gc(&self, policy: &GcPolicy) -> Result<GcReport, ServiceError> {
-        let store = &self.store;
+        self.store.evicting(|store| self.gc_locked(store, policy))
+    }
+
+    fn gc_locked(&self, store: &Store, policy: &GcPolicy) -> Result<GcReport, ServiceError> {
         let hosted = self.hosted.as_ref().map(|h| h.prefix.as_str());
         let pinned = pinned(store, hosted)?;
         let mut cached: Vec<BlobInfo> = store

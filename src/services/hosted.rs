@@ -131,26 +131,28 @@ impl Services {
             Reference::Digest(_) => None,
         };
         self.blocking(move |s| {
-            if s.stat(&d)?.is_none() {
-                s.put_small(&d, &body)?;
-            }
-            let link = ManifestLink {
-                media_type: parsed.media_type.clone(),
-            };
-            s.put_manifest_link(&ns, &repo, &d, &link)?;
-            if let Some(t) = tag {
-                let rec = TagRecord {
-                    digest: d.to_string(),
-                    media_type: parsed.media_type,
-                    size: body.len() as u64,
-                    checked_at: crate::store::now_secs(),
+            s.linking(|s| {
+                if s.stat(&d)?.is_none() {
+                    s.put_small(&d, &body)?;
+                }
+                let link = ManifestLink {
+                    media_type: parsed.media_type.clone(),
                 };
-                s.put_tag(&ns, &repo, &t, &rec)?;
-            }
-            if let Some(subject) = &parsed.subject {
-                s.put_referrer(&ns, &repo, subject, &d, &desc)?;
-            }
-            Ok(())
+                s.put_manifest_link(&ns, &repo, &d, &link)?;
+                if let Some(t) = tag {
+                    let rec = TagRecord {
+                        digest: d.to_string(),
+                        media_type: parsed.media_type,
+                        size: body.len() as u64,
+                        checked_at: crate::store::now_secs(),
+                    };
+                    s.put_tag(&ns, &repo, &t, &rec)?;
+                }
+                if let Some(subject) = &parsed.subject {
+                    s.put_referrer(&ns, &repo, subject, &d, &desc)?;
+                }
+                Ok(())
+            })
         })
         .await?;
         self.metrics().store_bytes.set(self.store().size() as i64);
@@ -245,16 +247,26 @@ impl Services {
             let done = rx.wait_for(|f| f.committed || f.error.is_some() || f.passthrough);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(60), done).await;
         }
-        let ns = &self.hosted()?.prefix;
-        let store = self.store();
-        if store.stat(d)?.is_none()
-            || !store.blob_linked(from_ns, from_repo, d)?
-            || store.is_private(from_ns, from_repo)?
-        {
-            return Ok(false);
-        }
-        store.link_blob(ns, repo, d)?;
-        Ok(true)
+        let ns = self.hosted()?.prefix.clone();
+        let (repo, d, from_ns, from_repo) = (
+            repo.to_string(),
+            d.clone(),
+            from_ns.to_string(),
+            from_repo.to_string(),
+        );
+        self.blocking(move |store| {
+            store.linking(|store| {
+                if store.stat(&d)?.is_none()
+                    || !store.blob_linked(&from_ns, &from_repo, &d)?
+                    || store.is_private(&from_ns, &from_repo)?
+                {
+                    return Ok(false);
+                }
+                store.link_blob(&ns, &repo, &d)?;
+                Ok(true)
+            })
+        })
+        .await
     }
 
     /// `_catalog`: hosted repositories and cached (non-private) upstream repositories,

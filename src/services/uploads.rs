@@ -151,19 +151,26 @@ impl Services {
         };
         self.hosted()?.uploads.sessions.remove(id);
         write_body(&mut w, body).await?;
-        let expected = digest.clone();
-        self.blocking(move |s| s.commit(w, &expected, None))
-            .await
-            .map_err(|e| match e {
-                ServiceError::Store(StoreError::DigestMismatch { actual, .. }) => {
-                    ServiceError::DigestInvalid(format!(
-                        "uploaded bytes hash to {actual}, not {digest}"
-                    ))
-                }
-                e => e,
-            })?;
-        let ns = self.hosted()?.prefix.clone();
-        self.store().link_blob(&ns, repo, digest)?;
+        let (expected, ns, r) = (
+            digest.clone(),
+            self.hosted()?.prefix.clone(),
+            repo.to_string(),
+        );
+        self.blocking(move |s| {
+            s.linking(|s| {
+                s.commit(w, &expected, None)?;
+                s.link_blob(&ns, &r, &expected)
+            })
+        })
+        .await
+        .map_err(|e| match e {
+            ServiceError::Store(StoreError::DigestMismatch { actual, .. }) => {
+                ServiceError::DigestInvalid(format!(
+                    "uploaded bytes hash to {actual}, not {digest}"
+                ))
+            }
+            e => e,
+        })?;
         self.metrics().store_bytes.set(self.store().size() as i64);
         Ok(())
     }

@@ -307,6 +307,39 @@ impl Store {
         Ok(())
     }
 
+    /// Runs `f` holding the link lock shared: linking content into a hosted repository
+    /// (and the write it links) happens under it, so an eviction pass, which decides and
+    /// deletes under the same lock held exclusively, can never delete what a hosted
+    /// repository has just linked. A file lock (`flock`), so a `gc` run from the command
+    /// line beside a live server is held back too.
+    pub fn linking<T>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let lock = self.lock_file()?;
+        lock.lock_shared()?;
+        f(self)
+    }
+
+    /// Runs `f` holding the link lock exclusively (eviction; see [`Store::linking`]).
+    pub fn evicting<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let lock = self.lock_file().map_err(E::from)?;
+        lock.lock().map_err(|e| E::from(e.into()))?;
+        f(self)
+    }
+
+    fn lock_file(&self) -> Result<File, StoreError> {
+        Ok(File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.root.join("links.lock"))?)
+    }
+
     /// Removes every temp file: only at server start, when no write can be in progress.
     pub fn clean_tmp(&self) -> Result<usize, StoreError> {
         Ok(clean_dir(&self.root.join("tmp"))?)
