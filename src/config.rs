@@ -49,10 +49,31 @@ pub struct HostedConfig {
     /// Uploads untouched for this long are dropped with their bytes.
     #[serde(default = "default_upload_ttl", with = "humantime_serde")]
     pub upload_ttl: Duration,
+    /// Upload sessions open at once (each holds a file): more get `429`.
+    #[serde(default = "default_max_uploads")]
+    pub max_uploads: usize,
+    /// Upload sessions one user may have open at once.
+    #[serde(default = "default_max_uploads_per_user")]
+    pub max_uploads_per_user: usize,
+    /// A request body (upload chunk) that sends nothing for this long is abandoned.
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 fn default_upload_ttl() -> Duration {
     Duration::from_secs(3600)
+}
+
+fn default_max_uploads() -> usize {
+    256
+}
+
+fn default_max_uploads_per_user() -> usize {
+    32
+}
+
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// Client authentication and authorisation.

@@ -114,6 +114,11 @@ impl From<ServiceError> for OciError {
     fn from(e: ServiceError) -> Self {
         use ServiceError as E;
         let msg = e.to_string();
+        if let E::TooMany(_) = e.root() {
+            let mut err = OciError::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", msg);
+            err.retry_after = Some(10);
+            return err;
+        }
         if let E::RateLimited { retry_after, .. } = e.root() {
             let mut err = OciError::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", msg);
             // Whole seconds, rounded up: a client never comes back too early.
@@ -143,6 +148,8 @@ impl From<ServiceError> for OciError {
             E::ManifestBlobUnknown(_) => (StatusCode::BAD_REQUEST, "MANIFEST_BLOB_UNKNOWN"),
             E::UploadUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"),
             E::UploadRange(_) => (StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UPLOAD_INVALID"),
+            E::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "BLOB_UPLOAD_INVALID"),
+            E::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
             E::Store(_) | E::Shared(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         };
         if status.is_server_error() {

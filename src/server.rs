@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::routes::{self, target::Router};
 use crate::services::access::Access;
 use crate::services::gc::GcPolicy;
-use crate::services::{Hosted, Mirror, Services, Uploads};
+use crate::services::{Hosted, Mirror, Services};
 use crate::store::Store;
 use crate::upstream::{Backoff, TokenCache, Upstream, UpstreamClient};
 
@@ -40,10 +40,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let mut access = Access::load(&cfg.auth)?;
     access.external_url = cfg.server.external_url.clone();
     let access = web::Data::new(access);
-    let hosted = cfg.hosted.as_ref().map(|h| Hosted {
-        prefix: h.prefix.clone(),
-        uploads: Uploads::new(h.upload_ttl),
-    });
+    let hosted = cfg.hosted.as_ref().map(Hosted::new);
     let mirror = Arc::new(Mirror::new(store.clone(), metrics.clone(), hosted));
     spawn_upload_sweeper(mirror.clone());
     spawn_gc(mirror.clone(), &cfg);

@@ -367,3 +367,109 @@ fn hosted_blobs_survive_eviction_running_during_mounts() {
         assert_eq!(sha256_hex(&r.body), d[7..]);
     }
 }
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Items 10 and 14: failed, abandoned and stalled uploads are capped (`429`) and leak no
+/// file: the server's descriptors come back to where they were.
+#[test]
+fn upload_sessions_are_capped_and_never_leak() {
+    if !require(&["htpasswd"]) {
+        return;
+    }
+    let tmp = tempfile::TempDir::new().unwrap();
+    let file = tmp.path().join("htpasswd");
+    let mut users = String::new();
+    for u in ["alice", "bob"] {
+        users.push_str(&run(
+            std::process::Command::new("htpasswd").args(["-Bbn", u, "pw"])
+        ));
+    }
+    std::fs::write(&file, users).unwrap();
+    let mirror = Mirror::start(
+        "",
+        &format!(
+            "[hosted]\nprefix = \"local\"\nupload_ttl = \"2s\"\nmax_uploads = 30\nmax_uploads_per_user = 20\nbody_timeout = \"1s\"\n\
+             [auth]\nhtpasswd = \"{}\"\npush = [\"alice\", \"bob\"]\n",
+            file.display()
+        ),
+    );
+    let (m, pid) = (mirror.url(), mirror.pid().unwrap());
+    let alice = basic("alice", "pw");
+    let bob = basic("bob", "pw");
+    let _ = http("GET", &format!("{m}/v2/"), &[("Authorization", &alice)]);
+    let before = open_fds(pid);
+    let start = format!("{m}/v2/local/app/blobs/uploads/");
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut stalled = Vec::new();
+    for i in 0..300 {
+        let who = if i % 3 == 0 { &bob } else { &alice };
+        let auth = [("Authorization", who.as_str())];
+        let r = match i % 5 {
+            0 => http("POST", &format!("{start}?digest=sha256:nothex"), &auth),
+            1 => http(
+                "POST",
+                &format!("{start}?mount={missing}&from=local/other"),
+                &auth,
+            ),
+            2 => send(
+                &format!("{start}?digest={missing}"),
+                "POST",
+                b"not those bytes",
+                &auth,
+            ),
+            3 if stalled.len() < 8 => {
+                // A PATCH whose body stalls after 10 of 1000 bytes.
+                let r = http("POST", &start, &auth);
+                if r.status == 202 {
+                    let loc = r.header("location").unwrap().to_string();
+                    let mut s = TcpStream::connect(("127.0.0.1", mirror.port)).unwrap();
+                    write!(
+                        s,
+                        "PATCH {loc} HTTP/1.1\r\nHost: x\r\nAuthorization: {who}\r\nContent-Length: 1000\r\n\r\n0123456789"
+                    )
+                    .unwrap();
+                    stalled.push(s);
+                }
+                r
+            }
+            _ => http("POST", &start, &auth),
+        };
+        *statuses.entry(r.status).or_insert(0) += 1;
+    }
+    let during = open_fds(pid);
+    assert!(
+        statuses.get(&429).is_some_and(|n| *n > 0),
+        "caps answered 429: {statuses:?}"
+    );
+    assert!(
+        during <= before + 30 + stalled.len() + 8,
+        "descriptors bounded by the caps: {before} -> {during} ({statuses:?})"
+    );
+    // Stalled bodies time out; abandoned sessions expire with upload_ttl.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut ok = false;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        if open_fds(pid) <= before + stalled.len() + 2 {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "descriptors back: {before} -> {}", open_fds(pid));
+    drop(stalled);
+    // And the server still takes uploads.
+    let blob = b"after the flood";
+    let d = format!("sha256:{}", sha256_hex(blob));
+    let r = send(
+        &format!("{start}?digest={d}"),
+        "POST",
+        blob,
+        &[("Authorization", &alice)],
+    );
+    assert_eq!(r.status, 201);
+    assert_eq!(mirror.tmp_files(), 0, "no temp file left behind");
+}

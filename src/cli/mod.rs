@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::routes::target::Router;
 use crate::services::gc::GcPolicy;
-use crate::services::{Hosted, Mirror, Uploads};
+use crate::services::{Hosted, Mirror};
 use crate::store::Store;
 use crate::upstream::Upstream;
 
@@ -25,10 +25,7 @@ const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(600);
 fn mirror(cfg: &Config) -> anyhow::Result<Arc<Mirror>> {
     let store = Arc::new(Store::open(&cfg.server.storage).context("open store")?);
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
-    let hosted = cfg.hosted.as_ref().map(|h| Hosted {
-        prefix: h.prefix.clone(),
-        uploads: Uploads::new(h.upload_ttl),
-    });
+    let hosted = cfg.hosted.as_ref().map(Hosted::new);
     Ok(Arc::new(Mirror::new(store, metrics, hosted)))
 }
 

@@ -67,8 +67,10 @@ pub async fn upload_start(
             }
         }
     }
-    let status = ctx.svc.upload_start(&repo)?;
-    if let Some(d) = digest_param(ctx)? {
+    // Checked before a session (and its file) exists, so a bad digest leaks nothing.
+    let digest = digest_param(ctx)?;
+    let status = ctx.svc.upload_start(&repo, ctx.caller.name())?;
+    if let Some(d) = digest {
         ctx.svc.upload_finish(&repo, &status.id, &d, body).await?;
         return Ok(created(name, &d));
     }

@@ -30,6 +30,16 @@ pub enum Caller {
     },
 }
 
+impl Caller {
+    /// The user name ("" when anonymous), e.g. for per-user caps.
+    pub fn name(&self) -> &str {
+        match self {
+            Caller::Anonymous => "",
+            Caller::User(u) | Caller::Foreign { user: u, .. } => u,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AccessError {
     #[error("authentication required")]

@@ -8,7 +8,7 @@ use serde_json::json;
 use super::blobs::{BlobReply, ByteRange};
 use super::manifests::{negotiate, ManifestReply, MAX_MANIFEST_SIZE};
 use super::page::{paginate, Page};
-use super::uploads::Uploads;
+use super::uploads::{UploadLimits, Uploads};
 use super::{ServiceError, Services, Source};
 use crate::media::{Accepted, IMAGE_TYPES, INDEX_TYPES, OCI_INDEX};
 use crate::names::{Digest, Reference};
@@ -28,6 +28,20 @@ pub(super) struct Parsed {
     subject: Option<Digest>,
     artifact_type: Option<String>,
     annotations: Option<std::collections::HashMap<String, String>>,
+}
+
+impl Hosted {
+    pub fn new(cfg: &crate::config::HostedConfig) -> Hosted {
+        Hosted {
+            prefix: cfg.prefix.clone(),
+            uploads: Uploads::new(UploadLimits {
+                ttl: cfg.upload_ttl,
+                max_total: cfg.max_uploads,
+                max_per_user: cfg.max_uploads_per_user,
+                body_timeout: cfg.body_timeout,
+            }),
+        }
+    }
 }
 
 impl Services {

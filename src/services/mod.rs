@@ -28,7 +28,7 @@ pub use manifests::{ManifestReply, MAX_MANIFEST_SIZE};
 pub use page::Page;
 pub use stream::BodyStream;
 pub use tags::{TagList, TagsReply};
-pub use uploads::{UploadStatus, Uploads};
+pub use uploads::{UploadLimits, UploadStatus, Uploads};
 
 use crate::metrics::Metrics;
 use crate::names::Digest;
@@ -85,6 +85,11 @@ pub enum ServiceError {
     UploadUnknown(String),
     #[error("upload range: {0}")]
     UploadRange(String),
+    /// A cap on open resources (upload sessions) is reached.
+    #[error("{0}")]
+    TooMany(String),
+    #[error("the request body sent nothing for {}s", .0.as_secs())]
+    BodyTimeout(std::time::Duration),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The same error, shared by every request that waited on one flight.

@@ -19,11 +19,24 @@ use crate::store::{BlobWriter, StoreError};
 
 pub struct Uploads {
     sessions: DashMap<String, Arc<Session>>,
-    ttl: Duration,
+    limits: UploadLimits,
+}
+
+/// Bounds on upload sessions (each holds a file descriptor) and their request bodies.
+#[derive(Debug, Clone)]
+pub struct UploadLimits {
+    /// Sessions untouched this long are dropped.
+    pub ttl: Duration,
+    pub max_total: usize,
+    pub max_per_user: usize,
+    /// A body that sends nothing for this long fails the request (and its session).
+    pub body_timeout: Duration,
 }
 
 struct Session {
     repo: String,
+    /// Who opened it (the user name), for the per-user cap.
+    owner: String,
     upload: Mutex<Upload>,
 }
 
@@ -40,17 +53,18 @@ pub struct UploadStatus {
 }
 
 impl Uploads {
-    pub fn new(ttl: Duration) -> Uploads {
+    pub fn new(limits: UploadLimits) -> Uploads {
         Uploads {
             sessions: DashMap::new(),
-            ttl,
+            limits,
         }
     }
 
-    /// Drops sessions idle for longer than the TTL; returns how many.
+    /// Drops sessions idle for longer than the TTL; returns how many. (A session whose
+    /// request is running is left to it: its body times out.)
     pub fn expire(&self) -> usize {
         let before = self.sessions.len();
-        let ttl = self.ttl;
+        let ttl = self.limits.ttl;
         self.sessions.retain(|_, s| {
             s.upload
                 .try_lock()
@@ -60,7 +74,24 @@ impl Uploads {
     }
 
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        self.limits.ttl
+    }
+
+    /// Refuses a new session past the total or the per-user cap.
+    fn admit(&self, owner: &str) -> Result<(), ServiceError> {
+        if self.sessions.len() >= self.limits.max_total {
+            return Err(ServiceError::TooMany(format!(
+                "{} upload sessions are open; finish or cancel some",
+                self.sessions.len()
+            )));
+        }
+        let mine = self.sessions.iter().filter(|s| s.owner == owner).count();
+        if mine >= self.limits.max_per_user {
+            return Err(ServiceError::TooMany(format!(
+                "{owner:?} has {mine} upload sessions open; finish or cancel some"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -72,11 +103,14 @@ impl Services {
             .ok_or_else(|| ServiceError::UploadUnknown(id.into()))
     }
 
-    pub fn upload_start(&self, repo: &str) -> Result<UploadStatus, ServiceError> {
+    /// Opens a session for `owner` (the pushing user), within the caps.
+    pub fn upload_start(&self, repo: &str, owner: &str) -> Result<UploadStatus, ServiceError> {
+        self.hosted()?.uploads.admit(owner)?;
         let writer = self.store().begin()?;
         let id = uuid::Uuid::new_v4().to_string();
         let session = Session {
             repo: repo.to_string(),
+            owner: owner.to_string(),
             upload: Mutex::new(Upload {
                 writer: Some(writer),
                 touched: Instant::now(),
@@ -123,7 +157,13 @@ impl Services {
                 w.written()
             )));
         }
-        write_body(w, body).await?;
+        let idle = self.hosted()?.uploads.limits.body_timeout;
+        if let Err(e) = write_body(w, body, idle).await {
+            // Part of the chunk may be written: the session cannot go on.
+            drop(u);
+            self.hosted()?.uploads.sessions.remove(id);
+            return Err(e);
+        }
         Ok(UploadStatus {
             id: id.to_string(),
             offset: w.written(),
@@ -150,7 +190,8 @@ impl Services {
                 .ok_or_else(|| ServiceError::UploadUnknown(id.into()))?
         };
         self.hosted()?.uploads.sessions.remove(id);
-        write_body(&mut w, body).await?;
+        let idle = self.hosted()?.uploads.limits.body_timeout;
+        write_body(&mut w, body, idle).await?;
         let (expected, ns, r) = (
             digest.clone(),
             self.hosted()?.prefix.clone(),
@@ -182,14 +223,25 @@ impl Services {
     }
 }
 
-async fn write_body<S, E>(w: &mut BlobWriter, mut body: S) -> Result<(), ServiceError>
+/// Appends a request body; a body that sends nothing for `idle` fails, so a stalled
+/// client cannot hold a session (and its file) forever.
+async fn write_body<S, E>(
+    w: &mut BlobWriter,
+    mut body: S,
+    idle: Duration,
+) -> Result<(), ServiceError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    while let Some(chunk) = body.next().await {
+    loop {
+        let next = tokio::time::timeout(idle, body.next())
+            .await
+            .map_err(|_| ServiceError::BodyTimeout(idle))?;
+        let Some(chunk) = next else {
+            return Ok(());
+        };
         let chunk = chunk.map_err(|e| ServiceError::UploadRange(format!("request body: {e}")))?;
         w.write(&chunk).map_err(StoreError::from)?;
     }
-    Ok(())
 }
