@@ -473,3 +473,53 @@ fn upload_sessions_are_capped_and_never_leak() {
     assert_eq!(r.status, 201);
     assert_eq!(mirror.tmp_files(), 0, "no temp file left behind");
 }
+
+/// Item 12: `verify --repair` beside a live server leaves an idle upload session alone.
+#[test]
+fn verify_never_touches_live_upload_sessions() {
+    if !require(&["htpasswd"]) {
+        return;
+    }
+    let tmp = tempfile::TempDir::new().unwrap();
+    let file = tmp.path().join("htpasswd");
+    std::fs::write(
+        &file,
+        run(std::process::Command::new("htpasswd").args(["-Bbn", "alice", "pw"])),
+    )
+    .unwrap();
+    let mirror = Mirror::start(
+        "",
+        &format!(
+            "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\npush = [\"alice\"]\n",
+            file.display()
+        ),
+    );
+    let alice = basic("alice", "pw");
+    let auth = [("Authorization", alice.as_str())];
+    let r = http(
+        "POST",
+        &format!("{}/v2/local/a/blobs/uploads/", mirror.url()),
+        &auth,
+    );
+    let loc = format!("{}{}", mirror.url(), r.header("location").unwrap());
+    let (a, b) = (noise(30_000, 120), noise(20_000, 121));
+    assert_eq!(send(&loc, "PATCH", &a, &auth).status, 202);
+    // The session's file looks 15 minutes idle (well within upload_ttl = 1h).
+    let uploads = mirror.store.join("uploads");
+    for e in std::fs::read_dir(&uploads).unwrap() {
+        let f = std::fs::File::options()
+            .append(true)
+            .open(e.unwrap().path())
+            .unwrap();
+        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(900))
+            .unwrap();
+    }
+    let (ok, out) = mirror.cli(&["verify"]);
+    assert!(ok && out.contains("0 temp leftovers"), "{out}");
+    let (ok, out) = mirror.cli(&["verify", "--repair"]);
+    assert!(ok, "{out}");
+    let whole: Vec<u8> = [a, b.clone()].concat();
+    let d = format!("sha256:{}", sha256_hex(&whole));
+    let r = send(&format!("{loc}?digest={d}"), "PUT", &b, &auth);
+    assert_eq!(r.status, 201, "the session survived verify --repair");
+}

@@ -86,10 +86,20 @@ pub fn verify(cfg: &Config, repair: bool) -> anyhow::Result<bool> {
     }
     let (items, bytes) = progress.finish();
     let mut leftovers = 0;
-    for (path, age) in store.temp_files()? {
-        if age < STALE_TEMP {
-            continue;
-        }
+    // An upload session may sit idle for upload_ttl (and is swept at most a minute or so
+    // after): only files older than that are leftovers of a server that stopped.
+    let upload_ttl = cfg.hosted.as_ref().map_or(STALE_TEMP, |h| h.upload_ttl);
+    let stale = store
+        .temp_files(false)?
+        .into_iter()
+        .filter(|(_, age)| *age >= STALE_TEMP)
+        .chain(
+            store
+                .temp_files(true)?
+                .into_iter()
+                .filter(|(_, age)| *age >= upload_ttl + STALE_TEMP),
+        );
+    for (path, _) in stale {
         leftovers += 1;
         println!("temp leftover {}", path.display());
         if repair {

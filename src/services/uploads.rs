@@ -106,7 +106,7 @@ impl Services {
     /// Opens a session for `owner` (the pushing user), within the caps.
     pub fn upload_start(&self, repo: &str, owner: &str) -> Result<UploadStatus, ServiceError> {
         self.hosted()?.uploads.admit(owner)?;
-        let writer = self.store().begin()?;
+        let writer = self.store().begin_upload()?;
         let id = uuid::Uuid::new_v4().to_string();
         let session = Session {
             repo: repo.to_string(),

@@ -53,7 +53,14 @@ impl Store {
     /// Temp files are left alone here: a CLI command may open the store of a running
     /// server; `serve` calls [`Store::clean_tmp`] at start.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        for dir in ["blobs/sha256", "sizes", "quarantine", "tmp", "repos"] {
+        for dir in [
+            "blobs/sha256",
+            "sizes",
+            "quarantine",
+            "tmp",
+            "uploads",
+            "repos",
+        ] {
             fs::create_dir_all(root.join(dir))?;
         }
         let root = fs::canonicalize(root)?;
@@ -158,6 +165,13 @@ impl Store {
     /// writer aborts it.
     pub fn begin(&self) -> Result<BlobWriter, StoreError> {
         BlobWriter::create(&self.root.join("tmp"))
+    }
+
+    /// Like [`Store::begin`], for a hosted upload session: its file lives in `uploads/`,
+    /// apart from fills, because a session may sit idle for up to `upload_ttl` and must
+    /// not look like a leftover to `verify`.
+    pub fn begin_upload(&self) -> Result<BlobWriter, StoreError> {
+        BlobWriter::create(&self.root.join("uploads"))
     }
 
     /// Verifies the written bytes against the expected digest (and size, when known),
@@ -277,10 +291,12 @@ impl Store {
         Ok((actual != *d).then_some(actual))
     }
 
-    /// Temp files with their age (since last written).
-    pub fn temp_files(&self) -> Result<Vec<(PathBuf, Duration)>, StoreError> {
+    /// Temp files of fills (`uploads == false`) or of upload sessions, with their age
+    /// (since last written).
+    pub fn temp_files(&self, uploads: bool) -> Result<Vec<(PathBuf, Duration)>, StoreError> {
+        let dir = if uploads { "uploads" } else { "tmp" };
         let mut out = Vec::new();
-        for e in fs::read_dir(self.root.join("tmp"))? {
+        for e in fs::read_dir(self.root.join(dir))? {
             let e = e?;
             let Some(meta) = not_found_is_none(e.metadata())? else {
                 continue;
@@ -297,7 +313,10 @@ impl Store {
 
     /// Removes a temp file listed by [`Store::temp_files`].
     pub fn remove_temp(&self, p: &Path) -> Result<(), StoreError> {
-        if p.parent() != Some(self.root.join("tmp").as_path()) {
+        let parent = p.parent();
+        if parent != Some(self.root.join("tmp").as_path())
+            && parent != Some(self.root.join("uploads").as_path())
+        {
             return Err(StoreError::Meta(format!(
                 "{} is not a temp file",
                 p.display()
@@ -342,7 +361,7 @@ impl Store {
 
     /// Removes every temp file: only at server start, when no write can be in progress.
     pub fn clean_tmp(&self) -> Result<usize, StoreError> {
-        Ok(clean_dir(&self.root.join("tmp"))?)
+        Ok(clean_dir(&self.root.join("tmp"))? + clean_dir(&self.root.join("uploads"))?)
     }
 }
 

@@ -318,8 +318,12 @@ impl Mirror {
         });
     }
 
+    /// Temp files of fills and of upload sessions.
     pub fn tmp_files(&self) -> usize {
-        std::fs::read_dir(self.store.join("tmp")).map_or(0, |d| d.count())
+        ["tmp", "uploads"]
+            .iter()
+            .map(|d| std::fs::read_dir(self.store.join(d)).map_or(0, |d| d.count()))
+            .sum()
     }
 }
 
