@@ -523,3 +523,52 @@ fn verify_never_touches_live_upload_sessions() {
     let r = send(&format!("{loc}?digest={d}"), "PUT", &b, &auth);
     assert_eq!(r.status, 201, "the session survived verify --repair");
 }
+
+/// Item 13: requests pipelined after a HEAD (one that waits on the upstream) are all
+/// answered, in order. Fails today: actix-http's HTTP/1 codec keeps one "this is a HEAD"
+/// flag per connection, set by the last request decoded, so a pipelined request decoded
+/// while a HEAD waits on the upstream changes how the HEAD's answer is framed (no fix
+/// possible above the codec; see the closing note of the hardening issue).
+#[test]
+#[ignore = "actix-http h1 codec: HEAD flag is per connection, not per request"]
+fn pipelined_requests_after_a_head_are_answered() {
+    if !require(PEERS) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = tempfile::TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let digest = layout.build("p", &[("p", &noise(5_000, 130))]);
+    layout.push("p", &format!("{}/library/p:1", up.host()), None);
+    let mirror = anonymous_upstream_mirror(&up, "tag_ttl = \"1s\"\n");
+    let tag = "/v2/docker.io/library/p/manifests/1";
+    assert_eq!(
+        http("GET", &format!("{}{tag}", mirror.url()), &[]).status,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    for round in 0..3 {
+        let mut s = TcpStream::connect(("127.0.0.1", mirror.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let req = format!(
+            "HEAD {tag} HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\nHEAD {tag} HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut all = Vec::new();
+        let _ = s.read_to_end(&mut all);
+        let text = String::from_utf8_lossy(&all);
+        let statuses: Vec<&str> = text.matches("HTTP/1.1 200").collect();
+        assert_eq!(
+            statuses.len(),
+            4,
+            "round {round}: every pipelined request answered:\n{text}"
+        );
+        assert_eq!(text.matches("docker-content-digest: ").count(), 2, "{text}");
+        assert!(text.contains(&digest));
+        assert!(
+            text.ends_with("ok\n"),
+            "the last answer is the healthz body:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+}

@@ -153,3 +153,46 @@ fn referrers_api_of_an_upstream_that_has_one() {
         "one API call, cached; no fallback tag"
     );
 }
+
+/// Hardening item 5: an upstream that answers its 401 in HTTP/1.0 and closes the
+/// connection: the retry with credentials goes out on a new connection.
+#[test]
+fn credential_retry_after_an_http10_401_uses_a_new_connection() {
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#.to_vec();
+    let digest = format!("sha256:{}", sha256_hex(&manifest));
+    let (m, d) = (manifest.clone(), digest.clone());
+    let reg = FakeServer::start(move |req| {
+        if req.header("authorization") != Some(USER) {
+            let c = [("WWW-Authenticate", "Basic realm=\"test\"")];
+            // Alternately HTTP/1.0, and HTTP/1.1 closed without saying so.
+            let r = Response::new(401, &c, vec![]);
+            return if req.path.contains("/b") {
+                r.silent_close()
+            } else {
+                r.http10()
+            };
+        }
+        let h = [
+            ("Content-Type", "application/vnd.oci.image.manifest.v1+json"),
+            ("Docker-Content-Digest", d.as_str()),
+        ];
+        Response::new(200, &h, m.clone()).http10()
+    });
+    let mirror = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"hub\"]\nurl = \"{}\"\nusername = \"mirror\"\npassword = \"pw\"\n",
+            reg.url()
+        ),
+    );
+    for tag in ["a", "b", "c", "b2"] {
+        let r = get(&format!("{}/v2/hub/lib/app/manifests/{tag}", mirror.url()));
+        assert_eq!(
+            r.status,
+            200,
+            "tag {tag}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+    }
+}

@@ -532,20 +532,8 @@ impl UpstreamClient {
         let origin = base.origin();
         let mut url = url::Url::parse(url).map_err(|e| protocol(up, format!("bad url: {e}")))?;
         for _ in 0..=MAX_REDIRECTS {
-            let mut r = self.http(up).request(req.method.clone(), url.as_str());
-            if let Some(a) = req.accept {
-                r = r.insert_header((header::ACCEPT, a));
-            }
-            if let Some(from) = req.range_from {
-                r = r.insert_header((header::RANGE, format!("bytes={from}-")));
-            }
-            if let Some(a) = auth.as_ref().filter(|_| url.origin() == origin) {
-                r = r.insert_header((header::AUTHORIZATION, a.as_str()));
-            }
-            let resp = r.send().await.map_err(|e| UpstreamError::Connect {
-                upstream: up.name.clone(),
-                msg: e.to_string(),
-            })?;
+            let auth = auth.as_deref().filter(|_| url.origin() == origin);
+            let resp = self.send_once(up, req, &url, auth).await?;
             if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
                 return Ok(resp);
             }
@@ -559,6 +547,64 @@ impl UpstreamClient {
                 .map_err(|e| protocol(up, format!("bad redirect {location:?}: {e}")))?;
         }
         Err(protocol(up, "too many redirects".into()))
+    }
+
+    /// One request to `url`. A pooled connection that the upstream closed without saying
+    /// so (an HTTP/1.0 answer, a proxy dropping it after a 401) fails before any response
+    /// byte: every upstream request is a GET or HEAD, so it is sent once more, on a new
+    /// connection.
+    async fn send_once(
+        &self,
+        up: &Upstream,
+        req: &UpRequest<'_>,
+        url: &url::Url,
+        auth: Option<&str>,
+    ) -> Result<ClientResponse, UpstreamError> {
+        let mut last = None;
+        for _ in 0..2 {
+            let mut r = self.http(up).request(req.method.clone(), url.as_str());
+            if let Some(a) = req.accept {
+                r = r.insert_header((header::ACCEPT, a));
+            }
+            if let Some(from) = req.range_from {
+                r = r.insert_header((header::RANGE, format!("bytes={from}-")));
+            }
+            if let Some(a) = auth {
+                r = r.insert_header((header::AUTHORIZATION, a));
+            }
+            match r.send().await {
+                Ok(resp) => return Ok(resp),
+                Err(e) if dead_connection(&e) => last = Some(e),
+                Err(e) => return Err(connect_error(up, e)),
+            }
+        }
+        Err(connect_error(
+            up,
+            last.unwrap_or(awc::error::SendRequestError::Timeout),
+        ))
+    }
+}
+
+/// A reused connection found closed: nothing was answered on it.
+fn dead_connection(e: &awc::error::SendRequestError) -> bool {
+    use awc::error::{ConnectError, SendRequestError};
+    match e {
+        SendRequestError::Connect(ConnectError::Disconnected) => true,
+        SendRequestError::Send(_) => true,
+        SendRequestError::Connect(ConnectError::Io(io)) => matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    }
+}
+
+fn connect_error(up: &Upstream, e: awc::error::SendRequestError) -> UpstreamError {
+    UpstreamError::Connect {
+        upstream: up.name.clone(),
+        msg: e.to_string(),
     }
 }
 

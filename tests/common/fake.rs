@@ -30,6 +30,10 @@ pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Answer as HTTP/1.0, or as HTTP/1.1 without `Connection: close` (both: the connection
+    /// closes after it, unannounced for HTTP/1.1, as some proxies and appliances do).
+    pub http10: bool,
+    pub silent_close: bool,
 }
 
 impl Response {
@@ -41,7 +45,21 @@ impl Response {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             body,
+            http10: false,
+            silent_close: false,
         }
+    }
+
+    /// HTTP/1.1 without `Connection: close`, and the connection closed anyway.
+    pub fn silent_close(mut self) -> Response {
+        self.silent_close = true;
+        self
+    }
+
+    /// The same answer in HTTP/1.0 (as some proxies and appliances send).
+    pub fn http10(mut self) -> Response {
+        self.http10 = true;
+        self
     }
 }
 
@@ -122,7 +140,13 @@ fn serve(s: TcpStream, handler: &Handler, reqs: &Mutex<Vec<Request>>) {
         r.push(req.clone());
     }
     let resp = handler(&req);
-    let mut head = format!("HTTP/1.1 {} X\r\nConnection: close\r\n", resp.status);
+    let mut head = if resp.http10 {
+        format!("HTTP/1.0 {} X\r\n", resp.status)
+    } else if resp.silent_close {
+        format!("HTTP/1.1 {} X\r\n", resp.status)
+    } else {
+        format!("HTTP/1.1 {} X\r\nConnection: close\r\n", resp.status)
+    };
     for (k, v) in &resp.headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }

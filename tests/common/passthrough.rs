@@ -163,5 +163,7 @@ fn forward(target: &str, req: &Request, with_auth: bool) -> Response {
         status,
         headers,
         body,
+        http10: false,
+        silent_close: false,
     }
 }
