@@ -15,7 +15,7 @@ use crate::services::access::Access;
 use crate::services::gc::GcPolicy;
 use crate::services::{Hosted, Mirror, Services};
 use crate::store::Store;
-use crate::upstream::{Backoff, TokenCache, Upstream, UpstreamClient};
+use crate::upstream::{ClientShared, Upstream, UpstreamClient};
 
 /// Abandoned uploads are looked for at least this often (and twice per `upload_ttl`).
 const UPLOAD_SWEEP: Duration = Duration::from_secs(60);
@@ -44,9 +44,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let mirror = Arc::new(Mirror::new(store.clone(), metrics.clone(), hosted));
     spawn_upload_sweeper(mirror.clone());
     spawn_gc(mirror.clone(), &cfg);
-    let tokens = Arc::new(TokenCache::default());
-    let backoff = Arc::new(Backoff::default());
-    let client_metrics = metrics.clone();
+    let shared = ClientShared::new(metrics.clone());
     let timeout = cfg.server.upstream_timeout;
     let metrics_data = web::Data::from(metrics);
     tracing::info!(
@@ -61,13 +59,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let md = metrics_data.clone();
     let server = HttpServer::new(move || {
         // awc clients are per worker thread; the token cache is shared by all.
-        let client = UpstreamClient::new(
-            tokens.clone(),
-            backoff.clone(),
-            client_metrics.clone(),
-            timeout,
-            &upstreams,
-        );
+        let client = UpstreamClient::new(&shared, timeout, &upstreams);
         App::new()
             .app_data(web::Data::new(Services::new(mirror.clone(), client)))
             .app_data(router.clone())

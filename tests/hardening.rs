@@ -572,3 +572,64 @@ fn pipelined_requests_after_a_head_are_answered() {
         std::thread::sleep(Duration::from_millis(1100));
     }
 }
+
+/// Item 8: a registry.k8s.io-style front that answers every request with a 307 to a
+/// second registry, which wants its own (anonymous) Bearer token: pulls work, and the
+/// upstream's credentials never reach the second registry.
+#[test]
+fn redirecting_front_to_a_token_registry() {
+    if !require(PEERS) {
+        return;
+    }
+    let backend = Registry::start(Auth::Token(None));
+    let tmp = tempfile::TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let digest = layout.build("k", &[("k", &noise(80_000, 140))]);
+    // Push straight to the token registry with skopeo (it fetches its own token).
+    layout.push("k", &format!("{}/pause:3.10", backend.host()), None);
+    let target = backend.url();
+    let front = common::fake::FakeServer::start(move |req| {
+        let loc = format!("{target}{}", req.path);
+        common::fake::Response::new(307, &[("Location", loc.as_str())], vec![])
+    });
+    let mirror = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"registry.k8s.io\"]\nurl = \"{}\"\nusername = \"front-user\"\npassword = \"front-secret\"\n",
+            front.url()
+        ),
+    );
+    let host = format!("127.0.0.1:{}", mirror.port);
+    let out = tmp.path().join("out");
+    run(std::process::Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{host}/registry.k8s.io/pause:3.10"))
+        .arg(format!("oci:{}:x", out.display())));
+    let r = http(
+        "GET",
+        &format!("{}/v2/registry.k8s.io/pause/manifests/3.10", mirror.url()),
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+    );
+    assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+    let layer = layout.layers(&digest)[0].clone();
+    let r = get(&format!(
+        "{}/v2/registry.k8s.io/pause/blobs/{layer}",
+        mirror.url()
+    ));
+    assert_eq!(sha256_hex(&r.body), layer[7..]);
+    let r = get(&format!(
+        "{}/v2/registry.k8s.io/pause/tags/list",
+        mirror.url()
+    ));
+    assert_eq!(r.json()["tags"], serde_json::json!(["3.10"]));
+    // Every request went to the front first, and was redirected.
+    let paths: Vec<String> = front.requests().iter().map(|r| r.path.clone()).collect();
+    assert!(paths.iter().any(|p| p.contains("/manifests/")));
+    assert!(paths.iter().any(|p| p.contains("/blobs/")));
+    assert!(paths.iter().any(|p| p.contains("/tags/list")));
+    assert!(
+        backend.token.as_ref().unwrap().issued() >= 1,
+        "the backend's own token"
+    );
+    assert!(!mirror.log().contains("front-secret"));
+}

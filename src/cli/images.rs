@@ -3,7 +3,6 @@
 //! singleflighted exactly as for a client pull.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use actix_web::http::Method;
 use anyhow::{anyhow, bail, Context};
@@ -20,7 +19,7 @@ use crate::services::access::Caller;
 use crate::services::{ManifestReply, Services};
 use crate::store::layout::{LayoutEntry, LayoutReader, LayoutWriter};
 use crate::store::{ManifestLink, Store, StoreError, TagRecord};
-use crate::upstream::{TokenCache, UpstreamClient};
+use crate::upstream::{ClientShared, UpstreamClient};
 
 /// Images named on the command line and/or in a file (one per line, `#` comments).
 #[derive(Debug, Clone, Default)]
@@ -247,13 +246,8 @@ fn with_services<T>(
     let timeout = cfg.server.upstream_timeout;
     let upstreams = crate::upstream::Upstream::all_from(cfg)?;
     actix_web::rt::System::new().block_on(async move {
-        let client = UpstreamClient::new(
-            Arc::new(TokenCache::default()),
-            Arc::default(),
-            m.metrics.clone(),
-            timeout,
-            &upstreams,
-        );
+        let client =
+            UpstreamClient::new(&ClientShared::new(m.metrics.clone()), timeout, &upstreams);
         let svc = Services::new(m, client);
         work(&svc).await
     })

@@ -7,6 +7,7 @@
 mod auth;
 mod backoff;
 mod filter;
+pub mod network;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ pub use filter::RepoFilter;
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
+use network::{AddrKind, Network};
 
 /// At most this many redirects are followed (Docker Hub uses one, to its CDN).
 const MAX_REDIRECTS: usize = 5;
@@ -233,6 +235,26 @@ struct TokenResponse {
     expires_in: Option<u64>,
 }
 
+/// What every worker's client shares: tokens, back-off, metrics, name resolution.
+#[derive(Clone)]
+pub struct ClientShared {
+    pub tokens: Arc<TokenCache>,
+    pub backoff: Arc<Backoff>,
+    pub metrics: Arc<Metrics>,
+    pub net: Arc<dyn Network>,
+}
+
+impl ClientShared {
+    pub fn new(metrics: Arc<Metrics>) -> ClientShared {
+        ClientShared {
+            tokens: Arc::default(),
+            backoff: Arc::default(),
+            metrics,
+            net: Arc::new(network::SystemNetwork),
+        }
+    }
+}
+
 /// Per-worker client; cheap to clone.
 #[derive(Clone)]
 pub struct UpstreamClient {
@@ -242,6 +264,7 @@ pub struct UpstreamClient {
     tokens: Arc<TokenCache>,
     backoff: Arc<Backoff>,
     metrics: Arc<Metrics>,
+    net: Arc<dyn Network>,
 }
 
 fn build_client(timeout: Duration, tls: Option<&Arc<rustls::ClientConfig>>) -> awc::Client {
@@ -262,9 +285,7 @@ fn build_client(timeout: Duration, tls: Option<&Arc<rustls::ClientConfig>>) -> a
 
 impl UpstreamClient {
     pub fn new(
-        tokens: Arc<TokenCache>,
-        backoff: Arc<Backoff>,
-        metrics: Arc<Metrics>,
+        shared: &ClientShared,
         timeout: Duration,
         upstreams: &[Arc<Upstream>],
     ) -> UpstreamClient {
@@ -279,9 +300,10 @@ impl UpstreamClient {
         UpstreamClient {
             http: build_client(timeout, None),
             custom: std::rc::Rc::new(custom),
-            tokens,
-            backoff,
-            metrics,
+            tokens: shared.tokens.clone(),
+            backoff: shared.backoff.clone(),
+            metrics: shared.metrics.clone(),
+            net: shared.net.clone(),
         }
     }
 
@@ -468,6 +490,9 @@ impl UpstreamClient {
         }
     }
 
+    /// Fetches a token from `realm`. An anonymous token for another origin (a redirect
+    /// target or a fallback URL) is fetched only from an address the redirect policy
+    /// allows, like the target itself.
     async fn fetch_token(
         &self,
         up: &Upstream,
@@ -488,7 +513,16 @@ impl UpstreamClient {
             }
             q.append_pair("scope", who.scope);
         }
+        let addr = if who.basic.is_none() && who.site != up.name {
+            let own = self.kinds(up, &up.base).await?;
+            Some(self.checked_addr(up, &url, &own).await?)
+        } else {
+            None
+        };
         let mut req = self.http(up).get(url.as_str());
+        if let Some(a) = addr {
+            req = req.address(a);
+        }
         if let Some(b) = &who.basic {
             req = req.insert_header((header::AUTHORIZATION, b.as_str()));
         }
@@ -520,7 +554,9 @@ impl UpstreamClient {
     }
 
     /// Sends and follows redirects. The upstream's Authorization goes only to the
-    /// upstream's own origin, never to a CDN it redirects to.
+    /// upstream's own origin, never to a CDN it redirects to. A hop to another origin goes
+    /// only to an address the redirect policy allows ([`network`]), and a Bearer challenge
+    /// from it is answered with an anonymous token of its own.
     async fn send_following(
         &self,
         up: &Upstream,
@@ -531,9 +567,18 @@ impl UpstreamClient {
     ) -> Result<ClientResponse, UpstreamError> {
         let origin = base.origin();
         let mut url = url::Url::parse(url).map_err(|e| protocol(up, format!("bad url: {e}")))?;
+        let mut own = None;
         for _ in 0..=MAX_REDIRECTS {
-            let auth = auth.as_deref().filter(|_| url.origin() == origin);
-            let resp = self.send_once(up, req, &url, auth).await?;
+            let resp = if url.origin() == origin {
+                self.send_once(up, req, &url, auth.as_deref(), None).await?
+            } else {
+                let own = match &own {
+                    Some(k) => k,
+                    None => own.insert(self.kinds(up, base).await?),
+                };
+                let addr = self.checked_addr(up, &url, own).await?;
+                self.send_elsewhere(up, req, &url, addr).await?
+            };
             if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
                 return Ok(resp);
             }
@@ -549,6 +594,87 @@ impl UpstreamClient {
         Err(protocol(up, "too many redirects".into()))
     }
 
+    /// A redirected request to another origin, at `addr`: anonymous, or with that
+    /// origin's own anonymous token when it challenges for one.
+    async fn send_elsewhere(
+        &self,
+        up: &Upstream,
+        req: &UpRequest<'_>,
+        url: &url::Url,
+        addr: std::net::SocketAddr,
+    ) -> Result<ClientResponse, UpstreamError> {
+        let site = url.origin().ascii_serialization();
+        let scope = format!("repository:{}:pull", req.repo);
+        let who = Who {
+            site: site.clone(),
+            scope: &scope,
+            cache_key: scope.clone(),
+            basic: None,
+        };
+        let cached = self.tokens.token(&site, &who.cache_key);
+        let bearer = cached.map(|t| format!("Bearer {t}"));
+        let resp = self
+            .send_once(up, req, url, bearer.as_deref(), Some(addr))
+            .await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let Some(Challenge::Bearer { realm, service, .. }) = resp
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_challenge)
+        else {
+            return Ok(resp);
+        };
+        let token = self
+            .fetch_token(up, &who, &realm, service.as_deref())
+            .await?;
+        let bearer = format!("Bearer {token}");
+        self.send_once(up, req, url, Some(&bearer), Some(addr))
+            .await
+    }
+
+    /// The kinds of network the upstream's own URL lives on.
+    async fn kinds(&self, up: &Upstream, base: &url::Url) -> Result<Vec<AddrKind>, UpstreamError> {
+        let addrs = network::addresses(&*self.net, base)
+            .await
+            .map_err(|e| connect_msg(up, format!("resolve {base}: {e}")))?;
+        Ok(addrs.iter().map(|a| self.net.kind(a.ip())).collect())
+    }
+
+    /// The address to connect to for a redirect to `url`: every address the name has
+    /// must be allowed (else one answer of a rotating name could reach the inside).
+    async fn checked_addr(
+        &self,
+        up: &Upstream,
+        url: &url::Url,
+        own: &[AddrKind],
+    ) -> Result<std::net::SocketAddr, UpstreamError> {
+        let addrs = network::addresses(&*self.net, url)
+            .await
+            .map_err(|e| connect_msg(up, format!("resolve {url}: {e}")))?;
+        if let Some(bad) = addrs
+            .iter()
+            .find(|a| !network::allowed(self.net.kind(a.ip()), own))
+        {
+            tracing::warn!(upstream = %up.name, target = %url.origin().ascii_serialization(), address = %bad.ip(), "refused a redirect into a network the upstream is not on");
+            return Err(protocol(
+                up,
+                format!(
+                    "redirect to {} refused: it resolves to {} ({:?}), a network the upstream is not on",
+                    url.origin().ascii_serialization(),
+                    bad.ip(),
+                    self.net.kind(bad.ip())
+                ),
+            ));
+        }
+        addrs
+            .first()
+            .copied()
+            .ok_or_else(|| connect_msg(up, format!("{url}: no address")))
+    }
+
     /// One request to `url`. A pooled connection that the upstream closed without saying
     /// so (an HTTP/1.0 answer, a proxy dropping it after a 401) fails before any response
     /// byte: every upstream request is a GET or HEAD, so it is sent once more, on a new
@@ -559,10 +685,14 @@ impl UpstreamClient {
         req: &UpRequest<'_>,
         url: &url::Url,
         auth: Option<&str>,
+        addr: Option<std::net::SocketAddr>,
     ) -> Result<ClientResponse, UpstreamError> {
         let mut last = None;
         for _ in 0..2 {
             let mut r = self.http(up).request(req.method.clone(), url.as_str());
+            if let Some(a) = addr {
+                r = r.address(a);
+            }
             if let Some(a) = req.accept {
                 r = r.insert_header((header::ACCEPT, a));
             }
@@ -602,9 +732,13 @@ fn dead_connection(e: &awc::error::SendRequestError) -> bool {
 }
 
 fn connect_error(up: &Upstream, e: awc::error::SendRequestError) -> UpstreamError {
+    connect_msg(up, e.to_string())
+}
+
+fn connect_msg(up: &Upstream, msg: String) -> UpstreamError {
     UpstreamError::Connect {
         upstream: up.name.clone(),
-        msg: e.to_string(),
+        msg,
     }
 }
 
@@ -661,4 +795,112 @@ fn protocol(up: &Upstream, msg: String) -> UpstreamError {
 /// A URL as configured (no trailing `/`), for metric labels and logs.
 fn shown(base: &url::Url) -> &str {
     base.as_str().trim_end_matches('/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::network::{AddrKind, Network};
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, SocketAddr, TcpListener};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// Maps `evil.test` to 127.0.0.9 and calls that address link-local, and 127.0.0.1
+    /// public: the refusal is exercised without any address outside loopback.
+    struct TestNet {
+        evil_port: u16,
+        asked: Mutex<Vec<String>>,
+    }
+
+    impl Network for TestNet {
+        fn resolve<'a>(
+            &'a self,
+            host: &'a str,
+            _port: u16,
+        ) -> futures_util::future::BoxFuture<'a, std::io::Result<Vec<SocketAddr>>> {
+            if let Ok(mut a) = self.asked.lock() {
+                a.push(host.to_string());
+            }
+            let addr = SocketAddr::from(([127, 0, 0, 9], self.evil_port));
+            Box::pin(async move { Ok(vec![addr]) })
+        }
+
+        fn kind(&self, ip: IpAddr) -> AddrKind {
+            if ip == IpAddr::from([127, 0, 0, 9]) {
+                AddrKind::LinkLocal
+            } else {
+                AddrKind::Public
+            }
+        }
+    }
+
+    /// A server on 127.0.0.1 that answers every request with a 307 to `location`.
+    fn redirector(location: String) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            for s in l.incoming().take(4).flatten() {
+                let mut s = s;
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        port
+    }
+
+    #[actix_web::test]
+    async fn a_redirect_into_another_network_is_refused_before_any_connect() {
+        let evil = TcpListener::bind("127.0.0.9:0").expect("bind 127.0.0.9");
+        evil.set_nonblocking(true).expect("nonblocking");
+        let evil_port = evil.local_addr().expect("addr").port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let port = redirector(format!("http://evil.test:{evil_port}/latest/meta-data/"));
+        let net = Arc::new(TestNet {
+            evil_port,
+            asked: Mutex::new(Vec::new()),
+        });
+        let registry = prometheus::Registry::new();
+        let mut shared = ClientShared::new(Arc::new(Metrics::new(registry).expect("metrics")));
+        shared.net = net.clone();
+        let up = Upstream {
+            name: "hub".into(),
+            base: url::Url::parse(&format!("http://127.0.0.1:{port}")).expect("url"),
+            fallbacks: Vec::new(),
+            credentials: Some(("mirror".into(), "secret".into())),
+            client_credentials: false,
+            tag_ttl: Duration::from_secs(1),
+            library_prefix: false,
+            filter: Default::default(),
+            client: None,
+            tls: None,
+        };
+        let client = UpstreamClient::new(&shared, Duration::from_secs(5), &[]);
+        let req = UpRequest {
+            method: Method::GET,
+            repo: "lib/app",
+            what: "blobs/sha256:00",
+            accept: None,
+            range_from: None,
+            primary_only: true,
+        };
+        let r = client.send(&up, &req).await;
+        let err = r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("refused"), "{err}");
+        assert!(err.contains("127.0.0.9"), "{err}");
+        // Nothing ever connected to the refused address.
+        std::thread::sleep(Duration::from_millis(100));
+        while evil.accept().is_ok() {
+            accepted.fetch_add(1, Ordering::Relaxed);
+        }
+        assert_eq!(accepted.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            net.asked.lock().map(|a| a.clone()).unwrap_or_default(),
+            ["evil.test"]
+        );
+    }
 }
