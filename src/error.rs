@@ -99,6 +99,15 @@ impl From<AccessError> for OciError {
             AccessError::Internal(_) => {
                 OciError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string())
             }
+            AccessError::Throttled(left) => {
+                let mut err = OciError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TOOMANYREQUESTS",
+                    e.to_string(),
+                );
+                err.retry_after = Some(left.as_secs().max(1));
+                err
+            }
             _ => OciError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", e.to_string()),
         }
     }

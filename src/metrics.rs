@@ -32,6 +32,8 @@ pub struct Metrics {
     /// Writes the store refused, by reason (e.g. `no_space`: passed through uncached).
     pub store_errors: IntCounterVec,
     pub evicted_bytes: prometheus::IntCounter,
+    /// Logins refused with `429` after repeated failures (one address, one user).
+    pub auth_throttled: prometheus::IntCounter,
     pub evicted_objects: prometheus::IntCounter,
     pub fills_in_flight: IntGauge,
     /// Time to the response (headers; bodies stream on), by upstream and endpoint.
@@ -201,6 +203,11 @@ impl Metrics {
                 "entrepot_store_write_errors_total",
                 "Store writes refused",
                 &["reason"],
+            )?,
+            auth_throttled: plain_counter(
+                r,
+                "entrepot_auth_throttled_total",
+                "Logins refused after repeated failures from one address for one user",
             )?,
             evicted_bytes: plain_counter(
                 r,

@@ -37,7 +37,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.server.default_upstream.as_deref(),
         hosted_prefix,
     ));
-    let mut access = Access::load(&cfg.auth)?;
+    let mut access = Access::load(&cfg.auth, metrics.clone())?;
     access.external_url = cfg.server.external_url.clone();
     let access = web::Data::new(access);
     let hosted = cfg.hosted.as_ref().map(Hosted::new);

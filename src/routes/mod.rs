@@ -132,7 +132,7 @@ async fn v2(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let id = access
-        .identify(auth)
+        .identify(auth, req.peer_addr().map(|a| a.ip()))
         .await
         .map_err(|e| challenge(e.into()))?;
     let ctx = Ctx {

@@ -21,7 +21,8 @@ pub async fn token(req: HttpRequest, access: web::Data<Access>) -> Result<HttpRe
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let issued = access.token(auth, &scopes).await.map_err(|e| {
+    let peer = req.peer_addr().map(|a| a.ip());
+    let issued = access.token(auth, peer, &scopes).await.map_err(|e| {
         let e = OciError::from(e);
         let basic = format!("Basic realm=\"{SERVICE}\"");
         e.challenged(&basic)

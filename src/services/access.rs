@@ -1,20 +1,20 @@
 //! Client authentication (htpasswd Basic, or the mirror's own bearer tokens) and
 //! authorisation (pull, push, delete, catalog).
 //!
-//! bcrypt is slow on purpose; a verified password is remembered as its SHA-256 per user and
-//! later requests are compared against that in constant time, so a busy server does not
-//! spend its CPU on bcrypt. Only successes are remembered (at most one entry per user).
+//! Password checks themselves (bcrypt, bounded and throttled) are in [`super::passwords`].
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use base64::Engine as _;
-use dashmap::DashMap;
-use sha2::{Digest as _, Sha256};
-use subtle::ConstantTimeEq;
+use std::net::IpAddr;
+use std::sync::Arc;
 
+use base64::Engine as _;
+
+use super::passwords::{Passwords, Verdict};
 use super::tokens::{Grant, Issued, Tokens};
 use crate::config::{AuthConfig, ConfigError};
+use crate::metrics::Metrics;
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +54,9 @@ pub enum AccessError {
     Denied(String),
     #[error("{0}")]
     Internal(&'static str),
+    /// Too many failed logins from this address as this user.
+    #[error("too many failed logins; retry after {}s", .0.as_secs())]
+    Throttled(std::time::Duration),
 }
 
 /// Who is calling, and what a bearer token limits it to (`None`: not a token; the ACL
@@ -125,8 +128,7 @@ impl Scope {
 }
 
 pub struct Access {
-    users: HashMap<String, String>,
-    verified: DashMap<String, [u8; 32]>,
+    passwords: Passwords,
     anonymous_pull: bool,
     push: HashSet<String>,
     tokens: Tokens,
@@ -136,14 +138,13 @@ pub struct Access {
 
 impl Access {
     /// Reads the htpasswd file (bcrypt entries only, as Distribution accepts).
-    pub fn load(cfg: &AuthConfig) -> Result<Access, ConfigError> {
+    pub fn load(cfg: &AuthConfig, metrics: Arc<Metrics>) -> Result<Access, ConfigError> {
         let users = match &cfg.htpasswd {
             Some(p) => read_htpasswd(p)?,
             None => HashMap::new(),
         };
         Ok(Access {
-            users,
-            verified: DashMap::new(),
+            passwords: Passwords::new(users, cfg.anonymous_pull, metrics),
             anonymous_pull: cfg.anonymous_pull,
             push: cfg.push.iter().cloned().collect(),
             tokens: Tokens::load(cfg)?,
@@ -153,7 +154,11 @@ impl Access {
 
     /// Identifies the caller from an `Authorization` header: a bearer token of this
     /// mirror's, Basic credentials, or nothing.
-    pub async fn identify(&self, authorization: Option<&str>) -> Result<Identity, AccessError> {
+    pub async fn identify(
+        &self,
+        authorization: Option<&str>,
+        peer: Option<IpAddr>,
+    ) -> Result<Identity, AccessError> {
         if let Some(token) = authorization.and_then(bearer) {
             let (caller, grants) = self.tokens.verify(token)?;
             return Ok(Identity {
@@ -162,7 +167,7 @@ impl Access {
             });
         }
         Ok(Identity {
-            caller: self.identify_basic(authorization).await?,
+            caller: self.identify_basic(authorization, peer).await?,
             grants: None,
         })
     }
@@ -193,9 +198,10 @@ impl Access {
     pub async fn token(
         &self,
         authorization: Option<&str>,
+        peer: Option<IpAddr>,
         scopes: &[Scope],
     ) -> Result<Issued, AccessError> {
-        let caller = self.identify_basic(authorization).await?;
+        let caller = self.identify_basic(authorization, peer).await?;
         let grants = scopes
             .iter()
             .filter_map(|s| self.grant(&caller, s))
@@ -227,29 +233,19 @@ impl Access {
         })
     }
 
-    async fn identify_basic(&self, authorization: Option<&str>) -> Result<Caller, AccessError> {
+    async fn identify_basic(
+        &self,
+        authorization: Option<&str>,
+        peer: Option<IpAddr>,
+    ) -> Result<Caller, AccessError> {
         let Some(value) = authorization else {
             return Ok(Caller::Anonymous);
         };
         let (user, pass) = parse_basic(value).ok_or(AccessError::BadCredentials)?;
-        let Some(hash) = self.users.get(&user) else {
-            return Ok(Caller::Foreign { user, pass });
-        };
-        let digest: [u8; 32] = Sha256::digest(pass.as_bytes()).into();
-        if let Some(known) = self.verified.get(&user) {
-            if bool::from(known.ct_eq(&digest)) {
-                return Ok(Caller::User(user));
-            }
+        match self.passwords.check(&user, &pass, peer).await? {
+            Verdict::User => Ok(Caller::User(user)),
+            Verdict::NotAUser => Ok(Caller::Foreign { user, pass }),
         }
-        let hash = hash.clone();
-        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(pass, &hash).unwrap_or(false))
-            .await
-            .unwrap_or(false);
-        if !ok {
-            return Err(AccessError::BadCredentials);
-        }
-        self.verified.insert(user.clone(), digest);
-        Ok(Caller::User(user))
     }
 
     /// `GET /v2/`. An anonymous caller is always challenged, as Docker Hub and
@@ -340,29 +336,32 @@ mod tests {
         let file = dir.path().join("htpasswd");
         let hash = bcrypt::hash("pw", 4).expect("hash");
         std::fs::write(&file, format!("alice:{hash}\nbob:{hash}\n")).expect("write");
-        let a = Access::load(&AuthConfig {
-            htpasswd: Some(file),
-            anonymous_pull: false,
-            push: vec!["alice".into()],
-            ..Default::default()
-        })
+        let a = Access::load(
+            &AuthConfig {
+                htpasswd: Some(file),
+                anonymous_pull: false,
+                push: vec!["alice".into()],
+                ..Default::default()
+            },
+            test_metrics(),
+        )
         .expect("load");
         let alice = a
-            .identify_basic(Some(&basic("alice", "pw")))
+            .identify_basic(Some(&basic("alice", "pw")), None)
             .await
             .expect("alice");
         assert_eq!(alice, Caller::User("alice".into()));
         // Second time from the cache, same answer; a wrong password still fails.
         assert_eq!(
-            a.identify_basic(Some(&basic("alice", "pw"))).await,
+            a.identify_basic(Some(&basic("alice", "pw")), None).await,
             Ok(alice.clone())
         );
         assert_eq!(
-            a.identify_basic(Some(&basic("alice", "nope"))).await,
+            a.identify_basic(Some(&basic("alice", "nope")), None).await,
             Err(AccessError::BadCredentials)
         );
         let bob = a
-            .identify_basic(Some(&basic("bob", "pw")))
+            .identify_basic(Some(&basic("bob", "pw")), None)
             .await
             .expect("bob");
         assert!(a.may_push(&alice).is_ok());
@@ -375,12 +374,17 @@ mod tests {
             a.may_pull(&Caller::Anonymous),
             Err(AccessError::Unauthenticated)
         );
-        let foreign = a
-            .identify_basic(Some(&basic("hub-user", "tok")))
-            .await
-            .expect("foreign");
-        assert!(matches!(foreign, Caller::Foreign { .. }));
-        assert_eq!(a.may_pull(&foreign), Err(AccessError::Unauthenticated));
+        // Only users may log in here (anonymous_pull = false): an unknown user is a
+        // failed login, like a wrong password.
+        assert_eq!(
+            a.identify_basic(Some(&basic("hub-user", "tok")), None)
+                .await,
+            Err(AccessError::BadCredentials)
+        );
+    }
+
+    fn test_metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(prometheus::Registry::new()).expect("metrics"))
     }
 
     #[tokio::test]
@@ -389,19 +393,22 @@ mod tests {
         let file = dir.path().join("htpasswd");
         let hash = bcrypt::hash("pw", 4).expect("hash");
         std::fs::write(&file, format!("alice:{hash}\n")).expect("write");
-        let a = Access::load(&AuthConfig {
-            htpasswd: Some(file),
-            push: vec!["alice".into()],
-            ..Default::default()
-        })
+        let a = Access::load(
+            &AuthConfig {
+                htpasswd: Some(file),
+                push: vec!["alice".into()],
+                ..Default::default()
+            },
+            test_metrics(),
+        )
         .expect("load");
         let scopes: Vec<Scope> = ["repository:local/app:pull,push", "registry:catalog:*"]
             .into_iter()
             .filter_map(Scope::parse)
             .collect();
-        let anon = a.token(None, &scopes).await.expect("anonymous token");
+        let anon = a.token(None, None, &scopes).await.expect("anonymous token");
         let id = a
-            .identify(Some(&format!("Bearer {}", anon.token)))
+            .identify(Some(&format!("Bearer {}", anon.token)), None)
             .await
             .expect("verify");
         assert_eq!(id.caller, Caller::Anonymous);
@@ -415,16 +422,18 @@ mod tests {
         );
         assert!(a.authorize(&id, Need::Pull("local/other")).is_err());
         let alice = a
-            .token(Some(&basic("alice", "pw")), &scopes)
+            .token(Some(&basic("alice", "pw")), None, &scopes)
             .await
             .expect("alice token");
         let id = a
-            .identify(Some(&format!("Bearer {}", alice.token)))
+            .identify(Some(&format!("Bearer {}", alice.token)), None)
             .await
             .expect("verify");
         assert!(a.authorize(&id, Need::Push("local/app")).is_ok());
         assert_eq!(
-            a.token(Some(&basic("alice", "bad")), &scopes).await.err(),
+            a.token(Some(&basic("alice", "bad")), None, &scopes)
+                .await
+                .err(),
             Some(AccessError::BadCredentials)
         );
     }

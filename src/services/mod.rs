@@ -11,6 +11,7 @@ pub mod gc;
 mod hosted;
 mod manifests;
 mod page;
+mod passwords;
 mod private;
 mod referrers;
 mod stream;
