@@ -115,7 +115,12 @@ impl From<AccessError> for OciError {
 
 impl From<RouteError> for OciError {
     fn from(e: RouteError) -> Self {
-        OciError::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", e.to_string())
+        match e {
+            RouteError::NameTooLong(_) => {
+                OciError::new(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string())
+            }
+            _ => OciError::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", e.to_string()),
+        }
     }
 }
 

@@ -752,3 +752,71 @@ fn user_names_cannot_be_enumerated() {
         known
     );
 }
+
+/// Item 11: a PATCH whose Content-Range does not match its body is 416; a name too long
+/// once `library/` is added is 400; a HEAD of an unknown digest asks the upstream once
+/// per few seconds.
+#[test]
+fn small_items_content_range_long_names_negative_heads() {
+    if !require(&["docker-registry", "htpasswd"]) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = tempfile::TempDir::new().unwrap();
+    let file = tmp.path().join("htpasswd");
+    std::fs::write(
+        &file,
+        run(std::process::Command::new("htpasswd").args(["-Bbn", "alice", "pw"])),
+    )
+    .unwrap();
+    let mirror = Mirror::start(
+        "",
+        &format!(
+            "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\npush = [\"alice\"]\n\
+             [upstreams.\"docker.io\"]\nurl = \"{}\"\n",
+            file.display(),
+            up.url()
+        ),
+    );
+    let m = mirror.url();
+    let alice = basic("alice", "pw");
+    let auth = [("Authorization", alice.as_str())];
+    let r = http("POST", &format!("{m}/v2/local/a/blobs/uploads/"), &auth);
+    let loc = format!("{m}{}", r.header("location").unwrap());
+    let r = send(
+        &loc,
+        "PATCH",
+        &[7u8; 100],
+        &[
+            ("Authorization", alice.as_str()),
+            ("Content-Range", "0-199"),
+        ],
+    );
+    assert_eq!(
+        (r.status, r.oci_code().as_str()),
+        (416, "BLOB_UPLOAD_INVALID")
+    );
+
+    let long = "a".repeat(252);
+    let r = get(&format!("{m}/v2/docker.io/{long}/manifests/latest"));
+    assert_eq!((r.status, r.oci_code().as_str()), (400, "NAME_INVALID"));
+    assert_eq!(
+        up.count("GET", "/manifests/latest") + up.count("HEAD", "/manifests/latest"),
+        0
+    );
+
+    let random = format!("sha256:{}", "9".repeat(64));
+    for _ in 0..5 {
+        let r = http(
+            "HEAD",
+            &format!("{m}/v2/docker.io/library/x/blobs/{random}"),
+            &[],
+        );
+        assert_eq!(r.status, 404);
+    }
+    assert_eq!(
+        up.count("HEAD", &format!("/blobs/{random}")),
+        1,
+        "negative answer cached"
+    );
+}

@@ -55,7 +55,7 @@ pub enum PathError {
 }
 
 /// Longest repository name accepted (Distribution's limit).
-const MAX_NAME: usize = 255;
+pub const MAX_NAME: usize = 255;
 
 /// Parses the part of the path after `/v2/` (still percent-encoded).
 pub fn parse(raw_tail: &str) -> Result<Endpoint, PathError> {

@@ -92,29 +92,31 @@ pub async fn upload_patch(
 ) -> Result<HttpResponse, OciError> {
     let repo = hosted_repo(ctx, name)?;
     ctx.note(ctx.hosted_prefix(), "upload", None);
-    let start = match ctx.header(header::CONTENT_RANGE) {
-        Some(r) => Some(content_range_start(r)?),
-        None => None,
-    };
-    let s = ctx.svc.upload_append(&repo, id, start, body).await?;
+    let range = ctx
+        .header(header::CONTENT_RANGE)
+        .map(content_range)
+        .transpose()?;
+    let s = ctx.svc.upload_append(&repo, id, range, body).await?;
     Ok(in_progress(StatusCode::ACCEPTED, name, id, s.offset))
 }
 
-fn content_range_start(v: &str) -> Result<u64, OciError> {
+/// `Content-Range: <start>-<end>` (inclusive) of a chunk.
+fn content_range(v: &str) -> Result<(u64, u64), OciError> {
     let v = v
         .trim()
         .trim_start_matches("bytes ")
         .trim_start_matches("bytes=");
-    v.split('-')
-        .next()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| {
-            OciError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "BLOB_UPLOAD_INVALID",
-                format!("bad Content-Range {v:?}"),
-            )
-        })
+    let parsed = v.split_once('-').and_then(|(a, b)| {
+        let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+        (b >= a).then_some((a, b))
+    });
+    parsed.ok_or_else(|| {
+        OciError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "BLOB_UPLOAD_INVALID",
+            format!("bad Content-Range {v:?}"),
+        )
+    })
 }
 
 /// `PUT ...?digest=`: the last bytes (if any), verified, committed.

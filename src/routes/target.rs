@@ -11,6 +11,9 @@ pub enum RouteError {
     UnknownNamespace(String),
     #[error("repository {0:?} names no configured upstream and there is no default upstream")]
     NoUpstream(String),
+    /// The name the upstream would get (`library/` added) is longer than names may be.
+    #[error("repository name {0:?} is longer than 255 characters")]
+    NameTooLong(String),
 }
 
 /// The upstream map, built once at start-up and read-only afterwards.
@@ -75,32 +78,37 @@ impl Router {
                 });
             }
             if let Some(up) = self.upstreams.get(first) {
-                return Ok(target(up, rest));
+                return target(up, rest);
             }
         }
         if let Some(ns) = ns {
             return match self.upstreams.get(ns) {
-                Some(up) => Ok(target(up, name)),
+                Some(up) => target(up, name),
                 None => Err(RouteError::UnknownNamespace(ns.to_string())),
             };
         }
         match &self.default {
-            Some(up) => Ok(target(up, name)),
+            Some(up) => target(up, name),
             None => Err(RouteError::NoUpstream(name.to_string())),
         }
     }
 }
 
-fn target(up: &Arc<Upstream>, repo: &str) -> Target {
+/// Names are checked again after normalisation: a 252-character name on docker.io is
+/// 260 once `library/` is added, which no registry accepts.
+fn target(up: &Arc<Upstream>, repo: &str) -> Result<Target, RouteError> {
     let repo = if up.library_prefix && !repo.contains('/') {
         format!("library/{repo}")
     } else {
         repo.to_string()
     };
-    Target::Upstream {
+    if repo.len() > crate::routes::path::MAX_NAME {
+        return Err(RouteError::NameTooLong(repo));
+    }
+    Ok(Target::Upstream {
         upstream: up.clone(),
         repo,
-    }
+    })
 }
 
 #[cfg(test)]

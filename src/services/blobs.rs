@@ -22,6 +22,15 @@ use crate::upstream::{UpRequest, Upstream};
 /// The fill writes (and wakes its readers) in batches of up to this many bytes.
 const WRITE_BATCH: usize = 512 * 1024;
 
+/// The key of "this upstream (with these credentials) has no `d` in `repo`".
+fn missing_key(up: &Upstream, repo: &str, d: &Digest) -> String {
+    format!(
+        "{}\n{}\n{repo}\n{d}",
+        up.name,
+        up.client.as_deref().unwrap_or("")
+    )
+}
+
 /// How often a request re-joins after fills led through other repositories failed.
 const MAX_REJOINS: usize = 4;
 
@@ -125,10 +134,34 @@ impl Services {
             }
         }
         self.count_cache(up, "miss");
-        if head {
-            return self.head_upstream(up, repo, d).await;
+        let missing = missing_key(up, repo, d);
+        if self.mirror.missing.holds(&missing) {
+            return Err(ServiceError::BlobUnknown(d.to_string()));
         }
-        self.stream_fill(up, repo, d, range).await
+        let corrupt = format!("{}\n{d}", up.name);
+        if self.mirror.corrupt.holds(&corrupt) {
+            self.metrics()
+                .digest_mismatches
+                .with_label_values(&[&up.name])
+                .inc();
+            return Err(ServiceError::BadUpstream {
+                upstream: up.name.clone(),
+                msg: format!(
+                    "sent corrupt bytes for {d} within the last minute; not asked again yet"
+                ),
+            });
+        }
+        let r = if head {
+            self.head_upstream(up, repo, d).await
+        } else {
+            self.stream_fill(up, repo, d, range).await
+        };
+        if let Err(e) = &r {
+            if matches!(e.root(), ServiceError::BlobUnknown(_)) {
+                self.mirror.missing.remember(missing);
+            }
+        }
+        r
     }
 
     fn count_cache(&self, up: &Upstream, result: &str) {
@@ -489,6 +522,7 @@ impl Services {
                     .with_label_values(&[&up.name])
                     .inc();
                 tracing::error!(upstream = %up.name, %expected, %actual, "upstream sent a corrupt blob; not stored");
+                self.mirror.corrupt.remember(format!("{}\n{d}", up.name));
                 Err(ServiceError::DigestMismatch {
                     upstream: up.name.clone(),
                     expected: expected.to_string(),

@@ -10,6 +10,7 @@ mod flight;
 pub mod gc;
 mod hosted;
 mod manifests;
+mod memo;
 mod page;
 mod passwords;
 mod private;
@@ -189,6 +190,10 @@ pub struct Mirror {
     readers: Arc<dashmap::DashMap<Digest, usize>>,
     blob_flights: Arc<flight::Flights<Digest, blobs::Fill>>,
     manifest_flights: Arc<flight::Flights<String, manifests::Pending>>,
+    /// Blobs an upstream said it does not have, per upstream, credential and repository.
+    missing: memo::Memo,
+    /// Blobs an upstream sent corrupt, per upstream.
+    corrupt: memo::Memo,
 }
 
 impl Mirror {
@@ -201,6 +206,8 @@ impl Mirror {
             readers: Default::default(),
             blob_flights: Arc::default(),
             manifest_flights: Arc::default(),
+            missing: memo::Memo::new(std::time::Duration::from_secs(5)),
+            corrupt: memo::Memo::new(std::time::Duration::from_secs(60)),
         }
     }
 }

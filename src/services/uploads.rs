@@ -132,12 +132,13 @@ impl Services {
         })
     }
 
-    /// Appends a chunk. `start`, from `Content-Range`, must equal the bytes received.
+    /// Appends a chunk. `range`, from `Content-Range` (inclusive), must start at the bytes
+    /// received and span exactly the body.
     pub async fn upload_append<S, E>(
         &self,
         repo: &str,
         id: &str,
-        start: Option<u64>,
+        range: Option<(u64, u64)>,
         body: S,
     ) -> Result<UploadStatus, ServiceError>
     where
@@ -151,14 +152,25 @@ impl Services {
             .writer
             .as_mut()
             .ok_or_else(|| ServiceError::UploadUnknown(id.into()))?;
-        if let Some(start) = start.filter(|s| *s != w.written()) {
+        let before = w.written();
+        if let Some(start) = range.map(|r| r.0).filter(|s| *s != before) {
             return Err(ServiceError::UploadRange(format!(
                 "chunk starts at {start}, upload has {} bytes",
                 w.written()
             )));
         }
         let idle = self.hosted()?.uploads.limits.body_timeout;
-        if let Err(e) = write_body(w, body, idle).await {
+        let mut r = write_body(w, body, idle).await;
+        if let (Ok(()), Some((a, b))) = (&r, range) {
+            let got = w.written() - before;
+            if got != b - a + 1 {
+                r = Err(ServiceError::UploadRange(format!(
+                    "Content-Range {a}-{b} announces {} bytes, the body had {got}",
+                    b - a + 1
+                )));
+            }
+        }
+        if let Err(e) = r {
             // Part of the chunk may be written: the session cannot go on.
             drop(u);
             self.hosted()?.uploads.sessions.remove(id);
