@@ -8,6 +8,19 @@ use entrepot::cli::integrate::{self, Style};
 use entrepot::cli::{self, ImageArgs};
 use entrepot::config::Config;
 
+/// `RUST_LOG` (default `info`), with actix's HTTP/1 dispatcher silenced: it logs every
+/// malformed request, TLS probe and reset connection from any client at ERROR, which lets
+/// anyone fill the disk (`RUST_LOG=...,actix_http::h1::dispatcher=debug` shows them).
+fn log_filter() -> EnvFilter {
+    let base = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let quiet = if base.contains("actix_http") {
+        base
+    } else {
+        format!("{base},actix_http::h1::dispatcher=off")
+    };
+    EnvFilter::try_new(&quiet).unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
 /// A multi-upstream OCI/Docker registry mirror.
 #[derive(Parser)]
 #[command(version, about)]
@@ -110,9 +123,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(log_filter())
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     match run(Cli::parse()) {

@@ -67,7 +67,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             .app_data(md.clone())
             .wrap(from_fn(routes::log_request))
             .configure(|c| routes::configure(c, separate_metrics.is_none()))
-    });
+    })
+    // No Nagle: a small answer (a config blob) after its headers must not wait for the
+    // client's delayed ACK (40 ms per small blob on a kept-alive connection).
+    .tcp_nodelay(true);
     let server = match &cfg.server.tls {
         Some(tls) => server.bind_rustls_0_23(cfg.server.listen, tls_config(tls)?)?,
         None => server.bind(cfg.server.listen)?,

@@ -244,6 +244,25 @@ fn read_only_mirror(ctx: &Ctx<'_>, name: &str) -> Result<(), OciError> {
     }
 }
 
+/// Longest path (with query) written to the log: anything longer is cut, with a marker.
+const MAX_LOGGED_PATH: usize = 512;
+
+/// The path and query as the client sent them (h2 gives the full URL: the same shape as
+/// h1 is logged), cut at [`MAX_LOGGED_PATH`] characters.
+fn loggable(uri: &actix_web::http::Uri) -> String {
+    let p = uri
+        .path_and_query()
+        .map_or_else(|| uri.path().to_string(), |p| p.as_str().to_string());
+    if p.len() <= MAX_LOGGED_PATH {
+        return p;
+    }
+    let mut cut = MAX_LOGGED_PATH;
+    while !p.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}...[{} more bytes]", &p[..cut], p.len() - cut)
+}
+
 /// Access log (one line per request) and request metrics.
 pub async fn log_request(
     req: ServiceRequest,
@@ -251,7 +270,7 @@ pub async fn log_request(
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let start = Instant::now();
     let method = req.method().clone();
-    let path = req.uri().to_string();
+    let path = loggable(req.uri());
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
     let res = next.call(req).await?;
     let info = res.request().extensions().get::<RequestInfo>().cloned();
@@ -266,7 +285,7 @@ pub async fn log_request(
     tracing::info!(
         target: "entrepot::access",
         %method, %path, status, upstream, cache, bytes,
-        ms = start.elapsed().as_secs_f64() * 1000.0,
+        ms = (start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
     );
     if let Some(m) = metrics {
         m.requests
