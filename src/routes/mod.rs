@@ -160,7 +160,7 @@ async fn dispatch(
         (Endpoint::Base, _) => Ok(HttpResponse::Ok()
             .insert_header(API_VERSION)
             .json(serde_json::json!({}))),
-        (Endpoint::Catalog, Method::GET) => pull::catalog(ctx),
+        (Endpoint::Catalog, Method::GET) => pull::catalog(ctx).await,
         (Endpoint::Manifest { name, reference }, Method::GET | Method::HEAD) => {
             pull::manifest(ctx, name, reference).await
         }

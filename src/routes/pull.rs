@@ -126,9 +126,9 @@ pub async fn tags(ctx: &Ctx<'_>, name: &str) -> Result<HttpResponse, OciError> {
     }
 }
 
-pub fn catalog(ctx: &Ctx<'_>) -> Result<HttpResponse, OciError> {
+pub async fn catalog(ctx: &Ctx<'_>) -> Result<HttpResponse, OciError> {
     let (n, last) = page_params(ctx)?;
-    let page = ctx.svc.catalog(n, last.as_deref())?;
+    let page = ctx.svc.catalog(n, last.as_deref()).await?;
     Ok(reply::page(
         json!({"repositories": page.items}),
         &page,

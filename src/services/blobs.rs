@@ -214,6 +214,7 @@ impl Services {
     ) -> Result<bool, ServiceError> {
         self.head_upstream(up, repo, d).await?;
         self.store().link_blob(&up.name, repo, d)?;
+        self.mirror.catalog.add(&up.name, repo);
         Ok(true)
     }
 
@@ -439,6 +440,7 @@ impl Services {
         }
         self.commit(w, size, up, d).await?;
         self.store().link_blob(&up.name, repo, d)?;
+        self.mirror.catalog.add(&up.name, repo);
         lead.tx.send_modify(|f| f.committed = true);
         Ok(())
     }

@@ -100,7 +100,7 @@ impl Services {
         if tags.is_empty() && !self.store().repo_exists(ns, repo)? {
             return Err(ServiceError::NameUnknown(repo.into()));
         }
-        Ok(paginate(tags, n, last))
+        Ok(paginate(&tags, n, last))
     }
 
     /// Stores a pushed manifest after checking that everything it references is in the
@@ -139,6 +139,7 @@ impl Services {
             "mediaType": parsed.media_type, "digest": digest.to_string(), "size": body.len(),
             "artifactType": parsed.artifact_type, "annotations": parsed.annotations,
         });
+        let listed = repo.to_string();
         let (repo, d, subject) = (repo.to_string(), digest.clone(), parsed.subject.clone());
         let tag = match reference {
             Reference::Tag(t) => Some(t.clone()),
@@ -169,6 +170,7 @@ impl Services {
             })
         })
         .await?;
+        self.mirror.catalog.add(&self.hosted()?.prefix, &listed);
         self.metrics().store_bytes.set(self.store().size() as i64);
         Ok((digest, subject))
     }
@@ -262,6 +264,7 @@ impl Services {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(60), done).await;
         }
         let ns = self.hosted()?.prefix.clone();
+        let (prefix, repo_name) = (ns.clone(), repo);
         let (repo, d, from_ns, from_repo) = (
             repo.to_string(),
             d.clone(),
@@ -281,22 +284,11 @@ impl Services {
             })
         })
         .await
-    }
-
-    /// `_catalog`: hosted repositories and cached (non-private) upstream repositories,
-    /// as `<prefix>/<repo>`.
-    pub fn catalog(&self, n: Option<usize>, last: Option<&str>) -> Result<Page, ServiceError> {
-        let store = self.store();
-        let mut names = Vec::new();
-        for ns in store.list_namespaces()? {
-            for repo in store.list_repos(&ns)? {
-                if !store.is_private(&ns, &repo)? {
-                    names.push(format!("{ns}/{repo}"));
-                }
+        .inspect(|linked| {
+            if *linked {
+                self.mirror.catalog.add(&prefix, repo_name);
             }
-        }
-        names.sort();
-        Ok(paginate(names, n, last))
+        })
     }
 }
 

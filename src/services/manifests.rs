@@ -386,6 +386,7 @@ impl Services {
         reference: &Reference,
         f: &Fetched,
     ) -> Result<(), ServiceError> {
+        let listed = repo;
         let (ns, repo) = (up.name.clone(), repo.to_string());
         let (d, bytes) = (f.digest.clone(), f.bytes.clone());
         let link = ManifestLink {
@@ -414,6 +415,9 @@ impl Services {
             Ok(())
         })
         .await?;
+        if !self.store().is_private(&up.name, listed)? {
+            self.mirror.catalog.add(&up.name, listed);
+        }
         self.metrics().store_bytes.set(self.store().size() as i64);
         Ok(())
     }

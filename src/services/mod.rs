@@ -6,6 +6,7 @@
 
 pub mod access;
 mod blobs;
+mod catalog;
 mod flight;
 pub mod gc;
 mod hosted;
@@ -190,6 +191,8 @@ pub struct Mirror {
     readers: Arc<dashmap::DashMap<Digest, usize>>,
     blob_flights: Arc<flight::Flights<Digest, blobs::Fill>>,
     manifest_flights: Arc<flight::Flights<String, manifests::Pending>>,
+    /// `_catalog`'s listing.
+    catalog: catalog::Catalog,
     /// Blobs an upstream said it does not have, per upstream, credential and repository.
     missing: memo::Memo,
     /// Blobs an upstream sent corrupt, per upstream.
@@ -206,6 +209,7 @@ impl Mirror {
             readers: Default::default(),
             blob_flights: Arc::default(),
             manifest_flights: Arc::default(),
+            catalog: catalog::Catalog::default(),
             missing: memo::Memo::new(std::time::Duration::from_secs(5)),
             corrupt: memo::Memo::new(std::time::Duration::from_secs(60)),
         }

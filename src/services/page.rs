@@ -7,17 +7,13 @@ pub struct Page {
     pub next: Option<String>,
 }
 
-/// Items after `last` (exclusive), at most `n` of them.
-pub fn paginate(sorted: Vec<String>, n: Option<usize>, last: Option<&str>) -> Page {
+/// Items after `last` (exclusive), at most `n` of them; only the page is copied.
+pub fn paginate(sorted: &[String], n: Option<usize>, last: Option<&str>) -> Page {
     let start = last.map_or(0, |l| sorted.partition_point(|x| x.as_str() <= l));
-    let mut items: Vec<String> = sorted.into_iter().skip(start).collect();
-    let next = match n {
-        Some(n) if items.len() > n => {
-            items.truncate(n);
-            items.last().cloned()
-        }
-        _ => None,
-    };
+    let rest = &sorted[start..];
+    let take = n.map_or(rest.len(), |n| n.min(rest.len()));
+    let items = rest[..take].to_vec();
+    let next = (take < rest.len()).then(|| items.last().cloned()).flatten();
     Page { items, next }
 }
 
@@ -28,14 +24,16 @@ mod tests {
     #[test]
     fn pages() {
         let all: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
-        let p = paginate(all.clone(), Some(2), None);
+        let p = paginate(&all, Some(2), None);
         assert_eq!(
             (p.items, p.next.as_deref()),
             (vec!["a".to_string(), "b".into()], Some("b"))
         );
-        let p = paginate(all.clone(), Some(2), Some("b"));
+        let p = paginate(&all, Some(2), Some("b"));
         assert_eq!((p.items, p.next), (vec!["c".to_string(), "d".into()], None));
-        let p = paginate(all, None, Some("zz"));
+        let p = paginate(&all, None, Some("zz"));
+        assert!(p.items.is_empty());
+        let p = paginate(&all, Some(0), None);
         assert!(p.items.is_empty());
     }
 }

@@ -65,6 +65,7 @@ impl Services {
                     if private {
                         // The upstream now lets the mirror read it: it is public.
                         self.store().set_private(&up.name, repo, false)?;
+                        self.mirror.catalog.add(&up.name, repo);
                     }
                     return Ok(up.clone());
                 }
@@ -82,6 +83,7 @@ impl Services {
         match self.probe(&mine, repo, probe).await? {
             Probe::Allowed => {
                 self.store().set_private(&up.name, repo, true)?;
+                self.mirror.catalog.remove(&up.name, repo);
                 self.mirror
                     .proofs
                     .insert(proof_key(&c.id(), up, repo), Instant::now());
