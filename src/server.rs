@@ -42,6 +42,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let access = web::Data::new(access);
     let hosted = cfg.hosted.as_ref().map(Hosted::new);
     let mirror = Arc::new(Mirror::new(store.clone(), metrics.clone(), hosted));
+    mirror.refresh_catalog();
     spawn_upload_sweeper(mirror.clone());
     spawn_gc(mirror.clone(), &cfg);
     let shared = ClientShared::new(metrics.clone());

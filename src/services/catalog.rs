@@ -71,6 +71,24 @@ fn walk(store: &Store) -> Result<Vec<String>, StoreError> {
     Ok(names)
 }
 
+impl super::Mirror {
+    /// Walks the store on a blocking thread and replaces the listing (one walk at a time;
+    /// also run at start-up so the first `_catalog` need not wait for it).
+    pub fn refresh_catalog(self: &Arc<Self>) {
+        if self.catalog.walking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mirror = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            match walk(&mirror.store) {
+                Ok(names) => mirror.catalog.replace(names),
+                Err(e) => tracing::warn!(error = %e, "catalog refresh failed"),
+            }
+            mirror.catalog.walking.store(false, Ordering::Release);
+        });
+    }
+}
+
 impl Services {
     /// `_catalog`: hosted repositories and cached (non-private) upstream repositories,
     /// as `<prefix>/<repo>`.
@@ -85,16 +103,7 @@ impl Services {
                 let names = self.blocking(walk).await?;
                 catalog.replace(names);
             }
-            Some(age) if age > REFRESH && !catalog.walking.swap(true, Ordering::AcqRel) => {
-                let mirror = Arc::clone(&self.mirror);
-                tokio::task::spawn_blocking(move || {
-                    match walk(&mirror.store) {
-                        Ok(names) => mirror.catalog.replace(names),
-                        Err(e) => tracing::warn!(error = %e, "catalog refresh failed"),
-                    }
-                    mirror.catalog.walking.store(false, Ordering::Release);
-                });
-            }
+            Some(age) if age > REFRESH => self.mirror.refresh_catalog(),
             Some(_) => {}
         }
         Ok(catalog.page(n, last))
