@@ -18,8 +18,11 @@ const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// figment's message (rendered once, without figment's `default.` profile prefix).
     #[error("config: {0}")]
-    Parse(#[from] Box<figment::Error>),
+    Parse(String),
+    #[error("config file {0}")]
+    File(String),
     #[error("upstream {name:?}: {msg}")]
     Upstream { name: String, msg: String },
     #[error("server: {0}")]
@@ -246,8 +249,12 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let file = match path {
             Some(p) if !p.exists() => {
-                return Err(ConfigError::Server(format!(
-                    "{} does not exist",
+                return Err(ConfigError::File(format!("{} does not exist", p.display())))
+            }
+            Some(p) if p.is_dir() => {
+                return Err(ConfigError::File(format!(
+                    "{} is a directory; give the TOML file (e.g. {}/upstreams.toml)",
+                    p.display(),
                     p.display()
                 )))
             }
@@ -267,7 +274,9 @@ impl Config {
                 .merge(Serialized::default("server.default_upstream", "docker.io")),
         };
         fig = fig.merge(Env::prefixed("ENTREPOT_").split("__"));
-        let cfg: Config = fig.extract().map_err(Box::new)?;
+        let cfg: Config = fig
+            .extract()
+            .map_err(|e| ConfigError::Parse(e.to_string().replace("\"default.", "\"")))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -282,6 +291,20 @@ impl Config {
                 return Err(err(
                     "key must be a valid lowercase repository path component",
                 ));
+            }
+            if up.password.is_some() as u8
+                + up.password_file.is_some() as u8
+                + up.password_env.is_some() as u8
+                > 1
+            {
+                return Err(err(
+                    "give one of password, password_file and password_env, not several",
+                ));
+            }
+            let has_password =
+                up.password.is_some() || up.password_file.is_some() || up.password_env.is_some();
+            if has_password && up.username.is_none() {
+                return Err(err("a password is set but no username"));
             }
             for u in std::iter::once(&up.url).chain(&up.fallback_urls) {
                 let url = url::Url::parse(u).map_err(|e| err(&format!("url {u}: {e}")))?;

@@ -67,6 +67,8 @@ enum Command {
     },
     /// Re-hash every stored object; report (and with --repair remove) bad ones and temp leftovers.
     Verify {
+        /// Remove the bad objects and the temp leftovers found (safe beside a live server:
+        /// upload sessions younger than upload_ttl are never touched).
         #[arg(long)]
         repair: bool,
     },

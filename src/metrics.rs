@@ -223,6 +223,33 @@ impl Metrics {
         })
     }
 
+    /// Creates every series known in advance at zero, so dashboards and alerts see
+    /// `0`, not "no data", before the first event.
+    pub fn init_labels(&self, upstreams: &[&str]) {
+        for up in upstreams {
+            for kind in ["manifest", "blob"] {
+                for result in ["hit", "miss"] {
+                    self.cache.with_label_values(&[up, kind, result]);
+                }
+            }
+            for c in [
+                &self.stale_serves,
+                &self.digest_mismatches,
+                &self.rate_limited,
+                &self.upstream_bytes,
+            ] {
+                c.with_label_values(&[up]);
+            }
+        }
+        for kind in ["manifest", "blob"] {
+            self.coalesced.with_label_values(&[kind]);
+        }
+        for source in ["cache", "upstream"] {
+            self.served_bytes.with_label_values(&[source]);
+        }
+        self.store_errors.with_label_values(&["no_space"]);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         TextEncoder::new()

@@ -21,12 +21,20 @@ use crate::upstream::{ClientShared, Upstream, UpstreamClient};
 const UPLOAD_SWEEP: Duration = Duration::from_secs(60);
 
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let store = Arc::new(Store::open(&cfg.server.storage)?);
+    let storage = &cfg.server.storage;
+    let store = Arc::new(Store::open(storage).with_context(|| {
+        format!(
+            "server.storage {}: cannot use it as the store (it must be a directory, or a path where one can be made)",
+            storage.display()
+        )
+    })?);
     let removed = store.clean_tmp()?;
     if removed > 0 {
         tracing::warn!(removed, "removed temp files left by an earlier process");
     }
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
+    let names: Vec<&str> = cfg.upstreams.keys().map(String::as_str).collect();
+    metrics.init_labels(&names);
     metrics.store_bytes.set(store.size() as i64);
     let limit = cfg.server.max_cache_size.map_or(0, |s| s.as_u64());
     metrics.cache_limit_bytes.set(limit as i64);
@@ -48,14 +56,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let shared = ClientShared::new(metrics.clone());
     let timeout = cfg.server.upstream_timeout;
     let metrics_data = web::Data::from(metrics);
-    tracing::info!(
-        listen = %cfg.server.listen,
-        storage = %store.root().display(),
-        upstreams = ?cfg.upstreams.keys().collect::<Vec<_>>(),
-        default = ?cfg.server.default_upstream,
-        hosted = ?hosted_prefix,
-        "entrepot serving"
-    );
     let separate_metrics = cfg.server.metrics_listen;
     let md = metrics_data.clone();
     let server = HttpServer::new(move || {
@@ -72,10 +72,27 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     // No Nagle: a small answer (a config blob) after its headers must not wait for the
     // client's delayed ACK (40 ms per small blob on a kept-alive connection).
     .tcp_nodelay(true);
-    let server = match &cfg.server.tls {
-        Some(tls) => server.bind_rustls_0_23(cfg.server.listen, tls_config(tls)?)?,
-        None => server.bind(cfg.server.listen)?,
+    let listen = cfg.server.listen;
+    let bound = match &cfg.server.tls {
+        Some(tls) => server.bind_rustls_0_23(listen, tls_config(tls)?),
+        None => server.bind(listen),
     };
+    let server = bound.with_context(|| format!("server.listen {listen}: cannot listen there"))?;
+    if cfg.hosted.is_some() && cfg.auth.push.is_empty() {
+        tracing::warn!(
+            "hosted repositories are on but auth.push names no user: every push will be refused (401); set [auth] htpasswd and push"
+        );
+    }
+    tracing::info!(
+        listen = %listen,
+        tls = cfg.server.tls.is_some(),
+        metrics_listen = ?cfg.server.metrics_listen,
+        storage = %store.root().display(),
+        upstreams = ?cfg.upstreams.keys().collect::<Vec<_>>(),
+        default = ?cfg.server.default_upstream,
+        hosted = ?hosted_prefix,
+        "entrepot serving"
+    );
     match separate_metrics {
         None => server.run().await?,
         Some(addr) => {
@@ -85,7 +102,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
                     .configure(routes::configure_metrics)
             })
             .workers(1)
-            .bind(addr)?
+            .bind(addr)
+            .with_context(|| format!("server.metrics_listen {addr}: cannot listen there"))?
             .run();
             futures_util::future::try_join(server.run(), metrics_server).await?;
         }

@@ -72,11 +72,19 @@ fn eviction_keeps_the_cache_under_its_cap_least_recently_pulled_first() {
         "4 cached + 1 hosted image: {before} bytes"
     );
 
-    let (ok, out) = mirror.cli(&["gc", "--dry-run"]);
-    assert!(ok && out.contains("would evict"), "{out}");
+    let (ok, dry) = mirror.cli(&["gc", "--dry-run"]);
+    assert!(ok && dry.contains("would evict"), "{dry}");
     assert_eq!(mirror.store_bytes(), before, "dry run deletes nothing");
     let (ok, out) = mirror.cli(&["gc"]);
     assert!(ok, "{out}");
+    // The dry run said exactly what the real run did (objects, manifests, tags).
+    let summary = |t: &str| {
+        t.lines()
+            .last()
+            .unwrap_or("")
+            .replace("would evict", "evicted")
+    };
+    assert_eq!(summary(&dry), summary(&out));
     let hosted_bytes = layout.blob(&hosted_layer).len() as u64;
     let cached_after = mirror.store_bytes() - hosted_bytes;
     assert!(
@@ -242,6 +250,12 @@ fn export_then_import_serves_images_with_the_upstreams_unreachable() {
         offline.store_files(&victim).is_empty(),
         "tampered blob not stored"
     );
+    // Nothing points at refused content: the image's tag and manifest are not served.
+    let r = get(&format!(
+        "{}/v2/docker.io/tools/single/manifests/2",
+        offline.url()
+    ));
+    assert_ne!(r.status, 200, "a tag of an image with a refused layer");
     let (ok, text) = offline.cli(&["import", &out_s]);
     assert!(ok, "{text}");
 

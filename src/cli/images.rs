@@ -253,6 +253,8 @@ fn with_services<T>(
     })
 }
 
+/// Fetches every image; one that fails is reported (`FAILED <ref>: why`) and the others
+/// go on. Errors only when any failed, after all were tried.
 async fn fetch_all(
     cfg: &Config,
     svc: &Services,
@@ -260,26 +262,66 @@ async fn fetch_all(
     progress: &mut Progress,
 ) -> anyhow::Result<Vec<Fetched>> {
     let router = router(cfg)?;
-    let mut out = Vec::new();
+    let (mut out, mut failed) = (Vec::new(), 0);
     for image in args.references()? {
-        let (name, reference) = split_reference(&image)?;
-        let target = router.resolve(&name, None)?;
-        let src = Source {
+        match fetch_one(
+            cfg,
             svc,
-            target: &target,
-        };
-        let mut img = fetch_image(&src, &reference, args.platform.as_deref(), progress)
-            .await
-            .with_context(|| image.clone())?;
-        let ns = target.namespace(cfg.hosted.as_ref().map_or("", |h| h.prefix.as_str()));
-        img.top.reference = match &reference {
-            Reference::Tag(t) => format!("{ns}/{}:{t}", target.repo()),
-            // The exported object (a trimmed index has a digest of its own).
-            Reference::Digest(_) => format!("{ns}/{}@{}", target.repo(), img.top.digest),
-        };
-        out.push(img);
+            &router,
+            &image,
+            args.platform.as_deref(),
+            progress,
+        )
+        .await
+        {
+            Ok(img) => out.push(img),
+            Err(e) => {
+                failed += 1;
+                println!("FAILED {image}: {e:#}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} images failed (see FAILED lines)",
+            failed + out.len()
+        );
     }
     Ok(out)
+}
+
+async fn fetch_one(
+    cfg: &Config,
+    svc: &Services,
+    router: &crate::routes::target::Router,
+    image: &str,
+    platform: Option<&str>,
+    progress: &mut Progress,
+) -> anyhow::Result<Fetched> {
+    let (name, reference) = split_reference(image)?;
+    let first = name.split('/').next().unwrap_or("");
+    let hosted = cfg.hosted.as_ref().map_or("", |h| h.prefix.as_str());
+    if (first.contains('.') || first.contains(':'))
+        && name.contains('/')
+        && !cfg.upstreams.contains_key(first)
+        && first != hosted
+    {
+        let known: Vec<&String> = cfg.upstreams.keys().collect();
+        bail!("registry {first} is not a configured upstream (configured: {known:?}); add [upstreams.\"{first}\"] or use one of those prefixes");
+    }
+    let target = router.resolve(&name, None)?;
+    let src = Source {
+        svc,
+        target: &target,
+    };
+    let mut img = fetch_image(&src, &reference, platform, progress).await?;
+    let ns = target.namespace(hosted);
+    img.top.reference = match &reference {
+        Reference::Tag(t) => format!("{ns}/{}:{t}", target.repo()),
+        // The exported object (a trimmed index has a digest of its own).
+        Reference::Digest(_) => format!("{ns}/{}@{}", target.repo(), img.top.digest),
+    };
+    Ok(img)
 }
 
 /// `entrepot prefetch IMAGE... | --file LIST [--platform os/arch]`.
@@ -335,7 +377,9 @@ pub fn export(cfg: &Config, out: &Path, args: &ImageArgs) -> anyhow::Result<()> 
 /// whether everything was imported.
 pub fn import(cfg: &Config, dir: &Path) -> anyhow::Result<bool> {
     let store = mirror(cfg)?.store.clone();
-    let layout = LayoutReader::open(dir)?;
+    anyhow::ensure!(dir.is_dir(), "import {}: no such directory", dir.display());
+    let layout = LayoutReader::open(dir)
+        .with_context(|| format!("import {}: not an OCI image layout", dir.display()))?;
     let mut progress = Progress::new("import");
     let mut refused = 0;
     let entries = layout.entries()?;
@@ -358,6 +402,13 @@ pub fn import(cfg: &Config, dir: &Path) -> anyhow::Result<bool> {
         };
         imp.manifest(&e.digest, &e.media_type, &mut progress)?;
         refused += imp.refused;
+        if imp.refused > 0 {
+            println!(
+                "NOT imported {}: some of its objects were refused",
+                e.reference
+            );
+            continue;
+        }
         if let Reference::Tag(t) = &reference {
             let rec = TagRecord {
                 digest: e.digest.to_string(),
@@ -413,10 +464,7 @@ impl Importer<'_> {
         if !self.object(d, progress)? {
             return Ok(());
         }
-        let link = ManifestLink {
-            media_type: media_type.to_string(),
-        };
-        self.store.put_manifest_link(self.ns, self.repo, d, &link)?;
+        let refused_before = self.refused;
         let bytes = self.store.read_small(d)?.unwrap_or_default();
         let doc: Value = serde_json::from_slice(&bytes).context("manifest json")?;
         if let Some(ms) = doc["manifests"].as_array() {
@@ -429,13 +477,21 @@ impl Importer<'_> {
                     self.manifest(&child, mt, progress)?;
                 }
             }
-            return Ok(());
-        }
-        for b in children(&doc, None) {
-            let b: Digest = b.parse().map_err(|e| anyhow!("{b}: {e}"))?;
-            if self.object(&b, progress)? {
-                self.store.link_blob(self.ns, self.repo, &b)?;
+        } else {
+            for b in children(&doc, None) {
+                let b: Digest = b.parse().map_err(|e| anyhow!("{b}: {e}"))?;
+                if self.object(&b, progress)? {
+                    self.store.link_blob(self.ns, self.repo, &b)?;
+                }
             }
+        }
+        // Linked only when everything it refers to was imported: nothing may point at
+        // content that was refused.
+        if self.refused == refused_before {
+            let link = ManifestLink {
+                media_type: media_type.to_string(),
+            };
+            self.store.put_manifest_link(self.ns, self.repo, d, &link)?;
         }
         Ok(())
     }

@@ -53,6 +53,18 @@ pub fn hosts(
     style: Style,
     ca: Option<&Path>,
 ) -> anyhow::Result<Vec<PathBuf>> {
+    if let Some(ca) = ca {
+        anyhow::ensure!(
+            ca.is_absolute(),
+            "--ca {}: give the absolute path the nodes will read it at",
+            ca.display()
+        );
+        anyhow::ensure!(
+            ca.is_file(),
+            "--ca {}: no such file (copy the mirror's CA there first)",
+            ca.display()
+        );
+    }
     let base = mirror_url(mirror)?;
     let base = base.as_str().trim_end_matches('/');
     let mut written = Vec::new();

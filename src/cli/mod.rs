@@ -22,8 +22,19 @@ pub use images::{export, import, prefetch, ImageArgs};
 /// Temp files older than this are leftovers, not writes in progress.
 const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// The store of `cfg`, which must exist: a mistyped `server.storage` is an error here, not
+/// a new empty store that reports "0 bad".
 fn mirror(cfg: &Config) -> anyhow::Result<Arc<Mirror>> {
-    let store = Arc::new(Store::open(&cfg.server.storage).context("open store")?);
+    let path = &cfg.server.storage;
+    if !path.join("blobs").is_dir() {
+        anyhow::bail!(
+            "no store at {} (server.storage); is the path right? `entrepot serve` creates it",
+            path.display()
+        );
+    }
+    let store = Arc::new(
+        Store::open(path).with_context(|| format!("open the store at {}", path.display()))?,
+    );
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
     let hosted = cfg.hosted.as_ref().map(Hosted::new);
     Ok(Arc::new(Mirror::new(store, metrics, hosted)))

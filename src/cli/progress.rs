@@ -10,6 +10,8 @@ pub struct Progress {
     what: &'static str,
     items: u64,
     bytes: u64,
+    /// Items already counted (a blob shared by two images counts once).
+    seen: std::collections::HashSet<String>,
 }
 
 impl Progress {
@@ -28,11 +30,15 @@ impl Progress {
             what,
             items: 0,
             bytes: 0,
+            seen: Default::default(),
         }
     }
 
     /// One item done (`name`, `bytes` long).
     pub fn item(&mut self, name: &str, bytes: u64) {
+        if !self.seen.insert(name.to_string()) {
+            return;
+        }
         self.items += 1;
         self.bytes += bytes;
         match &self.bar {

@@ -126,6 +126,13 @@ async fn v2(
     let endpoint = path::parse(tail.strip_prefix('/').unwrap_or(tail))
         .map_err(|e| path_error(e, req.method()))?;
     let need = need(&endpoint, req.method());
+    // What the request was about, for the log and metrics, even if it fails before a
+    // handler says more (405, 416, 401).
+    req.extensions_mut().insert(RequestInfo {
+        upstream: "-".into(),
+        endpoint: endpoint_kind(&endpoint),
+        cache: "-",
+    });
     let challenge = |e: OciError| e.challenged(&token::challenge(&req, &access, need));
     let auth = req
         .headers()
@@ -190,6 +197,18 @@ async fn dispatch(
             "UNSUPPORTED",
             format!("{m} is not supported on this endpoint"),
         )),
+    }
+}
+
+fn endpoint_kind(e: &Endpoint) -> &'static str {
+    match e {
+        Endpoint::Base => "base",
+        Endpoint::Catalog => "catalog",
+        Endpoint::Manifest { .. } => "manifest",
+        Endpoint::Blob { .. } => "blob",
+        Endpoint::TagsList { .. } => "tags",
+        Endpoint::UploadStart { .. } | Endpoint::Upload { .. } => "upload",
+        Endpoint::Referrers { .. } => "referrers",
     }
 }
 

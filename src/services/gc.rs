@@ -81,9 +81,11 @@ impl Mirror {
             report.cached_bytes_after -= b.size;
             report.evicted.push((b.digest, b.size));
         }
-        if !policy.dry_run && !report.evicted.is_empty() {
+        if !report.evicted.is_empty() {
             let gone: HashSet<Digest> = report.evicted.iter().map(|(d, _)| d.clone()).collect();
-            drop_dependents(store, hosted, &pinned, gone, &mut report)?;
+            drop_dependents(store, hosted, &pinned, gone, policy.dry_run, &mut report)?;
+        }
+        if !policy.dry_run && !report.evicted.is_empty() {
             self.metrics.evicted_bytes.inc_by(report.evicted_bytes());
             self.metrics
                 .evicted_objects
@@ -113,13 +115,17 @@ fn pinned(store: &Store, hosted: Option<&str>) -> Result<HashSet<Digest>, StoreE
 
 /// Drops manifests (and then indexes) that reference anything in `gone`, the links to
 /// evicted objects, and tags pointing to dropped manifests, in every upstream namespace.
+/// A dry run counts exactly the same and deletes nothing.
 fn drop_dependents(
     store: &Store,
     hosted: Option<&str>,
     pinned: &HashSet<Digest>,
     mut gone: HashSet<Digest>,
+    dry_run: bool,
     report: &mut GcReport,
 ) -> Result<(), ServiceError> {
+    // Links dropped so far (a dry run still sees them in the store).
+    let mut unlinked: HashSet<(String, String, Digest)> = HashSet::new();
     let namespaces: Vec<String> = store
         .list_namespaces()?
         .into_iter()
@@ -131,6 +137,9 @@ fn drop_dependents(
         for ns in &namespaces {
             for repo in store.list_repos(ns)? {
                 for (d, link) in store.list_manifest_links(ns, &repo)? {
+                    if unlinked.contains(&(ns.clone(), repo.clone(), d.clone())) {
+                        continue;
+                    }
                     let refs_gone = gone.contains(&d)
                         || store.read_small(&d)?.is_some_and(|bytes| {
                             parse_manifest(Some(&link.media_type), &bytes)
@@ -140,7 +149,10 @@ fn drop_dependents(
                                 .unwrap_or(false)
                         });
                     if refs_gone {
-                        store.delete_manifest_link(ns, &repo, &d)?;
+                        if !dry_run {
+                            store.delete_manifest_link(ns, &repo, &d)?;
+                        }
+                        unlinked.insert((ns.clone(), repo.clone(), d.clone()));
                         report.manifests_dropped += 1;
                         dropped.insert(d);
                     }
@@ -151,8 +163,13 @@ fn drop_dependents(
             if pinned.contains(d) {
                 continue;
             }
+            if gone.contains(d) {
+                continue; // evicted already
+            }
             if let Some(size) = store.stat(d)? {
-                store.delete(d)?;
+                if !dry_run {
+                    store.delete(d)?;
+                }
                 report.cached_bytes_after = report.cached_bytes_after.saturating_sub(size);
                 report.evicted.push((d.clone(), size));
             }
@@ -162,7 +179,7 @@ fn drop_dependents(
     for ns in &namespaces {
         for repo in store.list_repos(ns)? {
             for d in store.list_blob_links(ns, &repo)? {
-                if gone.contains(&d) {
+                if gone.contains(&d) && !dry_run {
                     store.unlink_blob(ns, &repo, &d)?;
                 }
             }
@@ -172,7 +189,9 @@ fn drop_dependents(
                     .and_then(|r| r.digest().ok())
                     .is_some_and(|d| gone.contains(&d));
                 if points_gone {
-                    store.delete_tag(ns, &repo, &t)?;
+                    if !dry_run {
+                        store.delete_tag(ns, &repo, &t)?;
+                    }
                     report.tags_dropped += 1;
                 }
             }

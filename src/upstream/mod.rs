@@ -85,8 +85,12 @@ impl Upstream {
     pub fn all_from(cfg: &Config) -> Result<Vec<Arc<Upstream>>, ConfigError> {
         let mut out = Vec::new();
         for (name, up) in &cfg.upstreams {
+            // A URL copied with its API path (`https://r.example/v2/`) would send every
+            // request to `/v2/v2/`: the base is what comes before `/v2`.
             let parse = |u: &str| {
-                url::Url::parse(u.trim_end_matches('/')).map_err(|e| ConfigError::Upstream {
+                let trimmed = u.trim_end_matches('/');
+                let trimmed = trimmed.strip_suffix("/v2").unwrap_or(trimmed);
+                url::Url::parse(trimmed).map_err(|e| ConfigError::Upstream {
                     name: name.clone(),
                     msg: format!("{u}: {e}"),
                 })
