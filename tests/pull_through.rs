@@ -182,7 +182,7 @@ fn token_auth_upstream_with_cached_tokens() {
         &upstream_toml(
             "ghcr.io",
             &up.url(),
-            "username = \"robot\"\npassword_env = \"NOT_SET_USE_PLAIN\"\npassword = \"t0ken-pass\"",
+            "username = \"robot\"\npassword = \"t0ken-pass\"",
         ),
     );
     let issuer = up.token.as_ref().unwrap();

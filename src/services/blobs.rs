@@ -214,7 +214,7 @@ impl Services {
     ) -> Result<bool, ServiceError> {
         self.head_upstream(up, repo, d).await?;
         self.store().link_blob(&up.name, repo, d)?;
-        self.mirror.catalog.add(&up.name, repo);
+        self.mirror.list_repo(&up.name, repo)?;
         Ok(true)
     }
 
@@ -440,7 +440,7 @@ impl Services {
         }
         self.commit(w, size, up, d).await?;
         self.store().link_blob(&up.name, repo, d)?;
-        self.mirror.catalog.add(&up.name, repo);
+        self.mirror.list_repo(&up.name, repo)?;
         lead.tx.send_modify(|f| f.committed = true);
         Ok(())
     }

@@ -18,42 +18,80 @@ const REFRESH: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 pub struct Catalog {
-    /// Sorted `<namespace>/<repo>` names and when the last walk finished (`None`: never).
-    names: RwLock<(Vec<String>, Option<Instant>)>,
+    state: RwLock<State>,
     walking: AtomicBool,
+}
+
+#[derive(Default)]
+struct State {
+    /// Sorted `<namespace>/<repo>` names.
+    names: Vec<String>,
+    /// When the last walk finished (`None`: never).
+    walked: Option<Instant>,
+    /// Changes since the running walk began: applied on top of its result, which may
+    /// have read the store before they happened.
+    since_walk: Vec<(String, bool)>,
 }
 
 impl Catalog {
     /// Records a repository that now exists (idempotent).
     pub fn add(&self, ns: &str, repo: &str) {
-        let name = format!("{ns}/{repo}");
-        let mut g = self.names.write().unwrap_or_else(|e| e.into_inner());
-        if let Err(at) = g.0.binary_search(&name) {
-            g.0.insert(at, name);
-        }
+        self.change(format!("{ns}/{repo}"), true);
     }
 
     pub fn remove(&self, ns: &str, repo: &str) {
-        let name = format!("{ns}/{repo}");
-        let mut g = self.names.write().unwrap_or_else(|e| e.into_inner());
-        if let Ok(at) = g.0.binary_search(&name) {
-            g.0.remove(at);
+        self.change(format!("{ns}/{repo}"), false);
+    }
+
+    fn change(&self, name: String, present: bool) {
+        let mut g = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if self.walking.load(Ordering::Acquire) {
+            g.since_walk.push((name.clone(), present));
         }
+        apply(&mut g.names, name, present);
     }
 
     fn page(&self, n: Option<usize>, last: Option<&str>) -> Page {
-        let g = self.names.read().unwrap_or_else(|e| e.into_inner());
-        paginate(&g.0, n, last)
+        let g = self.state.read().unwrap_or_else(|e| e.into_inner());
+        paginate(&g.names, n, last)
     }
 
     fn age(&self) -> Option<Duration> {
-        let g = self.names.read().unwrap_or_else(|e| e.into_inner());
-        g.1.map(|t| t.elapsed())
+        let g = self.state.read().unwrap_or_else(|e| e.into_inner());
+        g.walked.map(|t| t.elapsed())
     }
 
-    fn replace(&self, names: Vec<String>) {
-        let mut g = self.names.write().unwrap_or_else(|e| e.into_inner());
-        *g = (names, Some(Instant::now()));
+    /// Starts a walk: changes from now on are kept to be replayed over its result.
+    fn begin_walk(&self) -> bool {
+        let mut g = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if self.walking.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        g.since_walk.clear();
+        true
+    }
+
+    /// Ends a walk with its result (`None` if it failed).
+    fn end_walk(&self, walked: Option<Vec<String>>) {
+        let mut g = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut names) = walked {
+            for (name, present) in std::mem::take(&mut g.since_walk) {
+                apply(&mut names, name, present);
+            }
+            g.names = names;
+            g.walked = Some(Instant::now());
+        }
+        self.walking.store(false, Ordering::Release);
+    }
+}
+
+fn apply(names: &mut Vec<String>, name: String, present: bool) {
+    match (names.binary_search(&name), present) {
+        (Err(at), true) => names.insert(at, name),
+        (Ok(at), false) => {
+            names.remove(at);
+        }
+        _ => {}
     }
 }
 
@@ -75,17 +113,24 @@ impl super::Mirror {
     /// Walks the store on a blocking thread and replaces the listing (one walk at a time;
     /// also run at start-up so the first `_catalog` need not wait for it).
     pub fn refresh_catalog(self: &Arc<Self>) {
-        if self.catalog.walking.swap(true, Ordering::AcqRel) {
+        if !self.catalog.begin_walk() {
             return;
         }
         let mirror = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            match walk(&mirror.store) {
-                Ok(names) => mirror.catalog.replace(names),
-                Err(e) => tracing::warn!(error = %e, "catalog refresh failed"),
-            }
-            mirror.catalog.walking.store(false, Ordering::Release);
+            let walked = walk(&mirror.store)
+                .inspect_err(|e| tracing::warn!(error = %e, "catalog refresh failed"))
+                .ok();
+            mirror.catalog.end_walk(walked);
         });
+    }
+
+    /// Lists an upstream repository in `_catalog` unless it is private.
+    pub(super) fn list_repo(&self, ns: &str, repo: &str) -> Result<(), ServiceError> {
+        if !self.store.is_private(ns, repo)? {
+            self.catalog.add(ns, repo);
+        }
+        Ok(())
     }
 }
 
@@ -99,9 +144,20 @@ impl Services {
     ) -> Result<Page, ServiceError> {
         let catalog = &self.mirror.catalog;
         match catalog.age() {
+            None if catalog.begin_walk() => {
+                let walked = self.blocking(walk).await;
+                catalog.end_walk(walked.as_ref().ok().cloned());
+                walked?;
+            }
+            // The start-up walk is running: wait for it (bounded) rather than answer
+            // from a listing that may miss what is on disk.
             None => {
-                let names = self.blocking(walk).await?;
-                catalog.replace(names);
+                for _ in 0..600 {
+                    if catalog.age().is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
             Some(age) if age > REFRESH => self.mirror.refresh_catalog(),
             Some(_) => {}

@@ -415,9 +415,7 @@ impl Services {
             Ok(())
         })
         .await?;
-        if !self.store().is_private(&up.name, listed)? {
-            self.mirror.catalog.add(&up.name, listed);
-        }
+        self.mirror.list_repo(&up.name, listed)?;
         self.metrics().store_bytes.set(self.store().size() as i64);
         Ok(())
     }

@@ -224,6 +224,7 @@ impl Services {
             }
             e => e,
         })?;
+        self.mirror.catalog.add(&self.hosted()?.prefix, repo);
         self.metrics().store_bytes.set(self.store().size() as i64);
         Ok(())
     }
