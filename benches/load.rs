@@ -33,7 +33,10 @@ impl Conn {
     /// One GET; returns (status, seconds).
     fn get(&mut self, path: &str) -> (u16, f64) {
         let start = Instant::now();
-        write!(self.r.get_mut(), "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+        // One write (a `write!` to the socket would be several small ones, and Nagle on
+        // this side would then wait for the server's delayed ACK).
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        self.r.get_mut().write_all(req.as_bytes()).expect("send");
         let mut line = String::new();
         self.r.read_line(&mut line).expect("status");
         let status = line
