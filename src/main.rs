@@ -121,7 +121,22 @@ enum Command {
     },
 }
 
+/// Caps glibc's malloc arenas at two. glibc gives each thread that allocates an arena of
+/// its own (up to 8 per core); with tokio's blocking pool (every store read and fill write
+/// runs there, on threads that come and go) the freed memory stays spread over those
+/// arenas: measured over 3 minutes of mixed load, RSS went 12 -> 26 MiB and stayed there
+/// at idle; capped, 12 -> 17 MiB (and 10% more requests served). Must run before any
+/// thread starts.
+fn cap_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    cap_malloc_arenas();
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_writer(std::io::stderr)
