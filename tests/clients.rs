@@ -84,10 +84,7 @@ impl Images {
 
 /// htpasswd with alice (may push) and bob; returns the `[auth]`+`[hosted]` config lines.
 fn auth_config(tmp: &TempDir) -> String {
-    let file = tmp.path().join("htpasswd");
-    let alice = run(Command::new("htpasswd").args(["-Bbn", "alice", "alice-pw"]));
-    let bob = run(Command::new("htpasswd").args(["-Bbn", "bob", "bob-pw"]));
-    std::fs::write(&file, format!("{}\n{}\n", alice.trim(), bob.trim())).unwrap();
+    let file = htpasswd(tmp.path(), &[("alice", "alice-pw"), ("bob", "bob-pw")]);
     format!(
         "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\nanonymous_pull = true\npush = [\"alice\"]\n",
         file.display()

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 
 use common::*;
 use serde_json::json;
@@ -24,9 +23,7 @@ struct Api {
 impl Api {
     fn start() -> Api {
         let tmp = TempDir::new().unwrap();
-        let file = tmp.path().join("htpasswd");
-        let alice = run(Command::new("htpasswd").args(["-Bbn", "alice", "alice-pw"]));
-        std::fs::write(&file, alice).unwrap();
+        let file = htpasswd(tmp.path(), &[("alice", "alice-pw")]);
         let m = Mirror::start(
             "",
             &format!(

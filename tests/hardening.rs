@@ -282,9 +282,7 @@ fn hosted_blobs_survive_eviction_running_during_mounts() {
     }
     let up = Registry::start(Auth::Anonymous);
     let tmp = tempfile::TempDir::new().unwrap();
-    let file = tmp.path().join("htpasswd");
-    let alice = run(std::process::Command::new("htpasswd").args(["-Bbn", "alice", "pw"]));
-    std::fs::write(&file, alice).unwrap();
+    let file = htpasswd(tmp.path(), &[("alice", "pw")]);
     let mirror = Mirror::start(
         "max_cache_size = \"1KiB\"\ngc_interval = \"1s\"",
         &format!(
@@ -380,14 +378,7 @@ fn upload_sessions_are_capped_and_never_leak() {
         return;
     }
     let tmp = tempfile::TempDir::new().unwrap();
-    let file = tmp.path().join("htpasswd");
-    let mut users = String::new();
-    for u in ["alice", "bob"] {
-        users.push_str(&run(
-            std::process::Command::new("htpasswd").args(["-Bbn", u, "pw"])
-        ));
-    }
-    std::fs::write(&file, users).unwrap();
+    let file = htpasswd(tmp.path(), &[("alice", "pw"), ("bob", "pw")]);
     let mirror = Mirror::start(
         "",
         &format!(
@@ -481,12 +472,7 @@ fn verify_never_touches_live_upload_sessions() {
         return;
     }
     let tmp = tempfile::TempDir::new().unwrap();
-    let file = tmp.path().join("htpasswd");
-    std::fs::write(
-        &file,
-        run(std::process::Command::new("htpasswd").args(["-Bbn", "alice", "pw"])),
-    )
-    .unwrap();
+    let file = htpasswd(tmp.path(), &[("alice", "pw")]);
     let mirror = Mirror::start(
         "",
         &format!(
@@ -763,12 +749,7 @@ fn small_items_content_range_long_names_negative_heads() {
     }
     let up = Registry::start(Auth::Anonymous);
     let tmp = tempfile::TempDir::new().unwrap();
-    let file = tmp.path().join("htpasswd");
-    std::fs::write(
-        &file,
-        run(std::process::Command::new("htpasswd").args(["-Bbn", "alice", "pw"])),
-    )
-    .unwrap();
+    let file = htpasswd(tmp.path(), &[("alice", "pw")]);
     let mirror = Mirror::start(
         "",
         &format!(

@@ -11,10 +11,7 @@ use tempfile::TempDir;
 
 /// A mirror with hosted prefix `local`, users alice (may push) and bob (may not).
 fn hosted_mirror(tmp: &TempDir, upstream_url: &str, anonymous_pull: bool) -> Mirror {
-    let file = tmp.path().join("htpasswd");
-    let alice = run(Command::new("htpasswd").args(["-Bbn", "alice", "alice-pw"]));
-    let bob = run(Command::new("htpasswd").args(["-Bbn", "bob", "bob-pw"]));
-    std::fs::write(&file, format!("{}\n{}\n", alice.trim(), bob.trim())).unwrap();
+    let file = htpasswd(tmp.path(), &[("alice", "alice-pw"), ("bob", "bob-pw")]);
     Mirror::start(
         "",
         &format!(
@@ -498,9 +495,7 @@ fn abandoned_uploads_are_dropped_with_their_bytes() {
     if !require(&["htpasswd"]) {
         return;
     }
-    let file = tmp.path().join("htpasswd");
-    let line = run(Command::new("htpasswd").args(["-Bbn", "alice", "pw"]));
-    std::fs::write(&file, line.trim()).unwrap();
+    let file = htpasswd(tmp.path(), &[("alice", "pw")]);
     let mirror = Mirror::start(
         "",
         &format!(

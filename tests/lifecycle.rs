@@ -30,12 +30,7 @@ fn eviction_keeps_the_cache_under_its_cap_least_recently_pulled_first() {
         digests.push(d);
     }
     let hosted = layout.build("h", &[("hosted.bin", &noise(15 << 20, 60))]);
-    let file = tmp.path().join("htpasswd");
-    std::fs::write(
-        &file,
-        run(Command::new("htpasswd").args(["-Bbn", "alice", "pw"])).trim(),
-    )
-    .unwrap();
+    let file = htpasswd(tmp.path(), &[("alice", "pw")]);
     let mirror = Mirror::start(
         "max_cache_size = \"50MiB\"\ngc_interval = \"1h\"",
         &format!(
@@ -285,9 +280,7 @@ fn export_of_hosted_images_and_of_one_platform() {
     let layout = Layout::new(tmp.path());
     let (index, amd) = layout.multiarch(150_000, 85);
     layout.push("multi", &format!("{}/library/multi:1", up.host()), None);
-    let file = tmp.path().join("htpasswd");
-    let alice = run(Command::new("htpasswd").args(["-Bbn", "alice", "pw"]));
-    std::fs::write(&file, alice).unwrap();
+    let file = htpasswd(tmp.path(), &[("alice", "pw")]);
     let mirror = Mirror::start(
         "",
         &format!(

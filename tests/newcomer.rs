@@ -206,12 +206,7 @@ fn logs_are_bounded_and_metrics_exist_from_the_start() {
         return;
     }
     let tmp = TempDir::new().unwrap();
-    let file = tmp.path().join("htpasswd");
-    std::fs::write(
-        &file,
-        run(Command::new("htpasswd").args(["-Bbn", "a", "a"])),
-    )
-    .unwrap();
+    let file = htpasswd(tmp.path(), &[("a", "a")]);
     let mirror = Mirror::start(
         "",
         &format!(

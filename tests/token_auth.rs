@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -16,9 +15,7 @@ use tempfile::TempDir;
 fn mirror(tmp: &TempDir, server: &str, auth: &str) -> Mirror {
     let file = tmp.path().join("htpasswd");
     if !file.exists() {
-        let alice = run(Command::new("htpasswd").args(["-Bbn", "alice", "alice-pw"]));
-        let bob = run(Command::new("htpasswd").args(["-Bbn", "bob", "bob-pw"]));
-        std::fs::write(&file, format!("{}\n{}\n", alice.trim(), bob.trim())).unwrap();
+        htpasswd(tmp.path(), &[("alice", "alice-pw"), ("bob", "bob-pw")]);
     }
     Mirror::start(
         server,

@@ -450,15 +450,7 @@ impl UpstreamClient {
         };
         let auth = self.auth_header(up, &who, false).await?;
         let resp = self.send_following(up, base, req, &url, auth).await?;
-        if resp.status() != StatusCode::UNAUTHORIZED {
-            return Ok(resp);
-        }
-        let Some(challenge) = resp
-            .headers()
-            .get(header::WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_challenge)
-        else {
+        let Some(challenge) = challenge_of(&resp) else {
             return Ok(resp);
         };
         self.tokens.put_challenge(&who.site, challenge);
@@ -620,15 +612,7 @@ impl UpstreamClient {
         let resp = self
             .send_once(up, req, url, bearer.as_deref(), Some(addr))
             .await?;
-        if resp.status() != StatusCode::UNAUTHORIZED {
-            return Ok(resp);
-        }
-        let Some(Challenge::Bearer { realm, service, .. }) = resp
-            .headers()
-            .get(header::WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_challenge)
-        else {
+        let Some(Challenge::Bearer { realm, service, .. }) = challenge_of(&resp) else {
             return Ok(resp);
         };
         let token = self
@@ -780,6 +764,17 @@ impl<'a> Who<'a> {
             basic: None,
         }
     }
+}
+
+/// The challenge of a `401` answer (none for any other status, or without a readable one).
+fn challenge_of(resp: &ClientResponse) -> Option<Challenge> {
+    if resp.status() != StatusCode::UNAUTHORIZED {
+        return None;
+    }
+    resp.headers()
+        .get(header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_challenge)
 }
 
 fn rate_limited(up: &Upstream, retry_after: Duration) -> UpstreamError {

@@ -153,6 +153,18 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Writes an htpasswd file (bcrypt, `htpasswd -B`) with `users` into `dir`; its path.
+pub fn htpasswd(dir: &Path, users: &[(&str, &str)]) -> std::path::PathBuf {
+    let mut text = String::new();
+    for (u, p) in users {
+        text.push_str(run(Command::new("htpasswd").args(["-Bbn", u, p])).trim());
+        text.push('\n');
+    }
+    let file = dir.join("htpasswd");
+    std::fs::write(&file, text).expect("write htpasswd");
+    file
+}
+
 /// An `Authorization: Basic` value.
 pub fn basic(user: &str, pass: &str) -> String {
     use base64::Engine as _;
