@@ -78,7 +78,7 @@ fn rss_mib(pid: u32) -> f64 {
 }
 
 fn main() {
-    if !require(&["docker-registry", "skopeo", "umoci"]) {
+    if !require(&["docker-registry", "skopeo", "umoci", "htpasswd"]) {
         return;
     }
     let up = Registry::start(Auth::Anonymous);
@@ -164,6 +164,56 @@ fn main() {
     println!(
         "| cached-manifest p99, alone / with two _catalog loopers | {quiet:.2} / {busy:.2} ms ({:.2}x) |",
         busy / quiet
+    );
+
+    // 3. Anonymous pulls during a flood of wrong passwords (bcrypt cost 10, a new user
+    //    name each time so no throttle or cache helps the server).
+    let auth_dir = tempfile::TempDir::new().expect("tmp");
+    let file = {
+        let out = std::process::Command::new("htpasswd")
+            .args(["-Bbn", "-C", "10", "alice", "right"])
+            .output()
+            .expect("htpasswd");
+        let f = auth_dir.path().join("htpasswd");
+        std::fs::write(&f, out.stdout).expect("write");
+        f
+    };
+    let guarded = Mirror::start(
+        "",
+        &format!(
+            "[auth]\nhtpasswd = \"{}\"\n[upstreams.\"docker.io\"]\nurl = \"{}\"\ntag_ttl = \"1h\"\n",
+            file.display(),
+            up.url()
+        ),
+    );
+    let mut g = Conn::open(guarded.port);
+    g.get(&man);
+    let calm = manifest_p99(&mut g);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (0..16)
+        .map(|t| {
+            let (stop, port) = (stop.clone(), guarded.port);
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let auth = basic(&format!("user{t}x{n}"), "wrong");
+                    let _ = http(
+                        "GET",
+                        &format!("http://127.0.0.1:{port}/v2/"),
+                        &[("Authorization", &auth)],
+                    );
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let flooded = manifest_p99(&mut g);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let attempts: u64 = flooders.into_iter().map(|f| f.join().unwrap_or(0)).sum();
+    println!(
+        "| anonymous cached-manifest p99, calm / during a wrong-password flood ({attempts} attempts) | {calm:.2} / {flooded:.2} ms |"
     );
 
     // 4. RSS over a mixed load (8 clients: manifests, small blobs, the layer, 404s, catalog).
