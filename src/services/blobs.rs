@@ -23,7 +23,7 @@ use crate::upstream::{UpRequest, Upstream};
 const WRITE_BATCH: usize = 512 * 1024;
 
 /// The key of "this upstream (with these credentials) has no `d` in `repo`".
-fn missing_key(up: &Upstream, repo: &str, d: &Digest) -> String {
+pub(super) fn missing_key(up: &Upstream, repo: &str, d: &Digest) -> String {
     format!(
         "{}\n{}\n{repo}\n{d}",
         up.name,

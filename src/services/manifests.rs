@@ -92,6 +92,35 @@ impl Services {
             .cache
             .with_label_values(&[&up.name, "manifest", "miss"])
             .inc();
+        // A digest the upstream just said it does not have (a digest never changes its
+        // mind; a tag may, so tags are always asked).
+        let missing = match reference {
+            Reference::Digest(d) => Some(super::blobs::missing_key(up, repo, d)),
+            Reference::Tag(_) => None,
+        };
+        if missing
+            .as_deref()
+            .is_some_and(|k| self.mirror.missing.holds(k))
+        {
+            return Err(ServiceError::ManifestUnknown(reference.to_string()));
+        }
+        let r = self.fetch_uncached(up, repo, reference, head).await;
+        if let (Err(e), Some(k)) = (&r, missing) {
+            if matches!(e.root(), ServiceError::ManifestUnknown(_)) {
+                self.mirror.missing.remember(k);
+            }
+        }
+        r
+    }
+
+    /// An upstream HEAD (for a HEAD) or a coalesced GET, stored.
+    async fn fetch_uncached(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &str,
+        reference: &Reference,
+        head: bool,
+    ) -> Result<ManifestReply, ServiceError> {
         if head {
             if let Some(r) = self.head_manifest(up, repo, reference).await? {
                 return Ok(r);
