@@ -118,7 +118,6 @@ impl Services {
         method: &Method,
         caller: &Caller,
     ) -> Result<BlobReply, ServiceError> {
-        up.filter.check(repo).map_err(ServiceError::Denied)?;
         let up = &self
             .upstream_for(up, repo, caller, &format!("blobs/{d}"))
             .await?;

@@ -62,7 +62,6 @@ impl Services {
         method: &Method,
         caller: &Caller,
     ) -> Result<ManifestReply, ServiceError> {
-        up.filter.check(repo).map_err(ServiceError::Denied)?;
         let up = &self
             .upstream_for(up, repo, caller, &format!("manifests/{reference}"))
             .await?;

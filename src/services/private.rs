@@ -29,9 +29,10 @@ enum Probe {
 }
 
 impl Services {
-    /// The upstream (with the right credentials) to use for `repo` on behalf of `caller`,
-    /// or `Unauthorized` if the caller may not read it. `probe` is the request's own
-    /// endpoint (e.g. `manifests/1`), asked with HEAD.
+    /// The upstream (with the right credentials) to use for `repo` on behalf of `caller`:
+    /// `Denied` if the upstream's allow/deny filters exclude the repository (nothing is
+    /// asked upstream), `Unauthorized` if the caller may not read it. `probe` is the
+    /// request's own endpoint (e.g. `manifests/1`), asked with HEAD.
     pub(super) async fn upstream_for(
         &self,
         up: &Arc<Upstream>,
@@ -39,6 +40,7 @@ impl Services {
         caller: &Caller,
         probe: &str,
     ) -> Result<Arc<Upstream>, ServiceError> {
+        up.filter.check(repo).map_err(ServiceError::Denied)?;
         let client = match caller {
             // Only where the upstream's configuration lets client credentials through.
             Caller::Foreign { user, pass } if up.client_credentials => Some(Creds {
