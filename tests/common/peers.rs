@@ -242,7 +242,22 @@ impl Mirror {
             .env("RUST_LOG", "info")
             .env_remove("ENTREPOT_SERVER__LISTEN");
         self.proc = Some(Proc::spawn("entrepot", cmd, &self.log));
-        wait_port(self.port);
+        // Fail with the mirror's own words if it exits or never listens.
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            let exited = self
+                .proc
+                .as_mut()
+                .and_then(|p| p.child.try_wait().ok().flatten());
+            if exited.is_some() || start.elapsed() > Duration::from_secs(20) {
+                panic!(
+                    "entrepot did not start listening on {} ({exited:?}):\n{}",
+                    self.port,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn stop(&mut self) {
