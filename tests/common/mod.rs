@@ -7,6 +7,7 @@
 
 pub mod clients;
 pub mod fake;
+pub mod garage;
 pub mod image;
 pub mod passthrough;
 pub mod peers;
