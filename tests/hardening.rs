@@ -16,6 +16,21 @@ fn anonymous_upstream_mirror(up: &Registry, extra: &str) -> Mirror {
     )
 }
 
+/// A mirror of `up` as docker.io with a hosted prefix `local` that alice (password `pw`)
+/// may push to; `server` lines go in `[server]`.
+fn alice_mirror(tmp: &tempfile::TempDir, up: &Registry, server: &str) -> Mirror {
+    let file = htpasswd(tmp.path(), &[("alice", "pw")]);
+    Mirror::start(
+        server,
+        &format!(
+            "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\npush = [\"alice\"]\n\
+             [upstreams.\"docker.io\"]\nurl = \"{}\"\n",
+            file.display(),
+            up.url()
+        ),
+    )
+}
+
 /// Reads an HTTP response's head from a raw socket: (status, Content-Length).
 fn read_head(s: &mut TcpStream) -> (u16, u64, Vec<u8>) {
     let mut buf = Vec::new();
@@ -282,16 +297,7 @@ fn hosted_blobs_survive_eviction_running_during_mounts() {
     }
     let up = Registry::start(Auth::Anonymous);
     let tmp = tempfile::TempDir::new().unwrap();
-    let file = htpasswd(tmp.path(), &[("alice", "pw")]);
-    let mirror = Mirror::start(
-        "max_cache_size = \"1KiB\"\ngc_interval = \"1s\"",
-        &format!(
-            "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\npush = [\"alice\"]\n\
-             [upstreams.\"docker.io\"]\nurl = \"{}\"\n",
-            file.display(),
-            up.url()
-        ),
-    );
+    let mirror = alice_mirror(&tmp, &up, "max_cache_size = \"1KiB\"\ngc_interval = \"1s\"");
     let m = mirror.url();
     let auth = basic("alice", "pw");
     // Per round: 30 blobs to mount, each cached just before, and 10 never mounted.
@@ -755,16 +761,7 @@ fn small_items_content_range_long_names_negative_heads() {
     }
     let up = Registry::start(Auth::Anonymous);
     let tmp = tempfile::TempDir::new().unwrap();
-    let file = htpasswd(tmp.path(), &[("alice", "pw")]);
-    let mirror = Mirror::start(
-        "",
-        &format!(
-            "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\npush = [\"alice\"]\n\
-             [upstreams.\"docker.io\"]\nurl = \"{}\"\n",
-            file.display(),
-            up.url()
-        ),
-    );
+    let mirror = alice_mirror(&tmp, &up, "");
     let m = mirror.url();
     let alice = basic("alice", "pw");
     let auth = [("Authorization", alice.as_str())];
