@@ -31,6 +31,11 @@ pub(super) fn missing_key(up: &Upstream, repo: &str, d: &Digest) -> String {
     )
 }
 
+/// The key of "this upstream sent corrupt bytes for `d`" (any repository, any credential).
+fn corrupt_key(up: &Upstream, d: &Digest) -> String {
+    format!("{}\n{d}", up.name)
+}
+
 /// How often a request re-joins after fills led through other repositories failed.
 const MAX_REJOINS: usize = 4;
 
@@ -137,7 +142,7 @@ impl Services {
         if self.mirror.missing.holds(&missing) {
             return Err(ServiceError::BlobUnknown(d.to_string()));
         }
-        let corrupt = format!("{}\n{d}", up.name);
+        let corrupt = corrupt_key(up, d);
         if self.mirror.corrupt.holds(&corrupt) {
             self.metrics()
                 .digest_mismatches
@@ -523,7 +528,7 @@ impl Services {
                     .with_label_values(&[&up.name])
                     .inc();
                 tracing::error!(upstream = %up.name, %expected, %actual, "upstream sent a corrupt blob; not stored");
-                self.mirror.corrupt.remember(format!("{}\n{d}", up.name));
+                self.mirror.corrupt.remember(corrupt_key(up, d));
                 Err(ServiceError::DigestMismatch {
                     upstream: up.name.clone(),
                     expected: expected.to_string(),
