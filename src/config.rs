@@ -162,6 +162,103 @@ pub struct ServerConfig {
     /// The URL clients reach the mirror at (e.g. behind a load balancer): the token realm
     /// is built from it. None: from the request (`Host`, `X-Forwarded-Proto`/`-Host`).
     pub external_url: Option<String>,
+    /// Keep blobs and metadata in an S3-API bucket shared by replicas; `storage` is then
+    /// this replica's local disk tier.
+    pub s3: Option<S3Config>,
+}
+
+/// `[server.s3]`: the shared object store (AWS S3, MinIO, Ceph RGW, Garage).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// `http(s)://host:port`; none for AWS. When set, requests are path-style.
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// None: `AWS_ACCESS_KEY_ID` (and the secret from `AWS_SECRET_ACCESS_KEY`).
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub secret_access_key_file: Option<PathBuf>,
+    pub secret_access_key_env: Option<String>,
+    /// Key prefix inside the bucket (e.g. `mirror/`).
+    #[serde(default)]
+    pub prefix: String,
+    /// Cap on the local disk tier (least recently used blobs leave it first).
+    #[serde(default = "default_local_cache")]
+    pub local_cache_size: bytesize::ByteSize,
+    /// Whether this process runs eviction on the bucket (one replica at a time).
+    #[serde(default = "default_true")]
+    pub gc: bool,
+    /// Whole-request timeout of one S3 request (a part or a small object).
+    #[serde(default = "default_s3_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+fn default_local_cache() -> bytesize::ByteSize {
+    bytesize::ByteSize::gib(10)
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_s3_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl S3Config {
+    /// The secret from `secret_access_key`, `_file` or `_env`; none: the AWS env vars.
+    pub fn resolve_secret(&self) -> Result<Option<String>, ConfigError> {
+        let err = |m: String| ConfigError::Server(format!("server.s3.{m}"));
+        if let Some(s) = &self.secret_access_key {
+            return Ok(Some(s.clone()));
+        }
+        if let Some(f) = &self.secret_access_key_file {
+            let s = std::fs::read_to_string(f)
+                .map_err(|e| err(format!("secret_access_key_file {}: {e}", f.display())))?;
+            return Ok(Some(s.trim_end_matches(['\r', '\n']).to_string()));
+        }
+        if let Some(v) = &self.secret_access_key_env {
+            let s = std::env::var(v)
+                .map_err(|_| err(format!("secret_access_key_env {v} is not set")))?;
+            return Ok(Some(s));
+        }
+        Ok(None)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: &str| Err(ConfigError::Server(format!("server.s3: {m}")));
+        let sources = self.secret_access_key.is_some() as u8
+            + self.secret_access_key_file.is_some() as u8
+            + self.secret_access_key_env.is_some() as u8;
+        if sources > 1 {
+            return err(
+                "give one of secret_access_key, secret_access_key_file and secret_access_key_env",
+            );
+        }
+        if self.bucket.is_empty() {
+            return err("bucket is empty");
+        }
+        if let Some(e) = &self.endpoint {
+            match url::Url::parse(e) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => {
+                    return err(&format!(
+                        "endpoint {e:?} must be an http:// or https:// URL"
+                    ))
+                }
+            }
+        }
+        if !self.prefix.is_empty() && !self.prefix.ends_with('/') {
+            return err("prefix must end with '/'");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -186,6 +283,7 @@ impl Default for ServerConfig {
             metrics_listen: None,
             tls: None,
             external_url: None,
+            s3: None,
         }
     }
 }
@@ -336,6 +434,9 @@ impl Config {
                     "external_url must be http:// or https://".into(),
                 ));
             }
+        }
+        if let Some(s3) = &self.server.s3 {
+            s3.validate()?;
         }
         if let Some(d) = &self.server.default_upstream {
             if !self.upstreams.contains_key(d) {

@@ -40,6 +40,14 @@ pub struct Metrics {
     pub request_seconds: prometheus::HistogramVec,
     /// Time to an upstream's response headers, by upstream and kind.
     pub upstream_seconds: prometheus::HistogramVec,
+    /// Requests to the S3 bucket by operation and result (ok/not_found/error).
+    pub s3_requests: IntCounterVec,
+    /// S3 request latency by operation (to the response; streamed bodies go on).
+    pub s3_seconds: prometheus::HistogramVec,
+    /// Bytes read from (`in`) and written to (`out`) the bucket.
+    pub s3_bytes: IntCounterVec,
+    /// Bucket objects whose bytes did not match their digest (deleted, fetched again).
+    pub bucket_corrupt: prometheus::IntCounter,
 }
 
 fn counter(
@@ -198,6 +206,29 @@ impl Metrics {
                 "Time to an upstream's response headers",
                 &["upstream", "kind"],
             )?,
+            s3_requests: counter(
+                r,
+                "entrepot_s3_requests_total",
+                "Requests to the S3 bucket",
+                &["op", "result"],
+            )?,
+            s3_seconds: histogram(
+                r,
+                "entrepot_s3_request_duration_seconds",
+                "Time to an S3 response",
+                &["op"],
+            )?,
+            s3_bytes: counter(
+                r,
+                "entrepot_s3_bytes_total",
+                "Bytes read from (in) and written to (out) the S3 bucket",
+                &["direction"],
+            )?,
+            bucket_corrupt: plain_counter(
+                r,
+                "entrepot_s3_corrupt_objects_total",
+                "Bucket objects whose bytes did not match their digest",
+            )?,
             store_errors: counter(
                 r,
                 "entrepot_store_write_errors_total",
@@ -248,6 +279,9 @@ impl Metrics {
             self.served_bytes.with_label_values(&[source]);
         }
         self.store_errors.with_label_values(&["no_space"]);
+        for d in ["in", "out"] {
+            self.s3_bytes.with_label_values(&[d]);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

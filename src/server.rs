@@ -14,25 +14,42 @@ use crate::routes::{self, target::Router};
 use crate::services::access::Access;
 use crate::services::gc::GcPolicy;
 use crate::services::{Hosted, Mirror, Services};
-use crate::store::Store;
+use crate::store::{Bucket, Store};
 use crate::upstream::{ClientShared, Upstream, UpstreamClient};
 
 /// Abandoned uploads are looked for at least this often (and twice per `upload_ttl`).
 const UPLOAD_SWEEP: Duration = Duration::from_secs(60);
+/// With a bucket: how often uses are written to it and the local tier is trimmed.
+const USES_EVERY: Duration = Duration::from_secs(30);
 
-pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+/// The store of `cfg`: the directory `server.storage`, as the local tier of the bucket
+/// `[server.s3]` when there is one (reached once here, so a wrong endpoint, bucket or key
+/// stops the start with a clear message).
+pub async fn open_store(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Store> {
     let storage = &cfg.server.storage;
-    let store = Arc::new(Store::open(storage).with_context(|| {
+    let local = || {
         format!(
             "server.storage {}: cannot use it as the store (it must be a directory, or a path where one can be made)",
             storage.display()
         )
-    })?);
+    };
+    let Some(s3) = &cfg.server.s3 else {
+        return Store::open(storage).with_context(local);
+    };
+    let bucket = Bucket::new(s3, metrics)?;
+    let name = bucket.name.clone();
+    Store::open_shared(storage, bucket, s3.local_cache_size.as_u64())
+        .await
+        .with_context(|| format!("server.s3: cannot use {name}"))
+}
+
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
+    let store = Arc::new(open_store(&cfg, metrics.clone()).await?);
     let removed = store.clean_tmp()?;
     if removed > 0 {
         tracing::warn!(removed, "removed temp files left by an earlier process");
     }
-    let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
     let names: Vec<&str> = cfg.upstreams.keys().map(String::as_str).collect();
     metrics.init_labels(&names);
     metrics.store_bytes.set(store.size() as i64);
@@ -53,6 +70,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     mirror.refresh_catalog();
     spawn_upload_sweeper(mirror.clone());
     spawn_gc(mirror.clone(), &cfg);
+    spawn_local_tier(mirror.clone());
     let shared = ClientShared::new(metrics.clone());
     let timeout = cfg.server.upstream_timeout;
     let metrics_data = web::Data::from(metrics);
@@ -131,7 +149,17 @@ fn spawn_gc(mirror: Arc<Mirror>, cfg: &Config) {
         max_cache_size: cfg.server.max_cache_size.map(|s| s.as_u64()),
         max_age: cfg.server.max_age,
         dry_run: false,
+        // With a bucket, uses from other replicas arrive in batches: what any of them
+        // may be serving now is kept.
+        keep_recent: if cfg.server.s3.is_some() {
+            cfg.server.gc_interval.max(USES_EVERY * 2)
+        } else {
+            Duration::ZERO
+        },
     };
+    if cfg.server.s3.as_ref().is_some_and(|s| !s.gc) {
+        return;
+    }
     if policy.max_cache_size.is_none() && policy.max_age.is_none() {
         return;
     }
@@ -141,16 +169,40 @@ fn spawn_gc(mirror: Arc<Mirror>, cfg: &Config) {
         loop {
             tick.tick().await;
             let (m, p) = (mirror.clone(), policy.clone());
-            match tokio::task::spawn_blocking(move || m.gc(&p)).await {
-                Ok(Ok(r)) if !r.evicted.is_empty() => tracing::info!(
+            match crate::services::offload(async move { m.gc(&p).await }).await {
+                Ok(r) if !r.evicted.is_empty() => tracing::info!(
                     objects = r.evicted.len(),
                     bytes = r.evicted_bytes(),
                     cached_bytes = r.cached_bytes_after,
                     "evicted"
                 ),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "eviction failed"),
-                Err(e) => tracing::warn!(error = %e, "eviction task failed"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "eviction failed"),
+            }
+        }
+    });
+}
+
+/// With a bucket: writes recorded uses to it and keeps the local tier under its cap.
+fn spawn_local_tier(mirror: Arc<Mirror>) {
+    if !mirror.store.is_shared() {
+        return;
+    }
+    actix_web::rt::spawn(async move {
+        let mut tick = tokio::time::interval(USES_EVERY);
+        loop {
+            tick.tick().await;
+            if let Err(e) = mirror.store.flush_uses().await {
+                tracing::warn!(error = %e, "could not record uses in the bucket");
+            }
+            let store = mirror.store.clone();
+            match crate::services::offload(async move { store.trim_local().await }).await {
+                Ok((0, _)) => {}
+                Ok((bytes, objects)) => {
+                    tracing::info!(bytes, objects, "trimmed the local tier");
+                    mirror.metrics.store_bytes.set(mirror.store.size() as i64);
+                }
+                Err(e) => tracing::warn!(error = %e, "could not trim the local tier"),
             }
         }
     });
@@ -171,9 +223,11 @@ fn spawn_upload_sweeper(mirror: Arc<Mirror>) {
         loop {
             tick.tick().await;
             if let Some(h) = &mirror.hosted {
-                let n = h.uploads.expire();
-                if n > 0 {
-                    tracing::info!(expired = n, "dropped abandoned uploads");
+                let _ = h;
+                match mirror.expire_uploads().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(expired = n, "dropped abandoned uploads"),
+                    Err(e) => tracing::warn!(error = %e, "could not sweep upload sessions"),
                 }
             }
         }

@@ -113,7 +113,7 @@ impl Source<'_> {
                     .blob(upstream, repo, d, None, &Method::GET, &Caller::Anonymous)
                     .await?
             }
-            Target::Hosted { repo } => self.svc.hosted_blob(repo, d, None, false)?,
+            Target::Hosted { repo } => self.svc.hosted_blob(repo, d, None, false).await?,
         };
         let mut n = 0;
         if let Some(mut body) = r.body {
@@ -242,10 +242,10 @@ fn with_services<T>(
     cfg: &Config,
     work: impl AsyncFnOnce(&Services) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    let m = mirror(cfg)?;
     let timeout = cfg.server.upstream_timeout;
     let upstreams = crate::upstream::Upstream::all_from(cfg)?;
     actix_web::rt::System::new().block_on(async move {
+        let m = mirror(cfg).await?;
         let client =
             UpstreamClient::new(&ClientShared::new(m.metrics.clone()), timeout, &upstreams);
         let svc = Services::new(m, client);
@@ -342,13 +342,17 @@ pub fn prefetch(cfg: &Config, args: &ImageArgs) -> anyhow::Result<()> {
 /// `entrepot export --out DIR IMAGE...`: an OCI layout of the images (fetched first if
 /// they are not cached).
 pub fn export(cfg: &Config, out: &Path, args: &ImageArgs) -> anyhow::Result<()> {
-    let images = with_services(cfg, async |svc| {
+    let (images, store) = with_services(cfg, async |svc| {
         let mut progress = Progress::new("fetch");
         let r = fetch_all(cfg, svc, args, &mut progress).await;
         progress.finish();
-        r
+        let images = r?;
+        // With a bucket, what another replica fetched may not be on this disk yet.
+        for d in images.iter().flat_map(|i| &i.objects) {
+            svc.mirror.store.ensure_local(d).await?;
+        }
+        Ok((images, svc.mirror.store.clone()))
     })?;
-    let store = mirror(cfg)?.store.clone();
     let mut layout = LayoutWriter::create(out)?;
     let mut progress = Progress::new("export");
     for img in &images {
@@ -376,7 +380,10 @@ pub fn export(cfg: &Config, out: &Path, args: &ImageArgs) -> anyhow::Result<()> 
 /// unreachable. Objects whose bytes do not match their digest are refused; returns
 /// whether everything was imported.
 pub fn import(cfg: &Config, dir: &Path) -> anyhow::Result<bool> {
-    let store = mirror(cfg)?.store.clone();
+    super::on_runtime(cfg, async |m| import_into(&m.store, dir).await)
+}
+
+async fn import_into(store: &Store, dir: &Path) -> anyhow::Result<bool> {
     anyhow::ensure!(dir.is_dir(), "import {}: no such directory", dir.display());
     let layout = LayoutReader::open(dir)
         .with_context(|| format!("import {}: not an OCI image layout", dir.display()))?;
@@ -394,13 +401,14 @@ pub fn import(cfg: &Config, dir: &Path) -> anyhow::Result<bool> {
             repo.to_string()
         };
         let mut imp = Importer {
-            store: &store,
+            store,
             layout: &layout,
             ns,
             repo: &repo,
             refused: 0,
         };
-        imp.manifest(&e.digest, &e.media_type, &mut progress)?;
+        imp.manifest(&e.digest, &e.media_type, &mut progress)
+            .await?;
         refused += imp.refused;
         if imp.refused > 0 {
             println!(
@@ -416,7 +424,7 @@ pub fn import(cfg: &Config, dir: &Path) -> anyhow::Result<bool> {
                 size: e.size,
                 checked_at: crate::store::now_secs(),
             };
-            store.put_tag(ns, &repo, t, &rec)?;
+            store.put_tag(ns, &repo, t, &rec).await?;
         }
         println!("imported {}", e.reference);
     }
@@ -439,10 +447,10 @@ struct Importer<'a> {
 
 impl Importer<'_> {
     /// Imports one object; false if it is absent or its bytes do not match.
-    fn object(&mut self, d: &Digest, progress: &mut Progress) -> anyhow::Result<bool> {
-        match self.store.import_blob(self.layout, d) {
+    async fn object(&mut self, d: &Digest, progress: &mut Progress) -> anyhow::Result<bool> {
+        match self.store.import_blob(self.layout, d).await {
             Ok(true) => {
-                progress.item(&d.to_string(), self.store.stat(d)?.unwrap_or(0));
+                progress.item(&d.to_string(), self.store.stat(d).await?.unwrap_or(0));
                 Ok(true)
             }
             Ok(false) => Ok(false),
@@ -455,17 +463,17 @@ impl Importer<'_> {
         }
     }
 
-    fn manifest(
+    async fn manifest(
         &mut self,
         d: &Digest,
         media_type: &str,
         progress: &mut Progress,
     ) -> anyhow::Result<()> {
-        if !self.object(d, progress)? {
+        if !self.object(d, progress).await? {
             return Ok(());
         }
         let refused_before = self.refused;
-        let bytes = self.store.read_small(d)?.unwrap_or_default();
+        let bytes = self.store.read_small(d).await?.unwrap_or_default();
         let doc: Value = serde_json::from_slice(&bytes).context("manifest json")?;
         if let Some(ms) = doc["manifests"].as_array() {
             for m in ms {
@@ -474,14 +482,14 @@ impl Importer<'_> {
                     continue;
                 };
                 if let Ok(child) = child.parse() {
-                    self.manifest(&child, mt, progress)?;
+                    Box::pin(self.manifest(&child, mt, progress)).await?;
                 }
             }
         } else {
             for b in children(&doc, None) {
                 let b: Digest = b.parse().map_err(|e| anyhow!("{b}: {e}"))?;
-                if self.object(&b, progress)? {
-                    self.store.link_blob(self.ns, self.repo, &b)?;
+                if self.object(&b, progress).await? {
+                    self.store.link_blob(self.ns, self.repo, &b).await?;
                 }
             }
         }
@@ -491,7 +499,9 @@ impl Importer<'_> {
             let link = ManifestLink {
                 media_type: media_type.to_string(),
             };
-            self.store.put_manifest_link(self.ns, self.repo, d, &link)?;
+            self.store
+                .put_manifest_link(self.ns, self.repo, d, &link)
+                .await?;
         }
         Ok(())
     }

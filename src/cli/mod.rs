@@ -7,8 +7,6 @@ mod progress;
 
 use std::sync::Arc;
 
-use anyhow::Context;
-
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::routes::target::Router;
@@ -24,7 +22,7 @@ const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The store of `cfg`, which must exist: a mistyped `server.storage` is an error here, not
 /// a new empty store that reports "0 bad".
-fn mirror(cfg: &Config) -> anyhow::Result<Arc<Mirror>> {
+async fn mirror(cfg: &Config) -> anyhow::Result<Arc<Mirror>> {
     let path = &cfg.server.storage;
     if !path.join("blobs").is_dir() {
         anyhow::bail!(
@@ -32,12 +30,19 @@ fn mirror(cfg: &Config) -> anyhow::Result<Arc<Mirror>> {
             path.display()
         );
     }
-    let store = Arc::new(
-        Store::open(path).with_context(|| format!("open the store at {}", path.display()))?,
-    );
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
+    let store = Arc::new(crate::server::open_store(cfg, metrics.clone()).await?);
     let hosted = cfg.hosted.as_ref().map(Hosted::new);
     Ok(Arc::new(Mirror::new(store, metrics, hosted)))
+}
+
+/// Runs `work` on an actix runtime (awc and the bucket client need one) with the store
+/// of `cfg`.
+fn on_runtime<T>(
+    cfg: &Config,
+    work: impl AsyncFnOnce(Arc<Mirror>) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    actix_web::rt::System::new().block_on(async move { work(mirror(cfg).await?).await })
 }
 
 fn router(cfg: &Config) -> anyhow::Result<Router> {
@@ -50,17 +55,17 @@ fn router(cfg: &Config) -> anyhow::Result<Router> {
 
 /// `entrepot gc [--dry-run]`.
 pub fn gc(cfg: &Config, dry_run: bool) -> anyhow::Result<()> {
-    let m = mirror(cfg)?;
     let policy = GcPolicy {
         max_cache_size: cfg.server.max_cache_size.map(|s| s.as_u64()),
         max_age: cfg.server.max_age,
         dry_run,
+        keep_recent: std::time::Duration::ZERO,
     };
     if policy.max_cache_size.is_none() && policy.max_age.is_none() {
         println!("no max_cache_size or max_age configured: nothing to evict");
         return Ok(());
     }
-    let r = m.gc(&policy)?;
+    let r = on_runtime(cfg, async |m| Ok(m.gc(&policy).await?))?;
     let verb = if dry_run { "would evict" } else { "evicted" };
     for (d, size) in &r.evicted {
         println!("{verb} {d} ({})", bytesize::ByteSize(*size));
@@ -80,16 +85,18 @@ pub fn gc(cfg: &Config, dry_run: bool) -> anyhow::Result<()> {
 /// `entrepot verify [--repair]`: re-hashes every object. Exits non-zero if anything bad
 /// is left.
 pub fn verify(cfg: &Config, repair: bool) -> anyhow::Result<bool> {
-    let m = mirror(cfg)?;
-    let store = &m.store;
+    on_runtime(cfg, async |m| verify_all(cfg, &m.store, repair).await)
+}
+
+async fn verify_all(cfg: &Config, store: &Store, repair: bool) -> anyhow::Result<bool> {
     let mut progress = progress::Progress::new("verify");
     let mut bad = 0;
-    for b in store.list()? {
-        if let Some(actual) = store.verify(&b.digest)? {
+    for b in store.list().await? {
+        if let Some(actual) = store.verify(&b.digest).await? {
             bad += 1;
             println!("BAD {} (content hashes to {actual})", b.digest);
             if repair {
-                store.delete(&b.digest)?;
+                store.delete(&b.digest).await?;
                 println!("removed {}", b.digest);
             }
         }

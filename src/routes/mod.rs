@@ -180,7 +180,9 @@ async fn dispatch(
         (Endpoint::Blob { name, digest }, Method::GET | Method::HEAD) => {
             pull::blob(ctx, name, digest).await
         }
-        (Endpoint::Blob { name, digest }, Method::DELETE) => push::delete_blob(ctx, name, digest),
+        (Endpoint::Blob { name, digest }, Method::DELETE) => {
+            push::delete_blob(ctx, name, digest).await
+        }
         (Endpoint::TagsList { name }, Method::GET) => pull::tags(ctx, name).await,
         (Endpoint::Referrers { name, digest }, Method::GET) => {
             pull::referrers(ctx, name, digest).await
@@ -191,7 +193,7 @@ async fn dispatch(
             push::upload_patch(ctx, name, id, body).await
         }
         (Endpoint::Upload { name, id }, Method::PUT) => push::upload_put(ctx, name, id, body).await,
-        (Endpoint::Upload { name, id }, Method::DELETE) => push::upload_cancel(ctx, name, id),
+        (Endpoint::Upload { name, id }, Method::DELETE) => push::upload_cancel(ctx, name, id).await,
         (_, m) => Err(OciError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "UNSUPPORTED",

@@ -70,7 +70,8 @@ pub async fn blob(ctx: &Ctx<'_>, name: &str, digest: &Digest) -> Result<HttpResp
         Target::Hosted { repo } => {
             ctx.note(ctx.hosted_prefix(), "blob", Some("hosted"));
             ctx.svc
-                .hosted_blob(&repo, digest, range, ctx.method == Method::HEAD)?
+                .hosted_blob(&repo, digest, range, ctx.method == Method::HEAD)
+                .await?
         }
     };
     Ok(reply::blob(r, &digest.to_string()))
@@ -115,7 +116,7 @@ pub async fn tags(ctx: &Ctx<'_>, name: &str) -> Result<HttpResponse, OciError> {
         }
         Target::Hosted { repo } => {
             ctx.note(ctx.hosted_prefix(), "tags", Some("hosted"));
-            let page = ctx.svc.hosted_tags(&repo, n, last.as_deref())?;
+            let page = ctx.svc.hosted_tags(&repo, n, last.as_deref()).await?;
             Ok(reply::page(
                 json!({"name": name, "tags": page.items}),
                 &page,
@@ -152,7 +153,7 @@ pub async fn referrers(
         }
         Target::Hosted { repo } => {
             ctx.note(ctx.hosted_prefix(), "referrers", Some("hosted"));
-            ctx.svc.referrers(&repo, digest, filter.as_deref())?
+            ctx.svc.referrers(&repo, digest, filter.as_deref()).await?
         }
     };
     let mut resp = HttpResponse::Ok();

@@ -69,7 +69,7 @@ pub async fn upload_start(
     }
     // Checked before a session (and its file) exists, so a bad digest leaks nothing.
     let digest = digest_param(ctx)?;
-    let status = ctx.svc.upload_start(&repo, ctx.caller.name())?;
+    let status = ctx.svc.upload_start(&repo, ctx.caller.name()).await?;
     if let Some(d) = digest {
         ctx.svc.upload_finish(&repo, &status.id, &d, body).await?;
         return Ok(created(name, &d));
@@ -139,9 +139,9 @@ pub async fn upload_put(
     Ok(created(name, &d))
 }
 
-pub fn upload_cancel(ctx: &Ctx<'_>, name: &str, id: &str) -> Result<HttpResponse, OciError> {
+pub async fn upload_cancel(ctx: &Ctx<'_>, name: &str, id: &str) -> Result<HttpResponse, OciError> {
     let repo = hosted_repo(ctx, name)?;
-    ctx.svc.upload_cancel(&repo, id)?;
+    ctx.svc.upload_cancel(&repo, id).await?;
     Ok(HttpResponse::NoContent()
         .insert_header(API_VERSION)
         .finish())
@@ -193,8 +193,12 @@ pub async fn delete_manifest(
     Ok(HttpResponse::Accepted().insert_header(API_VERSION).finish())
 }
 
-pub fn delete_blob(ctx: &Ctx<'_>, name: &str, digest: &Digest) -> Result<HttpResponse, OciError> {
+pub async fn delete_blob(
+    ctx: &Ctx<'_>,
+    name: &str,
+    digest: &Digest,
+) -> Result<HttpResponse, OciError> {
     let repo = hosted_repo(ctx, name)?;
-    ctx.svc.delete_blob(&repo, digest)?;
+    ctx.svc.delete_blob(&repo, digest).await?;
     Ok(HttpResponse::Accepted().insert_header(API_VERSION).finish())
 }

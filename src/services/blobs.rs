@@ -3,12 +3,10 @@
 
 use std::fs::File;
 
-use bytes::Bytes;
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix_web::http::{header, Method};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::flight::{Join, Lead};
@@ -18,9 +16,6 @@ use crate::names::Digest;
 use crate::services::access::Caller;
 use crate::store::{BlobWriter, StoreError};
 use crate::upstream::{UpRequest, Upstream};
-
-/// The fill writes (and wakes its readers) in batches of up to this many bytes.
-const WRITE_BATCH: usize = 512 * 1024;
 
 /// The key of "this upstream (with these credentials) has no `d` in `repo`".
 pub(super) fn missing_key(up: &Upstream, repo: &str, d: &Digest) -> String {
@@ -54,9 +49,6 @@ fn belongs_to_repo(e: &ServiceError) -> bool {
             | ServiceError::Denied(_)
     )
 }
-
-/// A fill whose upstream sends nothing for this long is abandoned.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Progress of one blob download, watched by every request streaming it.
 #[derive(Default)]
@@ -127,14 +119,14 @@ impl Services {
             .upstream_for(up, repo, caller, &format!("blobs/{d}"))
             .await?;
         let head = method == Method::HEAD;
-        if let Some(size) = self.store().stat(d)? {
-            if self.store().blob_linked(&up.name, repo, d)?
+        if let Some(size) = self.store().stat(d).await? {
+            if self.store().blob_linked(&up.name, repo, d).await?
                 || self.confirm_upstream(up, repo, d).await?
             {
                 self.count_cache(up, "hit");
                 // Eviction goes by last use; a failed touch only makes it less precise.
                 let _ = self.store().touch(d);
-                return self.cached(d, size, range, head);
+                return self.stored(d, size, range, head).await;
             }
         }
         self.count_cache(up, "miss");
@@ -217,8 +209,8 @@ impl Services {
         d: &Digest,
     ) -> Result<bool, ServiceError> {
         self.head_upstream(up, repo, d).await?;
-        self.store().link_blob(&up.name, repo, d)?;
-        self.mirror.list_repo(&up.name, repo)?;
+        self.store().link_blob(&up.name, repo, d).await?;
+        self.mirror.list_repo(&up.name, repo).await?;
         Ok(true)
     }
 
@@ -356,7 +348,8 @@ impl Services {
         d: &Digest,
     ) -> Result<(), ServiceError> {
         // A fill that committed between our store lookup and our join: serve its result.
-        if let (Some(size), Some(file)) = (self.store().stat(d)?, self.store().open_blob(d)?) {
+        if let (Some(size), Some(file)) = (self.store().stat(d).await?, self.store().open_blob(d)?)
+        {
             lead.tx.send_modify(|f| {
                 *f = Fill {
                     origin: std::mem::take(&mut f.origin),
@@ -372,9 +365,13 @@ impl Services {
             });
             return Ok(());
         }
+        // Another replica may have filled the bucket since this request looked.
+        if self.store().stat(d).await?.is_some() {
+            return self.copy_from_bucket(lead, d).await;
+        }
         let what = format!("blobs/{d}");
         let req = blob_request(Method::GET, repo, &what, None);
-        let mut resp = self.upstream(up, "blob", req).await?;
+        let resp = self.upstream(up, "blob", req).await?;
         if !resp.status().is_success() {
             return Err(status_error(
                 up,
@@ -384,73 +381,37 @@ impl Services {
             ));
         }
         let size = content_length(resp.headers());
-        let w = match self.store().begin() {
-            Ok(w) => w,
-            Err(StoreError::Io(e)) if no_space(&e) => {
-                self.pass_through(lead, up, d, size, &e);
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
+        let upload = self.store().upload_shared(d).await?;
+        let body = resp.map(|c| c.map_err(|e| e.to_string()));
+        let Some((w, upload)) = self
+            .write_fill(lead, d, body, size, upload, Some(up))
+            .await?
+        else {
+            return Ok(());
         };
-        lead.tx.send_modify(|f| {
-            f.file = Some(w.reader());
-            f.size = size;
-            f.started = true;
-        });
-        let bytes_metric = self.metrics().upstream_bytes.with_label_values(&[&up.name]);
-        // Two stages: this task receives the next batch while a blocking thread hashes and
-        // writes the previous one, so receiving, hashing and writing overlap.
-        let mut ended = false;
-        let mut writing: Option<tokio::task::JoinHandle<(BlobWriter, std::io::Result<u64>)>> = None;
-        let mut w = Some(w);
-        loop {
-            let next = read_batch(&mut resp, &mut ended, up).await?;
-            if let Some(h) = writing.take() {
-                let (back, result) = h
-                    .await
-                    .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
-                match result {
-                    Ok(n) => {
-                        bytes_metric.inc_by(n);
-                        let total = back.written();
-                        lead.tx.send_modify(|f| f.written = total);
-                        w = Some(back);
-                    }
-                    Err(e) if no_space(&e) => {
-                        // Dropping the writer removes the partial file; readers keep their
-                        // handle on the bytes already written and relay the rest.
-                        drop(back);
-                        self.pass_through(lead, up, d, size, &e);
-                        return Ok(());
-                    }
-                    Err(e) => return Err(StoreError::from(e).into()),
-                }
-            }
-            let Some(chunk) = next else { break };
-            let Some(mut writer) = w.take() else { break };
-            writing = Some(tokio::task::spawn_blocking(move || {
-                let r = chunk
-                    .iter()
-                    .try_fold(0, |n, c| writer.write(c).map(|_| n + c.len() as u64));
-                (writer, r)
-            }));
-        }
-        let Some(w) = w else {
-            return Err(ServiceError::Unavailable("fill lost its writer".into()));
-        };
-        // Clients need not wait for the fsync: release them as soon as the bytes check out.
-        if w.digest() == *d && size.is_none_or(|s| s == w.written()) {
+        let verified = w.digest() == *d && size.is_none_or(|s| s == w.written());
+        if verified {
+            // Clients need not wait for the fsync: release them once the bytes check out.
             lead.tx.send_modify(|f| f.verified = true);
         }
+        if let Some(u) = upload {
+            // The shared copy becomes visible only once verified; a mismatch is reported
+            // by the local commit below.
+            if verified {
+                u.complete().await?;
+            } else {
+                u.abort().await;
+            }
+        }
         self.commit(w, size, up, d).await?;
-        self.store().link_blob(&up.name, repo, d)?;
-        self.mirror.list_repo(&up.name, repo)?;
+        self.store().link_blob(&up.name, repo, d).await?;
+        self.mirror.list_repo(&up.name, repo).await?;
         lead.tx.send_modify(|f| f.committed = true);
         Ok(())
     }
 
     /// Gives up caching this blob: the store is full. Clients still get their bytes.
-    fn pass_through(
+    pub(super) fn pass_through(
         &self,
         lead: &Lead<Digest, Fill>,
         up: &Upstream,
@@ -516,8 +477,9 @@ impl Services {
         up: &Upstream,
         d: &Digest,
     ) -> Result<(), ServiceError> {
-        let expected = d.clone();
-        match self.blocking(move |s| s.commit(w, &expected, size)).await {
+        let (expected, store) = (d.clone(), self.mirror.store.clone());
+        let committed = super::offload(async move { store.commit(w, &expected, size) }).await;
+        match committed.map_err(ServiceError::from) {
             Ok(_) => {
                 self.metrics().store_bytes.set(self.store().size() as i64);
                 Ok(())
@@ -547,7 +509,7 @@ impl Services {
 }
 
 /// Waits for a fill's upstream headers (or its failure).
-async fn wait_started(
+pub(super) async fn wait_started(
     rx: &mut watch::Receiver<Fill>,
 ) -> Result<(Option<Arc<File>>, Option<u64>), ServiceError> {
     loop {
@@ -583,56 +545,6 @@ fn blob_request<'a>(
         range_from,
         primary_only: false,
     }
-}
-
-/// The next batch of upstream bytes: at least one chunk (waiting at most the idle
-/// timeout), plus whatever else is already there, up to [`WRITE_BATCH`]. `None` at the end.
-async fn read_batch(
-    resp: &mut awc::ClientResponse,
-    ended: &mut bool,
-    up: &Upstream,
-) -> Result<Option<Vec<Bytes>>, ServiceError> {
-    let upstream_err = |e: String| ServiceError::Unavailable(format!("upstream {}: {e}", up.name));
-    // awc panics if its payload is polled again after its end: `ended` guards that.
-    if *ended {
-        return Ok(None);
-    }
-    let first = match tokio::time::timeout(IDLE_TIMEOUT, resp.next()).await {
-        Err(_) => return Err(upstream_err("stalled".into())),
-        Ok(None) => {
-            *ended = true;
-            return Ok(None);
-        }
-        Ok(Some(Err(e))) => return Err(upstream_err(e.to_string())),
-        Ok(Some(Ok(b))) => b,
-    };
-    // Coalesce what is already there into one write and one wake-up of the readers (the
-    // upstream hands over ~16-64 KiB at a time); never wait for more.
-    let mut len = first.len();
-    let mut batch = vec![first];
-    while len < WRITE_BATCH {
-        match resp.next().now_or_never() {
-            Some(Some(Ok(b))) => {
-                len += b.len();
-                batch.push(b);
-            }
-            Some(Some(Err(e))) => return Err(upstream_err(e.to_string())),
-            Some(None) => {
-                *ended = true;
-                break;
-            }
-            None => break,
-        }
-    }
-    Ok(Some(batch))
-}
-
-/// Whether a write failed because the disk (or quota) is full.
-fn no_space(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-    )
 }
 
 pub(super) fn content_length(h: &actix_web::http::header::HeaderMap) -> Option<u64> {

@@ -95,12 +95,12 @@ fn apply(names: &mut Vec<String>, name: String, present: bool) {
     }
 }
 
-/// Every non-private repository in the store, sorted (a walk: blocking threads only).
-fn walk(store: &Store) -> Result<Vec<String>, StoreError> {
+/// Every non-private repository in the store, sorted (a walk: see [`super::offload`]).
+async fn walk(store: Arc<Store>) -> Result<Vec<String>, StoreError> {
     let mut names = Vec::new();
-    for ns in store.list_namespaces()? {
-        for repo in store.list_repos(&ns)? {
-            if !store.is_private(&ns, &repo)? {
+    for ns in store.list_namespaces().await? {
+        for repo in store.list_repos(&ns).await? {
+            if !store.is_private(&ns, &repo).await? {
                 names.push(format!("{ns}/{repo}"));
             }
         }
@@ -117,8 +117,9 @@ impl super::Mirror {
             return;
         }
         let mirror = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            let walked = walk(&mirror.store)
+        actix_web::rt::spawn(async move {
+            let walked = super::offload(walk(mirror.store.clone()))
+                .await
                 .inspect_err(|e| tracing::warn!(error = %e, "catalog refresh failed"))
                 .ok();
             mirror.catalog.end_walk(walked);
@@ -126,8 +127,8 @@ impl super::Mirror {
     }
 
     /// Lists an upstream repository in `_catalog` unless it is private.
-    pub(super) fn list_repo(&self, ns: &str, repo: &str) -> Result<(), ServiceError> {
-        if !self.store.is_private(ns, repo)? {
+    pub(super) async fn list_repo(&self, ns: &str, repo: &str) -> Result<(), ServiceError> {
+        if !self.store.is_private(ns, repo).await? {
             self.catalog.add(ns, repo);
         }
         Ok(())
@@ -145,7 +146,7 @@ impl Services {
         let catalog = &self.mirror.catalog;
         match catalog.age() {
             None if catalog.begin_walk() => {
-                let walked = self.blocking(walk).await;
+                let walked = super::offload(walk(self.mirror.store.clone())).await;
                 catalog.end_walk(walked.as_ref().ok().cloned());
                 walked?;
             }

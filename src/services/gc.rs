@@ -5,7 +5,7 @@
 //! are skipped. A manifest that references an evicted object is dropped with it (and
 //! indexes that list a dropped manifest, and tags that point to any of them), so the
 //! cache never offers an image it can only half serve; anything dropped is fetched again
-//! on demand. Runs on a blocking thread: serving goes on meanwhile.
+//! on demand. Runs on a blocking thread (a walk of the store): serving goes on meanwhile.
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
@@ -22,6 +22,9 @@ pub struct GcPolicy {
     pub max_age: Option<Duration>,
     /// Report what would go, delete nothing.
     pub dry_run: bool,
+    /// Never evict what was used this recently (with a shared bucket: uses reach it in
+    /// batches, so a blob one replica is serving may look idle to the one running gc).
+    pub keep_recent: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -42,15 +45,18 @@ impl GcReport {
 impl Mirror {
     /// Runs one eviction pass (blocking), under the store's link lock: what a hosted
     /// repository links meanwhile waits, and what it linked before is seen as pinned.
-    pub fn gc(&self, policy: &GcPolicy) -> Result<GcReport, ServiceError> {
-        self.store.evicting(|store| self.gc_locked(store, policy))
-    }
-
-    fn gc_locked(&self, store: &Store, policy: &GcPolicy) -> Result<GcReport, ServiceError> {
+    pub async fn gc(&self, policy: &GcPolicy) -> Result<GcReport, ServiceError> {
+        let _lock = self.store.lock_evicting().await?;
+        let store = &self.store;
+        if !policy.dry_run {
+            store.flush_uses().await?;
+            store.compact_uses().await?;
+        }
         let hosted = self.hosted.as_ref().map(|h| h.prefix.as_str());
-        let pinned = pinned(store, hosted)?;
+        let pinned = pinned(store, hosted).await?;
         let mut cached: Vec<BlobInfo> = store
-            .list()?
+            .list()
+            .await?
             .into_iter()
             .filter(|b| !pinned.contains(&b.digest))
             .collect();
@@ -72,18 +78,22 @@ impl Mirror {
             if !expired && !over {
                 break;
             }
+            let recent = now.duration_since(b.last_used).unwrap_or_default() < policy.keep_recent;
+            if recent {
+                continue;
+            }
             if self.readers.contains_key(&b.digest) {
                 continue;
             }
             if !policy.dry_run {
-                store.delete(&b.digest)?;
+                store.delete(&b.digest).await?;
             }
             report.cached_bytes_after -= b.size;
             report.evicted.push((b.digest, b.size));
         }
         if !report.evicted.is_empty() {
             let gone: HashSet<Digest> = report.evicted.iter().map(|(d, _)| d.clone()).collect();
-            drop_dependents(store, hosted, &pinned, gone, policy.dry_run, &mut report)?;
+            drop_dependents(store, hosted, &pinned, gone, policy.dry_run, &mut report).await?;
         }
         if !policy.dry_run && !report.evicted.is_empty() {
             self.metrics.evicted_bytes.inc_by(report.evicted_bytes());
@@ -97,14 +107,15 @@ impl Mirror {
 }
 
 /// Everything a hosted repository holds or references.
-fn pinned(store: &Store, hosted: Option<&str>) -> Result<HashSet<Digest>, StoreError> {
+async fn pinned(store: &Store, hosted: Option<&str>) -> Result<HashSet<Digest>, StoreError> {
     let mut set = HashSet::new();
     if let Some(ns) = hosted {
-        for repo in store.list_repos(ns)? {
-            set.extend(store.list_blob_links(ns, &repo)?);
+        for repo in store.list_repos(ns).await? {
+            set.extend(store.list_blob_links(ns, &repo).await?);
             set.extend(
                 store
-                    .list_manifest_links(ns, &repo)?
+                    .list_manifest_links(ns, &repo)
+                    .await?
                     .into_iter()
                     .map(|(d, _)| d),
             );
@@ -116,7 +127,7 @@ fn pinned(store: &Store, hosted: Option<&str>) -> Result<HashSet<Digest>, StoreE
 /// Drops manifests (and then indexes) that reference anything in `gone`, the links to
 /// evicted objects, and tags pointing to dropped manifests, in every upstream namespace.
 /// A dry run counts exactly the same and deletes nothing.
-fn drop_dependents(
+async fn drop_dependents(
     store: &Store,
     hosted: Option<&str>,
     pinned: &HashSet<Digest>,
@@ -127,7 +138,8 @@ fn drop_dependents(
     // Links dropped so far (a dry run still sees them in the store).
     let mut unlinked: HashSet<(String, String, Digest)> = HashSet::new();
     let namespaces: Vec<String> = store
-        .list_namespaces()?
+        .list_namespaces()
+        .await?
         .into_iter()
         .filter(|ns| Some(ns.as_str()) != hosted)
         .collect();
@@ -135,13 +147,18 @@ fn drop_dependents(
     for _ in 0..2 {
         let mut dropped = HashSet::new();
         for ns in &namespaces {
-            for repo in store.list_repos(ns)? {
-                for (d, link) in store.list_manifest_links(ns, &repo)? {
+            for repo in store.list_repos(ns).await? {
+                for (d, link) in store.list_manifest_links(ns, &repo).await? {
                     if unlinked.contains(&(ns.clone(), repo.clone(), d.clone())) {
                         continue;
                     }
+                    let bytes = if gone.contains(&d) {
+                        None
+                    } else {
+                        store.read_small(&d).await?
+                    };
                     let refs_gone = gone.contains(&d)
-                        || store.read_small(&d)?.is_some_and(|bytes| {
+                        || bytes.is_some_and(|bytes| {
                             parse_manifest(Some(&link.media_type), &bytes)
                                 .map(|p| {
                                     p.blobs.iter().chain(&p.manifests).any(|c| gone.contains(c))
@@ -150,7 +167,7 @@ fn drop_dependents(
                         });
                     if refs_gone {
                         if !dry_run {
-                            store.delete_manifest_link(ns, &repo, &d)?;
+                            store.delete_manifest_link(ns, &repo, &d).await?;
                         }
                         unlinked.insert((ns.clone(), repo.clone(), d.clone()));
                         report.manifests_dropped += 1;
@@ -166,9 +183,9 @@ fn drop_dependents(
             if gone.contains(d) {
                 continue; // evicted already
             }
-            if let Some(size) = store.stat(d)? {
+            if let Some(size) = store.stat(d).await? {
                 if !dry_run {
-                    store.delete(d)?;
+                    store.delete(d).await?;
                 }
                 report.cached_bytes_after = report.cached_bytes_after.saturating_sub(size);
                 report.evicted.push((d.clone(), size));
@@ -177,20 +194,21 @@ fn drop_dependents(
         gone.extend(dropped);
     }
     for ns in &namespaces {
-        for repo in store.list_repos(ns)? {
-            for d in store.list_blob_links(ns, &repo)? {
+        for repo in store.list_repos(ns).await? {
+            for d in store.list_blob_links(ns, &repo).await? {
                 if gone.contains(&d) && !dry_run {
-                    store.unlink_blob(ns, &repo, &d)?;
+                    store.unlink_blob(ns, &repo, &d).await?;
                 }
             }
-            for t in store.list_tags(ns, &repo)? {
+            for t in store.list_tags(ns, &repo).await? {
                 let points_gone = store
-                    .get_tag(ns, &repo, &t)?
+                    .get_tag(ns, &repo, &t)
+                    .await?
                     .and_then(|r| r.digest().ok())
                     .is_some_and(|d| gone.contains(&d));
                 if points_gone {
                     if !dry_run {
-                        store.delete_tag(ns, &repo, &t)?;
+                        store.delete_tag(ns, &repo, &t).await?;
                     }
                     report.tags_dropped += 1;
                 }

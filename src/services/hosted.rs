@@ -61,10 +61,11 @@ impl Services {
     ) -> Result<ManifestReply, ServiceError> {
         let ns = &self.hosted()?.prefix;
         let found = match reference {
-            Reference::Digest(d) => self.cached_by_digest(ns, repo, d, head)?,
-            Reference::Tag(t) => match self.store().get_tag(ns, repo, t)? {
+            Reference::Digest(d) => self.cached_by_digest(ns, repo, d, head).await?,
+            Reference::Tag(t) => match self.store().get_tag(ns, repo, t).await? {
                 Some(rec) => {
-                    self.stored_reply(&rec.digest()?, &rec.media_type, head, Source::Cache)?
+                    self.stored_reply(&rec.digest()?, &rec.media_type, head, Source::Cache)
+                        .await?
                 }
                 None => None,
             },
@@ -73,7 +74,7 @@ impl Services {
         negotiate(r, reference, accepted)
     }
 
-    pub fn hosted_blob(
+    pub async fn hosted_blob(
         &self,
         repo: &str,
         d: &Digest,
@@ -81,23 +82,23 @@ impl Services {
         head: bool,
     ) -> Result<BlobReply, ServiceError> {
         let ns = &self.hosted()?.prefix;
-        match self.store().stat(d)? {
-            Some(size) if self.store().blob_linked(ns, repo, d)? => {
-                self.cached(d, size, range, head)
+        match self.store().stat(d).await? {
+            Some(size) if self.store().blob_linked(ns, repo, d).await? => {
+                self.stored(d, size, range, head).await
             }
             _ => Err(ServiceError::BlobUnknown(d.to_string())),
         }
     }
 
-    pub fn hosted_tags(
+    pub async fn hosted_tags(
         &self,
         repo: &str,
         n: Option<usize>,
         last: Option<&str>,
     ) -> Result<Page, ServiceError> {
         let ns = &self.hosted()?.prefix;
-        let tags = self.store().list_tags(ns, repo)?;
-        if tags.is_empty() && !self.store().repo_exists(ns, repo)? {
+        let tags = self.store().list_tags(ns, repo).await?;
+        if tags.is_empty() && !self.store().repo_exists(ns, repo).await? {
             return Err(ServiceError::NameUnknown(repo.into()));
         }
         Ok(paginate(&tags, n, last))
@@ -126,12 +127,19 @@ impl Services {
         }
         let parsed = parse_manifest(content_type, &body)?;
         for b in &parsed.blobs {
-            if !self.store().blob_linked(&ns, repo, b)? || self.store().stat(b)?.is_none() {
+            if !self.store().blob_linked(&ns, repo, b).await?
+                || self.store().stat(b).await?.is_none()
+            {
                 return Err(ServiceError::ManifestBlobUnknown(b.to_string()));
             }
         }
         for m in &parsed.manifests {
-            if self.store().get_manifest_link(&ns, repo, m)?.is_none() {
+            if self
+                .store()
+                .get_manifest_link(&ns, repo, m)
+                .await?
+                .is_none()
+            {
                 return Err(ServiceError::ManifestBlobUnknown(m.to_string()));
             }
         }
@@ -145,29 +153,29 @@ impl Services {
             Reference::Tag(t) => Some(t.clone()),
             Reference::Digest(_) => None,
         };
-        self.blocking(move |s| {
-            s.linking(|s| {
-                if s.stat(&d)?.is_none() {
-                    s.put_small(&d, &body)?;
-                }
-                let link = ManifestLink {
-                    media_type: parsed.media_type.clone(),
+        let s = self.mirror.store.clone();
+        super::offload(async move {
+            let _lock = s.lock_linking().await?;
+            if s.stat(&d).await?.is_none() {
+                s.put_small(&d, &body).await?;
+            }
+            let link = ManifestLink {
+                media_type: parsed.media_type.clone(),
+            };
+            s.put_manifest_link(&ns, &repo, &d, &link).await?;
+            if let Some(t) = tag {
+                let rec = TagRecord {
+                    digest: d.to_string(),
+                    media_type: parsed.media_type,
+                    size: body.len() as u64,
+                    checked_at: crate::store::now_secs(),
                 };
-                s.put_manifest_link(&ns, &repo, &d, &link)?;
-                if let Some(t) = tag {
-                    let rec = TagRecord {
-                        digest: d.to_string(),
-                        media_type: parsed.media_type,
-                        size: body.len() as u64,
-                        checked_at: crate::store::now_secs(),
-                    };
-                    s.put_tag(&ns, &repo, &t, &rec)?;
-                }
-                if let Some(subject) = &parsed.subject {
-                    s.put_referrer(&ns, &repo, subject, &d, &desc)?;
-                }
-                Ok(())
-            })
+                s.put_tag(&ns, &repo, &t, &rec).await?;
+            }
+            if let Some(subject) = &parsed.subject {
+                s.put_referrer(&ns, &repo, subject, &d, &desc).await?;
+            }
+            Ok::<_, ServiceError>(())
         })
         .await?;
         self.mirror.catalog.add(&self.hosted()?.prefix, &listed);
@@ -184,28 +192,29 @@ impl Services {
         let ns = self.hosted()?.prefix.clone();
         let store = self.store();
         let found = match reference {
-            Reference::Tag(t) => store.delete_tag(&ns, repo, t)?,
+            Reference::Tag(t) => store.delete_tag(&ns, repo, t).await?,
             Reference::Digest(d) => {
-                let Some(link) = store.get_manifest_link(&ns, repo, d)? else {
+                let Some(link) = store.get_manifest_link(&ns, repo, d).await? else {
                     return Err(ServiceError::ManifestUnknown(d.to_string()));
                 };
-                for t in store.list_tags(&ns, repo)? {
+                for t in store.list_tags(&ns, repo).await? {
                     if store
-                        .get_tag(&ns, repo, &t)?
+                        .get_tag(&ns, repo, &t)
+                        .await?
                         .is_some_and(|r| r.digest == d.to_string())
                     {
-                        store.delete_tag(&ns, repo, &t)?;
+                        store.delete_tag(&ns, repo, &t).await?;
                     }
                 }
-                if let Some(bytes) = store.read_small(d)? {
+                if let Some(bytes) = store.read_small(d).await? {
                     if let Some(subject) = parse_manifest(Some(&link.media_type), &bytes)
                         .ok()
                         .and_then(|p| p.subject)
                     {
-                        store.delete_referrer(&ns, repo, &subject, d)?;
+                        store.delete_referrer(&ns, repo, &subject, d).await?;
                     }
                 }
-                store.delete_manifest_link(&ns, repo, d)?
+                store.delete_manifest_link(&ns, repo, d).await?
             }
         };
         if !found {
@@ -214,23 +223,23 @@ impl Services {
         Ok(())
     }
 
-    pub fn delete_blob(&self, repo: &str, d: &Digest) -> Result<(), ServiceError> {
+    pub async fn delete_blob(&self, repo: &str, d: &Digest) -> Result<(), ServiceError> {
         let ns = &self.hosted()?.prefix;
-        if !self.store().unlink_blob(ns, repo, d)? {
+        if !self.store().unlink_blob(ns, repo, d).await? {
             return Err(ServiceError::BlobUnknown(d.to_string()));
         }
         Ok(())
     }
 
     /// The OCI referrers API: an image index of the manifests whose subject is `d`.
-    pub fn referrers(
+    pub async fn referrers(
         &self,
         repo: &str,
         d: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<serde_json::Value, ServiceError> {
         let ns = &self.hosted()?.prefix;
-        let all = self.store().list_referrers(ns, repo, d)?;
+        let all = self.store().list_referrers(ns, repo, d).await?;
         let manifests: Vec<_> = all
             .into_iter()
             .filter(|m| artifact_type.is_none_or(|t| m["artifactType"] == t))
@@ -271,17 +280,17 @@ impl Services {
             from_ns.to_string(),
             from_repo.to_string(),
         );
-        self.blocking(move |store| {
-            store.linking(|store| {
-                if store.stat(&d)?.is_none()
-                    || !store.blob_linked(&from_ns, &from_repo, &d)?
-                    || store.is_private(&from_ns, &from_repo)?
-                {
-                    return Ok(false);
-                }
-                store.link_blob(&ns, &repo, &d)?;
-                Ok(true)
-            })
+        let store = self.mirror.store.clone();
+        super::offload(async move {
+            let _lock = store.lock_linking().await?;
+            if store.stat(&d).await?.is_none()
+                || !store.blob_linked(&from_ns, &from_repo, &d).await?
+                || store.is_private(&from_ns, &from_repo).await?
+            {
+                return Ok::<_, ServiceError>(false);
+            }
+            store.link_blob(&ns, &repo, &d).await?;
+            Ok(true)
         })
         .await
         .inspect(|linked| {

@@ -69,12 +69,12 @@ impl Services {
         let mut stale = None;
         match reference {
             Reference::Digest(d) => {
-                if let Some(r) = self.cached_by_digest(&up.name, repo, d, head)? {
+                if let Some(r) = self.cached_by_digest(&up.name, repo, d, head).await? {
                     return Ok(self.count(up, r));
                 }
             }
             Reference::Tag(tag) => {
-                if let Some(rec) = self.store().get_tag(&up.name, repo, tag)? {
+                if let Some(rec) = self.store().get_tag(&up.name, repo, tag).await? {
                     match self.cached_tag(up, repo, tag, &rec, head).await {
                         Ok(Some(r)) => return Ok(self.count(up, r)),
                         Ok(None) => {}
@@ -85,7 +85,7 @@ impl Services {
             }
         }
         if let Some((rec, e)) = stale {
-            return self.serve_stale(up, &rec, head, e);
+            return self.serve_stale(up, &rec, head, e).await;
         }
         self.metrics()
             .cache
@@ -144,14 +144,17 @@ impl Services {
         r
     }
 
-    fn serve_stale(
+    async fn serve_stale(
         &self,
         up: &Upstream,
         rec: &TagRecord,
         head: bool,
         e: ServiceError,
     ) -> Result<ManifestReply, ServiceError> {
-        match self.stored_reply(&rec.digest()?, &rec.media_type, head, Source::Stale)? {
+        match self
+            .stored_reply(&rec.digest()?, &rec.media_type, head, Source::Stale)
+            .await?
+        {
             Some(r) => {
                 self.metrics()
                     .stale_serves
@@ -164,15 +167,18 @@ impl Services {
         }
     }
 
-    pub(super) fn cached_by_digest(
+    pub(super) async fn cached_by_digest(
         &self,
         ns: &str,
         repo: &str,
         d: &Digest,
         head: bool,
     ) -> Result<Option<ManifestReply>, ServiceError> {
-        match self.store().get_manifest_link(ns, repo, d)? {
-            Some(link) => self.stored_reply(d, &link.media_type, head, Source::Cache),
+        match self.store().get_manifest_link(ns, repo, d).await? {
+            Some(link) => {
+                self.stored_reply(d, &link.media_type, head, Source::Cache)
+                    .await
+            }
             None => Ok(None),
         }
     }
@@ -196,9 +202,10 @@ impl Services {
                 checked_at: crate::store::now_secs(),
                 ..rec.clone()
             };
-            self.store().put_tag(&up.name, repo, tag, &fresh)?;
+            self.store().put_tag(&up.name, repo, tag, &fresh).await?;
         }
         self.stored_reply(&d, &rec.media_type, head, Source::Cache)
+            .await
     }
 
     /// Whether the upstream still maps `tag` to `d` (HEAD only).
@@ -224,7 +231,7 @@ impl Services {
         Ok(header_digest(resp.headers()).as_ref() == Some(d))
     }
 
-    pub(super) fn stored_reply(
+    pub(super) async fn stored_reply(
         &self,
         d: &Digest,
         media_type: &str,
@@ -232,12 +239,12 @@ impl Services {
         source: Source,
     ) -> Result<Option<ManifestReply>, ServiceError> {
         let (size, body) = if head {
-            match self.store().stat(d)? {
+            match self.store().stat(d).await? {
                 Some(size) => (size, None),
                 None => return Ok(None),
             }
         } else {
-            match self.store().read_small(d)? {
+            match self.store().read_small(d).await? {
                 Some(b) => (b.len() as u64, Some(Bytes::from(b))),
                 None => return Ok(None),
             }
@@ -287,7 +294,7 @@ impl Services {
                 size,
                 checked_at: crate::store::now_secs(),
             };
-            self.store().put_tag(&up.name, repo, tag, &rec)?;
+            self.store().put_tag(&up.name, repo, tag, &rec).await?;
         }
         Ok(Some(ManifestReply {
             digest,
@@ -432,18 +439,19 @@ impl Services {
             )),
             Reference::Digest(_) => None,
         };
-        self.blocking(move |s| {
-            if s.stat(&d)?.is_none() {
-                s.put_small(&d, &bytes)?;
+        let s = self.mirror.store.clone();
+        super::offload(async move {
+            if s.stat(&d).await?.is_none() {
+                s.put_small(&d, &bytes).await?;
             }
-            s.put_manifest_link(&ns, &repo, &d, &link)?;
+            s.put_manifest_link(&ns, &repo, &d, &link).await?;
             if let Some((t, rec)) = tag {
-                s.put_tag(&ns, &repo, &t, &rec)?;
+                s.put_tag(&ns, &repo, &t, &rec).await?;
             }
-            Ok(())
+            Ok::<_, ServiceError>(())
         })
         .await?;
-        self.mirror.list_repo(&up.name, listed)?;
+        self.mirror.list_repo(&up.name, listed).await?;
         self.metrics().store_bytes.set(self.store().size() as i64);
         Ok(())
     }

@@ -7,8 +7,10 @@
 pub mod access;
 mod blobs;
 mod catalog;
+mod fill;
 mod flight;
 pub mod gc;
+
 mod hosted;
 mod manifests;
 mod memo;
@@ -255,17 +257,19 @@ impl Services {
             .observe(start.elapsed().as_secs_f64());
         Ok(resp?)
     }
+}
 
-    /// Runs blocking store work off the async worker thread.
-    async fn blocking<T, F>(&self, f: F) -> Result<T, ServiceError>
-    where
-        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-        T: Send + 'static,
-    {
-        let store = self.mirror.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
-            .map_err(ServiceError::from)
-    }
+/// Runs store work that blocks (a walk of the local store, an fsync, a hash of a whole
+/// file) on a blocking thread, so no async worker stalls on the disk. `fut` may await the
+/// bucket too: this worker's runtime keeps driving its timers meanwhile.
+pub(crate) async fn offload<T, E, F>(fut: F) -> Result<T, E>
+where
+    F: std::future::Future<Output = Result<T, E>> + Send + 'static,
+    T: Send + 'static,
+    E: From<StoreError> + Send + 'static,
+{
+    let h = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || h.block_on(fut))
+        .await
+        .map_err(|e| E::from(StoreError::Io(std::io::Error::other(e.to_string()))))?
 }

@@ -49,11 +49,11 @@ impl Services {
             }),
             _ => None,
         };
-        let private = self.store().is_private(&up.name, repo)?;
+        let private = self.store().is_private(&up.name, repo).await?;
         // Public content, or a caller with nothing to offer for unknown content. (Whether
         // the repository is known is only asked when the answer matters: not for anonymous
         // callers, which are most requests.)
-        if !private && (client.is_none() || self.store().repo_exists(&up.name, repo)?) {
+        if !private && (client.is_none() || self.store().repo_exists(&up.name, repo).await?) {
             return Ok(up.clone());
         }
         if let Some(c) = &client {
@@ -66,7 +66,7 @@ impl Services {
                 Probe::Allowed => {
                     if private {
                         // The upstream now lets the mirror read it: it is public.
-                        self.store().set_private(&up.name, repo, false)?;
+                        self.store().set_private(&up.name, repo, false).await?;
                         self.mirror.catalog.add(&up.name, repo);
                     }
                     return Ok(up.clone());
@@ -84,7 +84,7 @@ impl Services {
         let mine = up.with_client_creds(&c);
         match self.probe(&mine, repo, probe).await? {
             Probe::Allowed => {
-                self.store().set_private(&up.name, repo, true)?;
+                self.store().set_private(&up.name, repo, true).await?;
                 self.mirror.catalog.remove(&up.name, repo);
                 self.mirror
                     .proofs

@@ -33,9 +33,12 @@ impl Services {
         let up = &self
             .upstream_for(up, repo, caller, &format!("manifests/{subject}"))
             .await?;
-        let cached = self.store().get_referrers_index(&up.name, repo, subject)?;
+        let cached = self
+            .store()
+            .get_referrers_index(&up.name, repo, subject)
+            .await?;
         let stored = match &cached {
-            Some(rec) => self.store().read_small(&rec.digest()?)?,
+            Some(rec) => self.store().read_small(&rec.digest()?).await?,
             None => None,
         };
         let index = match (&cached, stored) {
@@ -87,11 +90,12 @@ impl Services {
             subject.clone(),
             bytes.clone(),
         );
-        self.blocking(move |s| {
-            if s.stat(&d)?.is_none() {
-                s.put_small(&d, &b)?;
+        let s = self.mirror.store.clone();
+        super::offload(async move {
+            if s.stat(&d).await?.is_none() {
+                s.put_small(&d, &b).await?;
             }
-            s.put_referrers_index(&ns, &repo, &subject, &rec)
+            s.put_referrers_index(&ns, &repo, &subject, &rec).await
         })
         .await?;
         Ok(bytes)

@@ -61,7 +61,7 @@ impl Services {
                 })
             }
             Err(e) if e.allows_stale() => {
-                let tags = self.store().list_tags(&up.name, repo)?;
+                let tags = self.store().list_tags(&up.name, repo).await?;
                 if tags.is_empty() {
                     return Err(e);
                 }

@@ -1,9 +1,10 @@
 //! Blob upload sessions (POST, PATCH..., PUT) for hosted repositories.
 //!
-//! A session is a temp file in the store plus a running hash, kept in memory: bytes are
-//! verified at the final PUT and committed like any other blob. Sessions untouched for
-//! `upload_ttl` are dropped (their temp file with them) by [`Uploads::expire`]; a restart
-//! drops them all.
+//! The bytes and the session itself are kept by the store (a local file, or objects in
+//! the shared bucket), so a session opened on one replica can be continued and finished
+//! on another. This replica keeps only what it needs to apply the caps and to take one
+//! request of a session at a time. Sessions untouched for `upload_ttl` are dropped by
+//! [`Services::expire_uploads`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,14 +16,14 @@ use tokio::sync::Mutex;
 
 use super::{ServiceError, Services};
 use crate::names::Digest;
-use crate::store::{BlobWriter, StoreError};
+use crate::store::{SessionInfo, SessionWriter, StoreError};
 
 pub struct Uploads {
     sessions: DashMap<String, Arc<Session>>,
     limits: UploadLimits,
 }
 
-/// Bounds on upload sessions (each holds a file descriptor) and their request bodies.
+/// Bounds on upload sessions and their request bodies.
 #[derive(Debug, Clone)]
 pub struct UploadLimits {
     /// Sessions untouched this long are dropped.
@@ -34,15 +35,9 @@ pub struct UploadLimits {
 }
 
 struct Session {
-    repo: String,
-    /// Who opened it (the user name), for the per-user cap.
-    owner: String,
-    upload: Mutex<Upload>,
-}
-
-struct Upload {
-    writer: Option<BlobWriter>,
-    touched: Instant,
+    info: SessionInfo,
+    /// Held by the request working on the session; when it was last touched here.
+    touched: Mutex<Instant>,
 }
 
 /// Where an upload stands.
@@ -60,19 +55,6 @@ impl Uploads {
         }
     }
 
-    /// Drops sessions idle for longer than the TTL; returns how many. (A session whose
-    /// request is running is left to it: its body times out.)
-    pub fn expire(&self) -> usize {
-        let before = self.sessions.len();
-        let ttl = self.limits.ttl;
-        self.sessions.retain(|_, s| {
-            s.upload
-                .try_lock()
-                .map_or(true, |u| u.touched.elapsed() < ttl)
-        });
-        before - self.sessions.len()
-    }
-
     pub fn ttl(&self) -> Duration {
         self.limits.ttl
     }
@@ -85,7 +67,11 @@ impl Uploads {
                 self.sessions.len()
             )));
         }
-        let mine = self.sessions.iter().filter(|s| s.owner == owner).count();
+        let mine = self
+            .sessions
+            .iter()
+            .filter(|s| s.info.owner == owner)
+            .count();
         if mine >= self.limits.max_per_user {
             return Err(ServiceError::TooMany(format!(
                 "{owner:?} has {mine} upload sessions open; finish or cancel some"
@@ -96,39 +82,73 @@ impl Uploads {
 }
 
 impl Services {
-    /// The session `id`, if it belongs to `repo`.
-    fn session(&self, repo: &str, id: &str) -> Result<Arc<Session>, ServiceError> {
-        let s = self.hosted()?.uploads.sessions.get(id).map(|s| s.clone());
-        s.filter(|s| s.repo == repo)
-            .ok_or_else(|| ServiceError::UploadUnknown(id.into()))
+    fn uploads(&self) -> Result<&Uploads, ServiceError> {
+        Ok(&self.hosted()?.uploads)
+    }
+
+    /// The session `id`, if it belongs to `repo`: known here, or opened on another
+    /// replica (then found in the store).
+    async fn session(&self, repo: &str, id: &str) -> Result<Arc<Session>, ServiceError> {
+        let unknown = || ServiceError::UploadUnknown(id.into());
+        let known = self.uploads()?.sessions.get(id).map(|s| s.clone());
+        let s = match known {
+            Some(s) => s,
+            None => {
+                let (info, _) = self.store().session_info(id).await?.ok_or_else(unknown)?;
+                let s = Arc::new(Session {
+                    info,
+                    touched: Mutex::new(Instant::now()),
+                });
+                self.uploads()?.sessions.insert(id.to_string(), s.clone());
+                s
+            }
+        };
+        if s.info.repo != repo {
+            return Err(unknown());
+        }
+        Ok(s)
+    }
+
+    /// Bytes a session holds (it may have been continued on another replica).
+    async fn offset(&self, id: &str) -> Result<u64, ServiceError> {
+        match self.store().session_info(id).await? {
+            Some((_, offset)) => Ok(offset),
+            None => {
+                self.uploads()?.sessions.remove(id);
+                Err(ServiceError::UploadUnknown(id.into()))
+            }
+        }
     }
 
     /// Opens a session for `owner` (the pushing user), within the caps.
-    pub fn upload_start(&self, repo: &str, owner: &str) -> Result<UploadStatus, ServiceError> {
-        self.hosted()?.uploads.admit(owner)?;
-        let writer = self.store().begin_upload()?;
+    pub async fn upload_start(
+        &self,
+        repo: &str,
+        owner: &str,
+    ) -> Result<UploadStatus, ServiceError> {
+        self.uploads()?.admit(owner)?;
         let id = uuid::Uuid::new_v4().to_string();
-        let session = Session {
+        let info = SessionInfo {
             repo: repo.to_string(),
             owner: owner.to_string(),
-            upload: Mutex::new(Upload {
-                writer: Some(writer),
-                touched: Instant::now(),
-            }),
         };
-        self.hosted()?
-            .uploads
+        self.store().session_create(&id, &info).await?;
+        let session = Session {
+            info,
+            touched: Mutex::new(Instant::now()),
+        };
+        self.uploads()?
             .sessions
             .insert(id.clone(), Arc::new(session));
         Ok(UploadStatus { id, offset: 0 })
     }
 
     pub async fn upload_status(&self, repo: &str, id: &str) -> Result<UploadStatus, ServiceError> {
-        let s = self.session(repo, id)?;
-        let u = s.upload.lock().await;
+        let s = self.session(repo, id).await?;
+        let _busy = s.touched.lock().await;
         Ok(UploadStatus {
             id: id.to_string(),
-            offset: u.writer.as_ref().map_or(0, |w| w.written()),
+            offset: self.offset(id).await?,
         })
     }
 
@@ -145,24 +165,18 @@ impl Services {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let s = self.session(repo, id)?;
-        let mut u = s.upload.lock().await;
-        u.touched = Instant::now();
-        let w = u
-            .writer
-            .as_mut()
-            .ok_or_else(|| ServiceError::UploadUnknown(id.into()))?;
-        let before = w.written();
+        let s = self.session(repo, id).await?;
+        let mut touched = s.touched.lock().await;
+        *touched = Instant::now();
+        let before = self.offset(id).await?;
         if let Some(start) = range.map(|r| r.0).filter(|s| *s != before) {
             return Err(ServiceError::UploadRange(format!(
-                "chunk starts at {start}, upload has {} bytes",
-                w.written()
+                "chunk starts at {start}, upload has {before} bytes"
             )));
         }
-        let idle = self.hosted()?.uploads.limits.body_timeout;
-        let mut r = write_body(w, body, idle).await;
-        if let (Ok(()), Some((a, b))) = (&r, range) {
-            let got = w.written() - before;
+        let mut r = self.append(id, before, body).await;
+        if let (Ok(after), Some((a, b))) = (&r, range) {
+            let got = after - before;
             if got != b - a + 1 {
                 r = Err(ServiceError::UploadRange(format!(
                     "Content-Range {a}-{b} announces {} bytes, the body had {got}",
@@ -170,16 +184,30 @@ impl Services {
                 )));
             }
         }
-        if let Err(e) = r {
-            // Part of the chunk may be written: the session cannot go on.
-            drop(u);
-            self.hosted()?.uploads.sessions.remove(id);
-            return Err(e);
+        match r {
+            Ok(offset) => Ok(UploadStatus {
+                id: id.to_string(),
+                offset,
+            }),
+            Err(e) => {
+                // Part of the chunk may be written: the session cannot go on.
+                drop(touched);
+                self.mirror.drop_session(id).await?;
+                Err(e)
+            }
         }
-        Ok(UploadStatus {
-            id: id.to_string(),
-            offset: w.written(),
-        })
+    }
+
+    /// Writes a request body at `offset`; the session's new size.
+    async fn append<S, E>(&self, id: &str, offset: u64, body: S) -> Result<u64, ServiceError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let idle = self.uploads()?.limits.body_timeout;
+        let mut w = self.store().session_writer(id, offset).await?;
+        write_body(&mut w, body, idle).await?;
+        Ok(w.close().await?)
     }
 
     /// Appends the last bytes, verifies the digest and stores the blob in the repository.
@@ -194,52 +222,88 @@ impl Services {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let s = self.session(repo, id)?;
-        let mut w = {
-            let mut u = s.upload.lock().await;
-            u.writer
-                .take()
-                .ok_or_else(|| ServiceError::UploadUnknown(id.into()))?
-        };
-        self.hosted()?.uploads.sessions.remove(id);
-        let idle = self.hosted()?.uploads.limits.body_timeout;
-        write_body(&mut w, body, idle).await?;
-        let (expected, ns, r) = (
-            digest.clone(),
+        let s = self.session(repo, id).await?;
+        let _busy = s.touched.lock().await;
+        let offset = self.offset(id).await?;
+        if let Err(e) = self.append(id, offset, body).await {
+            self.mirror.drop_session(id).await?;
+            return Err(e);
+        }
+        self.uploads()?.sessions.remove(id);
+        let (ns, r, id, expected) = (
             self.hosted()?.prefix.clone(),
             repo.to_string(),
+            id.to_string(),
+            digest.clone(),
         );
-        self.blocking(move |s| {
-            s.linking(|s| {
-                s.commit(w, &expected, None)?;
-                s.link_blob(&ns, &r, &expected)
-            })
+        let store = self.mirror.store.clone();
+        super::offload(async move {
+            let _lock = store.lock_linking().await?;
+            store.session_commit(&id, &expected).await?;
+            store.link_blob(&ns, &r, &expected).await
         })
         .await
         .map_err(|e| match e {
-            ServiceError::Store(StoreError::DigestMismatch { actual, .. }) => {
-                ServiceError::DigestInvalid(format!(
-                    "uploaded bytes hash to {actual}, not {digest}"
-                ))
-            }
-            e => e,
+            StoreError::DigestMismatch { actual, .. } => ServiceError::DigestInvalid(format!(
+                "uploaded bytes hash to {actual}, not {digest}"
+            )),
+            e => e.into(),
         })?;
         self.mirror.catalog.add(&self.hosted()?.prefix, repo);
         self.metrics().store_bytes.set(self.store().size() as i64);
         Ok(())
     }
 
-    pub fn upload_cancel(&self, repo: &str, id: &str) -> Result<(), ServiceError> {
-        self.session(repo, id)?;
-        self.hosted()?.uploads.sessions.remove(id);
+    pub async fn upload_cancel(&self, repo: &str, id: &str) -> Result<(), ServiceError> {
+        let s = self.session(repo, id).await?;
+        let _busy = s.touched.lock().await;
+        self.mirror.drop_session(id).await
+    }
+}
+
+impl super::Mirror {
+    fn uploads(&self) -> Result<&Uploads, ServiceError> {
+        self.hosted
+            .as_ref()
+            .map(|h| &h.uploads)
+            .ok_or_else(|| ServiceError::NameUnknown("no hosted repositories".into()))
+    }
+
+    /// Forgets a session and drops its bytes.
+    pub(super) async fn drop_session(&self, id: &str) -> Result<(), ServiceError> {
+        self.uploads()?.sessions.remove(id);
+        self.store.session_delete(id).await?;
         Ok(())
+    }
+
+    /// Drops sessions idle for longer than the TTL, here and in the store (whichever
+    /// replica opened them); returns how many. A session whose request is running here
+    /// is left to it: its body times out.
+    pub async fn expire_uploads(&self) -> Result<usize, ServiceError> {
+        let uploads = self.uploads()?;
+        let ttl = uploads.limits.ttl;
+        uploads
+            .sessions
+            .retain(|_, s| s.touched.try_lock().map_or(true, |t| t.elapsed() < ttl));
+        let mut n = 0;
+        for (id, age) in self.store.sessions().await? {
+            let busy = uploads
+                .sessions
+                .get(&id)
+                .is_some_and(|s| s.touched.try_lock().is_err());
+            if age >= ttl && !busy {
+                self.drop_session(&id).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 }
 
 /// Appends a request body; a body that sends nothing for `idle` fails, so a stalled
-/// client cannot hold a session (and its file) forever.
+/// client cannot hold a session forever.
 async fn write_body<S, E>(
-    w: &mut BlobWriter,
+    w: &mut SessionWriter,
     mut body: S,
     idle: Duration,
 ) -> Result<(), ServiceError>
@@ -255,6 +319,6 @@ where
             return Ok(());
         };
         let chunk = chunk.map_err(|e| ServiceError::UploadRange(format!("request body: {e}")))?;
-        w.write(&chunk).map_err(StoreError::from)?;
+        w.write(chunk).await?;
     }
 }

@@ -130,25 +130,60 @@ impl LayoutReader {
 }
 
 impl Store {
-    /// Copies a layout blob into the store; the digest is verified as for any write, so
-    /// a blob whose bytes do not match its name is refused (`DigestMismatch`).
-    pub fn import_blob(&self, layout: &LayoutReader, d: &Digest) -> Result<bool, StoreError> {
-        if self.stat(d)?.is_some() {
+    /// Copies a layout blob into the store (and the bucket, when there is one); the digest
+    /// is verified as for any write, so a blob whose bytes do not match its name is
+    /// refused (`DigestMismatch`).
+    pub async fn import_blob(&self, layout: &LayoutReader, d: &Digest) -> Result<bool, StoreError> {
+        if self.stat(d).await?.is_some() {
             return Ok(true);
         }
-        let Some(mut f) = layout.open_blob(d)? else {
+        let Some(f) = layout.open_blob(d)? else {
+            return Ok(false);
+        };
+        self.copy_in(f, d).await?;
+        Ok(true)
+    }
+
+    /// Makes sure blob `d` is in the local tier (copied from the bucket, verified, when
+    /// only the bucket has it); whether it is there now.
+    pub async fn ensure_local(&self, d: &Digest) -> Result<bool, StoreError> {
+        if self.local_size(d)?.is_some() {
+            return Ok(true);
+        }
+        let Some((_, mut body)) = self.read_shared(d, 0).await? else {
             return Ok(false);
         };
         let mut w = self.begin()?;
-        let mut buf = vec![0u8; 256 * 1024];
+        while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
+            w.write(&chunk?)?;
+        }
+        self.commit(w, d, None)?;
+        Ok(true)
+    }
+
+    /// Writes the bytes of `f` as blob `d` to both tiers, verified.
+    async fn copy_in(&self, mut f: File, d: &Digest) -> Result<(), StoreError> {
+        let mut upload = self.upload_shared(d).await?;
+        let mut w = self.begin()?;
+        let mut buf = vec![0u8; 1024 * 1024];
         loop {
             let n = io::Read::read(&mut f, &mut buf)?;
             if n == 0 {
                 break;
             }
             w.write(&buf[..n])?;
+            if let Some(u) = &mut upload {
+                u.push(bytes::Bytes::copy_from_slice(&buf[..n])).await?;
+            }
+        }
+        if let Some(u) = upload {
+            if w.digest() == *d {
+                u.complete().await?;
+            } else {
+                u.abort().await;
+            }
         }
         self.commit(w, d, None)?;
-        Ok(true)
+        Ok(())
     }
 }

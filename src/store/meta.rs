@@ -6,6 +6,7 @@
 use std::fs;
 
 use std::path::{Path, PathBuf};
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -54,102 +55,113 @@ pub fn now_secs() -> u64 {
 
 impl Store {
     /// `repos/<namespace>/<repo>`; `namespace` and `repo` are validated names.
-    fn repo_dir(&self, namespace: &str, repo: &str) -> PathBuf {
-        self.root.join("repos").join(namespace).join(repo)
+    fn repo_key(ns: &str, repo: &str) -> String {
+        format!("repos/{ns}/{repo}")
     }
 
-    fn read_json<T: for<'de> Deserialize<'de>>(&self, p: PathBuf) -> Result<Option<T>, StoreError> {
-        let Some(bytes) = not_found_is_none(fs::read(&p))? else {
+    async fn read_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: String,
+    ) -> Result<Option<T>, StoreError> {
+        let Some(bytes) = self.kv_get(&key).await? else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| StoreError::Meta(format!("{}: {e}", p.display())))
+            .map_err(|e| StoreError::Meta(format!("{key}: {e}")))
     }
 
-    fn write_json<T: Serialize>(&self, p: PathBuf, v: &T) -> Result<(), StoreError> {
+    async fn write_json<T: Serialize>(&self, key: String, v: &T) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(v).map_err(|e| StoreError::Meta(e.to_string()))?;
-        write_atomic(p, &bytes)
+        self.kv_put(&key, bytes).await
     }
 
-    pub fn get_tag(
+    pub async fn get_tag(
         &self,
         ns: &str,
         repo: &str,
         tag: &str,
     ) -> Result<Option<TagRecord>, StoreError> {
-        self.read_json(self.repo_dir(ns, repo).join("_tags").join(tag))
+        self.read_json(format!("{}/_tags/{tag}", Self::repo_key(ns, repo)))
+            .await
     }
 
-    pub fn put_tag(
+    pub async fn put_tag(
         &self,
         ns: &str,
         repo: &str,
         tag: &str,
         rec: &TagRecord,
     ) -> Result<(), StoreError> {
-        self.write_json(self.repo_dir(ns, repo).join("_tags").join(tag), rec)
+        self.write_json(format!("{}/_tags/{tag}", Self::repo_key(ns, repo)), rec)
+            .await
     }
 
     /// Tags cached for a repository, sorted.
-    pub fn list_tags(&self, ns: &str, repo: &str) -> Result<Vec<String>, StoreError> {
-        list_names(&self.repo_dir(ns, repo).join("_tags"))
+    pub async fn list_tags(&self, ns: &str, repo: &str) -> Result<Vec<String>, StoreError> {
+        self.kv_list(&format!("{}/_tags", Self::repo_key(ns, repo)))
+            .await
     }
 
-    pub fn get_manifest_link(
+    pub async fn get_manifest_link(
         &self,
         ns: &str,
         repo: &str,
         d: &Digest,
     ) -> Result<Option<ManifestLink>, StoreError> {
-        self.read_json(self.repo_dir(ns, repo).join("_manifests").join(d.hex()))
+        let key = format!("{}/_manifests/{}", Self::repo_key(ns, repo), d.hex());
+        self.read_json(key).await
     }
 
-    pub fn put_manifest_link(
+    pub async fn put_manifest_link(
         &self,
         ns: &str,
         repo: &str,
         d: &Digest,
         link: &ManifestLink,
     ) -> Result<(), StoreError> {
-        self.write_json(
-            self.repo_dir(ns, repo).join("_manifests").join(d.hex()),
-            link,
-        )
+        let key = format!("{}/_manifests/{}", Self::repo_key(ns, repo), d.hex());
+        self.write_json(key, link).await
     }
 
     /// Whether a repository is known to hold a blob (so it may be served from the shared
     /// store under that repository without asking upstream).
-    pub fn blob_linked(&self, ns: &str, repo: &str, d: &Digest) -> Result<bool, StoreError> {
-        let p = self.repo_dir(ns, repo).join("_blobs").join(d.hex());
-        Ok(not_found_is_none(fs::metadata(p))?.is_some())
+    pub async fn blob_linked(&self, ns: &str, repo: &str, d: &Digest) -> Result<bool, StoreError> {
+        let key = format!("{}/_blobs/{}", Self::repo_key(ns, repo), d.hex());
+        self.kv_exists(&key).await
     }
 
-    pub fn link_blob(&self, ns: &str, repo: &str, d: &Digest) -> Result<(), StoreError> {
-        write_atomic(self.repo_dir(ns, repo).join("_blobs").join(d.hex()), b"")
-    }
-}
-
-impl Store {
-    pub fn delete_tag(&self, ns: &str, repo: &str, tag: &str) -> Result<bool, StoreError> {
-        remove(self.repo_dir(ns, repo).join("_tags").join(tag))
+    pub async fn link_blob(&self, ns: &str, repo: &str, d: &Digest) -> Result<(), StoreError> {
+        let key = format!("{}/_blobs/{}", Self::repo_key(ns, repo), d.hex());
+        self.kv_put(&key, Vec::new()).await
     }
 
-    pub fn delete_manifest_link(
+    pub async fn delete_tag(&self, ns: &str, repo: &str, tag: &str) -> Result<bool, StoreError> {
+        self.kv_delete(&format!("{}/_tags/{tag}", Self::repo_key(ns, repo)))
+            .await
+    }
+
+    pub async fn delete_manifest_link(
         &self,
         ns: &str,
         repo: &str,
         d: &Digest,
     ) -> Result<bool, StoreError> {
-        remove(self.repo_dir(ns, repo).join("_manifests").join(d.hex()))
+        let key = format!("{}/_manifests/{}", Self::repo_key(ns, repo), d.hex());
+        self.kv_delete(&key).await
     }
 
-    pub fn unlink_blob(&self, ns: &str, repo: &str, d: &Digest) -> Result<bool, StoreError> {
-        remove(self.repo_dir(ns, repo).join("_blobs").join(d.hex()))
+    pub async fn unlink_blob(&self, ns: &str, repo: &str, d: &Digest) -> Result<bool, StoreError> {
+        let key = format!("{}/_blobs/{}", Self::repo_key(ns, repo), d.hex());
+        self.kv_delete(&key).await
+    }
+
+    fn referrers_key(ns: &str, repo: &str, subject: &Digest) -> String {
+        format!("{}/_referrers/{}", Self::repo_key(ns, repo), subject.hex())
     }
 
     /// Records that manifest `desc` (a JSON descriptor) refers to `subject`.
-    pub fn put_referrer(
+    pub async fn put_referrer(
         &self,
         ns: &str,
         repo: &str,
@@ -157,104 +169,106 @@ impl Store {
         referrer: &Digest,
         desc: &serde_json::Value,
     ) -> Result<(), StoreError> {
-        let dir = self
-            .repo_dir(ns, repo)
-            .join("_referrers")
-            .join(subject.hex());
-        self.write_json(dir.join(referrer.hex()), desc)
+        let key = format!(
+            "{}/{}",
+            Self::referrers_key(ns, repo, subject),
+            referrer.hex()
+        );
+        self.write_json(key, desc).await
     }
 
-    pub fn delete_referrer(
+    pub async fn delete_referrer(
         &self,
         ns: &str,
         repo: &str,
         subject: &Digest,
         referrer: &Digest,
     ) -> Result<bool, StoreError> {
-        remove(
-            self.repo_dir(ns, repo)
-                .join("_referrers")
-                .join(subject.hex())
-                .join(referrer.hex()),
-        )
+        let key = format!(
+            "{}/{}",
+            Self::referrers_key(ns, repo, subject),
+            referrer.hex()
+        );
+        self.kv_delete(&key).await
     }
 
     /// Descriptors of the manifests that refer to `subject`, in digest order.
-    pub fn list_referrers(
+    pub async fn list_referrers(
         &self,
         ns: &str,
         repo: &str,
         subject: &Digest,
     ) -> Result<Vec<serde_json::Value>, StoreError> {
-        let dir = self
-            .repo_dir(ns, repo)
-            .join("_referrers")
-            .join(subject.hex());
+        let dir = Self::referrers_key(ns, repo, subject);
         let mut out = Vec::new();
-        for n in list_names(&dir)? {
-            if let Some(v) = self.read_json(dir.join(n))? {
+        for n in self.kv_list(&dir).await? {
+            if let Some(v) = self.read_json(format!("{dir}/{n}")).await? {
                 out.push(v);
             }
         }
         Ok(out)
     }
 
+    fn referrers_index_key(ns: &str, repo: &str, subject: &Digest) -> String {
+        format!(
+            "{}/_referrers_index/{}",
+            Self::repo_key(ns, repo),
+            subject.hex()
+        )
+    }
+
     /// The cached referrers index of an upstream `subject` (what it pointed to, and when
     /// the upstream last said so), kept like a tag.
-    pub fn get_referrers_index(
+    pub async fn get_referrers_index(
         &self,
         ns: &str,
         repo: &str,
         subject: &Digest,
     ) -> Result<Option<TagRecord>, StoreError> {
-        self.read_json(self.referrers_index_path(ns, repo, subject))
+        self.read_json(Self::referrers_index_key(ns, repo, subject))
+            .await
     }
 
-    pub fn put_referrers_index(
+    pub async fn put_referrers_index(
         &self,
         ns: &str,
         repo: &str,
         subject: &Digest,
         rec: &TagRecord,
     ) -> Result<(), StoreError> {
-        self.write_json(self.referrers_index_path(ns, repo, subject), rec)
-    }
-
-    fn referrers_index_path(&self, ns: &str, repo: &str, subject: &Digest) -> PathBuf {
-        self.repo_dir(ns, repo)
-            .join("_referrers_index")
-            .join(subject.hex())
+        self.write_json(Self::referrers_index_key(ns, repo, subject), rec)
+            .await
     }
 
     /// Whether a repository's content came through someone's own upstream credentials
     /// (callers must then prove upstream access before it is served).
-    pub fn is_private(&self, ns: &str, repo: &str) -> Result<bool, StoreError> {
-        let p = self.repo_dir(ns, repo).join("_private");
-        Ok(not_found_is_none(fs::metadata(p))?.is_some())
+    pub async fn is_private(&self, ns: &str, repo: &str) -> Result<bool, StoreError> {
+        self.kv_exists(&format!("{}/_private", Self::repo_key(ns, repo)))
+            .await
     }
 
-    pub fn set_private(&self, ns: &str, repo: &str, private: bool) -> Result<(), StoreError> {
-        let p = self.repo_dir(ns, repo).join("_private");
+    pub async fn set_private(&self, ns: &str, repo: &str, private: bool) -> Result<(), StoreError> {
+        let key = format!("{}/_private", Self::repo_key(ns, repo));
         if private {
-            write_atomic(p, b"")
+            self.kv_put(&key, Vec::new()).await
         } else {
-            remove(p).map(|_| ())
+            self.kv_delete(&key).await.map(|_| ())
         }
     }
 
     /// Manifests linked to a repository.
-    pub fn list_manifest_links(
+    pub async fn list_manifest_links(
         &self,
         ns: &str,
         repo: &str,
     ) -> Result<Vec<(Digest, ManifestLink)>, StoreError> {
-        let dir = self.repo_dir(ns, repo).join("_manifests");
+        let dir = format!("{}/_manifests", Self::repo_key(ns, repo));
         let mut out = Vec::new();
-        for name in list_names(&dir)? {
+        for name in self.kv_list(&dir).await? {
             let Ok(d) = format!("sha256:{name}").parse::<Digest>() else {
                 continue;
             };
-            if let Some(link) = self.read_json(dir.join(&name))? {
+            if let Some(link) = self.read_json(format!("{dir}/{name}")).await? {
                 out.push((d, link));
             }
         }
@@ -262,8 +276,10 @@ impl Store {
     }
 
     /// Blobs linked to a repository.
-    pub fn list_blob_links(&self, ns: &str, repo: &str) -> Result<Vec<Digest>, StoreError> {
-        let names = list_names(&self.repo_dir(ns, repo).join("_blobs"))?;
+    pub async fn list_blob_links(&self, ns: &str, repo: &str) -> Result<Vec<Digest>, StoreError> {
+        let names = self
+            .kv_list(&format!("{}/_blobs", Self::repo_key(ns, repo)))
+            .await?;
         Ok(names
             .iter()
             .filter_map(|n| format!("sha256:{n}").parse().ok())
@@ -273,14 +289,19 @@ impl Store {
     /// Whether the store holds metadata for a repository (the same test [`Store::list_repos`]
     /// applies: a `_tags`/`_manifests`/`_blobs`/`_private` entry, not merely a parent folder
     /// of deeper repositories).
-    pub fn repo_exists(&self, ns: &str, repo: &str) -> Result<bool, StoreError> {
-        Ok(list_names(&self.repo_dir(ns, repo))?
+    pub async fn repo_exists(&self, ns: &str, repo: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .kv_list(&Self::repo_key(ns, repo))
+            .await?
             .iter()
             .any(|n| n.starts_with('_')))
     }
 
     /// Namespaces (upstream keys and the hosted prefix) that have repositories.
-    pub fn list_namespaces(&self) -> Result<Vec<String>, StoreError> {
+    pub async fn list_namespaces(&self) -> Result<Vec<String>, StoreError> {
+        if let Some(sh) = &self.shared {
+            return sh.bucket.list_dir("repos/").await;
+        }
         let mut out = Vec::new();
         for e in fs::read_dir(self.root.join("repos"))? {
             let e = e?;
@@ -294,11 +315,68 @@ impl Store {
     }
 
     /// Repositories under a namespace (those with any metadata), sorted.
-    pub fn list_repos(&self, ns: &str) -> Result<Vec<String>, StoreError> {
+    pub async fn list_repos(&self, ns: &str) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
+        if let Some(sh) = &self.shared {
+            // One recursive listing: a repository is the path before its first `_` entry.
+            let dir = format!("repos/{ns}/");
+            let mut set = std::collections::BTreeSet::new();
+            for o in sh.bucket.list_all(&dir).await? {
+                let rest = o.key.strip_prefix(&dir).unwrap_or_default();
+                let parts: Vec<&str> = rest.split('/').collect();
+                if let Some(i) = parts.iter().position(|p| p.starts_with('_')) {
+                    if i > 0 {
+                        set.insert(parts[..i].join("/"));
+                    }
+                }
+            }
+            return Ok(set.into_iter().collect());
+        }
         collect_repos(&self.root.join("repos").join(ns), "", &mut out)?;
         out.sort();
         Ok(out)
+    }
+
+    /// A metadata object, from the bucket when there is one, else under the root.
+    async fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match &self.shared {
+            Some(sh) => Ok(sh.bucket.get(key).await?.map(|b| b.to_vec())),
+            None => not_found_is_none(fs::read(self.root.join(key))),
+        }
+    }
+
+    async fn kv_put(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        match &self.shared {
+            Some(sh) => sh.bucket.put(key, bytes.into()).await,
+            None => write_atomic(self.root.join(key), &bytes),
+        }
+    }
+
+    async fn kv_exists(&self, key: &str) -> Result<bool, StoreError> {
+        match &self.shared {
+            Some(sh) => Ok(sh.bucket.head(key).await?.is_some()),
+            None => Ok(not_found_is_none(fs::metadata(self.root.join(key)))?.is_some()),
+        }
+    }
+
+    /// Removes a metadata object; whether it existed.
+    async fn kv_delete(&self, key: &str) -> Result<bool, StoreError> {
+        match &self.shared {
+            Some(sh) => {
+                let existed = sh.bucket.head(key).await?.is_some();
+                sh.bucket.delete(key).await?;
+                Ok(existed)
+            }
+            None => remove(self.root.join(key)),
+        }
+    }
+
+    /// Names directly under a metadata "directory", sorted.
+    async fn kv_list(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        match &self.shared {
+            Some(sh) => sh.bucket.list_dir(&format!("{dir}/")).await,
+            None => list_names(&self.root.join(dir)),
+        }
     }
 }
 

@@ -14,8 +14,11 @@
 //! write, delete, list, and metadata get/put) so that an object-store backend can follow
 //! without touching the services.
 
+pub mod bucket;
 pub mod layout;
 mod meta;
+mod sessions;
+mod shared;
 mod writer;
 
 use std::fs::{self, File};
@@ -24,7 +27,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+pub use bucket::{Bucket, Upload};
 pub use meta::{now_secs, ManifestLink, TagRecord};
+pub use sessions::{SessionInfo, SessionWriter};
 pub use writer::BlobWriter;
 
 use crate::names::Digest;
@@ -39,13 +44,19 @@ pub enum StoreError {
     SizeMismatch { expected: u64, actual: u64 },
     #[error("corrupt metadata {0}")]
     Meta(String),
+    #[error("{0}")]
+    Bucket(String),
 }
 
-/// A filesystem store rooted at one directory.
+/// The store: a directory on local disk and, when configured, an S3 bucket shared by
+/// replicas. Without a bucket the directory holds everything (blobs and metadata). With
+/// one, the bucket is the source of truth for blobs and all metadata, and the directory
+/// is this replica's hot tier of blobs (LRU-capped), so warm reads stay local file reads.
 pub struct Store {
     root: PathBuf,
     /// Bytes of committed content, kept current on commit/delete for the size metric.
     size: AtomicU64,
+    shared: Option<shared::Shared>,
 }
 
 impl Store {
@@ -68,7 +79,26 @@ impl Store {
         Ok(Store {
             root,
             size: AtomicU64::new(size),
+            shared: None,
         })
+    }
+
+    /// Opens the store at `root` as the local tier of `bucket` (checked reachable first),
+    /// capped at `local_cap` bytes.
+    pub async fn open_shared(
+        root: &Path,
+        bucket: Bucket,
+        local_cap: u64,
+    ) -> Result<Store, StoreError> {
+        bucket.check().await?;
+        let mut store = Store::open(root)?;
+        store.shared = Some(shared::Shared::new(bucket, local_cap));
+        Ok(store)
+    }
+
+    /// Whether content and metadata live in a bucket shared with other replicas.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
     }
 
     pub fn root(&self) -> &Path {
@@ -123,8 +153,8 @@ impl Store {
         }
     }
 
-    /// Size of a committed blob, or `None` if it is not stored (or not whole).
-    pub fn stat(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
+    /// Size of a blob in the local tier, or `None` if it is not there (or not whole).
+    pub fn local_size(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
         let Some(len) = not_found_is_none(fs::metadata(self.blob_path(d)))?.map(|m| m.len()) else {
             return Ok(None);
         };
@@ -142,7 +172,7 @@ impl Store {
     }
 
     /// Reads a whole small blob (a manifest) into memory; `None` if not stored or whole.
-    pub fn read_small(&self, d: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+    pub fn read_small_local(&self, d: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
         let Some(bytes) = not_found_is_none(fs::read(self.blob_path(d)))? else {
             return Ok(None);
         };
@@ -165,13 +195,6 @@ impl Store {
     /// writer aborts it.
     pub fn begin(&self) -> Result<BlobWriter, StoreError> {
         BlobWriter::create(&self.root.join("tmp"))
-    }
-
-    /// Like [`Store::begin`], for a hosted upload session: its file lives in `uploads/`,
-    /// apart from fills, because a session may sit idle for up to `upload_ttl` and must
-    /// not look like a leftover to `verify`.
-    pub fn begin_upload(&self) -> Result<BlobWriter, StoreError> {
-        BlobWriter::create(&self.root.join("uploads"))
     }
 
     /// Verifies the written bytes against the expected digest (and size, when known),
@@ -200,30 +223,36 @@ impl Store {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        let dest = self.blob_path(expected);
-        if self.stat(expected)?.is_some() {
-            // Same content already stored (another upstream, or a racing fill): keep one.
-            let _ = fs::remove_file(&tmp);
-            return Ok(written);
-        }
-        if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        self.record_size(expected, written)?;
-        fs::rename(&tmp, &dest)?;
-        self.size.fetch_add(written, Ordering::Relaxed);
+        self.adopt(&tmp, expected, written)?;
         Ok(written)
     }
 
-    /// Writes a small, already-verified object (a manifest) in one go.
-    pub fn put_small(&self, d: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
+    /// Moves a verified, synced file into place as blob `d` (or drops it when the same
+    /// content is stored already: another upstream, or a racing fill).
+    fn adopt(&self, tmp: &Path, d: &Digest, len: u64) -> Result<(), StoreError> {
+        if self.local_size(d)?.is_some() {
+            let _ = fs::remove_file(tmp);
+            return Ok(());
+        }
+        let dest = self.blob_path(d);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        self.record_size(d, len)?;
+        fs::rename(tmp, &dest)?;
+        self.size.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes a small, already-verified object (a manifest) to the local tier.
+    fn put_small_local(&self, d: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
         let mut w = self.begin()?;
         w.write(bytes)?;
         self.commit(w, d, Some(bytes.len() as u64)).map(|_| ())
     }
 
-    /// Removes a blob; returns whether it existed.
-    pub fn delete(&self, d: &Digest) -> Result<bool, StoreError> {
+    /// Removes a blob from the local tier; returns whether it existed.
+    fn delete_local(&self, d: &Digest) -> Result<bool, StoreError> {
         let path = self.blob_path(d);
         let Some(len) = not_found_is_none(fs::metadata(&path))?.map(|m| m.len()) else {
             return Ok(false);
@@ -235,7 +264,7 @@ impl Store {
     }
 
     /// Every committed object with its size and last use (for gc and verify).
-    pub fn list(&self) -> Result<Vec<BlobInfo>, StoreError> {
+    fn list_local(&self) -> Result<Vec<BlobInfo>, StoreError> {
         let mut out = Vec::new();
         for shard in fs::read_dir(self.root.join("blobs/sha256"))? {
             for entry in fs::read_dir(shard?.path())? {
@@ -260,7 +289,7 @@ impl Store {
     /// Records a use of `d` (its mtime is the "last pulled" time eviction goes by).
     /// Skipped when the last record is recent, to keep hot blobs from costing a
     /// syscall per request.
-    pub fn touch(&self, d: &Digest) -> Result<(), StoreError> {
+    fn touch_local(&self, d: &Digest) -> Result<(), StoreError> {
         let path = self.blob_path(d);
         let Some(file) = not_found_is_none(File::options().append(true).open(&path))? else {
             return Ok(());
@@ -279,7 +308,7 @@ impl Store {
     }
 
     /// Re-hashes a stored object; `Some(actual)` when it does not match its name.
-    pub fn verify(&self, d: &Digest) -> Result<Option<Digest>, StoreError> {
+    fn verify_local(&self, d: &Digest) -> Result<Option<Digest>, StoreError> {
         use sha2::Digest as _;
         // The file as it is (no length check: verify reports, it does not quarantine).
         let Some(mut f) = not_found_is_none(File::open(self.blob_path(d)))? else {
@@ -326,43 +355,50 @@ impl Store {
         Ok(())
     }
 
-    /// Runs `f` holding the link lock shared: linking content into a hosted repository
-    /// (and the write it links) happens under it, so an eviction pass, which decides and
-    /// deletes under the same lock held exclusively, can never delete what a hosted
-    /// repository has just linked. A file lock (`flock`), so a `gc` run from the command
-    /// line beside a live server is held back too.
-    pub fn linking<T>(
-        &self,
-        f: impl FnOnce(&Store) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let lock = self.lock_file()?;
-        lock.lock_shared()?;
-        f(self)
+    /// Takes the link lock shared: linking content into a hosted repository (and the
+    /// write it links) happens under it, so an eviction pass, which decides and deletes
+    /// under the same lock held exclusively ([`Store::lock_evicting`]), can never delete
+    /// what a hosted repository has just linked. A file lock (`flock`), so a `gc` run from
+    /// the command line beside a live server is held back too. Taken on a blocking thread.
+    pub async fn lock_linking(&self) -> Result<LinkLock, StoreError> {
+        self.lock(false).await
     }
 
-    /// Runs `f` holding the link lock exclusively (eviction; see [`Store::linking`]).
-    pub fn evicting<T, E: From<StoreError>>(
-        &self,
-        f: impl FnOnce(&Store) -> Result<T, E>,
-    ) -> Result<T, E> {
-        let lock = self.lock_file().map_err(E::from)?;
-        lock.lock().map_err(|e| E::from(e.into()))?;
-        f(self)
+    /// Takes the link lock exclusively (eviction; see [`Store::lock_linking`]).
+    pub async fn lock_evicting(&self) -> Result<LinkLock, StoreError> {
+        self.lock(true).await
     }
 
-    fn lock_file(&self) -> Result<File, StoreError> {
-        Ok(File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(self.root.join("links.lock"))?)
+    async fn lock(&self, exclusive: bool) -> Result<LinkLock, StoreError> {
+        let path = self.root.join("links.lock");
+        let file = tokio::task::spawn_blocking(move || -> io::Result<File> {
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)?;
+            if exclusive {
+                f.lock()?;
+            } else {
+                f.lock_shared()?;
+            }
+            Ok(f)
+        })
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))??;
+        Ok(LinkLock { _file: file })
     }
 
     /// Removes every temp file: only at server start, when no write can be in progress.
     pub fn clean_tmp(&self) -> Result<usize, StoreError> {
         Ok(clean_dir(&self.root.join("tmp"))? + clean_dir(&self.root.join("uploads"))?)
     }
+}
+
+/// The link lock, held until dropped (closing the file releases the `flock`).
+pub struct LinkLock {
+    _file: File,
 }
 
 /// Use records are refreshed at most this often per object.

@@ -1,0 +1,241 @@
+//! Copying a blob into the local tier while readers stream it: the bytes come from an
+//! upstream (then also into the shared bucket, when there is one) or from the bucket
+//! (another replica fetched it, or this replica's local copy was trimmed).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{FutureExt, Stream, StreamExt};
+
+use super::blobs::{BlobReply, ByteRange, Fill};
+use super::flight::{Join, Lead};
+use super::stream::{Avail, BodyStream};
+use super::{ServiceError, Services, Source};
+use crate::names::Digest;
+use crate::store::{BlobWriter, StoreError, Upload};
+use crate::upstream::Upstream;
+
+/// The fill writes (and wakes its readers) in batches of up to this many bytes.
+const WRITE_BATCH: usize = 512 * 1024;
+
+/// A source that sends nothing for this long is abandoned.
+pub(super) const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A blob write in progress: the local file, and the bucket upload fed the same bytes.
+type Written = (BlobWriter, Option<Upload>);
+
+impl Services {
+    /// A stored blob: from the local tier, or (held only by the bucket) copied into it
+    /// once, every request streaming the bytes as they arrive.
+    pub(super) async fn stored(
+        &self,
+        d: &Digest,
+        size: u64,
+        range: Option<ByteRange>,
+        head: bool,
+    ) -> Result<BlobReply, ServiceError> {
+        if head || self.store().local_size(d)?.is_some() {
+            return self.cached(d, size, range, head);
+        }
+        let init = Fill::default;
+        let mut rx = match self.mirror.blob_flights.join(d.clone(), init) {
+            Join::Leader(lead) => {
+                let rx = lead.subscribe();
+                let (this, d) = (self.clone(), d.clone());
+                actix_web::rt::spawn(async move {
+                    if let Err(e) = this.copy_from_bucket(&lead, &d).await {
+                        tracing::warn!(digest = %d, error = %e, "copy from the bucket failed");
+                        lead.tx.send_modify(|f| f.error = Some(Arc::new(e)));
+                    }
+                });
+                rx
+            }
+            Join::Follower(rx) => rx,
+        };
+        let (file, _) = super::blobs::wait_started(&mut rx).await?;
+        let range = range.map(|r| r.resolve(size)).transpose()?;
+        let (start, end) = range.unwrap_or((0, size));
+        let body = BodyStream::new(
+            file,
+            start,
+            end,
+            Avail::Fill(rx, None),
+            self.mirror.metrics.clone(),
+            "bucket",
+        );
+        Ok(BlobReply {
+            size: Some(size),
+            range,
+            body: Some(body),
+            source: Source::Cache,
+        })
+    }
+
+    /// Leads the copy of `d` from the bucket into the local tier. Bytes that do not match
+    /// the digest are never kept: the bucket object is deleted (counted), so the next
+    /// request fetches the blob again.
+    pub(super) async fn copy_from_bucket(
+        &self,
+        lead: &Lead<Digest, Fill>,
+        d: &Digest,
+    ) -> Result<(), ServiceError> {
+        let Some((size, body)) = self.store().read_shared(d, 0).await? else {
+            return Err(ServiceError::BlobUnknown(d.to_string()));
+        };
+        let body = body.map(|c| c.map_err(|e| e.to_string()));
+        let Some((w, _)) = self
+            .write_fill(lead, d, body, Some(size), None, None)
+            .await?
+        else {
+            return Ok(());
+        };
+        if w.digest() != *d || w.written() != size {
+            self.metrics().bucket_corrupt.inc();
+            self.store().reject_shared(d).await?;
+            return Err(ServiceError::Unavailable(format!(
+                "the bucket's copy of {d} is corrupt (hashes to {}); deleted, ask again",
+                w.digest()
+            )));
+        }
+        lead.tx.send_modify(|f| f.verified = true);
+        let (expected, store) = (d.clone(), self.mirror.store.clone());
+        super::offload(async move { store.commit(w, &expected, Some(size)) }).await?;
+        lead.tx.send_modify(|f| f.committed = true);
+        Ok(())
+    }
+
+    /// Writes `body` into a new local file (and `upload`), telling the readers of `lead`
+    /// how far they may read. `None` when the local disk is full (readers relay from `up`).
+    pub(super) async fn write_fill<S>(
+        &self,
+        lead: &Lead<Digest, Fill>,
+        d: &Digest,
+        mut body: S,
+        size: Option<u64>,
+        mut upload: Option<Upload>,
+        up: Option<&Upstream>,
+    ) -> Result<Option<Written>, ServiceError>
+    where
+        S: Stream<Item = Result<Bytes, String>> + Unpin,
+    {
+        let full = |e: &std::io::Error| {
+            if let Some(up) = up {
+                self.pass_through(lead, up, d, size, e);
+            }
+        };
+        let w = match self.store().begin() {
+            Ok(w) => w,
+            Err(StoreError::Io(e)) if no_space(&e) && up.is_some() => {
+                full(&e);
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        lead.tx.send_modify(|f| {
+            f.file = Some(w.reader());
+            f.size = size;
+            f.started = true;
+        });
+        let source = up.map_or("the bucket".to_string(), |u| format!("upstream {}", u.name));
+        let bytes_metric = up.map(|u| self.metrics().upstream_bytes.with_label_values(&[&u.name]));
+        // Two stages: this task receives the next batch while a blocking thread hashes and
+        // writes the previous one, so receiving, hashing and writing overlap.
+        let mut ended = false;
+        let mut writing: Option<tokio::task::JoinHandle<(BlobWriter, std::io::Result<u64>)>> = None;
+        let mut w = Some(w);
+        loop {
+            let next = read_batch(&mut body, &mut ended, &source).await?;
+            if let Some(h) = writing.take() {
+                let (back, result) = h
+                    .await
+                    .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+                match result {
+                    Ok(n) => {
+                        if let Some(m) = &bytes_metric {
+                            m.inc_by(n);
+                        }
+                        let total = back.written();
+                        lead.tx.send_modify(|f| f.written = total);
+                        w = Some(back);
+                    }
+                    Err(e) if no_space(&e) && up.is_some() => {
+                        // Dropping the writer removes the partial file; readers keep their
+                        // handle on the bytes already written and relay the rest.
+                        drop(back);
+                        full(&e);
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(StoreError::from(e).into()),
+                }
+            }
+            let Some(chunk) = next else { break };
+            if let Some(u) = &mut upload {
+                for c in &chunk {
+                    u.push(c.clone()).await?;
+                }
+            }
+            let Some(mut writer) = w.take() else { break };
+            writing = Some(tokio::task::spawn_blocking(move || {
+                let r = chunk
+                    .iter()
+                    .try_fold(0, |n, c| writer.write(c).map(|_| n + c.len() as u64));
+                (writer, r)
+            }));
+        }
+        let w = w.ok_or_else(|| ServiceError::Unavailable("fill lost its writer".into()))?;
+        Ok(Some((w, upload)))
+    }
+}
+
+/// The next batch of bytes: at least one chunk (waiting at most the idle timeout), plus
+/// whatever else is already there, up to [`WRITE_BATCH`]. `None` at the end.
+async fn read_batch<S>(
+    body: &mut S,
+    ended: &mut bool,
+    source: &str,
+) -> Result<Option<Vec<Bytes>>, ServiceError>
+where
+    S: Stream<Item = Result<Bytes, String>> + Unpin,
+{
+    let err = |e: String| ServiceError::Unavailable(format!("{source}: {e}"));
+    // awc panics if its payload is polled again after its end: `ended` guards that.
+    if *ended {
+        return Ok(None);
+    }
+    let first = match tokio::time::timeout(IDLE_TIMEOUT, body.next()).await {
+        Err(_) => return Err(err("stalled".into())),
+        Ok(None) => {
+            *ended = true;
+            return Ok(None);
+        }
+        Ok(Some(Err(e))) => return Err(err(e)),
+        Ok(Some(Ok(b))) => b,
+    };
+    // Coalesce what is already there into one write and one wake-up of the readers (the
+    // upstream hands over ~16-64 KiB at a time); never wait for more.
+    let mut len = first.len();
+    let mut batch = vec![first];
+    while len < WRITE_BATCH {
+        match body.next().now_or_never() {
+            Some(Some(Ok(b))) => {
+                len += b.len();
+                batch.push(b);
+            }
+            Some(Some(Err(e))) => return Err(err(e)),
+            Some(None) => {
+                *ended = true;
+                break;
+            }
+            None => break,
+        }
+    }
+    Ok(Some(batch))
+}
+
+/// Whether a write failed because the disk (or quota) is full.
+fn no_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
