@@ -514,8 +514,8 @@ fn abandoned_uploads_are_dropped_with_their_bytes() {
     assert_eq!(send(&loc, "PATCH", &noise(10_000, 1), auth).status, 202);
     assert_eq!(
         mirror.tmp_files(),
-        1,
-        "the upload's bytes are in a temp file"
+        2,
+        "the upload's bytes and its session record are in temp files"
     );
     wait_until("upload expiry", std::time::Duration::from_secs(10), || {
         mirror.tmp_files() == 0

@@ -135,15 +135,24 @@ impl Bucket {
             })
             .await;
         r.map(|_| ()).map_err(|e| {
-            let hint = match &e {
-                object_store::Error::NotFound { .. } => "the bucket does not exist",
+            // S3 errors arrive as "Generic" with the status and S3 code in the text.
+            let text = e.to_string();
+            let hint = if matches!(e, object_store::Error::NotFound { .. })
+                || text.contains("NoSuchBucket")
+            {
+                "the bucket does not exist"
+            } else if matches!(
+                e,
                 object_store::Error::PermissionDenied { .. }
-                | object_store::Error::Unauthenticated { .. } => {
-                    "the access key or secret was refused"
-                }
-                _ => "is the endpoint reachable, the bucket there and the key right?",
+                    | object_store::Error::Unauthenticated { .. }
+            ) || text.contains("403")
+                || text.contains("AccessDenied")
+            {
+                "the access key or secret was refused (or it may not use this bucket)"
+            } else {
+                "is the endpoint reachable?"
             };
-            StoreError::Bucket(format!("{}: {hint}: {e}", self.name))
+            StoreError::Bucket(format!("{hint}: {text}"))
         })
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::{free_port, run, wait_until, Proc};
+use super::{free_port, run, wait_port, wait_until, Proc};
 
 /// Where `.ci/run` installs the binary when it is not on PATH.
 const INSTALLED: &str = "/opt/garage/bin/garage";
@@ -34,6 +34,7 @@ pub struct Garage {
 
 struct Node {
     config: PathBuf,
+    rpc_port: u16,
     pub s3_port: u16,
     proc: Option<Proc>,
 }
@@ -58,6 +59,7 @@ impl Garage {
                 std::fs::write(&config, toml).expect("garage config");
                 let mut node = Node {
                     config,
+                    rpc_port: rpc,
                     s3_port: s3,
                     proc: None,
                 };
@@ -89,6 +91,11 @@ impl Garage {
                 id
             })
             .collect();
+        // `node id` reads the key file: it answers before the node listens.
+        for n in &nodes {
+            wait_port(n.rpc_port);
+            wait_port(n.s3_port);
+        }
         for id in &ids[1..] {
             g(&nodes[0], &["node", "connect", id]);
         }
