@@ -208,9 +208,17 @@ fn two_replicas_share_one_bucket() {
 
     // Cache: A fetches from the upstream, B serves the same blob from the bucket.
     let blob_url = |m: &Mirror| format!("{}/v2/docker.io/library/app/blobs/{layer}", m.url());
+    let out = |m: &Mirror| m.metric("entrepot_s3_bytes_total", &[("direction", "out")]);
+    let written = out(&a);
     let r = get(&blob_url(&a));
     assert_eq!(sha256_hex(&r.body), layer[7..]);
     let full = r.body.len();
+    a.settle();
+    assert_eq!(
+        out(&a) - written,
+        full as f64,
+        "a cold blob is written to the bucket once (1.00x), while it is served"
+    );
     let r = get(&format!("{}/v2/docker.io/library/app/manifests/1", a.url()));
     assert_eq!(r.status, 200);
     let before = up.count("GET", "/blobs/");

@@ -145,8 +145,14 @@ impl Bucket {
                 e,
                 object_store::Error::PermissionDenied { .. }
                     | object_store::Error::Unauthenticated { .. }
-            ) || text.contains("403")
-                || text.contains("AccessDenied")
+            ) || [
+                "403 Forbidden",
+                "AccessDenied",
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+            ]
+            .iter()
+            .any(|c| text.contains(c))
             {
                 "the access key or secret was refused (or it may not use this bucket)"
             } else {
