@@ -42,9 +42,21 @@ fn s3_lines(g: &Garage, n: usize, extra: &str) -> String {
 
 /// A replica with hosted prefix `local` (alice may push) caching `upstream_url`.
 fn replica(tmp: &TempDir, g: &Garage, node: usize, upstream_url: &str) -> Mirror {
+    replica_with(tmp, g, node, upstream_url, "", "")
+}
+
+/// `replica` with extra `[server]` and `[server.s3]` lines.
+fn replica_with(
+    tmp: &TempDir,
+    g: &Garage,
+    node: usize,
+    upstream_url: &str,
+    server: &str,
+    s3: &str,
+) -> Mirror {
     let file = htpasswd(tmp.path(), &[("alice", "alice-pw")]);
     Mirror::start(
-        &s3_lines(g, node, ""),
+        &format!("{server}\n{}", s3_lines(g, node, s3)),
         &format!(
             "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\nanonymous_pull = true\npush = [\"alice\"]\n\
              [upstreams.\"docker.io\"]\nurl = \"{upstream_url}\"\n",
@@ -296,6 +308,7 @@ fn two_replicas_share_one_bucket() {
         before + 1,
         "fetched from the upstream again"
     );
+    b.settle();
     assert_eq!(
         sha256_hex(&s3.get(&key)),
         layer[7..],
@@ -307,6 +320,46 @@ fn two_replicas_share_one_bucket() {
             &[("op", "get"), ("result", "ok")]
         ) > 0.0
     );
+
+    // A small local tier: what is read is trimmed from the disk, still served from the
+    // bucket.
+    let c = replica_with(
+        &tmp,
+        &g,
+        1,
+        &up.url(),
+        "max_cache_size = \"1KiB\"",
+        "local_cache_size = \"100KiB\"\ngc = false",
+    );
+    for _ in 0..2 {
+        let r = get(&format!("{}/v2/local/split/blobs/{digest}", c.url()));
+        assert_eq!(sha256_hex(&r.body), digest[7..]);
+        wait_until(
+            "local tier trimmed",
+            std::time::Duration::from_secs(10),
+            || c.store_files(&digest[7..]).is_empty(),
+        );
+    }
+    // Eviction runs on the bucket: upstream-cached content goes, hosted content stays.
+    let (ok, out) = c.cli(&["gc"]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("evicted {layer}")), "{out}");
+    let keys = s3.keys("mirror/blobs/sha256");
+    assert!(
+        !keys.iter().any(|k| k.ends_with(&layer[7..])),
+        "cached layer evicted"
+    );
+    assert!(
+        keys.iter().any(|k| k.ends_with(&digest[7..])),
+        "hosted blob kept"
+    );
+    let raw = run(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{host_b}/local/team/app:1"),
+    ]));
+    assert_eq!(format!("sha256:{}", sha256_hex(raw.as_bytes())), index);
 }
 
 #[test]

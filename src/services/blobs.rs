@@ -482,6 +482,7 @@ impl Services {
         match committed.map_err(ServiceError::from) {
             Ok(_) => {
                 self.metrics().store_bytes.set(self.store().size() as i64);
+                self.mirror.keep_local_tier();
                 Ok(())
             }
             Err(ServiceError::Store(StoreError::DigestMismatch { expected, actual })) => {

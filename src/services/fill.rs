@@ -101,6 +101,7 @@ impl Services {
         let (expected, store) = (d.clone(), self.mirror.store.clone());
         super::offload(async move { store.commit(w, &expected, Some(size)) }).await?;
         lead.tx.send_modify(|f| f.committed = true);
+        self.mirror.keep_local_tier();
         Ok(())
     }
 

@@ -259,6 +259,22 @@ impl Services {
     }
 }
 
+impl Mirror {
+    /// Trims the local tier in the background once a write took it over its cap (with a
+    /// bucket; the periodic pass catches the rest).
+    pub(crate) fn keep_local_tier(&self) {
+        if !self.store.local_over_cap() {
+            return;
+        }
+        let store = self.store.clone();
+        actix_web::rt::spawn(async move {
+            if let Err(e) = offload(async move { store.trim_local().await }).await {
+                tracing::warn!(error = %e, "could not trim the local tier");
+            }
+        });
+    }
+}
+
 /// Runs store work that blocks (a walk of the local store, an fsync, a hash of a whole
 /// file) on a blocking thread, so no async worker stalls on the disk. `fut` may await the
 /// bucket too: this worker's runtime keeps driving its timers meanwhile.

@@ -251,6 +251,7 @@ impl Services {
         })?;
         self.mirror.catalog.add(&self.hosted()?.prefix, repo);
         self.metrics().store_bytes.set(self.store().size() as i64);
+        self.mirror.keep_local_tier();
         Ok(())
     }
 

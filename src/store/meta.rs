@@ -347,14 +347,25 @@ impl Store {
 
     async fn kv_put(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
         match &self.shared {
-            Some(sh) => sh.bucket.put(key, bytes.into()).await,
+            Some(sh) => {
+                sh.bucket.put(key, bytes.into()).await?;
+                sh.remember(key, true);
+                Ok(())
+            }
             None => write_atomic(self.root.join(key), &bytes),
         }
     }
 
     async fn kv_exists(&self, key: &str) -> Result<bool, StoreError> {
         match &self.shared {
-            Some(sh) => Ok(sh.bucket.head(key).await?.is_some()),
+            Some(sh) => {
+                if let Some(exists) = sh.seen(key) {
+                    return Ok(exists);
+                }
+                let exists = sh.bucket.head(key).await?.is_some();
+                sh.remember(key, exists);
+                Ok(exists)
+            }
             None => Ok(not_found_is_none(fs::metadata(self.root.join(key)))?.is_some()),
         }
     }
@@ -365,6 +376,7 @@ impl Store {
             Some(sh) => {
                 let existed = sh.bucket.head(key).await?.is_some();
                 sh.bucket.delete(key).await?;
+                sh.remember(key, false);
                 Ok(existed)
             }
             None => remove(self.root.join(key)),

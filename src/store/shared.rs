@@ -2,6 +2,7 @@
 //! shared bucket. Without a bucket each of them is the plain local operation.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,6 +21,39 @@ pub(super) struct Shared {
     /// Uses not yet written to the bucket (digest hex -> seconds since the epoch):
     /// eviction on the bucket goes by the last use on any replica, recorded in batches.
     uses: Mutex<HashMap<String, u64>>,
+    /// Recent answers to "does this marker exist" (blob links, private markers), so a warm
+    /// request does not wait for the bucket each time. Bounded in time, never "forever":
+    /// another replica's change is seen within [`SEEN_FOR`].
+    seen: dashmap::DashMap<String, (bool, std::time::Instant)>,
+    /// One trim of the local tier at a time.
+    trimming: AtomicBool,
+}
+
+/// How long an answer in `Shared::seen` is trusted.
+const SEEN_FOR: Duration = Duration::from_secs(10);
+
+impl Shared {
+    /// A remembered existence answer for `key`, if recent. Only blob links (when present:
+    /// an absent one must be looked up, another replica may have just made it) and
+    /// private markers are remembered.
+    pub(super) fn seen(&self, key: &str) -> Option<bool> {
+        let e = self.seen.get(key)?;
+        let (exists, at) = *e;
+        (at.elapsed() < SEEN_FOR).then_some(exists)
+    }
+
+    pub(super) fn remember(&self, key: &str, exists: bool) {
+        let link = key.contains("/_blobs/");
+        if (link && exists) || key.ends_with("/_private") {
+            if self.seen.len() > 100_000 {
+                self.seen.retain(|_, (_, at)| at.elapsed() < SEEN_FOR);
+            }
+            self.seen
+                .insert(key.to_string(), (exists, std::time::Instant::now()));
+        } else if link {
+            self.seen.remove(key);
+        }
+    }
 }
 
 impl Shared {
@@ -28,6 +62,8 @@ impl Shared {
             bucket: Arc::new(bucket),
             local_cap,
             uses: Mutex::new(HashMap::new()),
+            seen: dashmap::DashMap::new(),
+            trimming: AtomicBool::new(false),
         }
     }
 }
@@ -246,9 +282,22 @@ impl Store {
         let Some(sh) = &self.shared else {
             return Ok((0, 0));
         };
-        if self.size() <= sh.local_cap {
+        if self.size() <= sh.local_cap || sh.trimming.swap(true, Ordering::AcqRel) {
             return Ok((0, 0));
         }
+        let r = self.trim_local_to(sh).await;
+        sh.trimming.store(false, Ordering::Release);
+        r
+    }
+
+    /// Whether the local tier is over its cap (a trim is due).
+    pub fn local_over_cap(&self) -> bool {
+        self.shared
+            .as_ref()
+            .is_some_and(|sh| self.size() > sh.local_cap)
+    }
+
+    async fn trim_local_to(&self, sh: &Shared) -> Result<(u64, usize), StoreError> {
         let mut local = self.list_local()?;
         local.sort_by_key(|b| b.last_used);
         let (mut freed, mut n) = (0, 0);
