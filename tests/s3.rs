@@ -226,6 +226,12 @@ fn two_replicas_share_one_bucket() {
     assert_eq!(sha256_hex(&r.body), layer[7..]);
     let full = r.body.len();
     a.settle();
+    // The bucket copy trails the fill (clients do not wait for the bucket).
+    let s3 = Direct::new(&g);
+    let key = format!("mirror/blobs/sha256/{}", &layer[7..]);
+    wait_until("bucket copy", std::time::Duration::from_secs(20), || {
+        s3.keys("mirror/blobs/sha256").contains(&key)
+    });
     assert_eq!(
         out(&a) - written,
         full as f64,
@@ -241,7 +247,6 @@ fn two_replicas_share_one_bucket() {
         before,
         "B read the bucket, not the upstream"
     );
-    let s3 = Direct::new(&g);
     let copies = s3
         .keys("mirror/blobs/sha256")
         .iter()
@@ -285,7 +290,6 @@ fn two_replicas_share_one_bucket() {
     // A corrupt object in the bucket is never served as valid: `verify` reports it, and
     // a replica that must read it refuses the bytes, deletes the object, and the next
     // request fetches the blob from the upstream again.
-    let key = format!("mirror/blobs/sha256/{}", &layer[7..]);
     let mut bad = s3.get(&key);
     bad[1000] ^= 0xff;
     s3.put(&key, bad);
@@ -308,7 +312,9 @@ fn two_replicas_share_one_bucket() {
         before + 1,
         "fetched from the upstream again"
     );
-    b.settle();
+    wait_until("bucket copy again", std::time::Duration::from_secs(20), || {
+        s3.keys("mirror/blobs/sha256").contains(&key)
+    });
     assert_eq!(
         sha256_hex(&s3.get(&key)),
         layer[7..],

@@ -381,27 +381,20 @@ impl Services {
             ));
         }
         let size = content_length(resp.headers());
-        let upload = self.store().upload_shared(d).await?;
+        if let Some(upload) = self.store().upload_shared(d).await? {
+            // The bucket copy trails the fill (read back from the local file): clients and
+            // the local tier go at the upstream's speed, not at the bucket's.
+            let (rx, d) = (lead.subscribe(), d.clone());
+            actix_web::rt::spawn(super::fill::trail_upload(rx, upload, d));
+        }
         let body = resp.map(|c| c.map_err(|e| e.to_string()));
-        let Some((w, upload)) = self
-            .write_fill(lead, d, body, size, upload, Some(up))
-            .await?
-        else {
+        let Some((w, _)) = self.write_fill(lead, d, body, size, None, Some(up)).await? else {
             return Ok(());
         };
         let verified = w.digest() == *d && size.is_none_or(|s| s == w.written());
         if verified {
             // Clients need not wait for the fsync: release them once the bytes check out.
             lead.tx.send_modify(|f| f.verified = true);
-        }
-        if let Some(u) = upload {
-            // The shared copy becomes visible only once verified; a mismatch is reported
-            // by the local commit below.
-            if verified {
-                u.complete().await?;
-            } else {
-                u.abort().await;
-            }
         }
         self.commit(w, size, up, d).await?;
         self.store().link_blob(&up.name, repo, d).await?;

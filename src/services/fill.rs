@@ -188,6 +188,60 @@ impl Services {
     }
 }
 
+/// Feeds a bucket upload from a fill's local file as the fill writes it, and completes it
+/// only once the fill verified the digest (aborts on any failure). Runs beside the fill,
+/// so a slow bucket slows only this copy.
+pub(super) async fn trail_upload(
+    mut rx: tokio::sync::watch::Receiver<Fill>,
+    mut upload: Upload,
+    d: Digest,
+) {
+    let part = crate::store::bucket::PART as u64;
+    let mut pos = 0u64;
+    let mut closed = false;
+    loop {
+        let (file, written, verified, failed) = {
+            let f = rx.borrow_and_update();
+            let failed = f.error.is_some() || f.passthrough;
+            (f.file.clone(), f.written, f.verified || f.committed, failed)
+        };
+        if failed {
+            upload.abort().await;
+            return;
+        }
+        let ready = written.saturating_sub(pos);
+        if let Some(file) = file.filter(|_| ready >= part || (verified && ready > 0)) {
+            let n = ready.min(part) as usize;
+            let at = pos;
+            let read = tokio::task::spawn_blocking(move || super::stream::read_chunk(&file, at, n));
+            let pushed = match read.await {
+                Ok(Ok(bytes)) => upload.push(bytes).await.map_err(|e| e.to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = pushed {
+                tracing::warn!(digest = %d, error = %e, "bucket upload failed; the blob stays local only");
+                upload.abort().await;
+                return;
+            }
+            pos += n as u64;
+            continue;
+        }
+        if verified && pos == written {
+            if let Err(e) = upload.complete().await {
+                tracing::warn!(digest = %d, error = %e, "bucket upload failed; the blob stays local only");
+            }
+            return;
+        }
+        if closed {
+            // The fill ended without verified bytes.
+            upload.abort().await;
+            return;
+        }
+        closed = rx.changed().await.is_err();
+    }
+}
+
 /// The next batch of bytes: at least one chunk (waiting at most the idle timeout), plus
 /// whatever else is already there, up to [`WRITE_BATCH`]. `None` at the end.
 async fn read_batch<S>(

@@ -37,7 +37,7 @@ fn spawn_read(
 /// stalls an async worker). Positional reads, not a memory map: a file cut short under a
 /// reader (a disk cleanup, an operator) then gives a short read, which aborts this one
 /// response, where a mapping would kill the whole process with SIGBUS.
-fn read_chunk(file: &File, pos: u64, len: usize) -> std::io::Result<Bytes> {
+pub(super) fn read_chunk(file: &File, pos: u64, len: usize) -> std::io::Result<Bytes> {
     use std::os::unix::fs::FileExt;
     let mut buf = bytes::BytesMut::zeroed(len);
     file.read_exact_at(&mut buf, pos).map_err(|e| {

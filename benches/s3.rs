@@ -1,0 +1,181 @@
+//! The shared S3 store, side by side with its peers on one machine: a 3-node Garage
+//! cluster (rf 3) on loopback, Distribution as the upstream, nginx (sendfile) serving the
+//! local-tier file, and curl reading the object straight from Garage (SigV4). Run by hand:
+//!
+//! ```sh
+//! apt-get install -y docker-registry nginx-light curl   # and Garage in /opt/garage (see .ci/run)
+//! cargo bench --bench s3                                # BENCH_MIB=64 for a quick run
+//! ```
+//!
+//! Prints a Markdown table; BENCHMARKS.md keeps the latest one.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::Command;
+
+use common::garage::{garage_bin, Garage};
+use common::*;
+
+/// One curl GET: (time to first byte, total, bytes).
+fn curl(url: &str, extra: &[&str]) -> (f64, f64, u64) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_starttransfer} %{time_total} %{size_download}",
+        ])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl");
+    let s = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<f64> = s
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (v[0], v[1], v[2] as u64)
+}
+
+fn nginx_conf(dir: &std::path::Path, port: u16, file: &std::path::Path) -> String {
+    format!(
+        "daemon off;\nworker_processes 2;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\n\
+         http {{\n access_log off;\n sendfile on;\n tcp_nopush on;\n client_body_temp_path {d};\n proxy_temp_path {d};\n fastcgi_temp_path {d};\n uwsgi_temp_path {d};\n scgi_temp_path {d};\n\
+         server {{ listen 127.0.0.1:{port}; location = /blob {{ alias {f}; default_type application/octet-stream; }} }}\n}}\n",
+        d = dir.display(),
+        f = file.display()
+    )
+}
+
+fn main() {
+    let Some(bin) = garage_bin() else {
+        eprintln!("garage not installed");
+        return;
+    };
+    if !require(&["docker-registry", "nginx", "curl", "htpasswd"]) {
+        return;
+    }
+    let mib: usize = std::env::var("BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let g = Garage::start(&bin);
+    let up = Registry::start(Auth::Anonymous);
+    let d = up.push_blob("bench/s3", &noise(mib << 20, 21));
+    let s3 = format!(
+        "[server.s3]\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"garage\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"mirror/\"\n",
+        g.endpoint(0),
+        g.bucket,
+        g.key_id,
+        g.secret
+    );
+    let rest = format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url());
+    let a = Mirror::start(&s3, &rest);
+    let url = |m: &Mirror| format!("{}/v2/docker.io/bench/s3/blobs/{d}", m.url());
+    println!("| scenario ({mib} MiB blob) | entrepot | peer | ratio |\n|---|---|---|---|");
+
+    // Cold: upstream -> clients + local tier + bucket, bytes written to the bucket.
+    let out_before = a.metric("entrepot_s3_bytes_total", &[("direction", "out")]);
+    let direct = curl(&format!("{}/v2/bench/s3/blobs/{d}", up.url()), &[]);
+    let cold = curl(&url(&a), &[]);
+    a.settle();
+    let written = a.metric("entrepot_s3_bytes_total", &[("direction", "out")]) - out_before;
+    println!(
+        "| cold, S3 bytes written | {:.0} B | blob {} B | {:.2}x |",
+        written,
+        cold.2,
+        written / cold.2 as f64
+    );
+    println!(
+        "| cold wall (TTFB) | {:.3} s ({:.1} ms) | direct from upstream {:.3} s ({:.1} ms) | {:.2}x |",
+        cold.1,
+        cold.0 * 1e3,
+        direct.1,
+        direct.0 * 1e3,
+        cold.1 / direct.1
+    );
+
+    // Warm from the local tier vs nginx sendfile of the same file.
+    let file = a.store_files(&d[7..]).pop().expect("local copy");
+    let ndir = tempfile::TempDir::new().expect("tmp");
+    let port = free_port();
+    std::fs::write(
+        ndir.path().join("nginx.conf"),
+        nginx_conf(ndir.path(), port, &file),
+    )
+    .expect("conf");
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c")
+        .arg(ndir.path().join("nginx.conf"))
+        .arg("-p")
+        .arg(ndir.path());
+    let _ngx = Proc::spawn("nginx", cmd, &ndir.path().join("out.log"));
+    wait_port(port);
+    let mut warm = (0.0, 0.0, 0);
+    let mut ngx = (0.0, 0.0, 0);
+    for _ in 0..5 {
+        // Alternate, keep the best of each.
+        let w = curl(&url(&a), &[]);
+        let n = curl(&format!("http://127.0.0.1:{port}/blob"), &[]);
+        if warm.1 == 0.0 || w.1 < warm.1 {
+            warm = w;
+        }
+        if ngx.1 == 0.0 || n.1 < ngx.1 {
+            ngx = n;
+        }
+    }
+    let gbs = |r: (f64, f64, u64)| r.2 as f64 / r.1 / 1e9;
+    println!(
+        "| warm from the local tier | {:.2} GB/s | nginx sendfile {:.2} GB/s | {:.2}x |",
+        gbs(warm),
+        gbs(ngx),
+        gbs(warm) / gbs(ngx)
+    );
+
+    // Empty local tier: a fresh replica reads the blob from the bucket, vs curl reading
+    // the object straight from Garage.
+    let key = format!(
+        "{}/{}/mirror/blobs/sha256/{}",
+        g.endpoint(0),
+        g.bucket,
+        &d[7..]
+    );
+    let sig = format!("{}:{}", g.key_id, g.secret);
+    let direct_s3 = || {
+        curl(
+            &key,
+            &[
+                "--aws-sigv4",
+                "aws:amz:garage:s3",
+                "--user",
+                &sig,
+                "-H",
+                "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+            ],
+        )
+    };
+    let mut rows = Vec::new();
+    for _ in 0..3 {
+        let b = Mirror::start(&s3, &rest);
+        let from_bucket = curl(&url(&b), &[]);
+        assert_eq!(from_bucket.2, cold.2, "whole blob from the bucket");
+        let s3_direct = direct_s3();
+        assert_eq!(s3_direct.2, cold.2, "whole object from Garage");
+        rows.push((from_bucket, s3_direct));
+    }
+    let (e, s) = rows
+        .into_iter()
+        .min_by(|x, y| x.0 .1.total_cmp(&y.0 .1))
+        .expect("runs");
+    println!(
+        "| empty local tier, from the bucket: GB/s (TTFB) | {:.2} GB/s ({:.1} ms) | curl from Garage {:.2} GB/s ({:.1} ms) | {:.2}x, TTFB +{:.1} ms |",
+        gbs(e),
+        e.0 * 1e3,
+        gbs(s),
+        s.0 * 1e3,
+        gbs(e) / gbs(s),
+        (e.0 - s.0) * 1e3
+    );
+}
