@@ -312,9 +312,11 @@ fn two_replicas_share_one_bucket() {
         before + 1,
         "fetched from the upstream again"
     );
-    wait_until("bucket copy again", std::time::Duration::from_secs(20), || {
-        s3.keys("mirror/blobs/sha256").contains(&key)
-    });
+    wait_until(
+        "bucket copy again",
+        std::time::Duration::from_secs(20),
+        || s3.keys("mirror/blobs/sha256").contains(&key),
+    );
     assert_eq!(
         sha256_hex(&s3.get(&key)),
         layer[7..],

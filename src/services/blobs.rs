@@ -381,14 +381,14 @@ impl Services {
             ));
         }
         let size = content_length(resp.headers());
-        if let Some(upload) = self.store().upload_shared(d).await? {
-            // The bucket copy trails the fill (read back from the local file): clients and
-            // the local tier go at the upstream's speed, not at the bucket's.
-            let (rx, d) = (lead.subscribe(), d.clone());
-            actix_web::rt::spawn(super::fill::trail_upload(rx, upload, d));
+        if self.store().is_shared() {
+            // The bucket copy follows from the local file once verified: clients and the
+            // local tier go at the upstream's speed, not at the bucket's.
+            let (rx, store, d) = (lead.subscribe(), self.mirror.store.clone(), d.clone());
+            actix_web::rt::spawn(super::fill::copy_to_bucket(rx, store, d));
         }
         let body = resp.map(|c| c.map_err(|e| e.to_string()));
-        let Some((w, _)) = self.write_fill(lead, d, body, size, None, Some(up)).await? else {
+        let Some(w) = self.write_fill(lead, d, body, size, Some(up)).await? else {
             return Ok(());
         };
         let verified = w.digest() == *d && size.is_none_or(|s| s == w.written());

@@ -12,7 +12,7 @@ use super::flight::{Join, Lead};
 use super::stream::{Avail, BodyStream};
 use super::{ServiceError, Services, Source};
 use crate::names::Digest;
-use crate::store::{BlobWriter, StoreError, Upload};
+use crate::store::{BlobWriter, StoreError};
 use crate::upstream::Upstream;
 
 /// The fill writes (and wakes its readers) in batches of up to this many bytes.
@@ -20,9 +20,6 @@ const WRITE_BATCH: usize = 512 * 1024;
 
 /// A source that sends nothing for this long is abandoned.
 pub(super) const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// A blob write in progress: the local file, and the bucket upload fed the same bytes.
-type Written = (BlobWriter, Option<Upload>);
 
 impl Services {
     /// A stored blob: from the local tier, or (held only by the bucket) copied into it
@@ -83,10 +80,7 @@ impl Services {
             return Err(ServiceError::BlobUnknown(d.to_string()));
         };
         let body = body.map(|c| c.map_err(|e| e.to_string()));
-        let Some((w, _)) = self
-            .write_fill(lead, d, body, Some(size), None, None)
-            .await?
-        else {
+        let Some(w) = self.write_fill(lead, d, body, Some(size), None).await? else {
             return Ok(());
         };
         if w.digest() != *d || w.written() != size {
@@ -105,7 +99,7 @@ impl Services {
         Ok(())
     }
 
-    /// Writes `body` into a new local file (and `upload`), telling the readers of `lead`
+    /// Writes `body` into a new local file, telling the readers of `lead`
     /// how far they may read. `None` when the local disk is full (readers relay from `up`).
     pub(super) async fn write_fill<S>(
         &self,
@@ -113,9 +107,8 @@ impl Services {
         d: &Digest,
         mut body: S,
         size: Option<u64>,
-        mut upload: Option<Upload>,
         up: Option<&Upstream>,
-    ) -> Result<Option<Written>, ServiceError>
+    ) -> Result<Option<BlobWriter>, ServiceError>
     where
         S: Stream<Item = Result<Bytes, String>> + Unpin,
     {
@@ -170,11 +163,6 @@ impl Services {
                 }
             }
             let Some(chunk) = next else { break };
-            if let Some(u) = &mut upload {
-                for c in &chunk {
-                    u.push(c.clone()).await?;
-                }
-            }
             let Some(mut writer) = w.take() else { break };
             writing = Some(tokio::task::spawn_blocking(move || {
                 let r = chunk
@@ -184,62 +172,66 @@ impl Services {
             }));
         }
         let w = w.ok_or_else(|| ServiceError::Unavailable("fill lost its writer".into()))?;
-        Ok(Some((w, upload)))
+        Ok(Some(w))
     }
 }
 
-/// Feeds a bucket upload from a fill's local file as the fill writes it, and completes it
-/// only once the fill verified the digest (aborts on any failure). Runs beside the fill,
-/// so a slow bucket slows only this copy.
-pub(super) async fn trail_upload(
+/// Copies a fill's verified bytes from its local file into the bucket. It starts once the
+/// digest checked out (nothing unverified is ever sent), so the clients of a cold pull
+/// and the bucket never compete for the machine; a failed copy leaves the blob local only
+/// (logged), and the next replica to miss it fetches it again.
+pub(super) async fn copy_to_bucket(
     mut rx: tokio::sync::watch::Receiver<Fill>,
-    mut upload: Upload,
+    store: Arc<crate::store::Store>,
     d: Digest,
 ) {
-    let part = crate::store::bucket::PART as u64;
-    let mut pos = 0u64;
-    let mut closed = false;
-    loop {
-        let (file, written, verified, failed) = {
+    let file = loop {
+        let (file, verified, failed) = {
             let f = rx.borrow_and_update();
             let failed = f.error.is_some() || f.passthrough;
-            (f.file.clone(), f.written, f.verified || f.committed, failed)
+            (f.file.clone(), f.verified || f.committed, failed)
         };
         if failed {
-            upload.abort().await;
             return;
         }
-        let ready = written.saturating_sub(pos);
-        if let Some(file) = file.filter(|_| ready >= part || (verified && ready > 0)) {
-            let n = ready.min(part) as usize;
-            let at = pos;
-            let read = tokio::task::spawn_blocking(move || super::stream::read_chunk(&file, at, n));
-            let pushed = match read.await {
-                Ok(Ok(bytes)) => upload.push(bytes).await.map_err(|e| e.to_string()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = pushed {
-                tracing::warn!(digest = %d, error = %e, "bucket upload failed; the blob stays local only");
-                upload.abort().await;
-                return;
-            }
-            pos += n as u64;
-            continue;
+        if verified {
+            break file;
         }
-        if verified && pos == written {
-            if let Err(e) = upload.complete().await {
-                tracing::warn!(digest = %d, error = %e, "bucket upload failed; the blob stays local only");
-            }
+        if rx.changed().await.is_err() && !rx.borrow().verified && !rx.borrow().committed {
             return;
         }
-        if closed {
-            // The fill ended without verified bytes.
-            upload.abort().await;
-            return;
-        }
-        closed = rx.changed().await.is_err();
+    };
+    let (Some(file), size) = (file, rx.borrow().written) else {
+        return;
+    };
+    if let Err(e) = upload_file(&store, &d, file, size).await {
+        tracing::warn!(digest = %d, error = %e, "bucket copy failed; the blob stays local only");
     }
+}
+
+/// Uploads `size` bytes of `file` as blob `d`, part by part.
+async fn upload_file(
+    store: &crate::store::Store,
+    d: &Digest,
+    file: Arc<std::fs::File>,
+    size: u64,
+) -> Result<(), ServiceError> {
+    let Some(mut upload) = store.upload_shared(d).await? else {
+        return Ok(());
+    };
+    let part = crate::store::bucket::PART as u64;
+    let mut pos = 0u64;
+    while pos < size {
+        let n = (size - pos).min(part) as usize;
+        let (f, at) = (file.clone(), pos);
+        let bytes = tokio::task::spawn_blocking(move || super::stream::read_chunk(&f, at, n))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
+            .map_err(StoreError::from)?;
+        upload.push(bytes).await?;
+        pos += n as u64;
+    }
+    Ok(upload.complete().await?)
 }
 
 /// The next batch of bytes: at least one chunk (waiting at most the idle timeout), plus
