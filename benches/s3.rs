@@ -207,7 +207,10 @@ fn main() {
         .iter()
         .map(|(e, s)| format!("{:.2}", s.1 / e.1))
         .collect();
-    println!("empty-tier runs, entrepot/curl throughput: {}", ratios.join(" "));
+    println!(
+        "empty-tier runs, entrepot/curl throughput: {}",
+        ratios.join(" ")
+    );
     let (e, s) = rows[rows.len() / 2];
     println!(
         "| empty local tier, from the bucket: GB/s (TTFB) | {:.2} GB/s ({:.1} ms) | curl from Garage {:.2} GB/s ({:.1} ms) | {:.2}x, TTFB +{:.1} ms |",

@@ -42,6 +42,76 @@ pub struct Config {
     pub hosted: Option<HostedConfig>,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Replicas that share one bucket and cooperate (one upstream fetch per blob).
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: how this replica reaches its peers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// How peers reach this replica, e.g. `http://10.0.0.5:5000`.
+    #[serde(rename = "self")]
+    pub self_url: String,
+    /// Every replica's URL, this one included.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// `host:port` whose A records are the replicas (re-resolved periodically).
+    pub peers_dns: Option<String>,
+    pub secret: Option<String>,
+    pub secret_file: Option<PathBuf>,
+    pub secret_env: Option<String>,
+}
+
+impl ClusterConfig {
+    /// The shared secret from `secret`, `secret_file` or `secret_env`.
+    pub fn resolve_secret(&self) -> Result<String, ConfigError> {
+        let err = |m: String| ConfigError::Server(format!("cluster.{m}"));
+        if let Some(s) = &self.secret {
+            return Ok(s.clone());
+        }
+        if let Some(f) = &self.secret_file {
+            let s = std::fs::read_to_string(f)
+                .map_err(|e| err(format!("secret_file {}: {e}", f.display())))?;
+            return Ok(s.trim_end_matches(['\r', '\n']).to_string());
+        }
+        if let Some(v) = &self.secret_env {
+            return std::env::var(v).map_err(|_| err(format!("secret_env {v} is not set")));
+        }
+        Err(err(
+            "secret: give secret, secret_file or secret_env (peer requests need it)".into(),
+        ))
+    }
+
+    fn validate(&self, has_s3: bool) -> Result<(), ConfigError> {
+        let err = |m: &str| Err(ConfigError::Server(format!("cluster: {m}")));
+        if !has_s3 {
+            return err("replicas share content through a bucket: [cluster] needs [server.s3]");
+        }
+        let sources = self.secret.is_some() as u8
+            + self.secret_file.is_some() as u8
+            + self.secret_env.is_some() as u8;
+        if sources != 1 {
+            return err("give exactly one of secret, secret_file and secret_env");
+        }
+        match (self.peers.is_empty(), &self.peers_dns) {
+            (true, None) => return err("give peers (a list including self) or peers_dns"),
+            (false, Some(_)) => return err("give peers or peers_dns, not both"),
+            _ => {}
+        }
+        for u in std::iter::once(&self.self_url).chain(&self.peers) {
+            match url::Url::parse(u) {
+                Ok(p) if matches!(p.scheme(), "http" | "https") => {}
+                _ => return err(&format!("{u:?} is not an http:// or https:// URL")),
+            }
+        }
+        let me = self.self_url.trim_end_matches('/');
+        if !self.peers.is_empty() && !self.peers.iter().any(|p| p.trim_end_matches('/') == me) {
+            return err("peers must include self");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -364,6 +434,7 @@ impl Config {
             upstreams: BTreeMap::new(),
             hosted: None,
             auth: AuthConfig::default(),
+            cluster: None,
         }));
         fig = match &file {
             Some(f) => fig.merge(Toml::file(f)),
@@ -437,6 +508,9 @@ impl Config {
         }
         if let Some(s3) = &self.server.s3 {
             s3.validate()?;
+        }
+        if let Some(c) = &self.cluster {
+            c.validate(self.server.s3.is_some())?;
         }
         if let Some(d) = &self.server.default_upstream {
             if !self.upstreams.contains_key(d) {

@@ -6,6 +6,7 @@
 //! (all disk I/O, atomic commit).
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod media;

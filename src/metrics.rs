@@ -48,6 +48,10 @@ pub struct Metrics {
     pub s3_bytes: IntCounterVec,
     /// Bucket objects whose bytes did not match their digest (deleted, fetched again).
     pub bucket_corrupt: prometheus::IntCounter,
+    /// Replicas of the cluster by state (up/down).
+    pub cluster_peers: prometheus::IntGaugeVec,
+    /// Peer requests by direction (out: asked of a peer; in: answered for one) and result.
+    pub peer_requests: IntCounterVec,
 }
 
 fn counter(
@@ -229,6 +233,18 @@ impl Metrics {
                 "entrepot_s3_corrupt_objects_total",
                 "Bucket objects whose bytes did not match their digest",
             )?,
+            cluster_peers: gauge_vec(
+                r,
+                "entrepot_cluster_peers",
+                "Replicas of the cluster by state",
+                &["state"],
+            )?,
+            peer_requests: counter(
+                r,
+                "entrepot_peer_requests_total",
+                "Blob requests between replicas, by direction and result",
+                &["direction", "result"],
+            )?,
             store_errors: counter(
                 r,
                 "entrepot_store_write_errors_total",
@@ -281,6 +297,11 @@ impl Metrics {
         self.store_errors.with_label_values(&["no_space"]);
         for d in ["in", "out"] {
             self.s3_bytes.with_label_values(&[d]);
+        }
+        for r in ["ok", "error", "not_found", "unauthorized"] {
+            for d in ["in", "out"] {
+                self.peer_requests.with_label_values(&[d, r]);
+            }
         }
     }
 

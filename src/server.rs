@@ -8,6 +8,7 @@ use actix_web::{web, App, HttpServer};
 
 use anyhow::Context;
 
+use crate::cluster::Cluster;
 use crate::config::{Config, TlsConfig};
 use crate::metrics::Metrics;
 use crate::routes::{self, target::Router};
@@ -19,6 +20,8 @@ use crate::upstream::{ClientShared, Upstream, UpstreamClient};
 
 /// Abandoned uploads are looked for at least this often (and twice per `upload_ttl`).
 const UPLOAD_SWEEP: Duration = Duration::from_secs(60);
+/// The rendezvous key whose owner runs eviction on the bucket.
+const GC_KEY: &str = "entrepot:gc";
 /// With a bucket: how often uses are written to it and the local tier is trimmed.
 const USES_EVERY: Duration = Duration::from_secs(30);
 
@@ -66,7 +69,17 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     access.external_url = cfg.server.external_url.clone();
     let access = web::Data::new(access);
     let hosted = cfg.hosted.as_ref().map(Hosted::new);
-    let mirror = Arc::new(Mirror::new(store.clone(), metrics.clone(), hosted));
+    let mut mirror = Mirror::new(store.clone(), metrics.clone(), hosted);
+    if let Some(c) = &cfg.cluster {
+        let cluster = Arc::new(Cluster::new(
+            c,
+            metrics.clone(),
+            cfg.server.upstream_timeout,
+        )?);
+        actix_web::rt::spawn(cluster.clone().watch());
+        mirror = mirror.with_cluster(cluster);
+    }
+    let mirror = Arc::new(mirror);
     mirror.refresh_catalog();
     spawn_upload_sweeper(mirror.clone());
     spawn_gc(mirror.clone(), &cfg);
@@ -168,6 +181,10 @@ fn spawn_gc(mirror: Arc<Mirror>, cfg: &Config) {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
+            // In a cluster, one replica evicts: the owner of this key among live peers.
+            if mirror.cluster.as_ref().is_some_and(|c| !c.leads(GC_KEY)) {
+                continue;
+            }
             let (m, p) = (mirror.clone(), policy.clone());
             match crate::services::offload(async move { m.gc(&p).await }).await {
                 Ok(r) if !r.evicted.is_empty() => tracing::info!(

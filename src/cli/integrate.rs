@@ -169,6 +169,7 @@ mod tests {
             upstreams: Default::default(),
             hosted: None,
             auth: Default::default(),
+            cluster: None,
         };
         cfg.upstreams.insert(
             "quay.io".into(),

@@ -5,6 +5,7 @@
 //! one route per name depth; [`v2`] dispatches on the parsed endpoint and the method.
 
 pub mod path;
+mod peer;
 mod pull;
 mod push;
 mod range;
@@ -41,7 +42,10 @@ pub fn configure(cfg: &mut web::ServiceConfig, with_metrics: bool) {
     cfg.route("/v2", web::to(v2))
         .route("/v2/{tail:.*}", web::to(v2))
         .route("/token", web::get().to(token::token))
-        .route("/healthz", web::get().to(healthz));
+        .route("/healthz", web::get().to(healthz))
+        .route("/_entrepot/peer/health", web::get().to(peer::health))
+        .route("/_entrepot/peer/blob", web::get().to(peer::blob))
+        .route("/_entrepot/peer/blob", web::head().to(peer::blob));
     if with_metrics {
         configure_metrics(cfg);
     }

@@ -115,6 +115,43 @@ impl Services {
         method: &Method,
         caller: &Caller,
     ) -> Result<BlobReply, ServiceError> {
+        self.blob_from(up, repo, d, range, method, caller, true)
+            .await
+    }
+
+    /// A blob for another replica of the cluster (which checked its client's access): as
+    /// [`Services::blob`] for an anonymous caller, never forwarded to a peer again.
+    pub async fn peer_blob(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &str,
+        d: &Digest,
+        range: Option<ByteRange>,
+        method: &Method,
+    ) -> Result<BlobReply, ServiceError> {
+        let r = self
+            .blob_from(up, repo, d, range, method, &Caller::Anonymous, false)
+            .await;
+        let result = if r.is_ok() { "ok" } else { "error" };
+        self.metrics()
+            .peer_requests
+            .with_label_values(&["in", result])
+            .inc();
+        r
+    }
+
+    /// `forward`: a fill may be led through the blob's owner in the cluster.
+    #[allow(clippy::too_many_arguments)]
+    async fn blob_from(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &str,
+        d: &Digest,
+        range: Option<ByteRange>,
+        method: &Method,
+        caller: &Caller,
+        forward: bool,
+    ) -> Result<BlobReply, ServiceError> {
         let up = &self
             .upstream_for(up, repo, caller, &format!("blobs/{d}"))
             .await?;
@@ -150,7 +187,7 @@ impl Services {
         let r = if head {
             self.head_upstream(up, repo, d).await
         } else {
-            self.stream_fill(up, repo, d, range).await
+            self.stream_fill(up, repo, d, range, forward).await
         };
         if let Err(e) = &r {
             if matches!(e.root(), ServiceError::BlobUnknown(_)) {
@@ -246,9 +283,10 @@ impl Services {
         repo: &str,
         d: &Digest,
         range: Option<ByteRange>,
+        forward: bool,
     ) -> Result<BlobReply, ServiceError> {
         let origin = format!("{}/{repo}", up.name);
-        let (rx, file, size) = self.join_fill(up, repo, d, &origin).await?;
+        let (rx, file, size) = self.join_fill(up, repo, d, &origin, forward).await?;
         let range = match (range, size) {
             (Some(r), Some(size)) => Some(r.resolve(size)?),
             _ => None,
@@ -286,6 +324,7 @@ impl Services {
         repo: &str,
         d: &Digest,
         origin: &str,
+        forward: bool,
     ) -> Result<FillStart, ServiceError> {
         let mut confirmed = false;
         for _ in 0..MAX_REJOINS {
@@ -300,7 +339,9 @@ impl Services {
                     let (up, repo, d) = (up.clone(), repo.to_string(), d.clone());
                     // Detached: a client that disconnects must not abort the fill that
                     // other waiters and the cache depend on.
-                    actix_web::rt::spawn(async move { this.run_fill(lead, &up, &repo, &d).await });
+                    actix_web::rt::spawn(async move {
+                        this.run_fill(lead, &up, &repo, &d, forward).await
+                    });
                     rx
                 }
                 Join::Follower(rx) => {
@@ -330,10 +371,17 @@ impl Services {
         )))
     }
 
-    async fn run_fill(self, lead: Lead<Digest, Fill>, up: &Upstream, repo: &str, d: &Digest) {
+    async fn run_fill(
+        self,
+        lead: Lead<Digest, Fill>,
+        up: &Upstream,
+        repo: &str,
+        d: &Digest,
+        forward: bool,
+    ) {
         let gauge = &self.metrics().fills_in_flight;
         gauge.inc();
-        if let Err(e) = self.fill(&lead, up, repo, d).await {
+        if let Err(e) = self.fill(&lead, up, repo, d, forward).await {
             tracing::warn!(upstream = %up.name, repo, digest = %d, error = %e, "blob fill failed");
             lead.tx.send_modify(|f| f.error = Some(Arc::new(e)));
         }
@@ -346,9 +394,10 @@ impl Services {
         up: &Upstream,
         repo: &str,
         d: &Digest,
+        forward: bool,
     ) -> Result<(), ServiceError> {
         // A fill that committed between our store lookup and our join: serve its result.
-        if let (Some(size), Some(file)) = (self.store().stat(d).await?, self.store().open_blob(d)?)
+        if let (Some(size), Some(file)) = (self.store().local_size(d)?, self.store().open_blob(d)?)
         {
             lead.tx.send_modify(|f| {
                 *f = Fill {
@@ -369,6 +418,9 @@ impl Services {
         if self.store().stat(d).await?.is_some() {
             return self.copy_from_bucket(lead, d).await;
         }
+        if let Some(ranked) = self.owners(up, d).filter(|_| forward) {
+            return self.fill_via_peers(lead, up, repo, d, ranked).await;
+        }
         let what = format!("blobs/{d}");
         let req = blob_request(Method::GET, repo, &what, None);
         let resp = self.upstream(up, "blob", req).await?;
@@ -381,20 +433,35 @@ impl Services {
             ));
         }
         let size = content_length(resp.headers());
-        if self.store().is_shared() {
-            // The bucket copy follows from the local file once verified: clients and the
-            // local tier go at the upstream's speed, not at the bucket's.
-            let (rx, store, d) = (lead.subscribe(), self.mirror.store.clone(), d.clone());
-            actix_web::rt::spawn(super::fill::copy_to_bucket(rx, store, d));
-        }
         let body = resp.map(|c| c.map_err(|e| e.to_string()));
         let Some(w) = self.write_fill(lead, d, body, size, Some(up)).await? else {
             return Ok(());
         };
+        self.finish_fill(lead, up, repo, d, w, size, true).await
+    }
+
+    /// Verifies, stores and links a fill's bytes; with `to_bucket`, this replica fetched
+    /// them from the upstream and also copies them to the bucket (from the local file,
+    /// once verified: clients and the local tier go at the upstream's speed).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn finish_fill(
+        &self,
+        lead: &Lead<Digest, Fill>,
+        up: &Upstream,
+        repo: &str,
+        d: &Digest,
+        w: BlobWriter,
+        size: Option<u64>,
+        to_bucket: bool,
+    ) -> Result<(), ServiceError> {
         let verified = w.digest() == *d && size.is_none_or(|s| s == w.written());
         if verified {
             // Clients need not wait for the fsync: release them once the bytes check out.
             lead.tx.send_modify(|f| f.verified = true);
+        }
+        if to_bucket && self.store().is_shared() {
+            let (rx, store, d) = (lead.subscribe(), self.mirror.store.clone(), d.clone());
+            actix_web::rt::spawn(super::fill::copy_to_bucket(rx, store, d));
         }
         self.commit(w, size, up, d).await?;
         self.store().link_blob(&up.name, repo, d).await?;
@@ -525,7 +592,7 @@ pub(super) async fn wait_started(
 }
 
 /// An upstream request for `blobs/<digest>` (`what`).
-fn blob_request<'a>(
+pub(super) fn blob_request<'a>(
     method: Method,
     repo: &'a str,
     what: &'a str,

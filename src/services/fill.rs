@@ -105,22 +105,39 @@ impl Services {
         &self,
         lead: &Lead<Digest, Fill>,
         d: &Digest,
-        mut body: S,
+        body: S,
         size: Option<u64>,
         up: Option<&Upstream>,
     ) -> Result<Option<BlobWriter>, ServiceError>
     where
         S: Stream<Item = Result<Bytes, String>> + Unpin,
     {
-        let full = |e: &std::io::Error| {
-            if let Some(up) = up {
-                self.pass_through(lead, up, d, size, e);
-            }
+        let Some(w) = self.begin_fill(lead, d, size, up)? else {
+            return Ok(None);
         };
+        let source = up.map_or("the bucket".to_string(), |u| format!("upstream {}", u.name));
+        match self.pump(lead, d, w, body, &source, size, up).await? {
+            Pumped::Done(w) => Ok(Some(w)),
+            Pumped::Broke(_, e) => Err(ServiceError::Unavailable(e)),
+            Pumped::Full => Ok(None),
+        }
+    }
+
+    /// Opens the local file of a fill and tells its readers; `None` when the disk is full
+    /// (readers relay from `up`).
+    pub(super) fn begin_fill(
+        &self,
+        lead: &Lead<Digest, Fill>,
+        d: &Digest,
+        size: Option<u64>,
+        up: Option<&Upstream>,
+    ) -> Result<Option<BlobWriter>, ServiceError> {
         let w = match self.store().begin() {
             Ok(w) => w,
             Err(StoreError::Io(e)) if no_space(&e) && up.is_some() => {
-                full(&e);
+                if let Some(up) = up {
+                    self.pass_through(lead, up, d, size, &e);
+                }
                 return Ok(None);
             }
             Err(e) => return Err(e.into()),
@@ -130,15 +147,35 @@ impl Services {
             f.size = size;
             f.started = true;
         });
-        let source = up.map_or("the bucket".to_string(), |u| format!("upstream {}", u.name));
-        let bytes_metric = up.map(|u| self.metrics().upstream_bytes.with_label_values(&[&u.name]));
+        Ok(Some(w))
+    }
+
+    /// Appends `body` (from `source`) to a fill's file. A source that breaks leaves the
+    /// writer intact for another source to go on from where it stopped.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn pump<S>(
+        &self,
+        lead: &Lead<Digest, Fill>,
+        d: &Digest,
+        w: BlobWriter,
+        mut body: S,
+        source: &str,
+        size: Option<u64>,
+        up: Option<&Upstream>,
+    ) -> Result<Pumped, ServiceError>
+    where
+        S: Stream<Item = Result<Bytes, String>> + Unpin,
+    {
+        let bytes_metric = up
+            .filter(|_| source.starts_with("upstream"))
+            .map(|u| self.metrics().upstream_bytes.with_label_values(&[&u.name]));
         // Two stages: this task receives the next batch while a blocking thread hashes and
         // writes the previous one, so receiving, hashing and writing overlap.
         let mut ended = false;
         let mut writing: Option<tokio::task::JoinHandle<(BlobWriter, std::io::Result<u64>)>> = None;
         let mut w = Some(w);
         loop {
-            let next = read_batch(&mut body, &mut ended, &source).await?;
+            let next = read_batch(&mut body, &mut ended, source).await;
             if let Some(h) = writing.take() {
                 let (back, result) = h
                     .await
@@ -156,14 +193,21 @@ impl Services {
                         // Dropping the writer removes the partial file; readers keep their
                         // handle on the bytes already written and relay the rest.
                         drop(back);
-                        full(&e);
-                        return Ok(None);
+                        if let Some(up) = up {
+                            self.pass_through(lead, up, d, size, &e);
+                        }
+                        return Ok(Pumped::Full);
                     }
                     Err(e) => return Err(StoreError::from(e).into()),
                 }
             }
-            let Some(chunk) = next else { break };
-            let Some(mut writer) = w.take() else { break };
+            let lost = || ServiceError::Unavailable("fill lost its writer".into());
+            let chunk = match next {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => return Ok(Pumped::Broke(w.ok_or_else(lost)?, e.to_string())),
+            };
+            let mut writer = w.take().ok_or_else(lost)?;
             writing = Some(tokio::task::spawn_blocking(move || {
                 let r = chunk
                     .iter()
@@ -172,8 +216,18 @@ impl Services {
             }));
         }
         let w = w.ok_or_else(|| ServiceError::Unavailable("fill lost its writer".into()))?;
-        Ok(Some(w))
+        Ok(Pumped::Done(w))
     }
+}
+
+/// How one source of a fill ended.
+pub(super) enum Pumped {
+    /// All its bytes are written.
+    Done(BlobWriter),
+    /// It broke after `writer.written()` bytes; the writer is intact.
+    Broke(BlobWriter, String),
+    /// The disk is full (readers were told to relay from the upstream).
+    Full,
 }
 
 /// Copies a fill's verified bytes from its local file into the bucket. It starts once the

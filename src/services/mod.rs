@@ -16,6 +16,7 @@ mod manifests;
 mod memo;
 mod page;
 mod passwords;
+mod peers;
 mod private;
 mod referrers;
 mod stream;
@@ -199,6 +200,8 @@ pub struct Mirror {
     missing: memo::Memo,
     /// Blobs an upstream sent corrupt, per upstream.
     corrupt: memo::Memo,
+    /// The other replicas sharing the bucket, when there are any.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Mirror {
@@ -214,7 +217,14 @@ impl Mirror {
             catalog: catalog::Catalog::default(),
             missing: memo::Memo::new(std::time::Duration::from_secs(5)),
             corrupt: memo::Memo::new(std::time::Duration::from_secs(60)),
+            cluster: None,
         }
+    }
+
+    /// The same, one replica of `cluster`.
+    pub fn with_cluster(mut self, cluster: Arc<crate::cluster::Cluster>) -> Mirror {
+        self.cluster = Some(cluster);
+        self
     }
 }
 

@@ -213,8 +213,16 @@ impl Mirror {
 
     /// `start` with the store at `store` (e.g. a small tmpfs) instead of a temp dir.
     pub fn start_with_store(store: Option<PathBuf>, server_extra: &str, rest: &str) -> Mirror {
+        Mirror::start_full(store, free_port(), server_extra, rest)
+    }
+
+    /// `start` on a port chosen beforehand (replicas of a cluster name each other).
+    pub fn start_at(port: u16, server_extra: &str, rest: &str) -> Mirror {
+        Mirror::start_full(None, port, server_extra, rest)
+    }
+
+    fn start_full(store: Option<PathBuf>, port: u16, server_extra: &str, rest: &str) -> Mirror {
         let dir = TempDir::new().expect("tempdir");
-        let port = free_port();
         let store = store.unwrap_or_else(|| dir.path().join("store"));
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nstorage = \"{}\"\n{server_extra}\n{rest}",

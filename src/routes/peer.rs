@@ -1,0 +1,93 @@
+//! The internal endpoints replicas of a cluster call on each other, authenticated with the
+//! cluster secret: `GET /_entrepot/peer/health` and
+//! `GET|HEAD /_entrepot/peer/blob?upstream=&repo=&digest=` (Range honoured). A blob asked
+//! this way is fetched here (from the local tier, the bucket or the upstream), never
+//! forwarded to another peer.
+
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+
+use super::target::{Router, Target};
+use super::{path, range, reply, RequestInfo};
+use crate::cluster::PEER_SECRET_HEADER;
+use crate::error::OciError;
+use crate::names::Digest;
+use crate::services::Services;
+
+fn check(req: &HttpRequest, svc: &Services) -> Result<(), OciError> {
+    let Some(cluster) = &svc.mirror.cluster else {
+        return Err(OciError::new(
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+            "not a cluster member",
+        ));
+    };
+    let given = req
+        .headers()
+        .get(PEER_SECRET_HEADER)
+        .and_then(|v| v.to_str().ok());
+    if !cluster.admits(given) {
+        svc.mirror
+            .metrics
+            .peer_requests
+            .with_label_values(&["in", "unauthorized"])
+            .inc();
+        return Err(OciError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "peer requests need the cluster secret",
+        ));
+    }
+    Ok(())
+}
+
+pub async fn health(req: HttpRequest, svc: web::Data<Services>) -> Result<HttpResponse, OciError> {
+    check(&req, &svc)?;
+    Ok(HttpResponse::Ok().content_type("text/plain").body("ok\n"))
+}
+
+#[derive(serde::Deserialize)]
+pub struct BlobQuery {
+    upstream: String,
+    repo: String,
+    digest: String,
+}
+
+pub async fn blob(
+    req: HttpRequest,
+    q: web::Query<BlobQuery>,
+    svc: web::Data<Services>,
+    router: web::Data<Router>,
+) -> Result<HttpResponse, OciError> {
+    check(&req, &svc)?;
+    let invalid = |m: String| OciError::new(StatusCode::BAD_REQUEST, "NAME_INVALID", m);
+    let name = path::valid_name(&format!("{}/{}", q.upstream, q.repo))
+        .map_err(|e| invalid(e.to_string()))?;
+    let digest: Digest = q
+        .digest
+        .parse()
+        .map_err(|_| OciError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "bad digest"))?;
+    let Target::Upstream { upstream, repo } = router.resolve(&name, None)? else {
+        return Err(invalid(format!("{} is not an upstream", q.upstream)));
+    };
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(range::parse)
+        .transpose()?;
+    req.extensions_mut().insert(RequestInfo {
+        upstream: upstream.name.clone(),
+        endpoint: "peer",
+        cache: "-",
+    });
+    let method = if req.method() == Method::HEAD {
+        Method::HEAD
+    } else {
+        Method::GET
+    };
+    let r = svc
+        .peer_blob(&upstream, &repo, &digest, range, &method)
+        .await?;
+    Ok(reply::blob(r, &digest.to_string()))
+}

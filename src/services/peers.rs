@@ -1,0 +1,168 @@
+//! Fills led through the blob's owner in the cluster: the owner does the one upstream
+//! fetch and streams it to every replica that asks; if it is down or dies mid-stream, the
+//! next peer in rank takes over and this replica goes on from the byte it reached.
+
+use actix_web::http::Method;
+use futures_util::StreamExt;
+
+use super::blobs::{blob_request, content_length, Fill};
+use super::fill::Pumped;
+use super::flight::Lead;
+use super::{status_error, ServiceError, Services};
+use crate::names::Digest;
+use crate::store::BlobWriter;
+use crate::upstream::Upstream;
+
+/// One source of a fill: its full size (when known) and its bytes from an offset.
+type Source = (
+    Option<u64>,
+    futures_util::stream::LocalBoxStream<'static, Result<bytes::Bytes, String>>,
+);
+
+impl Services {
+    /// The ranked peers for `d` when another replica owns it and this request may be sent
+    /// there: not with a client's own credentials (the owner would fetch with the
+    /// mirror's), not without a cluster.
+    pub(super) fn owners(&self, up: &Upstream, d: &Digest) -> Option<Vec<String>> {
+        let cluster = self.mirror.cluster.as_ref()?;
+        if up.client.is_some() {
+            return None;
+        }
+        let ranked = cluster.rank(&d.to_string());
+        (!cluster.is_me(ranked.first()?)).then_some(ranked)
+    }
+
+    /// Fills `d` from the first peer in `ranked` that serves it, going on from the byte
+    /// reached with the next one whenever a source fails; reaching this replica in the
+    /// ranking means fetching from the upstream itself.
+    pub(super) async fn fill_via_peers(
+        &self,
+        lead: &Lead<Digest, Fill>,
+        up: &Upstream,
+        repo: &str,
+        d: &Digest,
+        ranked: Vec<String>,
+    ) -> Result<(), ServiceError> {
+        let mut w: Option<BlobWriter> = None;
+        let mut size = None;
+        let mut from_upstream = false;
+        let mut last_error = String::new();
+        for peer in &ranked {
+            let from = w.as_ref().map_or(0, |w| w.written());
+            let me = self.mirror.cluster.as_ref().is_some_and(|c| c.is_me(peer));
+            let opened = if me {
+                self.open_upstream(up, repo, d, from).await
+            } else {
+                self.open_peer(peer, up, repo, d, from).await
+            };
+            let (total, body) = match opened {
+                Ok(s) => s,
+                Err(e) if me => return Err(e),
+                Err(e) => {
+                    tracing::warn!(%peer, digest = %d, error = %e, "peer did not serve the blob; trying the next");
+                    last_error = e.to_string();
+                    continue;
+                }
+            };
+            from_upstream |= me;
+            size = size.or(total);
+            let writer = match w.take() {
+                Some(w) => w,
+                None => match self.begin_fill(lead, d, size, Some(up))? {
+                    Some(w) => w,
+                    None => return Ok(()),
+                },
+            };
+            let source = if me {
+                format!("upstream {}", up.name)
+            } else {
+                format!("peer {peer}")
+            };
+            match self
+                .pump(lead, d, writer, body, &source, size, Some(up))
+                .await?
+            {
+                // A peer that dies may just close its connection: a body shorter than
+                // the blob is a broken source, not the end.
+                Pumped::Done(short) if size.is_some_and(|s| short.written() < s) => {
+                    tracing::warn!(%peer, digest = %d, at = short.written(), "source ended early; going on from the next peer in rank");
+                    last_error = format!("{source} ended at byte {}", short.written());
+                    w = Some(short);
+                }
+                Pumped::Done(done) => {
+                    return self
+                        .finish_fill(lead, up, repo, d, done, size, from_upstream)
+                        .await;
+                }
+                Pumped::Broke(kept, e) => {
+                    tracing::warn!(%peer, digest = %d, at = kept.written(), error = %e, "source broke; going on from the next peer in rank");
+                    last_error = e;
+                    w = Some(kept);
+                }
+                Pumped::Full => return Ok(()),
+            }
+        }
+        Err(ServiceError::Unavailable(format!(
+            "no peer could serve {d}: {last_error}"
+        )))
+    }
+
+    async fn open_peer(
+        &self,
+        peer: &str,
+        up: &Upstream,
+        repo: &str,
+        d: &Digest,
+        from: u64,
+    ) -> Result<Source, ServiceError> {
+        let cluster = self
+            .mirror
+            .cluster
+            .as_ref()
+            .ok_or_else(|| ServiceError::Unavailable("no cluster".into()))?;
+        let got = cluster
+            .fetch_blob(peer, &up.name, repo, d, from)
+            .await
+            .map_err(ServiceError::Unavailable)?;
+        Ok((got.size, got.body))
+    }
+
+    /// This replica's own upstream GET of `d` from byte `from` on.
+    async fn open_upstream(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        d: &Digest,
+        from: u64,
+    ) -> Result<Source, ServiceError> {
+        let what = format!("blobs/{d}");
+        let req = blob_request(Method::GET, repo, &what, Some(from).filter(|f| *f > 0));
+        let resp = self.upstream(up, "blob", req).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(status_error(
+                up,
+                repo,
+                status,
+                ServiceError::BlobUnknown(d.to_string()),
+            ));
+        }
+        // A server that ignores Range sends everything: skip what is already written.
+        let partial = status == actix_web::http::StatusCode::PARTIAL_CONTENT;
+        let total = if partial {
+            None
+        } else {
+            content_length(resp.headers())
+        };
+        let mut skip = if partial { 0 } else { from };
+        let body = resp
+            .map(move |c| {
+                let mut c = c.map_err(|e| e.to_string())?;
+                let drop = skip.min(c.len() as u64) as usize;
+                skip -= drop as u64;
+                Ok(c.split_off(drop))
+            })
+            .boxed_local();
+        Ok((total, body))
+    }
+}
