@@ -128,6 +128,30 @@ fn one_upstream_fetch_per_blob_across_the_cluster() {
         }
     }
 
+    // A tag asked through all three at once: one upstream manifest GET (by the owner).
+    let tmp = tempfile::TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let img = layout.build("img", &[("f", b"one manifest fetch")]);
+    layout.push("img", &format!("{}/library/app:1", up.host()), None);
+    let digests: Vec<Option<String>> = (0..12)
+        .map(|i| format!("{}/v2/docker.io/library/app/manifests/1", ms[i % 3].url()))
+        .map(|u| {
+            std::thread::spawn(move || get(&u).header("docker-content-digest").map(str::to_string))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    assert!(
+        digests.iter().all(|d| d.as_deref() == Some(img.as_str())),
+        "{digests:?}"
+    );
+    assert_eq!(
+        up.count("GET", "/manifests/1"),
+        1,
+        "one upstream GET of the tag"
+    );
+
     // A peer request without (or with a wrong) secret: 401, and nothing fetched.
     let other = up.push_blob("library/big", &image::noise(1000, 78));
     let peer_url = format!(
@@ -248,4 +272,36 @@ fn a_replica_that_never_saw_a_tag_serves_it_stale_when_the_upstream_is_down() {
         ms[2].metric("entrepot_stale_serves_total", &[("upstream", "docker.io")]),
         1.0
     );
+}
+
+#[test]
+fn cluster_config_mistakes_are_named() {
+    let tmp = tempfile::TempDir::new().unwrap();
+    let check = |extra: &str| {
+        let cfg = tmp.path().join("c.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\nstorage = \"{}\"\n{extra}\n[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:1\"\n",
+                tmp.path().join("store").display()
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_entrepot"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = check("[cluster]\nself = \"http://127.0.0.1:5000\"\npeers = [\"http://127.0.0.1:5000\"]\nsecret = \"s\"");
+    assert!(err.contains("[cluster] needs [server.s3]"), "{err}");
+    let s3 = "[server.s3]\nendpoint = \"http://127.0.0.1:1\"\nbucket = \"b\"\n";
+    let err = check(&format!("{s3}[cluster]\nself = \"http://127.0.0.1:5000\"\npeers = [\"http://127.0.0.1:5001\"]\nsecret = \"s\""));
+    assert!(err.contains("peers must include self"), "{err}");
+    let err = check(&format!(
+        "{s3}[cluster]\nself = \"http://127.0.0.1:5000\"\npeers = [\"http://127.0.0.1:5000\"]"
+    ));
+    assert!(err.contains("secret"), "{err}");
 }

@@ -21,7 +21,7 @@ use subtle::ConstantTimeEq;
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 
-pub use peer::{PeerBody, PEER_SECRET_HEADER};
+pub use peer::{PeerBody, PeerManifest, PEER_SECRET_HEADER};
 
 /// How often peers are health-checked (and DNS re-resolved).
 const CHECK_EVERY: Duration = Duration::from_secs(2);

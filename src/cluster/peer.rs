@@ -16,7 +16,69 @@ pub struct PeerBody {
     pub body: LocalBoxStream<'static, Result<Bytes, String>>,
 }
 
+/// A peer's manifest: bytes, Content-Type and Docker-Content-Digest.
+pub struct PeerManifest {
+    pub bytes: Bytes,
+    pub media_type: Option<String>,
+    pub digest: Option<Digest>,
+}
+
+/// Manifests above this size are refused (as from an upstream).
+const MAX_MANIFEST: usize = 4 << 20;
+
 impl Cluster {
+    /// Manifest `reference` of `upstream`/`repo` from `peer`.
+    pub async fn fetch_manifest(
+        &self,
+        peer: &str,
+        upstream: &str,
+        repo: &str,
+        reference: &str,
+    ) -> Result<PeerManifest, String> {
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("upstream", upstream)
+            .append_pair("repo", repo)
+            .append_pair("reference", reference)
+            .finish();
+        let sent = awc::Client::builder()
+            .timeout(self.timeout)
+            .disable_redirects()
+            .finish()
+            .get(format!("{peer}/_entrepot/peer/manifest?{query}"))
+            .insert_header((PEER_SECRET_HEADER, self.secret.as_str()))
+            .send()
+            .await;
+        let result = match sent {
+            Ok(mut r) if r.status().is_success() => {
+                let header = |n: &str| {
+                    r.headers()
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let media_type = header("content-type");
+                let digest = header("docker-content-digest").and_then(|d| d.parse().ok());
+                r.body()
+                    .limit(MAX_MANIFEST)
+                    .await
+                    .map(|bytes| PeerManifest {
+                        bytes,
+                        media_type,
+                        digest,
+                    })
+                    .map_err(|e| format!("peer {peer}: {e}"))
+            }
+            Ok(r) => Err(format!("peer {peer}: status {}", r.status())),
+            Err(e) => Err(format!("peer {peer}: {e}")),
+        };
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .peer_requests
+            .with_label_values(&["out", label])
+            .inc();
+        result
+    }
+
     /// Blob `d` of `upstream`/`repo` from `peer`, from byte `from` on. Errors are strings
     /// for the log: the caller moves on to the next peer in rank.
     pub async fn fetch_blob(

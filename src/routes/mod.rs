@@ -44,6 +44,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, with_metrics: bool) {
         .route("/token", web::get().to(token::token))
         .route("/healthz", web::get().to(healthz))
         .route("/_entrepot/peer/health", web::get().to(peer::health))
+        .route("/_entrepot/peer/manifest", web::get().to(peer::manifest))
         .route("/_entrepot/peer/blob", web::get().to(peer::blob))
         .route("/_entrepot/peer/blob", web::head().to(peer::blob));
     if with_metrics {

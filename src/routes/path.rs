@@ -118,7 +118,7 @@ pub fn parse(raw_tail: &str) -> Result<Endpoint, PathError> {
     Err(PathError::Unknown)
 }
 
-fn parse_reference(s: &str) -> Result<Reference, PathError> {
+pub fn parse_reference(s: &str) -> Result<Reference, PathError> {
     if s.contains(':') {
         return s
             .parse()

@@ -1,8 +1,8 @@
 //! The internal endpoints replicas of a cluster call on each other, authenticated with the
 //! cluster secret: `GET /_entrepot/peer/health` and
-//! `GET|HEAD /_entrepot/peer/blob?upstream=&repo=&digest=` (Range honoured). A blob asked
-//! this way is fetched here (from the local tier, the bucket or the upstream), never
-//! forwarded to another peer.
+//! `GET|HEAD /_entrepot/peer/blob?upstream=&repo=&digest=` (Range honoured) and
+//! `GET /_entrepot/peer/manifest?upstream=&repo=&reference=`. What is asked this way is
+//! fetched here (from the local tier, the bucket or the upstream), never forwarded again.
 
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
@@ -46,6 +46,50 @@ pub async fn health(req: HttpRequest, svc: web::Data<Services>) -> Result<HttpRe
     Ok(HttpResponse::Ok().content_type("text/plain").body("ok\n"))
 }
 
+/// The upstream repository `upstream`/`repo` names, validated like any request's.
+fn upstream_repo(
+    router: &Router,
+    upstream: &str,
+    repo: &str,
+) -> Result<(std::sync::Arc<crate::upstream::Upstream>, String), OciError> {
+    let invalid = |m: String| OciError::new(StatusCode::BAD_REQUEST, "NAME_INVALID", m);
+    let name =
+        path::valid_name(&format!("{upstream}/{repo}")).map_err(|e| invalid(e.to_string()))?;
+    match router.resolve(&name, None)? {
+        Target::Upstream { upstream, repo } => Ok((upstream, repo)),
+        Target::Hosted { .. } => Err(invalid(format!("{upstream} is not an upstream"))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct ManifestQuery {
+    upstream: String,
+    repo: String,
+    reference: String,
+}
+
+pub async fn manifest(
+    req: HttpRequest,
+    q: web::Query<ManifestQuery>,
+    svc: web::Data<Services>,
+    router: web::Data<Router>,
+) -> Result<HttpResponse, OciError> {
+    check(&req, &svc)?;
+    let (upstream, repo) = upstream_repo(&router, &q.upstream, &q.repo)?;
+    let reference = path::parse_reference(&q.reference)
+        .map_err(|_| OciError::new(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", "bad reference"))?;
+    req.extensions_mut().insert(RequestInfo {
+        upstream: upstream.name.clone(),
+        endpoint: "peer",
+        cache: "-",
+    });
+    let f = svc.peer_manifest(&upstream, &repo, &reference).await?;
+    Ok(HttpResponse::Ok()
+        .content_type(f.media_type.as_str())
+        .insert_header(("Docker-Content-Digest", f.digest.to_string()))
+        .body(f.bytes.clone()))
+}
+
 #[derive(serde::Deserialize)]
 pub struct BlobQuery {
     upstream: String,
@@ -60,16 +104,11 @@ pub async fn blob(
     router: web::Data<Router>,
 ) -> Result<HttpResponse, OciError> {
     check(&req, &svc)?;
-    let invalid = |m: String| OciError::new(StatusCode::BAD_REQUEST, "NAME_INVALID", m);
-    let name = path::valid_name(&format!("{}/{}", q.upstream, q.repo))
-        .map_err(|e| invalid(e.to_string()))?;
+    let (upstream, repo) = upstream_repo(&router, &q.upstream, &q.repo)?;
     let digest: Digest = q
         .digest
         .parse()
         .map_err(|_| OciError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "bad digest"))?;
-    let Target::Upstream { upstream, repo } = router.resolve(&name, None)? else {
-        return Err(invalid(format!("{} is not an upstream", q.upstream)));
-    };
     let range = req
         .headers()
         .get(header::RANGE)

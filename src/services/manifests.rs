@@ -30,9 +30,9 @@ pub struct ManifestReply {
 
 /// A manifest fetched from upstream and stored.
 pub struct Fetched {
-    digest: Digest,
-    media_type: String,
-    bytes: Bytes,
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
 }
 
 /// The result of a manifest flight, `None` while it runs.
@@ -125,7 +125,7 @@ impl Services {
                 return Ok(r);
             }
         }
-        let f = self.fetch_coalesced(up, repo, reference).await?;
+        let f = self.fetch_coalesced(up, repo, reference, true).await?;
         Ok(ManifestReply {
             digest: f.digest.clone(),
             media_type: f.media_type.clone(),
@@ -305,12 +305,14 @@ impl Services {
         }))
     }
 
-    /// One upstream GET per (upstream, repo, reference, credential), however many ask.
-    async fn fetch_coalesced(
+    /// One upstream GET per (upstream, repo, reference, credential), however many ask;
+    /// with `forward`, asked of the reference's owner in the cluster first.
+    pub(super) async fn fetch_coalesced(
         &self,
         up: &Arc<Upstream>,
         repo: &str,
         reference: &Reference,
+        forward: bool,
     ) -> Result<Arc<Fetched>, ServiceError> {
         let key = format!(
             "{}\n{repo}\n{reference}\n{}",
@@ -323,7 +325,7 @@ impl Services {
                 let this = self.clone();
                 let (up, repo, reference) = (up.clone(), repo.to_string(), reference.clone());
                 actix_web::rt::spawn(async move {
-                    let r = this.fetch_manifest(&up, &repo, &reference).await;
+                    let r = this.fetch_routed(&up, &repo, &reference, forward).await;
                     lead.tx
                         .send_replace(Some(r.map(Arc::new).map_err(Arc::new)));
                 });
@@ -349,7 +351,7 @@ impl Services {
         }
     }
 
-    async fn fetch_manifest(
+    pub(super) async fn fetch_manifest(
         &self,
         up: &Upstream,
         repo: &str,
@@ -484,18 +486,18 @@ pub(super) fn negotiate(
     )))
 }
 
-fn header_digest(h: &header::HeaderMap) -> Option<Digest> {
+pub(super) fn header_digest(h: &header::HeaderMap) -> Option<Digest> {
     h.get("docker-content-digest")?.to_str().ok()?.parse().ok()
 }
 
-fn content_type(h: &header::HeaderMap) -> Option<String> {
+pub(super) fn content_type(h: &header::HeaderMap) -> Option<String> {
     let v = h.get(header::CONTENT_TYPE)?.to_str().ok()?;
     let t = v.split(';').next()?.trim();
     (!t.is_empty()).then(|| t.to_string())
 }
 
 /// The `mediaType` field of a manifest, or what its shape says it is.
-fn body_media_type(bytes: &[u8]) -> Option<String> {
+pub(super) fn body_media_type(bytes: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Probe {
         #[serde(rename = "mediaType")]

@@ -5,11 +5,15 @@
 use actix_web::http::Method;
 use futures_util::StreamExt;
 
+use std::sync::Arc;
+
 use super::blobs::{blob_request, content_length, Fill};
 use super::fill::Pumped;
 use super::flight::Lead;
+use super::manifests::{body_media_type, Fetched};
 use super::{status_error, ServiceError, Services};
-use crate::names::Digest;
+use crate::cluster::PeerManifest;
+use crate::names::{Digest, Reference};
 use crate::store::BlobWriter;
 use crate::upstream::Upstream;
 
@@ -20,16 +24,78 @@ type Source = (
 );
 
 impl Services {
-    /// The ranked peers for `d` when another replica owns it and this request may be sent
-    /// there: not with a client's own credentials (the owner would fetch with the
-    /// mirror's), not without a cluster.
-    pub(super) fn owners(&self, up: &Upstream, d: &Digest) -> Option<Vec<String>> {
+    /// A manifest for another replica: fetched here (coalesced), never forwarded again.
+    pub async fn peer_manifest(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &str,
+        reference: &Reference,
+    ) -> Result<Arc<Fetched>, ServiceError> {
+        let r = self.fetch_coalesced(up, repo, reference, false).await;
+        let result = if r.is_ok() { "ok" } else { "error" };
+        self.metrics()
+            .peer_requests
+            .with_label_values(&["in", result])
+            .inc();
+        r
+    }
+
+    /// A manifest from the reference's owner (which fetches it once for the cluster and
+    /// stores it in the bucket), verified here; from the upstream when this replica is
+    /// the owner, or when no peer above it in rank answers.
+    pub(super) async fn fetch_routed(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        reference: &Reference,
+        forward: bool,
+    ) -> Result<Fetched, ServiceError> {
+        let key = format!("manifest {}/{repo}:{reference}", up.name);
+        let ranked = self.ranked_elsewhere(up, &key).filter(|_| forward);
+        for peer in ranked.unwrap_or_default() {
+            let Some(cluster) = &self.mirror.cluster else {
+                break;
+            };
+            if cluster.is_me(&peer) {
+                break;
+            }
+            match cluster
+                .fetch_manifest(&peer, &up.name, repo, &reference.to_string())
+                .await
+            {
+                Ok(m) => match verify_fetched(reference, m) {
+                    Some(f) => {
+                        self.mirror.list_repo(&up.name, repo).await?;
+                        return Ok(f);
+                    }
+                    None => {
+                        tracing::warn!(%peer, %reference, "peer sent a manifest that does not match; asking the next")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(%peer, %reference, error = %e, "peer did not serve the manifest; trying the next")
+                }
+            }
+        }
+        self.fetch_manifest(up, repo, reference).await
+    }
+
+    /// The ranked peers for `key` when another replica owns it and a request may be sent
+    /// there (not with a client's own credentials: the owner fetches with the mirror's).
+    fn ranked_elsewhere(&self, up: &Upstream, key: &str) -> Option<Vec<String>> {
         let cluster = self.mirror.cluster.as_ref()?;
         if up.client.is_some() {
             return None;
         }
-        let ranked = cluster.rank(&d.to_string());
+        let ranked = cluster.rank(key);
         (!cluster.is_me(ranked.first()?)).then_some(ranked)
+    }
+
+    /// The ranked peers for `d` when another replica owns it and this request may be sent
+    /// there: not with a client's own credentials (the owner would fetch with the
+    /// mirror's), not without a cluster.
+    pub(super) fn owners(&self, up: &Upstream, d: &Digest) -> Option<Vec<String>> {
+        self.ranked_elsewhere(up, &d.to_string())
     }
 
     /// Fills `d` from the first peer in `ranked` that serves it, going on from the byte
@@ -165,4 +231,25 @@ impl Services {
             .boxed_local();
         Ok((total, body))
     }
+}
+
+/// A peer's manifest, if its bytes match the digest asked for (or the one it announced).
+fn verify_fetched(reference: &Reference, m: PeerManifest) -> Option<Fetched> {
+    let digest = Digest::of(&m.bytes);
+    let expected = match reference {
+        Reference::Digest(d) => Some(d.clone()),
+        Reference::Tag(_) => m.digest,
+    };
+    if expected.is_some_and(|e| e != digest) {
+        return None;
+    }
+    let media_type = m
+        .media_type
+        .or_else(|| body_media_type(&m.bytes))
+        .unwrap_or_else(|| crate::media::OCI_MANIFEST.into());
+    Some(Fetched {
+        digest,
+        media_type,
+        bytes: m.bytes,
+    })
 }
