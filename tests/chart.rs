@@ -158,7 +158,8 @@ fn rendered_config_keys_exist_in_the_config_structs() {
     assert!(keys.len() >= 15, "{keys:?}");
     for k in keys {
         assert!(
-            config_src.contains(&format!("pub {k}:")),
+            config_src.contains(&format!("pub {k}:"))
+                || config_src.contains(&format!("rename = \"{k}\"")),
             "the chart writes `{k}`, which the config does not have"
         );
     }
