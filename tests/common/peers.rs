@@ -91,11 +91,25 @@ impl Registry {
     /// A Distribution registry in proxy (pull-through) mode in front of `remote`, the
     /// stock single-upstream cache entrepot is compared with.
     pub fn start_proxy(remote: &str) -> Registry {
+        Registry::start_proxy_on(remote, None)
+    }
+
+    /// `start_proxy` with `storage` (YAML under `storage:`, e.g. an `s3:` section)
+    /// instead of a local directory.
+    pub fn start_proxy_on(remote: &str, storage: Option<&str>) -> Registry {
         let dir = TempDir::new().expect("tempdir");
         let port = free_port();
+        let storage = storage.map_or_else(
+            || {
+                format!(
+                    "  filesystem:\n    rootdirectory: {}\n",
+                    dir.path().join("storage").display()
+                )
+            },
+            str::to_string,
+        );
         let config = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\nproxy:\n  remoteurl: {remote}\n",
-            dir.path().join("storage").display()
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n{storage}http:\n  addr: 127.0.0.1:{port}\nproxy:\n  remoteurl: {remote}\n"
         );
         std::fs::write(dir.path().join("config.yml"), config).expect("write config");
         let log = dir.path().join("access.log");

@@ -1,0 +1,164 @@
+//! Several replicas on one bucket, side by side: 48 cold clients on one fresh blob through
+//! one entrepot replica, through 3 cooperating replicas (16 clients each), and through 3
+//! Distribution proxies sharing the same Garage bucket with its `s3` driver. Upstream bytes
+//! come from the upstream's access log, bucket bytes from entrepot's metrics. Run by hand:
+//!
+//! ```sh
+//! apt-get install -y docker-registry curl     # and Garage in /opt/garage (see .ci/run)
+//! cargo bench --bench cluster                 # BENCH_MIB=32 for a quick run
+//! ```
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use common::garage::{garage_bin, Garage};
+use common::*;
+
+const CLIENTS: usize = 48;
+
+/// `CLIENTS` concurrent curl GETs, client i on `urls[i % len]`: (wall, slowest, bytes).
+fn stampede(urls: &[String]) -> (f64, f64, u64) {
+    let start = Instant::now();
+    let children: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{time_total} %{size_download}"])
+                .arg(&urls[i % urls.len()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("curl")
+        })
+        .collect();
+    let (mut slowest, mut bytes) = (0f64, 0u64);
+    for c in children {
+        let out = c.wait_with_output().expect("curl");
+        let s = String::from_utf8_lossy(&out.stdout);
+        let v: Vec<f64> = s.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        slowest = slowest.max(v[0]);
+        bytes += v[1] as u64;
+    }
+    (start.elapsed().as_secs_f64(), slowest, bytes)
+}
+
+/// Bytes of successful GETs of `digest` in the upstream's access log.
+fn upstream_bytes(up: &Registry, digest: &str) -> u64 {
+    up.log()
+        .lines()
+        .filter(|l| l.contains("\"GET ") && l.contains(digest))
+        .filter_map(|l| {
+            let mut it = l.split("\" ").nth(1)?.split_whitespace();
+            (it.next()? == "200").then(|| it.next()?.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+fn s3_out(ms: &[Mirror]) -> f64 {
+    ms.iter()
+        .map(|m| m.metric("entrepot_s3_bytes_total", &[("direction", "out")]))
+        .sum()
+}
+
+fn main() {
+    let Some(bin) = garage_bin() else {
+        eprintln!("garage not installed");
+        return;
+    };
+    if !require(&["docker-registry", "curl"]) {
+        return;
+    }
+    let mib: usize = std::env::var("BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
+    let size = (mib << 20) as u64;
+    let g = Garage::start(&bin);
+    let up = Registry::start(Auth::Anonymous);
+    let blobs: Vec<String> = (0..3)
+        .map(|i| up.push_blob("bench/c", &noise(mib << 20, 40 + i)))
+        .collect();
+    let s3 = |node: usize, prefix: &str| {
+        format!(
+            "[server.s3]\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"garage\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{prefix}\"\n",
+            g.endpoint(node),
+            g.bucket,
+            g.key_id,
+            g.secret
+        )
+    };
+    let upstream = format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url());
+    println!(
+        "| {CLIENTS} cold clients, {mib} MiB blob | slowest client | upstream bytes | bucket bytes written |\n|---|---|---|---|"
+    );
+    let row = |name: &str, r: (f64, f64, u64), up_bytes: u64, s3_bytes: Option<f64>| {
+        assert_eq!(r.2, size * CLIENTS as u64, "{name}: every client got the whole blob");
+        println!(
+            "| {name} | {:.2} s | {:.2}x the blob | {} |",
+            r.1,
+            up_bytes as f64 / size as f64,
+            s3_bytes.map_or("-".into(), |b| format!("{:.2}x the blob", b / size as f64))
+        );
+    };
+
+    // One replica.
+    let one = vec![Mirror::start(&s3(0, "one/"), &upstream)];
+    let url = |m: &Mirror, d: &str| format!("{}/v2/docker.io/bench/c/blobs/{d}", m.url());
+    let r = stampede(&[url(&one[0], &blobs[0])]);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    row("entrepot, 1 replica", r, upstream_bytes(&up, &blobs[0]), Some(s3_out(&one)));
+    let single = r.1;
+    drop(one);
+
+    // Three cooperating replicas.
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers: Vec<String> = ports.iter().map(|p| format!("\"http://127.0.0.1:{p}\"")).collect();
+    let three: Vec<Mirror> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Mirror::start_at(
+                *p,
+                &s3(i, "three/"),
+                &format!(
+                    "[cluster]\nself = \"http://127.0.0.1:{p}\"\npeers = [{}]\nsecret = \"bench\"\n{upstream}",
+                    peers.join(", ")
+                ),
+            )
+        })
+        .collect();
+    for m in &three {
+        wait_until("peers up", std::time::Duration::from_secs(20), || {
+            m.metric("entrepot_cluster_peers", &[("state", "up")]) == 3.0
+        });
+    }
+    let urls: Vec<String> = three.iter().map(|m| url(m, &blobs[1])).collect();
+    let r = stampede(&urls);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    row("entrepot, 3 replicas", r, upstream_bytes(&up, &blobs[1]), Some(s3_out(&three)));
+    println!("slowest client, 3 replicas vs 1: {:.2}x", r.1 / single);
+    drop(three);
+
+    // Three Distribution proxies on the same bucket.
+    let storage = format!(
+        "  s3:\n    accesskey: {}\n    secretkey: {}\n    region: garage\n    regionendpoint: {}\n    bucket: {}\n    secure: false\n    v4auth: true\n    rootdirectory: /distribution\n",
+        g.key_id,
+        g.secret,
+        g.endpoint(0),
+        g.bucket
+    );
+    // The AWS SDK inside Distribution fails to start on an AWS_CA_BUNDLE it cannot load
+    // into its transport (this machine sets one); the bucket is plain HTTP anyway.
+    std::env::remove_var("AWS_CA_BUNDLE");
+    let proxies: Vec<Registry> = (0..3)
+        .map(|_| Registry::start_proxy_on(&up.url(), Some(&storage)))
+        .collect();
+    let urls: Vec<String> = proxies
+        .iter()
+        .map(|p| format!("{}/v2/bench/c/blobs/{}", p.url(), blobs[2]))
+        .collect();
+    let r = stampede(&urls);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    row("Distribution proxy x3, s3 driver", r, upstream_bytes(&up, &blobs[2]), None);
+}
