@@ -25,7 +25,13 @@ fn stampede(urls: &[String]) -> (f64, f64, u64) {
     let children: Vec<_> = (0..CLIENTS)
         .map(|i| {
             Command::new("curl")
-                .args(["-s", "-o", "/dev/null", "-w", "%{time_total} %{size_download}"])
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{time_total} %{size_download}",
+                ])
                 .arg(&urls[i % urls.len()])
                 .stdout(Stdio::piped())
                 .spawn()
@@ -36,7 +42,10 @@ fn stampede(urls: &[String]) -> (f64, f64, u64) {
     for c in children {
         let out = c.wait_with_output().expect("curl");
         let s = String::from_utf8_lossy(&out.stdout);
-        let v: Vec<f64> = s.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        let v: Vec<f64> = s
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
         slowest = slowest.max(v[0]);
         bytes += v[1] as u64;
     }
@@ -93,7 +102,11 @@ fn main() {
         "| {CLIENTS} cold clients, {mib} MiB blob | slowest client | upstream bytes | bucket bytes written |\n|---|---|---|---|"
     );
     let row = |name: &str, r: (f64, f64, u64), up_bytes: u64, s3_bytes: Option<f64>| {
-        assert_eq!(r.2, size * CLIENTS as u64, "{name}: every client got the whole blob");
+        assert_eq!(
+            r.2,
+            size * CLIENTS as u64,
+            "{name}: every client got the whole blob"
+        );
         println!(
             "| {name} | {:.2} s | {:.2}x the blob | {} |",
             r.1,
@@ -107,13 +120,21 @@ fn main() {
     let url = |m: &Mirror, d: &str| format!("{}/v2/docker.io/bench/c/blobs/{d}", m.url());
     let r = stampede(&[url(&one[0], &blobs[0])]);
     std::thread::sleep(std::time::Duration::from_secs(3));
-    row("entrepot, 1 replica", r, upstream_bytes(&up, &blobs[0]), Some(s3_out(&one)));
+    row(
+        "entrepot, 1 replica",
+        r,
+        upstream_bytes(&up, &blobs[0]),
+        Some(s3_out(&one)),
+    );
     let single = r.1;
     drop(one);
 
     // Three cooperating replicas.
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers: Vec<String> = ports.iter().map(|p| format!("\"http://127.0.0.1:{p}\"")).collect();
+    let peers: Vec<String> = ports
+        .iter()
+        .map(|p| format!("\"http://127.0.0.1:{p}\""))
+        .collect();
     let three: Vec<Mirror> = ports
         .iter()
         .enumerate()
@@ -136,7 +157,12 @@ fn main() {
     let urls: Vec<String> = three.iter().map(|m| url(m, &blobs[1])).collect();
     let r = stampede(&urls);
     std::thread::sleep(std::time::Duration::from_secs(3));
-    row("entrepot, 3 replicas", r, upstream_bytes(&up, &blobs[1]), Some(s3_out(&three)));
+    row(
+        "entrepot, 3 replicas",
+        r,
+        upstream_bytes(&up, &blobs[1]),
+        Some(s3_out(&three)),
+    );
     println!("slowest client, 3 replicas vs 1: {:.2}x", r.1 / single);
     drop(three);
 
@@ -160,5 +186,10 @@ fn main() {
         .collect();
     let r = stampede(&urls);
     std::thread::sleep(std::time::Duration::from_secs(3));
-    row("Distribution proxy x3, s3 driver", r, upstream_bytes(&up, &blobs[2]), None);
+    row(
+        "Distribution proxy x3, s3 driver",
+        r,
+        upstream_bytes(&up, &blobs[2]),
+        None,
+    );
 }
