@@ -1,0 +1,192 @@
+//! The cold path side by side: entrepot vs a Distribution proxy on the same fresh blobs
+//! from the same upstream, in one run, alternating which goes first. Run by hand:
+//!
+//! ```sh
+//! apt-get install -y docker-registry curl
+//! cargo bench --bench cold             # BENCH_MIB=64 BENCH_ROUNDS=2 for a quick run
+//! ```
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use common::throttle::Throttle;
+use common::*;
+
+/// One curl GET: (time to first byte, total, bytes).
+fn curl(url: &str) -> (f64, f64, u64) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_starttransfer} %{time_total} %{size_download}",
+        ])
+        .arg(url)
+        .output()
+        .expect("curl");
+    let s = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<f64> = s
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (v[0], v[1], v[2] as u64)
+}
+
+/// GETs of all `urls` at once: total wall.
+fn at_once(urls: &[String]) -> f64 {
+    let start = Instant::now();
+    let kids: Vec<_> = urls
+        .iter()
+        .map(|u| {
+            Command::new("curl")
+                .args(["-s", "-o", "/dev/null"])
+                .arg(u)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("curl")
+        })
+        .collect();
+    for mut k in kids {
+        k.wait().expect("curl");
+    }
+    start.elapsed().as_secs_f64()
+}
+
+fn sync() {
+    Command::new("sync").status().expect("sync");
+}
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    if !require(&["docker-registry", "curl"]) {
+        return;
+    }
+    let mib = env("BENCH_MIB", 256);
+    let rounds = env("BENCH_ROUNDS", 3);
+    let up = Registry::start(Auth::Anonymous);
+    let mut seed = 100u64;
+    let mut fresh = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                seed += 1;
+                up.push_blob("bench/cold", &noise(mib << 20, seed))
+            })
+            .collect()
+    };
+    let mirror = Mirror::start(
+        "",
+        &format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url()),
+    );
+    let proxy = Registry::start_proxy(&up.url());
+    let e = |d: &str| format!("{}/v2/docker.io/bench/cold/blobs/{d}", mirror.url());
+    let p = |d: &str| format!("{}/v2/bench/cold/blobs/{d}", proxy.url());
+    let direct = |d: &str| format!("{}/v2/bench/cold/blobs/{d}", up.url());
+    println!("| scenario ({mib} MiB) | entrepot | Distribution proxy | direct | entrepot / proxy |\n|---|---|---|---|---|");
+
+    for with_sync in [false, true] {
+        // Each round: two fresh blobs; each server pulls both, in alternating order.
+        let (mut ew, mut pw, mut dw, mut et, mut pt, mut dt) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        for r in 0..rounds {
+            let blobs = fresh(3);
+            let mut run = |who: usize, d: &str| {
+                if with_sync {
+                    sync();
+                }
+                match who {
+                    0 => {
+                        let x = curl(&e(d));
+                        ew += x.1;
+                        et += x.0;
+                    }
+                    1 => {
+                        let x = curl(&p(d));
+                        pw += x.1;
+                        pt += x.0;
+                    }
+                    _ => {
+                        let x = curl(&direct(d));
+                        dw += x.1;
+                        dt += x.0;
+                    }
+                }
+            };
+            let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+            run(order[0], &blobs[0]);
+            run(order[1], &blobs[0]);
+            run(order[1], &blobs[1]);
+            run(order[0], &blobs[1]);
+            run(2, &blobs[2]);
+        }
+        let n = (rounds * 2) as f64;
+        println!(
+            "| cold, back to back{}: mean wall (TTFB) | {:.2} s ({:.1} ms) | {:.2} s ({:.1} ms) | {:.2} s ({:.1} ms) | {:.2}x |",
+            if with_sync { ", sync between" } else { "" },
+            ew / n,
+            et / n * 1e3,
+            pw / n,
+            pt / n * 1e3,
+            dw / rounds as f64,
+            dt / rounds as f64 * 1e3,
+            ew / pw
+        );
+    }
+
+    // 8 different cold blobs at once.
+    let eight = fresh(16);
+    let (a, b) = eight.split_at(8);
+    let (ea, pb) = if rounds % 2 == 0 {
+        let x = at_once(&a.iter().map(|d| e(d)).collect::<Vec<_>>());
+        (x, at_once(&b.iter().map(|d| p(d)).collect::<Vec<_>>()))
+    } else {
+        let y = at_once(&b.iter().map(|d| p(d)).collect::<Vec<_>>());
+        (at_once(&a.iter().map(|d| e(d)).collect::<Vec<_>>()), y)
+    };
+    println!(
+        "| 8 different cold blobs at once: wall | {ea:.2} s | {pb:.2} s | - | {:.2}x |",
+        ea / pb
+    );
+
+    // Over a 125 MB/s link (1 Gbit/s-like): entrepot vs direct.
+    let port: u16 = up
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let link = Throttle::start(port, 125_000_000);
+    let slow = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:{}\"\n",
+            link.port
+        ),
+    );
+    let blobs = fresh(2);
+    let d = curl(&format!(
+        "http://127.0.0.1:{}/v2/bench/cold/blobs/{}",
+        link.port, blobs[0]
+    ));
+    let m = curl(&format!(
+        "{}/v2/docker.io/bench/cold/blobs/{}",
+        slow.url(),
+        blobs[1]
+    ));
+    println!(
+        "| cold over a 125 MB/s link: wall (TTFB) | {:.2} s ({:.1} ms) | - | {:.2} s ({:.1} ms) | {:.2}x direct |",
+        m.1,
+        m.0 * 1e3,
+        d.1,
+        d.0 * 1e3,
+        m.1 / d.1
+    );
+}
