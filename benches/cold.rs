@@ -83,7 +83,10 @@ fn main() {
             })
             .collect()
     };
-    let mirror = Mirror::start(
+    // BENCH_STORE: put entrepot's store there (e.g. a tmpfs, to take the disk out).
+    let store = std::env::var("BENCH_STORE").ok().map(std::path::PathBuf::from);
+    let mirror = Mirror::start_with_store(
+        store,
         "",
         &format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url()),
     );
@@ -93,7 +96,8 @@ fn main() {
     let direct = |d: &str| format!("{}/v2/bench/cold/blobs/{d}", up.url());
     println!("| scenario ({mib} MiB) | entrepot | Distribution proxy | direct | entrepot / proxy |\n|---|---|---|---|---|");
 
-    for with_sync in [false, true] {
+    let only_eight = std::env::var("BENCH_ONLY_EIGHT").is_ok();
+    for with_sync in [false, true].into_iter().filter(|_| !only_eight) {
         // Each round: two fresh blobs; each server pulls both, in alternating order.
         let (mut ew, mut pw, mut dw, mut et, mut pt, mut dt) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
         for r in 0..rounds {
@@ -156,6 +160,9 @@ fn main() {
         ea / pb
     );
 
+    if only_eight {
+        return;
+    }
     // Over a 125 MB/s link (1 Gbit/s-like): entrepot vs direct.
     let port: u16 = up
         .url()

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::{FutureExt, Stream, StreamExt};
+use futures_util::{Stream, StreamExt};
 
 use super::blobs::{BlobReply, ByteRange, Fill};
 use super::flight::{Join, Lead};
@@ -15,8 +15,6 @@ use crate::names::Digest;
 use crate::store::{BlobWriter, StoreError};
 use crate::upstream::Upstream;
 
-/// The fill writes (and wakes its readers) in batches of up to this many bytes.
-const WRITE_BATCH: usize = 512 * 1024;
 
 /// A source that sends nothing for this long is abandoned.
 pub(super) const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -169,56 +167,91 @@ impl Services {
         let bytes_metric = up
             .filter(|_| source.starts_with("upstream"))
             .map(|u| self.metrics().upstream_bytes.with_label_values(&[&u.name]));
-        // Two stages: this task receives the next batch while a blocking thread hashes and
-        // writes the previous one, so receiving, hashing and writing overlap.
+        // Receiving never waits for the disk: this task keeps draining the source into
+        // `pending` (up to MAX_PENDING) while a blocking thread hashes and writes what came
+        // before, then takes everything received meanwhile in one go. (Waiting for each
+        // write before reading on kept batches at the size of the client's socket buffer,
+        // ~64 KiB: thousands of hand-offs per blob, and idle cores.)
+        let mut pending: Vec<Bytes> = Vec::new();
+        let mut pending_len = 0usize;
         let mut ended = false;
+        let mut broke: Option<String> = None;
         let mut writing: Option<tokio::task::JoinHandle<(BlobWriter, std::io::Result<u64>)>> = None;
         let mut w = Some(w);
+        let lost = || ServiceError::Unavailable("fill lost its writer".into());
         loop {
-            let next = read_batch(&mut body, &mut ended, source).await;
-            if let Some(h) = writing.take() {
-                let (back, result) = h
-                    .await
-                    .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
-                match result {
-                    Ok(n) => {
-                        if let Some(m) = &bytes_metric {
-                            m.inc_by(n);
-                        }
-                        let total = back.written();
-                        lead.tx.send_modify(|f| f.written = total);
-                        w = Some(back);
+            if writing.is_none() && pending_len > 0 && broke.is_none() {
+                let batch = std::mem::take(&mut pending);
+                pending_len = 0;
+                let mut writer = w.take().ok_or_else(lost)?;
+                writing = Some(tokio::task::spawn_blocking(move || {
+                    let r = batch
+                        .iter()
+                        .try_fold(0, |n, c| writer.write(c).map(|_| n + c.len() as u64));
+                    (writer, r)
+                }));
+            }
+            let reading = !ended && broke.is_none() && pending_len < MAX_PENDING;
+            if writing.is_none() && !reading {
+                break;
+            }
+            tokio::select! {
+                biased;
+                done = async {
+                    match writing.as_mut() {
+                        Some(h) => h.await,
+                        None => std::future::pending().await,
                     }
-                    Err(e) if no_space(&e) && up.is_some() => {
-                        // Dropping the writer removes the partial file; readers keep their
-                        // handle on the bytes already written and relay the rest.
-                        drop(back);
-                        if let Some(up) = up {
-                            self.pass_through(lead, up, d, size, &e);
+                }, if writing.is_some() => {
+                    writing = None;
+                    let (back, result) =
+                        done.map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+                    match result {
+                        Ok(n) => {
+                            if let Some(m) = &bytes_metric {
+                                m.inc_by(n);
+                            }
+                            let total = back.written();
+                            lead.tx.send_modify(|f| f.written = total);
+                            w = Some(back);
                         }
-                        return Ok(Pumped::Full);
+                        Err(e) if no_space(&e) && up.is_some() => {
+                            // Dropping the writer removes the partial file; readers keep
+                            // their handle on the bytes already written and relay the rest.
+                            drop(back);
+                            if let Some(up) = up {
+                                self.pass_through(lead, up, d, size, &e);
+                            }
+                            return Ok(Pumped::Full);
+                        }
+                        Err(e) => return Err(StoreError::from(e).into()),
                     }
-                    Err(e) => return Err(StoreError::from(e).into()),
+                }
+                next = tokio::time::timeout(IDLE_TIMEOUT, body.next()), if reading => {
+                    match next {
+                        Err(_) => broke = Some(format!("{source}: stalled")),
+                        Ok(None) => ended = true,
+                        Ok(Some(Err(e))) => broke = Some(format!("{source}: {e}")),
+                        Ok(Some(Ok(b))) => {
+                            pending_len += b.len();
+                            pending.push(b);
+                        }
+                    }
                 }
             }
-            let lost = || ServiceError::Unavailable("fill lost its writer".into());
-            let chunk = match next {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => return Ok(Pumped::Broke(w.ok_or_else(lost)?, e.to_string())),
-            };
-            let mut writer = w.take().ok_or_else(lost)?;
-            writing = Some(tokio::task::spawn_blocking(move || {
-                let r = chunk
-                    .iter()
-                    .try_fold(0, |n, c| writer.write(c).map(|_| n + c.len() as u64));
-                (writer, r)
-            }));
         }
-        let w = w.ok_or_else(|| ServiceError::Unavailable("fill lost its writer".into()))?;
-        Ok(Pumped::Done(w))
+        let w = w.ok_or_else(lost)?;
+        match broke {
+            // What arrived before the break is dropped with `pending`: the next source
+            // starts at `w.written()`.
+            Some(e) => Ok(Pumped::Broke(w, e)),
+            None => Ok(Pumped::Done(w)),
+        }
     }
 }
+
+/// Bytes received ahead of the disk at most, per fill (bounded memory per blob).
+const MAX_PENDING: usize = 4 * 1024 * 1024;
 
 /// How one source of a fill ended.
 pub(super) enum Pumped {
@@ -286,51 +319,6 @@ async fn upload_file(
         pos += n as u64;
     }
     Ok(upload.complete().await?)
-}
-
-/// The next batch of bytes: at least one chunk (waiting at most the idle timeout), plus
-/// whatever else is already there, up to [`WRITE_BATCH`]. `None` at the end.
-async fn read_batch<S>(
-    body: &mut S,
-    ended: &mut bool,
-    source: &str,
-) -> Result<Option<Vec<Bytes>>, ServiceError>
-where
-    S: Stream<Item = Result<Bytes, String>> + Unpin,
-{
-    let err = |e: String| ServiceError::Unavailable(format!("{source}: {e}"));
-    // awc panics if its payload is polled again after its end: `ended` guards that.
-    if *ended {
-        return Ok(None);
-    }
-    let first = match tokio::time::timeout(IDLE_TIMEOUT, body.next()).await {
-        Err(_) => return Err(err("stalled".into())),
-        Ok(None) => {
-            *ended = true;
-            return Ok(None);
-        }
-        Ok(Some(Err(e))) => return Err(err(e)),
-        Ok(Some(Ok(b))) => b,
-    };
-    // Coalesce what is already there into one write and one wake-up of the readers (the
-    // upstream hands over ~16-64 KiB at a time); never wait for more.
-    let mut len = first.len();
-    let mut batch = vec![first];
-    while len < WRITE_BATCH {
-        match body.next().now_or_never() {
-            Some(Some(Ok(b))) => {
-                len += b.len();
-                batch.push(b);
-            }
-            Some(Some(Err(e))) => return Err(err(e)),
-            Some(None) => {
-                *ended = true;
-                break;
-            }
-            None => break,
-        }
-    }
-    Ok(Some(batch))
 }
 
 /// Whether a write failed because the disk (or quota) is full.
