@@ -84,7 +84,9 @@ fn main() {
             .collect()
     };
     // BENCH_STORE: put entrepot's store there (e.g. a tmpfs, to take the disk out).
-    let store = std::env::var("BENCH_STORE").ok().map(std::path::PathBuf::from);
+    let store = std::env::var("BENCH_STORE")
+        .ok()
+        .map(std::path::PathBuf::from);
     let mirror = Mirror::start_with_store(
         store,
         "",
@@ -109,11 +111,13 @@ fn main() {
                 match who {
                     0 => {
                         let x = curl(&e(d));
+                        eprintln!("entrepot sync={with_sync} {:.2} s", x.1);
                         ew += x.1;
                         et += x.0;
                     }
                     1 => {
                         let x = curl(&p(d));
+                        eprintln!("proxy sync={with_sync} {:.2} s", x.1);
                         pw += x.1;
                         pt += x.0;
                     }

@@ -15,7 +15,6 @@ use crate::names::Digest;
 use crate::store::{BlobWriter, StoreError};
 use crate::upstream::Upstream;
 
-
 /// A source that sends nothing for this long is abandoned.
 pub(super) const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
