@@ -128,7 +128,7 @@ fn main() {
                     }
                 }
             };
-            let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+            let order = if r.is_multiple_of(2) { [0, 1] } else { [1, 0] };
             run(order[0], &blobs[0]);
             run(order[1], &blobs[0]);
             run(order[1], &blobs[1]);
@@ -152,7 +152,7 @@ fn main() {
     // 8 different cold blobs at once.
     let eight = fresh(16);
     let (a, b) = eight.split_at(8);
-    let (ea, pb) = if rounds % 2 == 0 {
+    let (ea, pb) = if rounds.is_multiple_of(2) {
         let x = at_once(&a.iter().map(|d| e(d)).collect::<Vec<_>>());
         (x, at_once(&b.iter().map(|d| p(d)).collect::<Vec<_>>()))
     } else {
