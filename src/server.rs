@@ -55,7 +55,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     let names: Vec<&str> = cfg.upstreams.keys().map(String::as_str).collect();
     metrics.init_labels(&names);
-    metrics.store_bytes.set(store.size() as i64);
+    spawn_measure(store.clone(), metrics.clone());
     let limit = cfg.server.max_cache_size.map_or(0, |s| s.as_u64());
     metrics.cache_limit_bytes.set(limit as i64);
     let hosted_prefix = cfg.hosted.as_ref().map(|h| h.prefix.as_str());
@@ -196,6 +196,19 @@ fn spawn_gc(mirror: Arc<Mirror>, cfg: &Config) {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "eviction failed"),
             }
+        }
+    });
+}
+
+/// Measures the store's bytes in the background (a walk of every blob), for the size
+/// metric and the local tier's cap; serving starts without waiting for it.
+fn spawn_measure(store: Arc<Store>, metrics: Arc<Metrics>) {
+    actix_web::rt::spawn(async move {
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.measure()).await {
+            Ok(Ok(_)) => metrics.store_bytes.set(store.size() as i64),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not measure the store"),
+            Err(e) => tracing::warn!(error = %e, "could not measure the store"),
         }
     });
 }

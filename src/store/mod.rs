@@ -54,15 +54,20 @@ pub enum StoreError {
 /// is this replica's hot tier of blobs (LRU-capped), so warm reads stay local file reads.
 pub struct Store {
     root: PathBuf,
-    /// Bytes of committed content, kept current on commit/delete for the size metric.
+    /// Bytes of committed content, kept current on commit/delete for the size metric
+    /// (wrapping arithmetic: a delete before [`Store::measure`] is made up by it).
     size: AtomicU64,
+    /// Whether [`Store::measure`] ran (until then the size is unknown: 0).
+    measured: std::sync::atomic::AtomicBool,
     shared: Option<shared::Shared>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `root` and measures the stored bytes.
-    /// Temp files are left alone here: a CLI command may open the store of a running
-    /// server; `serve` calls [`Store::clean_tmp`] at start.
+    /// Opens (creating if needed) the store at `root`. The stored bytes are measured by
+    /// [`Store::measure`], which `serve` runs after it listens: on a store of 250k blobs
+    /// the walk took 0.9 s warm and 5 s with a cold page cache, time a restarted mirror
+    /// used to spend not serving. Temp files are left alone here: a CLI command may open
+    /// the store of a running server; `serve` calls [`Store::clean_tmp`] at start.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         for dir in [
             "blobs/sha256",
@@ -75,12 +80,21 @@ impl Store {
             fs::create_dir_all(root.join(dir))?;
         }
         let root = fs::canonicalize(root)?;
-        let size = dir_size(&root.join("blobs"))?;
         Ok(Store {
             root,
-            size: AtomicU64::new(size),
+            size: AtomicU64::new(0),
+            measured: Default::default(),
             shared: None,
         })
+    }
+
+    /// Walks the local blobs and adds their bytes to [`Store::size`] (which counted only
+    /// what was committed and deleted since the store was opened). Blocking.
+    pub fn measure(&self) -> Result<u64, StoreError> {
+        let walked = dir_size(&self.root.join("blobs"))?;
+        self.size.fetch_add(walked, Ordering::Relaxed);
+        self.measured.store(true, Ordering::Release);
+        Ok(walked)
     }
 
     /// Opens the store at `root` as the local tier of `bucket` (checked reachable first),
@@ -105,9 +119,13 @@ impl Store {
         &self.root
     }
 
-    /// Total bytes of committed content.
+    /// Total bytes of committed content (0 until [`Store::measure`] ran).
     pub fn size(&self) -> u64 {
-        self.size.load(Ordering::Relaxed)
+        if self.measured.load(Ordering::Acquire) {
+            self.size.load(Ordering::Relaxed)
+        } else {
+            0
+        }
     }
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
@@ -144,7 +162,7 @@ impl Store {
                 ));
                 tracing::error!(digest = %d, recorded = want, found = len, quarantine = %dest.display(), "stored blob has the wrong length: quarantined, it will be fetched again");
                 if not_found_is_none(fs::rename(self.blob_path(d), &dest))?.is_some() {
-                    self.size.fetch_sub(len.min(self.size()), Ordering::Relaxed);
+                    self.size.fetch_sub(len, Ordering::Relaxed);
                 }
                 not_found_is_none(fs::remove_file(self.size_path(d)))?;
                 Ok(false)
