@@ -83,7 +83,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     mirror.refresh_catalog();
     spawn_upload_sweeper(mirror.clone());
     spawn_gc(mirror.clone(), &cfg);
-    spawn_local_tier(mirror.clone());
+    let evicts = cfg.server.max_cache_size.is_some() || cfg.server.max_age.is_some();
+    spawn_local_tier(mirror.clone(), evicts);
     let shared = ClientShared::new(metrics.clone());
     let timeout = cfg.server.upstream_timeout;
     let metrics_data = web::Data::from(metrics);
@@ -213,8 +214,9 @@ fn spawn_measure(store: Arc<Store>, metrics: Arc<Metrics>) {
     });
 }
 
-/// With a bucket: writes recorded uses to it and keeps the local tier under its cap.
-fn spawn_local_tier(mirror: Arc<Mirror>) {
+/// With a bucket: writes recorded uses to it (when eviction is configured) and keeps the
+/// local tier under its cap.
+fn spawn_local_tier(mirror: Arc<Mirror>, evicts: bool) {
     if !mirror.store.is_shared() {
         return;
     }
@@ -222,7 +224,9 @@ fn spawn_local_tier(mirror: Arc<Mirror>) {
         let mut tick = tokio::time::interval(USES_EVERY);
         loop {
             tick.tick().await;
-            if let Err(e) = mirror.store.flush_uses().await {
+            if !evicts {
+                mirror.store.forget_uses();
+            } else if let Err(e) = mirror.store.flush_uses().await {
                 tracing::warn!(error = %e, "could not record uses in the bucket");
             }
             let store = mirror.store.clone();

@@ -201,6 +201,16 @@ impl Store {
         self.touch_local(d)
     }
 
+    /// Drops the uses recorded since the last call (no eviction is configured: nobody
+    /// reads them, and `uses/` objects would pile up in the bucket).
+    pub fn forget_uses(&self) {
+        if let Some(sh) = &self.shared {
+            if let Ok(mut u) = sh.uses.lock() {
+                u.clear();
+            }
+        }
+    }
+
     /// Writes the uses recorded since the last call as one object `uses/<random>`.
     pub async fn flush_uses(&self) -> Result<usize, StoreError> {
         let Some(sh) = &self.shared else {
