@@ -11,6 +11,7 @@ pub mod garage;
 pub mod image;
 pub mod passthrough;
 pub mod peers;
+pub mod scale;
 pub mod throttle;
 pub mod token;
 
@@ -25,6 +26,7 @@ use sha2::{Digest as _, Sha256};
 pub use clients::*;
 pub use image::*;
 pub use peers::*;
+pub use scale::*;
 
 /// The peers the end-to-end tests run (all installed by `.ci/run`).
 pub const PEERS: &[&str] = &[

@@ -1,0 +1,87 @@
+//! Large stores for the benches, written directly in the store's layout.
+
+use std::process::Command;
+
+use tempfile::TempDir;
+
+use super::{sha256_hex, Mirror};
+
+/// A mirror whose store holds `blobs` objects in `repos` repositories, written
+/// directly in the store's layout; returns it and one manifest digest to ask for.
+pub fn scale_store(blobs: usize, repos: usize, upstream: &str) -> (Mirror, String) {
+    let dir = TempDir::new().expect("tmp").keep();
+    let store = dir.join("store");
+    eprintln!("scale store (remove when done): {}", dir.display());
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":1},"layers":[]}"#;
+    let md = sha256_hex(manifest);
+    for i in 0..blobs {
+        let bytes = format!("blob {i}");
+        let hex = sha256_hex(bytes.as_bytes());
+        let d = store.join("blobs/sha256").join(&hex[..2]);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(d.join(&hex), bytes).expect("write");
+        let repo = store.join(format!("repos/docker.io/r{}/app/_blobs", i % repos));
+        std::fs::create_dir_all(&repo).expect("mkdir");
+        std::fs::write(repo.join(&hex), b"").expect("link");
+    }
+    let d = store.join("blobs/sha256").join(&md[..2]);
+    std::fs::create_dir_all(&d).expect("mkdir");
+    std::fs::write(d.join(&md), manifest).expect("write");
+    let links = store.join("repos/docker.io/r0/app/_manifests");
+    std::fs::create_dir_all(&links).expect("mkdir");
+    std::fs::write(
+        links.join(&md),
+        br#"{"media_type":"application/vnd.oci.image.manifest.v1+json"}"#,
+    )
+    .expect("link");
+    let m = Mirror::start_with_store(
+        Some(store),
+        "",
+        &format!("[upstreams.\"docker.io\"]\nurl = \"{upstream}\"\n"),
+    );
+    (m, format!("sha256:{md}"))
+}
+
+/// wrk at 64 connections: (requests/s, p99 ms).
+pub fn wrk(url: &str, method: &str, accept: Option<&str>, secs: u32) -> (f64, f64) {
+    let dir = TempDir::new().expect("tmp");
+    let script = dir.path().join("s.lua");
+    let mut lua = format!("wrk.method = \"{method}\"\n");
+    if let Some(a) = accept {
+        lua.push_str(&format!("wrk.headers[\"Accept\"] = \"{a}\"\n"));
+    }
+    std::fs::write(&script, lua).expect("lua");
+    let out = Command::new("wrk")
+        .args(["-t2", "-c64", &format!("-d{secs}s"), "--latency", "-s"])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .expect("wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let p99 = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("99%"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(parse_ms)
+        .unwrap_or(0.0);
+    (rps, p99)
+}
+
+pub fn parse_ms(v: &str) -> f64 {
+    let num: String = v
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let n: f64 = num.parse().unwrap_or(0.0);
+    match &v[num.len()..] {
+        "us" => n / 1000.0,
+        "s" => n * 1000.0,
+        _ => n,
+    }
+}
