@@ -187,7 +187,7 @@ fn spawn_gc(mirror: Arc<Mirror>, cfg: &Config) {
                 continue;
             }
             let (m, p) = (mirror.clone(), policy.clone());
-            match crate::services::offload(async move { m.gc(&p).await }).await {
+            match crate::services::offload_low(async move { m.gc(&p).await }).await {
                 Ok(r) if !r.evicted.is_empty() => tracing::info!(
                     objects = r.evicted.len(),
                     bytes = r.evicted_bytes(),

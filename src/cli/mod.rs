@@ -65,6 +65,8 @@ pub fn gc(cfg: &Config, dry_run: bool) -> anyhow::Result<()> {
         println!("no max_cache_size or max_age configured: nothing to evict");
         return Ok(());
     }
+    // Beside a live server, eviction yields the cores to serving.
+    crate::services::lower_priority();
     let r = on_runtime(cfg, async |m| Ok(m.gc(&policy).await?))?;
     let verb = if dry_run { "would evict" } else { "evicted" };
     for (d, size) in &r.evicted {

@@ -118,7 +118,7 @@ impl super::Mirror {
         }
         let mirror = Arc::clone(self);
         actix_web::rt::spawn(async move {
-            let walked = super::offload(walk(mirror.store.clone()))
+            let walked = super::offload_low(walk(mirror.store.clone()))
                 .await
                 .inspect_err(|e| tracing::warn!(error = %e, "catalog refresh failed"))
                 .ok();

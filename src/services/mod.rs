@@ -299,3 +299,37 @@ where
         .await
         .map_err(|e| E::from(StoreError::Io(std::io::Error::other(e.to_string()))))?
 }
+
+/// Like [`offload`], on a thread of its own at a lower CPU priority (nice 10), for
+/// background walks such as an eviction pass: when the cores are busy, serving goes first.
+pub(crate) async fn offload_low<T, E, F>(fut: F) -> Result<T, E>
+where
+    F: std::future::Future<Output = Result<T, E>> + Send + 'static,
+    T: Send + 'static,
+    E: From<StoreError> + Send + 'static,
+{
+    let h = tokio::runtime::Handle::current();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("entrepot-bg".into())
+        .spawn(move || {
+            lower_priority();
+            let _ = tx.send(h.block_on(fut));
+        });
+    if let Err(e) = spawned {
+        return Err(E::from(StoreError::Io(e)));
+    }
+    rx.await
+        .map_err(|e| E::from(StoreError::Io(std::io::Error::other(e.to_string()))))?
+}
+
+/// Lowers the calling thread's CPU priority (Linux: per-thread nice 10); a failure only
+/// leaves it at the normal priority.
+pub fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread; no memory is passed.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
