@@ -294,7 +294,9 @@ impl Services {
         let (start, end) = range.unwrap_or((0, size.unwrap_or(u64::MAX)));
         let relay: OpenRelay = {
             let (this, up, repo, d) = (self.clone(), up.clone(), repo.to_string(), d.clone());
-            Box::new(move |pos| Box::pin(async move { this.relay_from(&up, &repo, &d, pos).await }))
+            Box::new(move |pos| {
+                Box::pin(async move { Ok(this.relay_from(&up, &repo, &d, pos).await?.1) })
+            })
         };
         let body = BodyStream::new(
             file,
@@ -492,14 +494,15 @@ impl Services {
     }
 
     /// Upstream bytes of `d` from offset `pos` on (a `Range` request; a server that
-    /// ignores it has the skipped bytes dropped here).
+    /// ignores it has the skipped bytes dropped here), with the blob's full size when the
+    /// upstream sent it whole (a `206` does not say it in `Content-Length`).
     pub(super) async fn relay_from(
         &self,
         up: &Upstream,
         repo: &str,
         d: &Digest,
         pos: u64,
-    ) -> Result<super::stream::Relay, ServiceError> {
+    ) -> Result<(Option<u64>, super::stream::Relay), ServiceError> {
         let what = format!("blobs/{d}");
         let req = blob_request(Method::GET, repo, &what, Some(pos).filter(|p| *p > 0));
         let resp = self.upstream(up, "blob", req).await?;
@@ -512,11 +515,9 @@ impl Services {
                 ServiceError::BlobUnknown(d.to_string()),
             ));
         }
-        let mut skip = if status == actix_web::http::StatusCode::PARTIAL_CONTENT {
-            0
-        } else {
-            pos
-        };
+        let partial = status == actix_web::http::StatusCode::PARTIAL_CONTENT;
+        let total = (!partial).then(|| content_length(resp.headers())).flatten();
+        let mut skip = if partial { 0 } else { pos };
         let name = up.name.clone();
         let stream = resp.map(move |chunk| {
             let mut chunk =
@@ -525,7 +526,7 @@ impl Services {
             skip -= drop as u64;
             Ok(chunk.split_off(drop))
         });
-        Ok(stream.boxed_local())
+        Ok((total, stream.boxed_local()))
     }
 
     /// Verifies and stores a finished download; a mismatch is counted and logged with the
@@ -592,7 +593,7 @@ pub(super) async fn wait_started(
 }
 
 /// An upstream request for `blobs/<digest>` (`what`).
-pub(super) fn blob_request<'a>(
+fn blob_request<'a>(
     method: Method,
     repo: &'a str,
     what: &'a str,

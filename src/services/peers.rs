@@ -2,16 +2,15 @@
 //! fetch and streams it to every replica that asks; if it is down or dies mid-stream, the
 //! next peer in rank takes over and this replica goes on from the byte it reached.
 
-use actix_web::http::Method;
 use futures_util::StreamExt;
 
 use std::sync::Arc;
 
-use super::blobs::{blob_request, content_length, Fill};
+use super::blobs::Fill;
 use super::fill::Pumped;
 use super::flight::Lead;
 use super::manifests::{body_media_type, Fetched};
-use super::{status_error, ServiceError, Services};
+use super::{ServiceError, Services};
 use crate::cluster::PeerManifest;
 use crate::names::{Digest, Reference};
 use crate::store::BlobWriter;
@@ -201,35 +200,11 @@ impl Services {
         d: &Digest,
         from: u64,
     ) -> Result<Source, ServiceError> {
-        let what = format!("blobs/{d}");
-        let req = blob_request(Method::GET, repo, &what, Some(from).filter(|f| *f > 0));
-        let resp = self.upstream(up, "blob", req).await?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(status_error(
-                up,
-                repo,
-                status,
-                ServiceError::BlobUnknown(d.to_string()),
-            ));
-        }
-        // A server that ignores Range sends everything: skip what is already written.
-        let partial = status == actix_web::http::StatusCode::PARTIAL_CONTENT;
-        let total = if partial {
-            None
-        } else {
-            content_length(resp.headers())
-        };
-        let mut skip = if partial { 0 } else { from };
-        let body = resp
-            .map(move |c| {
-                let mut c = c.map_err(|e| e.to_string())?;
-                let drop = skip.min(c.len() as u64) as usize;
-                skip -= drop as u64;
-                Ok(c.split_off(drop))
-            })
-            .boxed_local();
-        Ok((total, body))
+        let (total, body) = self.relay_from(up, repo, d, from).await?;
+        Ok((
+            total,
+            body.map(|c| c.map_err(|e| e.to_string())).boxed_local(),
+        ))
     }
 }
 
