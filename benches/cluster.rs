@@ -11,46 +11,10 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::Instant;
-
 use common::garage::{garage_bin, Garage};
 use common::*;
 
 const CLIENTS: usize = 48;
-
-/// `CLIENTS` concurrent curl GETs, client i on `urls[i % len]`: (wall, slowest, bytes).
-fn stampede(urls: &[String]) -> (f64, f64, u64) {
-    let start = Instant::now();
-    let children: Vec<_> = (0..CLIENTS)
-        .map(|i| {
-            Command::new("curl")
-                .args([
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{time_total} %{size_download}",
-                ])
-                .arg(&urls[i % urls.len()])
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("curl")
-        })
-        .collect();
-    let (mut slowest, mut bytes) = (0f64, 0u64);
-    for c in children {
-        let out = c.wait_with_output().expect("curl");
-        let s = String::from_utf8_lossy(&out.stdout);
-        let v: Vec<f64> = s
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        slowest = slowest.max(v[0]);
-        bytes += v[1] as u64;
-    }
-    (start.elapsed().as_secs_f64(), slowest, bytes)
-}
 
 /// Bytes of successful GETs of `digest` in the upstream's access log.
 fn upstream_bytes(up: &Registry, digest: &str) -> u64 {
@@ -78,25 +42,14 @@ fn main() {
     if !require(&["docker-registry", "curl"]) {
         return;
     }
-    let mib: usize = std::env::var("BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(128);
+    let mib = env_or("BENCH_MIB", 128);
     let size = (mib << 20) as u64;
     let g = Garage::start(&bin);
     let up = Registry::start(Auth::Anonymous);
     let blobs: Vec<String> = (0..3)
         .map(|i| up.push_blob("bench/c", &noise(mib << 20, 40 + i)))
         .collect();
-    let s3 = |node: usize, prefix: &str| {
-        format!(
-            "[server.s3]\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"garage\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{prefix}\"\n",
-            g.endpoint(node),
-            g.bucket,
-            g.key_id,
-            g.secret
-        )
-    };
+    let s3 = |node: usize, prefix: &str| g.s3_section(node, prefix);
     let upstream = format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url());
     println!(
         "| {CLIENTS} cold clients, {mib} MiB blob | slowest client | upstream bytes | bucket bytes written |\n|---|---|---|---|"
@@ -118,7 +71,7 @@ fn main() {
     // One replica.
     let one = vec![Mirror::start(&s3(0, "one/"), &upstream)];
     let url = |m: &Mirror, d: &str| format!("{}/v2/docker.io/bench/c/blobs/{d}", m.url());
-    let r = stampede(&[url(&one[0], &blobs[0])]);
+    let r = concurrent(CLIENTS, &[url(&one[0], &blobs[0])]);
     std::thread::sleep(std::time::Duration::from_secs(3));
     row(
         "entrepot, 1 replica",
@@ -155,7 +108,7 @@ fn main() {
         });
     }
     let urls: Vec<String> = three.iter().map(|m| url(m, &blobs[1])).collect();
-    let r = stampede(&urls);
+    let r = concurrent(CLIENTS, &urls);
     std::thread::sleep(std::time::Duration::from_secs(3));
     row(
         "entrepot, 3 replicas",
@@ -184,7 +137,7 @@ fn main() {
         .iter()
         .map(|p| format!("{}/v2/bench/c/blobs/{}", p.url(), blobs[2]))
         .collect();
-    let r = stampede(&urls);
+    let r = concurrent(CLIENTS, &urls);
     std::thread::sleep(std::time::Duration::from_secs(3));
     row(
         "Distribution proxy x3, s3 driver",

@@ -9,70 +9,21 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::process::Command;
 
 use common::throttle::Throttle;
 use common::*;
 
-/// One curl GET: (time to first byte, total, bytes).
-fn curl(url: &str) -> (f64, f64, u64) {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{time_starttransfer} %{time_total} %{size_download}",
-        ])
-        .arg(url)
-        .output()
-        .expect("curl");
-    let s = String::from_utf8_lossy(&out.stdout);
-    let v: Vec<f64> = s
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    (v[0], v[1], v[2] as u64)
-}
-
-/// GETs of all `urls` at once: total wall.
-fn at_once(urls: &[String]) -> f64 {
-    let start = Instant::now();
-    let kids: Vec<_> = urls
-        .iter()
-        .map(|u| {
-            Command::new("curl")
-                .args(["-s", "-o", "/dev/null"])
-                .arg(u)
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("curl")
-        })
-        .collect();
-    for mut k in kids {
-        k.wait().expect("curl");
-    }
-    start.elapsed().as_secs_f64()
-}
-
 fn sync() {
     Command::new("sync").status().expect("sync");
-}
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() {
     if !require(&["docker-registry", "curl"]) {
         return;
     }
-    let mib = env("BENCH_MIB", 256);
-    let rounds = env("BENCH_ROUNDS", 3);
+    let mib = env_or("BENCH_MIB", 256);
+    let rounds = env_or("BENCH_ROUNDS", 3);
     let up = Registry::start(Auth::Anonymous);
     let mut seed = 100u64;
     let mut fresh = |n: usize| -> Vec<String> {
@@ -110,19 +61,19 @@ fn main() {
                 }
                 match who {
                     0 => {
-                        let x = curl(&e(d));
+                        let x = curl(&e(d), &[]);
                         eprintln!("entrepot sync={with_sync} {:.2} s", x.1);
                         ew += x.1;
                         et += x.0;
                     }
                     1 => {
-                        let x = curl(&p(d));
+                        let x = curl(&p(d), &[]);
                         eprintln!("proxy sync={with_sync} {:.2} s", x.1);
                         pw += x.1;
                         pt += x.0;
                     }
                     _ => {
-                        let x = curl(&direct(d));
+                        let x = curl(&direct(d), &[]);
                         dw += x.1;
                         dt += x.0;
                     }
@@ -153,11 +104,17 @@ fn main() {
     let eight = fresh(16);
     let (a, b) = eight.split_at(8);
     let (ea, pb) = if rounds.is_multiple_of(2) {
-        let x = at_once(&a.iter().map(|d| e(d)).collect::<Vec<_>>());
-        (x, at_once(&b.iter().map(|d| p(d)).collect::<Vec<_>>()))
+        let x = concurrent(8, &a.iter().map(|d| e(d)).collect::<Vec<_>>()).0;
+        (
+            x,
+            concurrent(8, &b.iter().map(|d| p(d)).collect::<Vec<_>>()).0,
+        )
     } else {
-        let y = at_once(&b.iter().map(|d| p(d)).collect::<Vec<_>>());
-        (at_once(&a.iter().map(|d| e(d)).collect::<Vec<_>>()), y)
+        let y = concurrent(8, &b.iter().map(|d| p(d)).collect::<Vec<_>>()).0;
+        (
+            concurrent(8, &a.iter().map(|d| e(d)).collect::<Vec<_>>()).0,
+            y,
+        )
     };
     println!(
         "| 8 different cold blobs at once: wall | {ea:.2} s | {pb:.2} s | - | {:.2}x |",
@@ -183,15 +140,17 @@ fn main() {
         ),
     );
     let blobs = fresh(2);
-    let d = curl(&format!(
-        "http://127.0.0.1:{}/v2/bench/cold/blobs/{}",
-        link.port, blobs[0]
-    ));
-    let m = curl(&format!(
-        "{}/v2/docker.io/bench/cold/blobs/{}",
-        slow.url(),
-        blobs[1]
-    ));
+    let d = curl(
+        &format!(
+            "http://127.0.0.1:{}/v2/bench/cold/blobs/{}",
+            link.port, blobs[0]
+        ),
+        &[],
+    );
+    let m = curl(
+        &format!("{}/v2/docker.io/bench/cold/blobs/{}", slow.url(), blobs[1]),
+        &[],
+    );
     println!(
         "| cold over a 125 MB/s link: wall (TTFB) | {:.2} s ({:.1} ms) | - | {:.2} s ({:.1} ms) | {:.2}x direct |",
         m.1,

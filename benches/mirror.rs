@@ -13,7 +13,7 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -47,64 +47,6 @@ fn sizes() -> Sizes {
             wrk_secs: 10,
         }
     }
-}
-
-/// One curl GET: (time to first byte, total time, bytes).
-fn curl(url: &str, extra: &[&str]) -> (f64, f64, u64) {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{time_starttransfer} %{time_total} %{size_download}",
-        ])
-        .args(extra)
-        .arg(url)
-        .output()
-        .expect("curl");
-    let s = String::from_utf8_lossy(&out.stdout);
-    let mut it = s
-        .split_whitespace()
-        .map(|x| x.parse::<f64>().unwrap_or(0.0));
-    (
-        it.next().unwrap_or(0.0),
-        it.next().unwrap_or(0.0),
-        it.next().unwrap_or(0.0) as u64,
-    )
-}
-
-/// `n` concurrent GETs: (wall seconds, slowest client seconds, total bytes).
-fn concurrent(n: usize, url: &str) -> (f64, f64, u64) {
-    let start = Instant::now();
-    let children: Vec<_> = (0..n)
-        .map(|_| {
-            Command::new("curl")
-                .args([
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{time_total} %{size_download}",
-                ])
-                .arg(url)
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("curl")
-        })
-        .collect();
-    let mut slowest = 0f64;
-    let mut bytes = 0u64;
-    for c in children {
-        let out = c.wait_with_output().expect("curl");
-        let s = String::from_utf8_lossy(&out.stdout);
-        let mut it = s
-            .split_whitespace()
-            .map(|x| x.parse::<f64>().unwrap_or(0.0));
-        slowest = slowest.max(it.next().unwrap_or(0.0));
-        bytes += it.next().unwrap_or(0.0) as u64;
-    }
-    (start.elapsed().as_secs_f64(), slowest, bytes)
 }
 
 /// A small keep-alive load generator for HEAD, which wrk cannot measure (it waits for a
@@ -347,7 +289,7 @@ fn main() {
         let run = |url: &str| {
             (0..3)
                 .map(|_| {
-                    let (wall, _, bytes) = concurrent(clients, url);
+                    let (wall, _, bytes) = concurrent(clients, &[url]);
                     gbs(bytes, wall)
                 })
                 .fold(0.0, f64::max)
@@ -368,10 +310,10 @@ fn main() {
 
     // 3. Coalescing: 64 concurrent cold requests.
     let before = upstream_bytes(&up, &co_d);
-    let (_, slowest, bytes) = concurrent(64, &m("bench/co", &format!("blobs/{co_d}")));
+    let (_, slowest, bytes) = concurrent(64, &[&m("bench/co", &format!("blobs/{co_d}"))]);
     let e_ratio = (upstream_bytes(&up, &co_d) - before) as f64 / s.coalesce as f64;
     let before = upstream_bytes(&up, &co_d_proxy);
-    let (_, pslowest, pbytes) = concurrent(64, &p("bench/co", &format!("blobs/{co_d_proxy}")));
+    let (_, pslowest, pbytes) = concurrent(64, &[&p("bench/co", &format!("blobs/{co_d_proxy}"))]);
     let p_ratio = (upstream_bytes(&up, &co_d_proxy) - before) as f64 / s.coalesce as f64;
     report.row(&[
         format!(
@@ -441,7 +383,7 @@ fn main() {
     }
 
     // 5. Memory while 64 clients stream the warm blob.
-    let (wall, _, bytes) = concurrent(64, &m("bench/warm", &format!("blobs/{warm_d}")));
+    let (wall, _, bytes) = concurrent(64, &[&m("bench/warm", &format!("blobs/{warm_d}"))]);
     let rss64 = mirror.pid().map_or(0.0, peak_rss_mib);
     report.row(&[
         "peak RSS (after 1-3; after 64 warm streams)".into(),

@@ -17,28 +17,6 @@ use std::process::Command;
 use common::garage::{garage_bin, Garage};
 use common::*;
 
-/// One curl GET: (time to first byte, total, bytes).
-fn curl(url: &str, extra: &[&str]) -> (f64, f64, u64) {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{time_starttransfer} %{time_total} %{size_download}",
-        ])
-        .args(extra)
-        .arg(url)
-        .output()
-        .expect("curl");
-    let s = String::from_utf8_lossy(&out.stdout);
-    let v: Vec<f64> = s
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    (v[0], v[1], v[2] as u64)
-}
-
 fn nginx_conf(dir: &std::path::Path, port: u16, file: &std::path::Path) -> String {
     format!(
         "daemon off;\nworker_processes 2;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\n\
@@ -57,23 +35,14 @@ fn main() {
     if !require(&["docker-registry", "nginx", "curl", "htpasswd"]) {
         return;
     }
-    let mib: usize = std::env::var("BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
+    let mib = env_or("BENCH_MIB", 256);
     let g = Garage::start(&bin);
     let up = Registry::start(Auth::Anonymous);
     let d = up.push_blob("bench/s3", &noise(mib << 20, 21));
     // A small second blob, to warm a fresh replica's connections before measuring.
     let small = up.push_blob("bench/s3", &noise(1 << 20, 22));
     let fs_d = up.push_blob("bench/s3", &noise(mib << 20, 23));
-    let s3 = format!(
-        "[server.s3]\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"garage\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"mirror/\"\n",
-        g.endpoint(0),
-        g.bucket,
-        g.key_id,
-        g.secret
-    );
+    let s3 = g.s3_section(0, "mirror/");
     let rest = format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url());
     let a = Mirror::start(&s3, &rest);
     let url = |m: &Mirror| format!("{}/v2/docker.io/bench/s3/blobs/{d}", m.url());

@@ -20,21 +20,14 @@ use common::*;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     if !require(&["docker-registry", "wrk"]) {
         return;
     }
     let (blobs, repos, secs) = (
-        env("BENCH_BLOBS", 250_000),
-        env("BENCH_REPOS", 25_000),
-        env("BENCH_SECS", 10) as u32,
+        env_or("BENCH_BLOBS", 250_000),
+        env_or("BENCH_REPOS", 25_000),
+        env_or("BENCH_SECS", 10) as u32,
     );
     let up = Registry::start(Auth::Anonymous);
     let small = scale_store(1, 1, &up.url());

@@ -6,26 +6,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::garage::{garage_bin, Garage};
+use common::garage::{require_garage, Garage};
 use common::throttle::Throttle;
 use common::*;
 use sha2::Digest as _;
 
 const SECRET: &str = "cluster-secret-for-tests";
 
+/// The Garage binary, with the other peers; `None` (skip) on a laptop without them.
 fn garage() -> Option<std::path::PathBuf> {
-    if !require(PEERS) {
-        return None;
-    }
-    let bin = garage_bin();
-    if bin.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "garage is not installed (.ci/run builds it into /opt/garage)"
-        );
-        eprintln!("SKIP: garage not installed");
-    }
-    bin
+    require(PEERS).then(require_garage).flatten()
 }
 
 /// Three replicas on ports chosen first, each naming all three as peers.
@@ -41,13 +31,7 @@ fn replicas(g: &Garage, upstream_url: &str, extra: &str) -> Vec<Mirror> {
         .map(|(i, p)| {
             Mirror::start_at(
                 *p,
-                &format!(
-                    "[server.s3]\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"garage\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
-                    g.endpoint(i),
-                    g.bucket,
-                    g.key_id,
-                    g.secret
-                ),
+                &g.s3_section(i, ""),
                 &format!(
                     "[cluster]\nself = \"http://127.0.0.1:{p}\"\npeers = [{}]\nsecret = \"{SECRET}\"\n\
                      [upstreams.\"docker.io\"]\nurl = \"{upstream_url}\"\n{extra}\n",

@@ -6,38 +6,21 @@ mod common;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::garage::{garage_bin, Garage};
+use common::garage::{require_garage, Garage};
 use common::*;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as S3Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tempfile::TempDir;
 
-/// The Garage binary; `None` (skip) on a laptop without it, a failure under CI.
+/// The Garage binary, with the other peers; `None` (skip) on a laptop without them.
 fn garage() -> Option<std::path::PathBuf> {
-    if !require(PEERS) {
-        return None;
-    }
-    let bin = garage_bin();
-    if bin.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "garage is not installed (.ci/run builds it into /opt/garage)"
-        );
-        eprintln!("SKIP: garage not installed (cargo install garage --locked)");
-    }
-    bin
+    require(PEERS).then(require_garage).flatten()
 }
 
 /// `[server.s3]` lines for node `n` of the cluster.
 fn s3_lines(g: &Garage, n: usize, extra: &str) -> String {
-    format!(
-        "[server.s3]\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"garage\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"mirror/\"\n{extra}\n",
-        g.endpoint(n),
-        g.bucket,
-        g.key_id,
-        g.secret
-    )
+    format!("{}{extra}\n", g.s3_section(n, "mirror/"))
 }
 
 /// A replica with hosted prefix `local` (alice may push) caching `upstream_url`.

@@ -1,6 +1,8 @@
-//! Large stores for the benches, written directly in the store's layout.
+//! Helpers the benches share: curl measurements, environment knobs, wrk, and large
+//! stores written directly in the store's layout.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use tempfile::TempDir;
 
@@ -84,4 +86,71 @@ pub fn parse_ms(v: &str) -> f64 {
         "s" => n * 1000.0,
         _ => n,
     }
+}
+
+/// One curl GET: (time to first byte, total time, bytes).
+pub fn curl(url: &str, extra: &[&str]) -> (f64, f64, u64) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_starttransfer} %{time_total} %{size_download}",
+        ])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl");
+    let s = String::from_utf8_lossy(&out.stdout);
+    let mut it = s
+        .split_whitespace()
+        .map(|x| x.parse::<f64>().unwrap_or(0.0));
+    (
+        it.next().unwrap_or(0.0),
+        it.next().unwrap_or(0.0),
+        it.next().unwrap_or(0.0) as u64,
+    )
+}
+
+/// `n` concurrent curl GETs, client i on `urls[i % urls.len()]`: (wall seconds, slowest
+/// client seconds, total bytes).
+pub fn concurrent(n: usize, urls: &[impl AsRef<str>]) -> (f64, f64, u64) {
+    let start = Instant::now();
+    let children: Vec<_> = (0..n)
+        .map(|i| {
+            Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{time_total} %{size_download}",
+                ])
+                .arg(urls[i % urls.len()].as_ref())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("curl")
+        })
+        .collect();
+    let mut slowest = 0f64;
+    let mut bytes = 0u64;
+    for c in children {
+        let out = c.wait_with_output().expect("curl");
+        let s = String::from_utf8_lossy(&out.stdout);
+        let mut it = s
+            .split_whitespace()
+            .map(|x| x.parse::<f64>().unwrap_or(0.0));
+        slowest = slowest.max(it.next().unwrap_or(0.0));
+        bytes += it.next().unwrap_or(0.0) as u64;
+    }
+    (start.elapsed().as_secs_f64(), slowest, bytes)
+}
+
+/// A numeric knob from the environment (e.g. `BENCH_MIB`), else `default`.
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -23,6 +23,19 @@ pub fn garage_bin() -> Option<PathBuf> {
     on_path.or_else(|| Some(PathBuf::from(INSTALLED)).filter(|p| p.is_file()))
 }
 
+/// The binary; `None` (the caller skips) on a laptop without it, a failure under CI.
+pub fn require_garage() -> Option<PathBuf> {
+    let bin = garage_bin();
+    if bin.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "garage is not installed (.ci/run builds it into /opt/garage)"
+        );
+        eprintln!("SKIP: garage not installed (cargo install garage --locked)");
+    }
+    bin
+}
+
 /// A running 3-node cluster with one bucket and one key allowed on it.
 pub struct Garage {
     _dir: TempDir,
@@ -153,6 +166,17 @@ impl Garage {
     /// The S3 endpoint of node `n` (path-style, region "garage").
     pub fn endpoint(&self, n: usize) -> String {
         format!("http://127.0.0.1:{}", self.nodes[n].s3_port)
+    }
+
+    /// entrepot's `[server.s3]` section for node `n`'s endpoint, keys under `prefix`.
+    pub fn s3_section(&self, n: usize, prefix: &str) -> String {
+        format!(
+            "[server.s3]\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"garage\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{prefix}\"\n",
+            self.endpoint(n),
+            self.bucket,
+            self.key_id,
+            self.secret
+        )
     }
 
     /// Stops node `n` (the cluster keeps reading and writing with two of three).

@@ -5,13 +5,13 @@
 //! elsewhere the test is skipped with a printed reason.
 #![allow(dead_code, unused_imports)]
 
+pub mod bench;
 pub mod clients;
 pub mod fake;
 pub mod garage;
 pub mod image;
 pub mod passthrough;
 pub mod peers;
-pub mod scale;
 pub mod throttle;
 pub mod token;
 
@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 
+pub use bench::*;
 pub use clients::*;
 pub use image::*;
 pub use peers::*;
-pub use scale::*;
 
 /// The peers the end-to-end tests run (all installed by `.ci/run`).
 pub const PEERS: &[&str] = &[
