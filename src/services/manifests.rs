@@ -351,6 +351,34 @@ impl Services {
         }
     }
 
+    /// The manifest a flight that ended between this request's cache lookup and its join
+    /// just stored (a digest linked to the repository, or a tag confirmed within its TTL):
+    /// a late request, here or from another replica, must not fetch it again.
+    pub(super) async fn just_stored(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        reference: &Reference,
+    ) -> Result<Option<Fetched>, ServiceError> {
+        let (digest, media_type) = match reference {
+            Reference::Digest(d) => {
+                match self.store().get_manifest_link(&up.name, repo, d).await? {
+                    Some(link) => (d.clone(), link.media_type),
+                    None => return Ok(None),
+                }
+            }
+            Reference::Tag(t) => match self.store().get_tag(&up.name, repo, t).await? {
+                Some(rec) if rec.age() < up.tag_ttl => (rec.digest()?, rec.media_type),
+                _ => return Ok(None),
+            },
+        };
+        Ok(self.store().read_small(&digest).await?.map(|b| Fetched {
+            digest,
+            media_type,
+            bytes: Bytes::from(b),
+        }))
+    }
+
     pub(super) async fn fetch_manifest(
         &self,
         up: &Upstream,

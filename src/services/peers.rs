@@ -49,6 +49,9 @@ impl Services {
         reference: &Reference,
         forward: bool,
     ) -> Result<Fetched, ServiceError> {
+        if let Some(f) = self.just_stored(up, repo, reference).await? {
+            return Ok(f);
+        }
         let key = format!("manifest {}/{repo}:{reference}", up.name);
         let ranked = self.ranked_elsewhere(up, &key).filter(|_| forward);
         for peer in ranked.unwrap_or_default() {
