@@ -262,22 +262,13 @@ fn a_replica_that_never_saw_a_tag_serves_it_stale_when_the_upstream_is_down() {
 fn cluster_config_mistakes_are_named() {
     let tmp = tempfile::TempDir::new().unwrap();
     let check = |extra: &str| {
-        let cfg = tmp.path().join("c.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[server]\nstorage = \"{}\"\n{extra}\n[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:1\"\n",
-                tmp.path().join("store").display()
-            ),
-        )
-        .unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_entrepot"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let cfg = store_config(
+            tmp.path(),
+            &format!("{extra}\n[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:1\"\n"),
+        );
+        let (ok, out) = entrepot_cli(tmp.path(), Some(&cfg), &["serve"]);
+        assert!(!ok);
+        out
     };
     let err = check("[cluster]\nself = \"http://127.0.0.1:5000\"\npeers = [\"http://127.0.0.1:5000\"]\nsecret = \"s\"");
     assert!(err.contains("[cluster] needs [server.s3]"), "{err}");

@@ -3,69 +3,40 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::*;
 use tempfile::TempDir;
-
-/// Runs `entrepot ARGS` with `config` (written to a file) and returns (success, output).
-fn entrepot(dir: &Path, config: Option<&str>, args: &[&str]) -> (bool, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_entrepot"));
-    cmd.current_dir(dir).env_remove("RUST_LOG");
-    if let Some(c) = config {
-        let f = dir.join("cfg.toml");
-        std::fs::write(&f, c).unwrap();
-        cmd.arg("--config").arg(&f);
-    }
-    let out = cmd.args(args).output().expect("run entrepot");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn store_config(dir: &Path, extra: &str) -> String {
-    format!(
-        "[server]\nstorage = \"{}\"\nlisten = \"127.0.0.1:{}\"\n{extra}",
-        dir.join("store").display(),
-        free_port()
-    )
-}
 
 #[test]
 fn config_mistakes_name_the_file_or_key() {
     let tmp = TempDir::new().unwrap();
     let d = tmp.path();
     // A directory given as the config file.
-    let (ok, out) = entrepot(d, None, &["--config", d.to_str().unwrap(), "serve"]);
+    let (ok, out) = entrepot_cli(d, None, &["--config", d.to_str().unwrap(), "serve"]);
     assert!(!ok && out.contains("is a directory"), "{out}");
     assert!(out.contains(&d.display().to_string()), "{out}");
     // A missing config file.
-    let (ok, out) = entrepot(d, None, &["--config", "nope.toml", "verify"]);
+    let (ok, out) = entrepot_cli(d, None, &["--config", "nope.toml", "verify"]);
     assert!(
         !ok && out.contains("config file nope.toml does not exist"),
         "{out}"
     );
     // A type error: reported once, with the key as written.
-    let (ok, out) = entrepot(d, Some("[server]\nlisten = 5\n"), &["verify"]);
+    let (ok, out) = entrepot_cli(d, Some("[server]\nlisten = 5\n"), &["verify"]);
     assert!(!ok && out.contains("server.listen"), "{out}");
     assert!(!out.contains("default."), "{out}");
     assert_eq!(out.matches("server.listen").count(), 1, "{out}");
     // Passwords: one source only, and never without a username.
     let both = "[upstreams.hub]\nurl = \"http://127.0.0.1:9\"\nusername = \"u\"\npassword = \"p\"\npassword_env = \"X\"\n";
-    let (ok, out) = entrepot(d, Some(both), &["verify"]);
+    let (ok, out) = entrepot_cli(d, Some(both), &["verify"]);
     assert!(
         !ok && out.contains("upstream \"hub\"") && out.contains("not several"),
         "{out}"
     );
     let lonely = "[upstreams.hub]\nurl = \"http://127.0.0.1:9\"\npassword = \"p\"\n";
-    let (ok, out) = entrepot(d, Some(lonely), &["verify"]);
+    let (ok, out) = entrepot_cli(d, Some(lonely), &["verify"]);
     assert!(!ok && out.contains("no username"), "{out}");
     // `verify --repair` is explained.
-    let (ok, out) = entrepot(d, None, &["verify", "--help"]);
+    let (ok, out) = entrepot_cli(d, None, &["verify", "--help"]);
     assert!(
         ok && out.contains("--repair") && out.contains("upload_ttl"),
         "{out}"
@@ -78,14 +49,14 @@ fn store_mistakes_are_errors_not_empty_stores() {
     let d = tmp.path();
     let typo = d.join("stroe");
     let cfg = format!("[server]\nstorage = \"{}\"\n", typo.display());
-    let (ok, out) = entrepot(d, Some(&cfg), &["verify"]);
+    let (ok, out) = entrepot_cli(d, Some(&cfg), &["verify"]);
     assert!(!ok && out.contains(&typo.display().to_string()), "{out}");
     assert!(!typo.exists(), "no store created by verify");
     // Storage that is a file: serve says which path and what is wrong.
     let file = d.join("afile");
     std::fs::write(&file, "x").unwrap();
     let cfg = format!("[server]\nstorage = \"{}\"\n", file.display());
-    let (ok, out) = entrepot(d, Some(&cfg), &["serve"]);
+    let (ok, out) = entrepot_cli(d, Some(&cfg), &["serve"]);
     assert!(
         !ok && out.contains("server.storage") && out.contains("afile"),
         "{out}"
@@ -93,7 +64,7 @@ fn store_mistakes_are_errors_not_empty_stores() {
     // import of a missing directory.
     let cfg = store_config(d, "");
     std::fs::create_dir_all(d.join("store/blobs")).unwrap();
-    let (ok, out) = entrepot(d, Some(&cfg), &["import", "/nonexistent/layout"]);
+    let (ok, out) = entrepot_cli(d, Some(&cfg), &["import", "/nonexistent/layout"]);
     assert!(!ok && out.contains("no such directory"), "{out}");
 }
 
@@ -107,7 +78,7 @@ fn a_busy_port_names_the_address() {
         "[server]\nstorage = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n",
         d.join("store").display()
     );
-    let (ok, out) = entrepot(d, Some(&cfg), &["serve"]);
+    let (ok, out) = entrepot_cli(d, Some(&cfg), &["serve"]);
     assert!(!ok, "{out}");
     assert!(
         out.contains(&format!("server.listen 127.0.0.1:{port}")),
@@ -137,7 +108,7 @@ fn hosts_ca_must_be_an_absolute_existing_file() {
     for ca in ["relative/ca.pem", "/nonexistent/ca.pem"] {
         let a = args(ca);
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        let (ok, out) = entrepot(d, None, &a);
+        let (ok, out) = entrepot_cli(d, None, &a);
         assert!(!ok && out.contains(ca), "{ca}: {out}");
     }
 }
@@ -165,7 +136,7 @@ fn prefetch_reports_each_failure_and_fails_at_the_end() {
     );
     // A bad reference, an unknown registry and a good one: the good one is fetched (the
     // upstream URL given with its /v2/ still works), the others are reported.
-    let (ok, out) = entrepot(
+    let (ok, out) = entrepot_cli(
         d,
         Some(&cfg),
         &[
@@ -185,7 +156,7 @@ fn prefetch_reports_each_failure_and_fails_at_the_end() {
     assert!(out.contains("2 of 3 images failed"), "{out}");
     assert_eq!(up.count("GET", "/v2/library/one/manifests/1"), 1, "{out}");
     // A platform the index lacks is an error, not a silent index-only fetch.
-    let (ok, out) = entrepot(
+    let (ok, out) = entrepot_cli(
         d,
         Some(&cfg),
         &[
@@ -196,7 +167,7 @@ fn prefetch_reports_each_failure_and_fails_at_the_end() {
         ],
     );
     assert!(!ok && out.contains("linux/s390x"), "{out}");
-    let (ok, out) = entrepot(d, Some(&cfg), &["prefetch", "docker.io/library/multi:1"]);
+    let (ok, out) = entrepot_cli(d, Some(&cfg), &["prefetch", "docker.io/library/multi:1"]);
     assert!(ok && out.contains(&index), "{out}");
 }
 

@@ -359,23 +359,13 @@ fn s3_start_errors_say_what_is_wrong() {
     let g = Garage::start(&bin);
     let tmp = TempDir::new().unwrap();
     let serve = |s3: &str| {
-        let cfg = tmp.path().join("bad.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:{}\"\nstorage = \"{}\"\n{s3}\n[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:1\"\n",
-                free_port(),
-                tmp.path().join("store").display()
-            ),
-        )
-        .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_entrepot"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let cfg = store_config(
+            tmp.path(),
+            &format!("{s3}\n[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:1\"\n"),
+        );
+        let (ok, out) = entrepot_cli(tmp.path(), Some(&cfg), &["serve"]);
+        assert!(!ok);
+        out
     };
     let good = s3_lines(&g, 0, "");
     let err = serve(&good.replace(

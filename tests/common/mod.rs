@@ -346,3 +346,30 @@ pub fn make_tls(
     ]));
     (p("ca.pem"), p("server.pem"), p("server.key"))
 }
+
+/// Runs `entrepot ARGS` with `config` (written to a file) and returns (success, output).
+pub fn entrepot_cli(dir: &Path, config: Option<&str>, args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_entrepot"));
+    cmd.current_dir(dir).env_remove("RUST_LOG");
+    if let Some(c) = config {
+        let f = dir.join("cfg.toml");
+        std::fs::write(&f, c).unwrap();
+        cmd.arg("--config").arg(&f);
+    }
+    let out = cmd.args(args).output().expect("run entrepot");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A config with its store under `dir`, a free port, and `extra` lines after `[server]`.
+pub fn store_config(dir: &Path, extra: &str) -> String {
+    format!(
+        "[server]\nstorage = \"{}\"\nlisten = \"127.0.0.1:{}\"\n{extra}",
+        dir.join("store").display(),
+        free_port()
+    )
+}
