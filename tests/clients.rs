@@ -154,14 +154,8 @@ fn podman_skopeo_and_curl_pull_every_manifest_kind() {
     assert!(got.contains(&img.v2img), "{got:?}");
 
     // skopeo inspects the index by tag: the exact bytes.
-    let raw = run(Command::new("skopeo").args([
-        "inspect",
-        "--raw",
-        "--tls-verify=false",
-        &format!("docker://{host}/docker.io/library/multi:1"),
-    ]));
     assert_eq!(
-        format!("sha256:{}", sha256_hex(raw.as_bytes())),
+        skopeo_raw_digest(&format!("{host}/docker.io/library/multi:1")),
         img.multi.0
     );
 

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 
 use common::garage::{require_garage, Garage};
@@ -177,13 +176,10 @@ fn two_replicas_share_one_bucket() {
         &format!("{host_a}/local/team/app:1"),
         Some("alice:alice-pw"),
     );
-    let raw = run(Command::new("skopeo").args([
-        "inspect",
-        "--raw",
-        "--tls-verify=false",
-        &format!("docker://{host_b}/local/team/app:1"),
-    ]));
-    assert_eq!(format!("sha256:{}", sha256_hex(raw.as_bytes())), index);
+    assert_eq!(
+        skopeo_raw_digest(&format!("{host_b}/local/team/app:1")),
+        index
+    );
     let ctr = Containerd::start();
     let hosts = ctr.hosts_dir("h", &host_b, &b.url(), Style::Ns);
     let got = ctr
@@ -262,13 +258,10 @@ fn two_replicas_share_one_bucket() {
         &format!("{host_a}/local/team/two:1"),
         Some("alice:alice-pw"),
     );
-    let raw = run(Command::new("skopeo").args([
-        "inspect",
-        "--raw",
-        "--tls-verify=false",
-        &format!("docker://{host_b}/local/team/two:1"),
-    ]));
-    assert_eq!(format!("sha256:{}", sha256_hex(raw.as_bytes())), img2);
+    assert_eq!(
+        skopeo_raw_digest(&format!("{host_b}/local/team/two:1")),
+        img2
+    );
 
     // A corrupt object in the bucket is never served as valid: `verify` reports it, and
     // a replica that must read it refuses the bytes, deletes the object, and the next
@@ -344,13 +337,10 @@ fn two_replicas_share_one_bucket() {
         keys.iter().any(|k| k.ends_with(&digest[7..])),
         "hosted blob kept"
     );
-    let raw = run(Command::new("skopeo").args([
-        "inspect",
-        "--raw",
-        "--tls-verify=false",
-        &format!("docker://{host_b}/local/team/app:1"),
-    ]));
-    assert_eq!(format!("sha256:{}", sha256_hex(raw.as_bytes())), index);
+    assert_eq!(
+        skopeo_raw_digest(&format!("{host_b}/local/team/app:1")),
+        index
+    );
 }
 
 #[test]

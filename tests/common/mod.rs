@@ -373,3 +373,14 @@ pub fn store_config(dir: &Path, extra: &str) -> String {
         free_port()
     )
 }
+
+/// The digest of the manifest `skopeo inspect --raw` gets for `reference` (plain HTTP).
+pub fn skopeo_raw_digest(reference: &str) -> String {
+    let raw = run(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{reference}"),
+    ]));
+    format!("sha256:{}", sha256_hex(raw.as_bytes()))
+}
