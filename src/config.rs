@@ -122,7 +122,8 @@ pub struct HostedConfig {
     /// Uploads untouched for this long are dropped with their bytes.
     #[serde(default = "default_upload_ttl", with = "humantime_serde")]
     pub upload_ttl: Duration,
-    /// Upload sessions open at once (each holds a file): more get `429`.
+    /// Upload sessions open at once on this replica (each holds stored bytes): more get
+    /// `429`.
     #[serde(default = "default_max_uploads")]
     pub max_uploads: usize,
     /// Upload sessions one user may have open at once.
