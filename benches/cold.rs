@@ -53,6 +53,9 @@ fn main() {
     for with_sync in [false, true].into_iter().filter(|_| !only_eight) {
         // Each round: two fresh blobs; each server pulls both, in alternating order.
         let (mut ew, mut pw, mut dw, mut et, mut pt, mut dt) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        // CPU seconds: (entrepot, upstream during entrepot's pulls, proxy, upstream during
+        // the proxy's pulls).
+        let mut cpu = [0.0f64; 4];
         for r in 0..rounds {
             let blobs = fresh(3);
             let mut run = |who: usize, d: &str| {
@@ -61,13 +64,19 @@ fn main() {
                 }
                 match who {
                     0 => {
+                        let (c0, u0) = (cpu_secs(mirror.pid()), cpu_secs(up.pid()));
                         let x = curl(&e(d), &[]);
+                        cpu[0] += cpu_secs(mirror.pid()) - c0;
+                        cpu[1] += cpu_secs(up.pid()) - u0;
                         eprintln!("entrepot sync={with_sync} {:.2} s", x.1);
                         ew += x.1;
                         et += x.0;
                     }
                     1 => {
+                        let (c0, u0) = (cpu_secs(proxy.pid()), cpu_secs(up.pid()));
                         let x = curl(&p(d), &[]);
+                        cpu[2] += cpu_secs(proxy.pid()) - c0;
+                        cpu[3] += cpu_secs(up.pid()) - u0;
                         eprintln!("proxy sync={with_sync} {:.2} s", x.1);
                         pw += x.1;
                         pt += x.0;
@@ -97,6 +106,15 @@ fn main() {
             dw / rounds as f64,
             dt / rounds as f64 * 1e3,
             ew / pw
+        );
+        println!(
+            "| CPU per pull (server + upstream){} | {:.2} + {:.2} s | {:.2} + {:.2} s | - | {:.2}x |",
+            if with_sync { ", sync between" } else { "" },
+            cpu[0] / n,
+            cpu[1] / n,
+            cpu[2] / n,
+            cpu[3] / n,
+            (cpu[0] + cpu[1]) / (cpu[2] + cpu[3]).max(1e-9)
         );
     }
 

@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::flight::{Join, Lead};
+use super::recent::Recent;
 use super::stream::{Avail, BodyStream, OpenRelay, Reading};
 use super::{status_error, ServiceError, Services, Source};
 use crate::names::Digest;
@@ -61,6 +62,8 @@ pub struct Fill {
     /// Upstream headers arrived with a success status.
     pub started: bool,
     pub written: u64,
+    /// The bytes received last, for the readers that keep up (see [`Recent`]).
+    pub recent: Recent,
     /// All bytes arrived and match the digest (readers may send the last byte; the
     /// fsync and rename into the store follow).
     pub verified: bool,
@@ -410,8 +413,7 @@ impl Services {
                     written: size,
                     verified: true,
                     committed: true,
-                    passthrough: false,
-                    error: None,
+                    ..Fill::default()
                 }
             });
             return Ok(());

@@ -170,7 +170,8 @@ impl Services {
         // `pending` (up to MAX_PENDING) while a blocking thread hashes and writes what came
         // before, then takes everything received meanwhile in one go. (Waiting for each
         // write before reading on kept batches at the size of the client's socket buffer,
-        // ~64 KiB: thousands of hand-offs per blob, and idle cores.)
+        // ~64 KiB: thousands of hand-offs per blob, and idle cores.) Each chunk also goes
+        // to the readers that keep up as soon as it arrives (`Fill::recent`).
         let mut pending: Vec<Bytes> = Vec::new();
         let mut pending_len = 0usize;
         let mut ended = false;
@@ -211,7 +212,10 @@ impl Services {
                                 m.inc_by(n);
                             }
                             let total = back.written();
-                            lead.tx.send_modify(|f| f.written = total);
+                            lead.tx.send_modify(|f| {
+                                f.written = total;
+                                f.recent.trim(total);
+                            });
                             w = Some(back);
                         }
                         Err(e) if no_space(&e) && up.is_some() => {
@@ -233,6 +237,7 @@ impl Services {
                         Ok(Some(Err(e))) => broke = Some(format!("{source}: {e}")),
                         Ok(Some(Ok(b))) => {
                             pending_len += b.len();
+                            lead.tx.send_modify(|f| f.recent.push(b.clone()));
                             pending.push(b);
                         }
                     }
@@ -243,7 +248,11 @@ impl Services {
         match broke {
             // What arrived before the break is dropped with `pending`: the next source
             // starts at `w.written()`.
-            Some(e) => Ok(Pumped::Broke(w, e)),
+            Some(e) => {
+                let at = w.written();
+                lead.tx.send_modify(|f| f.recent.truncate(at));
+                Ok(Pumped::Broke(w, e))
+            }
             None => Ok(Pumped::Done(w)),
         }
     }

@@ -18,6 +18,7 @@ mod page;
 mod passwords;
 mod peers;
 mod private;
+mod recent;
 mod referrers;
 mod stream;
 mod tags;

@@ -103,6 +103,8 @@ pub enum Avail {
 
 /// What a reader may do next.
 enum Next {
+    /// Send these bytes, received by the fill and still in memory.
+    Received(Bytes),
     /// Read the file up to this offset.
     Upto(u64),
     /// The fill stopped writing at or before `pos`: continue from upstream.
@@ -167,6 +169,11 @@ impl Cursor {
             return self.relayed().await;
         }
         let readable = match self.wait_readable().await? {
+            Next::Received(b) => {
+                self.pos += b.len() as u64;
+                self.count(b.len());
+                return Ok(Some(b));
+            }
             Next::Upto(n) => n,
             Next::Relay => return self.start_relay().await,
         };
@@ -193,17 +200,21 @@ impl Cursor {
             let next = (self.end - self.pos).min(CHUNK) as usize;
             self.ahead = Some((self.pos, next, spawn_read(file, self.pos, next)));
         }
+        self.count(len);
+        Ok(Some(chunk))
+    }
+
+    fn count(&self, len: usize) {
         self.metrics
             .served_bytes
             .with_label_values(&[self.source])
             .inc_by(len as u64);
-        Ok(Some(chunk))
     }
 
-    /// Waits until the byte at `pos` may be sent and returns the readable limit (at or
-    /// below `pos` only at the end of a committed fill). During
-    /// a fill the last byte is held back until the digest is verified, so a client never
-    /// receives a complete body that turned out to be corrupt.
+    /// Waits until the byte at `pos` may be sent and returns it from memory or the
+    /// readable limit of the file (at or below `pos` only at the end of a committed fill).
+    /// During a fill the last byte is held back until the digest is verified, so a client
+    /// never receives a complete body that turned out to be corrupt.
     async fn wait_readable(&mut self) -> Result<Next, ServiceError> {
         let rx = match &mut self.avail {
             Avail::Complete(_) => return Ok(Next::Upto(self.end)),
@@ -215,19 +226,27 @@ impl Cursor {
                 if let Some(e) = &fill.error {
                     return Err(ServiceError::Shared(e.clone()));
                 }
-                if fill.committed || fill.verified {
-                    return Ok(Next::Upto(fill.written));
-                }
-                if fill.passthrough {
+                let done = fill.committed || fill.verified;
+                if fill.passthrough && !done {
                     return Ok(if fill.written > self.pos {
                         Next::Upto(fill.written)
                     } else {
                         Next::Relay
                     });
                 }
-                let limit = fill.written.saturating_sub(1);
-                if limit > self.pos {
-                    return Ok(Next::Upto(limit));
+                let received = fill.recent.received();
+                let limit = if done {
+                    fill.written
+                } else {
+                    // The blob's last byte (the last received one when the size is not
+                    // known) waits for the digest.
+                    fill.size.unwrap_or(received).saturating_sub(1).min(received)
+                };
+                if let Some(b) = fill.recent.at(self.pos, limit.min(self.end)) {
+                    return Ok(Next::Received(b));
+                }
+                if done || limit.min(fill.written) > self.pos {
+                    return Ok(Next::Upto(limit.min(fill.written)));
                 }
             }
             if rx.changed().await.is_err() {
@@ -259,10 +278,7 @@ impl Cursor {
         };
         let keep = (self.end - self.pos).min(chunk.len() as u64) as usize;
         self.pos += keep as u64;
-        self.metrics
-            .served_bytes
-            .with_label_values(&[self.source])
-            .inc_by(keep as u64);
+        self.count(keep);
         Ok(Some(chunk.slice(..keep)))
     }
 }

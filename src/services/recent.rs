@@ -1,0 +1,132 @@
+//! The bytes a fill received last, kept in memory so the requests that keep up with the
+//! download are sent them as they arrive: the client of a cold pull goes at the source's
+//! speed instead of waiting for each batch to be written, hashed and read back from the
+//! file. Readers that fall behind (or join late) read the file instead.
+//!
+//! The chunks are the ones the source delivered (`Bytes` are shared, not copied), bounded:
+//! only chunks already on disk are dropped, the oldest first, once more than [`KEEP`]
+//! bytes are held, so a reader can always find a byte in memory or in the file.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+/// Bytes already on disk kept for readers a little behind.
+const KEEP: usize = 4 * 1024 * 1024;
+
+#[derive(Default)]
+pub struct Recent {
+    /// (offset in the blob, bytes), contiguous, in order.
+    chunks: VecDeque<(u64, Bytes)>,
+    /// Bytes received from the fill's sources so far (the end of the last chunk).
+    received: u64,
+    held: usize,
+}
+
+impl Recent {
+    /// Takes the next bytes from the source.
+    pub fn push(&mut self, b: Bytes) {
+        if b.is_empty() {
+            return;
+        }
+        let len = b.len();
+        self.chunks.push_back((self.received, b));
+        self.received += len as u64;
+        self.held += len;
+    }
+
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Drops the oldest chunks that end at or below `written` while more than [`KEEP`]
+    /// bytes are held.
+    pub fn trim(&mut self, written: u64) {
+        while self.held > KEEP {
+            match self.chunks.front() {
+                Some((at, b)) if at + b.len() as u64 <= written => {
+                    self.held -= b.len();
+                    self.chunks.pop_front();
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Forgets everything past `at` (a source broke there; the next one starts at `at`).
+    pub fn truncate(&mut self, at: u64) {
+        while let Some((off, b)) = self.chunks.back_mut() {
+            if *off >= at {
+                self.held -= b.len();
+                self.chunks.pop_back();
+            } else {
+                let keep = (at - *off).min(b.len() as u64) as usize;
+                self.held -= b.len() - keep;
+                b.truncate(keep);
+                break;
+            }
+        }
+        self.received = self.received.min(at);
+    }
+
+    /// The bytes from `pos` (below `limit`) to the end of the chunk holding `pos`, when
+    /// that chunk is still in memory.
+    pub fn at(&self, pos: u64, limit: u64) -> Option<Bytes> {
+        if pos >= limit || pos >= self.received {
+            return None;
+        }
+        let i = self.chunks.partition_point(|(off, _)| *off <= pos);
+        let (off, b) = self.chunks.get(i.checked_sub(1)?)?;
+        let from = (pos - off) as usize;
+        let to = ((limit - off) as usize).min(b.len());
+        (from < to).then(|| b.slice(from..to))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(sizes: &[usize]) -> Recent {
+        let mut r = Recent::default();
+        for (i, n) in sizes.iter().enumerate() {
+            r.push(Bytes::from(vec![i as u8; *n]));
+        }
+        r
+    }
+
+    #[test]
+    fn finds_the_chunk_holding_a_byte() {
+        let r = filled(&[3, 4, 5]);
+        assert_eq!(r.received(), 12);
+        assert_eq!(r.at(0, 12).as_deref(), Some(&[0u8; 3][..]));
+        assert_eq!(r.at(4, 12).as_deref(), Some(&[1u8; 3][..]));
+        // Never past the limit (the held-back last byte).
+        assert_eq!(r.at(7, 11).as_deref(), Some(&[2u8; 4][..]));
+        assert_eq!(r.at(11, 11), None);
+        assert_eq!(r.at(12, 13), None);
+    }
+
+    #[test]
+    fn trims_only_what_is_on_disk() {
+        let mut r = filled(&[KEEP, KEEP, 10]);
+        r.trim(0);
+        assert!(r.at(0, u64::MAX).is_some(), "nothing on disk: all kept");
+        r.trim(KEEP as u64);
+        assert!(r.at(0, u64::MAX).is_none(), "first chunk on disk and over KEEP");
+        assert!(r.at(KEEP as u64, u64::MAX).is_some());
+        r.trim(u64::MAX);
+        assert!(r.at(2 * KEEP as u64, u64::MAX).is_some(), "KEEP bytes stay");
+    }
+
+    #[test]
+    fn truncate_forgets_the_tail() {
+        let mut r = filled(&[3, 4, 5]);
+        r.truncate(5);
+        assert_eq!(r.received(), 5);
+        assert_eq!(r.at(3, 99).as_deref(), Some(&[1u8; 2][..]));
+        assert_eq!(r.at(5, 99), None);
+        r.push(Bytes::from_static(b"xyz"));
+        assert_eq!(r.at(5, 99).as_deref(), Some(&b"xyz"[..]));
+    }
+}
