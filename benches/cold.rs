@@ -49,6 +49,31 @@ fn main() {
     let direct = |d: &str| format!("{}/v2/bench/cold/blobs/{d}", up.url());
     println!("| scenario ({mib} MiB) | entrepot | Distribution proxy | direct | entrepot / proxy |\n|---|---|---|---|---|");
 
+    // BENCH_SOLO=entrepot|proxy: only that server, one fresh blob per round with a quiet
+    // second between (nothing else running), for profiles (`perf record -a`).
+    if let Ok(who) = std::env::var("BENCH_SOLO") {
+        let (url, pid): (&dyn Fn(&str) -> String, _) = match who.as_str() {
+            "proxy" => (&p, proxy.pid()),
+            _ => (&e, mirror.pid()),
+        };
+        for _ in 0..rounds {
+            let d = fresh(1).remove(0);
+            sync();
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let (c0, u0, t0) = (cpu_secs(pid), cpu_secs(up.pid()), thread_secs(pid));
+            let x = curl(&url(&d), &[]);
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let (c, u) = (cpu_secs(pid) - c0, cpu_secs(up.pid()) - u0);
+            let threads: Vec<String> = thread_secs(pid)
+                .into_iter()
+                .map(|(k, v)| (k.clone(), v - t0.get(&k).copied().unwrap_or(0.0)))
+                .filter(|(_, v)| *v >= 0.005)
+                .map(|(k, v)| format!("{k} {v:.3}"))
+                .collect();
+            println!("{who}: wall {:.2} s, TTFB {:.1} ms, CPU {c:.2} s, upstream CPU {u:.2} s; threads: {}", x.1, x.0 * 1e3, threads.join(", "));
+        }
+        return;
+    }
     let only_eight = std::env::var("BENCH_ONLY_EIGHT").is_ok();
     for with_sync in [false, true].into_iter().filter(|_| !only_eight) {
         // Each round: two fresh blobs; each server pulls both, in alternating order.

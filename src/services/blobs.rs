@@ -61,6 +61,8 @@ pub struct Fill {
     pub size: Option<u64>,
     /// Upstream headers arrived with a success status.
     pub started: bool,
+    /// Bytes in `file`, which readers may read (the rest, up to what was received, is
+    /// still in `recent`).
     pub written: u64,
     /// The bytes received last, for the readers that keep up (see [`Recent`]).
     pub recent: Recent,
@@ -467,10 +469,14 @@ impl Services {
             let (rx, store, d) = (lead.subscribe(), self.mirror.store.clone(), d.clone());
             actix_web::rt::spawn(super::fill::copy_to_bucket(rx, store, d));
         }
+        let total = w.written();
         self.commit(w, size, up, d).await?;
         self.store().link_blob(&up.name, repo, d).await?;
         self.mirror.list_repo(&up.name, repo).await?;
-        lead.tx.send_modify(|f| f.committed = true);
+        lead.tx.send_modify(|f| {
+            f.written = total;
+            f.committed = true;
+        });
         Ok(())
     }
 

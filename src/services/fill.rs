@@ -9,6 +9,7 @@ use futures_util::{Stream, StreamExt};
 
 use super::blobs::{BlobReply, ByteRange, Fill};
 use super::flight::{Join, Lead};
+use super::pump::Pumped;
 use super::stream::{Avail, BodyStream};
 use super::{ServiceError, Services, Source};
 use crate::names::Digest;
@@ -91,7 +92,10 @@ impl Services {
         lead.tx.send_modify(|f| f.verified = true);
         let (expected, store) = (d.clone(), self.mirror.store.clone());
         super::offload(async move { store.commit(w, &expected, Some(size)) }).await?;
-        lead.tx.send_modify(|f| f.committed = true);
+        lead.tx.send_modify(|f| {
+            f.written = size;
+            f.committed = true;
+        });
         self.mirror.keep_local_tier();
         Ok(())
     }
@@ -146,157 +150,34 @@ impl Services {
         });
         Ok(Some(w))
     }
-
-    /// Appends `body` (from `source`) to a fill's file. A source that breaks leaves the
-    /// writer intact for another source to go on from where it stopped.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn pump<S>(
-        &self,
-        lead: &Lead<Digest, Fill>,
-        d: &Digest,
-        w: BlobWriter,
-        mut body: S,
-        source: &str,
-        size: Option<u64>,
-        up: Option<&Upstream>,
-    ) -> Result<Pumped, ServiceError>
-    where
-        S: Stream<Item = Result<Bytes, String>> + Unpin,
-    {
-        let bytes_metric = up
-            .filter(|_| source.starts_with("upstream"))
-            .map(|u| self.metrics().upstream_bytes.with_label_values(&[&u.name]));
-        // Receiving never waits for the disk: this task keeps draining the source into
-        // `pending` (up to MAX_PENDING) while a blocking thread hashes and writes what came
-        // before, then takes everything received meanwhile in one go. (Waiting for each
-        // write before reading on kept batches at the size of the client's socket buffer,
-        // ~64 KiB: thousands of hand-offs per blob, and idle cores.) Each chunk also goes
-        // to the readers that keep up as soon as it arrives (`Fill::recent`).
-        let mut pending: Vec<Bytes> = Vec::new();
-        let mut pending_len = 0usize;
-        let mut ended = false;
-        let mut broke: Option<String> = None;
-        let mut writing: Option<tokio::task::JoinHandle<(BlobWriter, std::io::Result<u64>)>> = None;
-        let mut w = Some(w);
-        let lost = || ServiceError::Unavailable("fill lost its writer".into());
-        loop {
-            if writing.is_none() && pending_len > 0 && broke.is_none() {
-                let batch = std::mem::take(&mut pending);
-                pending_len = 0;
-                let mut writer = w.take().ok_or_else(lost)?;
-                writing = Some(tokio::task::spawn_blocking(move || {
-                    let r = batch
-                        .iter()
-                        .try_fold(0, |n, c| writer.write(c).map(|_| n + c.len() as u64));
-                    (writer, r)
-                }));
-            }
-            let reading = !ended && broke.is_none() && pending_len < MAX_PENDING;
-            if writing.is_none() && !reading {
-                break;
-            }
-            tokio::select! {
-                biased;
-                done = async {
-                    match writing.as_mut() {
-                        Some(h) => h.await,
-                        None => std::future::pending().await,
-                    }
-                }, if writing.is_some() => {
-                    writing = None;
-                    let (back, result) =
-                        done.map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
-                    match result {
-                        Ok(n) => {
-                            if let Some(m) = &bytes_metric {
-                                m.inc_by(n);
-                            }
-                            let total = back.written();
-                            lead.tx.send_modify(|f| {
-                                f.written = total;
-                                f.recent.trim(total);
-                            });
-                            w = Some(back);
-                        }
-                        Err(e) if no_space(&e) && up.is_some() => {
-                            // Dropping the writer removes the partial file; readers keep
-                            // their handle on the bytes already written and relay the rest.
-                            drop(back);
-                            if let Some(up) = up {
-                                self.pass_through(lead, up, d, size, &e);
-                            }
-                            return Ok(Pumped::Full);
-                        }
-                        Err(e) => return Err(StoreError::from(e).into()),
-                    }
-                }
-                next = tokio::time::timeout(IDLE_TIMEOUT, body.next()), if reading => {
-                    match next {
-                        Err(_) => broke = Some(format!("{source}: stalled")),
-                        Ok(None) => ended = true,
-                        Ok(Some(Err(e))) => broke = Some(format!("{source}: {e}")),
-                        Ok(Some(Ok(b))) => {
-                            pending_len += b.len();
-                            lead.tx.send_modify(|f| f.recent.push(b.clone()));
-                            pending.push(b);
-                        }
-                    }
-                }
-            }
-        }
-        let w = w.ok_or_else(lost)?;
-        match broke {
-            // What arrived before the break is dropped with `pending`: the next source
-            // starts at `w.written()`.
-            Some(e) => {
-                let at = w.written();
-                lead.tx.send_modify(|f| f.recent.truncate(at));
-                Ok(Pumped::Broke(w, e))
-            }
-            None => Ok(Pumped::Done(w)),
-        }
-    }
-}
-
-/// Bytes received ahead of the disk at most, per fill (bounded memory per blob).
-const MAX_PENDING: usize = 4 * 1024 * 1024;
-
-/// How one source of a fill ended.
-pub(super) enum Pumped {
-    /// All its bytes are written.
-    Done(BlobWriter),
-    /// It broke after `writer.written()` bytes; the writer is intact.
-    Broke(BlobWriter, String),
-    /// The disk is full (readers were told to relay from the upstream).
-    Full,
 }
 
 /// Copies a fill's verified bytes from its local file into the bucket. It starts once the
-/// digest checked out (nothing unverified is ever sent), so the clients of a cold pull
-/// and the bucket never compete for the machine; a failed copy leaves the blob local only
-/// (logged), and the next replica to miss it fetches it again.
+/// blob is committed (nothing unverified is ever sent, and the file is whole), so the
+/// clients of a cold pull and the bucket never compete for the machine; a failed copy
+/// leaves the blob local only (logged), and the next replica to miss it fetches it again.
 pub(super) async fn copy_to_bucket(
     mut rx: tokio::sync::watch::Receiver<Fill>,
     store: Arc<crate::store::Store>,
     d: Digest,
 ) {
-    let file = loop {
-        let (file, verified, failed) = {
+    let (file, size) = loop {
+        let (file, size, committed, failed) = {
             let f = rx.borrow_and_update();
             let failed = f.error.is_some() || f.passthrough;
-            (f.file.clone(), f.verified || f.committed, failed)
+            (f.file.clone(), f.written, f.committed, failed)
         };
         if failed {
             return;
         }
-        if verified {
-            break file;
+        if committed {
+            break (file, size);
         }
-        if rx.changed().await.is_err() && !rx.borrow().verified && !rx.borrow().committed {
+        if rx.changed().await.is_err() && !rx.borrow().committed {
             return;
         }
     };
-    let (Some(file), size) = (file, rx.borrow().written) else {
+    let Some(file) = file else {
         return;
     };
     if let Err(e) = upload_file(&store, &d, file, size).await {
@@ -330,7 +211,7 @@ async fn upload_file(
 }
 
 /// Whether a write failed because the disk (or quota) is full.
-fn no_space(e: &std::io::Error) -> bool {
+pub(super) fn no_space(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded

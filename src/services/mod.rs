@@ -18,6 +18,7 @@ mod page;
 mod passwords;
 mod peers;
 mod private;
+mod pump;
 mod recent;
 mod referrers;
 mod stream;

@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use std::sync::Arc;
 
 use super::blobs::Fill;
-use super::fill::Pumped;
+use super::pump::Pumped;
 use super::flight::Lead;
 use super::manifests::{body_media_type, Fetched};
 use super::{ServiceError, Services};

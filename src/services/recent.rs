@@ -53,22 +53,6 @@ impl Recent {
         }
     }
 
-    /// Forgets everything past `at` (a source broke there; the next one starts at `at`).
-    pub fn truncate(&mut self, at: u64) {
-        while let Some((off, b)) = self.chunks.back_mut() {
-            if *off >= at {
-                self.held -= b.len();
-                self.chunks.pop_back();
-            } else {
-                let keep = (at - *off).min(b.len() as u64) as usize;
-                self.held -= b.len() - keep;
-                b.truncate(keep);
-                break;
-            }
-        }
-        self.received = self.received.min(at);
-    }
-
     /// The bytes from `pos` (below `limit`) to the end of the chunk holding `pos`, when
     /// that chunk is still in memory.
     pub fn at(&self, pos: u64, limit: u64) -> Option<Bytes> {
@@ -117,16 +101,5 @@ mod tests {
         assert!(r.at(KEEP as u64, u64::MAX).is_some());
         r.trim(u64::MAX);
         assert!(r.at(2 * KEEP as u64, u64::MAX).is_some(), "KEEP bytes stay");
-    }
-
-    #[test]
-    fn truncate_forgets_the_tail() {
-        let mut r = filled(&[3, 4, 5]);
-        r.truncate(5);
-        assert_eq!(r.received(), 5);
-        assert_eq!(r.at(3, 99).as_deref(), Some(&[1u8; 2][..]));
-        assert_eq!(r.at(5, 99), None);
-        r.push(Bytes::from_static(b"xyz"));
-        assert_eq!(r.at(5, 99).as_deref(), Some(&b"xyz"[..]));
     }
 }

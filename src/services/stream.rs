@@ -236,7 +236,9 @@ impl Cursor {
                 }
                 let received = fill.recent.received();
                 let limit = if done {
-                    fill.written
+                    // Verified: all received, maybe not all written yet (the rest is
+                    // still in memory).
+                    fill.written.max(received)
                 } else {
                     // The blob's last byte (the last received one when the size is not
                     // known) waits for the digest.

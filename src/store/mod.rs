@@ -15,6 +15,7 @@
 //! without touching the services.
 
 pub mod bucket;
+mod direct;
 pub mod layout;
 mod meta;
 mod sessions;

@@ -170,3 +170,23 @@ pub fn cpu_secs(pid: Option<u32>) -> f64 {
     let tick = 100.0; // USER_HZ on Linux
     f.iter().sum::<f64>() / tick
 }
+
+/// Run time so far of each thread of a process, in seconds by thread name (summed over
+/// threads of the same name), from the scheduler's own accounting (`schedstat`, exact).
+pub fn thread_secs(pid: Option<u32>) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(pid) = pid else { return out };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        let name = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let ns: f64 = std::fs::read_to_string(p.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+            .unwrap_or(0.0);
+        *out.entry(name.trim().to_string()).or_insert(0.0) += ns / 1e9;
+    }
+    out
+}
