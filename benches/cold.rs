@@ -56,12 +56,19 @@ fn main() {
             "proxy" => (&p, proxy.pid()),
             _ => (&e, mirror.pid()),
         };
+        // BENCH_SOLO_N: that many different fresh blobs at once per round.
+        let n = env_or("BENCH_SOLO_N", 1);
         for _ in 0..rounds {
-            let d = fresh(1).remove(0);
+            let blobs = fresh(n);
             sync();
             std::thread::sleep(std::time::Duration::from_secs(1));
             let (c0, u0, t0) = (cpu_secs(pid), cpu_secs(up.pid()), thread_secs(pid));
-            let x = curl(&url(&d), &[]);
+            let x = if n == 1 {
+                curl(&url(&blobs[0]), &[])
+            } else {
+                let all = concurrent(n, &blobs.iter().map(|d| url(d)).collect::<Vec<_>>());
+                (0.0, all.0, all.2)
+            };
             std::thread::sleep(std::time::Duration::from_secs(1));
             let (c, u) = (cpu_secs(pid) - c0, cpu_secs(up.pid()) - u0);
             let threads: Vec<String> = thread_secs(pid)

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::flight::{Join, Lead};
-use super::recent::Recent;
+use super::recent::{Readers, Recent};
 use super::stream::{Avail, BodyStream, OpenRelay, Reading};
 use super::{status_error, ServiceError, Services, Source};
 use crate::names::Digest;
@@ -66,6 +66,8 @@ pub struct Fill {
     pub written: u64,
     /// The bytes received last, for the readers that keep up (see [`Recent`]).
     pub recent: Recent,
+    /// Where the readers are, so the fill waits a moment for one that lags.
+    pub readers: Arc<Readers>,
     /// All bytes arrived and match the digest (readers may send the last byte; the
     /// fsync and rename into the store follow).
     pub verified: bool,

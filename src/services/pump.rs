@@ -35,6 +35,9 @@ pub(super) enum Pumped {
     Full,
 }
 
+/// How often a fill waiting for a lagging reader looks again.
+const PACE_STEP: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Bytes a lane waits for before it starts a batch (unless the source is done): each
 /// batch costs a hand-off to a blocking thread, and chunks from the network are small
 /// (tens of KiB).
@@ -122,6 +125,8 @@ impl Services {
         let mut writer = Some(w);
         let (mut writes, mut hashes) = (Lane::<Written>::new(), Lane::<Sha256>::new());
         let (mut ended, mut broke, mut checked) = (false, None::<String>, false);
+        let readers = lead.tx.borrow().readers.clone();
+        let mut paced = false;
         let lost = || ServiceError::Unavailable("fill lost its writer".into());
         loop {
             let source_done = ended || broke.is_some();
@@ -148,7 +153,9 @@ impl Services {
             if source_done && writes.idle() && hashes.idle() {
                 break;
             }
-            let reading = !source_done && writes.queued.max(hashes.queued) < MAX_PENDING;
+            let room = writes.queued.max(hashes.queued) < MAX_PENDING;
+            paced = room && !source_done && readers.lagging(hashed, PACE_STEP * paced as u32);
+            let reading = !source_done && room && !paced;
             tokio::select! {
                 biased;
                 h = hashes.done() => hasher = Some(h?),
@@ -178,6 +185,7 @@ impl Services {
                         Err(e) => return Err(StoreError::from(e).into()),
                     }
                 }
+                _ = tokio::time::sleep(PACE_STEP), if paced => {}
                 next = tokio::time::timeout(IDLE_TIMEOUT, body.next()), if reading => {
                     match next {
                         Err(_) => broke = Some(format!("{source}: stalled")),

@@ -8,6 +8,9 @@
 //! bytes are held, so a reader can always find a byte in memory or in the file.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -67,6 +70,71 @@ impl Recent {
     }
 }
 
+/// How far a keep-up reader may lag behind the source before the fill waits for it:
+/// well inside what [`Recent`] holds, so it is still sent from memory.
+const LAG: u64 = (KEEP / 2) as u64;
+
+/// How long a fill waits, in all, for one lagging reader before leaving it behind (it
+/// then reads the file): a client slower than the source must not slow the fill.
+pub const PATIENCE: Duration = Duration::from_millis(20);
+
+/// The readers of a fill and how far each got, so the fill can wait a moment for one
+/// that lags. On a busy machine a reader falls behind by a few MiB only because it did
+/// not get a core in time; once out of memory it would read the file back, which costs
+/// more than the wait (and with direct writes the file is not in the page cache).
+#[derive(Default)]
+pub struct Readers {
+    list: Mutex<Vec<Weak<Reader>>>,
+}
+
+/// One reader's progress (dropped with the response).
+#[derive(Default)]
+pub struct Reader {
+    pos: AtomicU64,
+    /// Left behind: the fill no longer waits for it.
+    behind: AtomicBool,
+    /// Time the fill spent waiting for it, in milliseconds.
+    waited: AtomicU64,
+}
+
+impl Reader {
+    pub fn at(&self, pos: u64) {
+        self.pos.store(pos, Ordering::Relaxed);
+    }
+}
+
+impl Readers {
+    pub fn join(&self, pos: u64) -> Arc<Reader> {
+        let r = Arc::new(Reader::default());
+        r.at(pos);
+        let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Arc::downgrade(&r));
+        r
+    }
+
+    /// Whether a reader still kept up with lags more than [`LAG`] behind `received`;
+    /// `waited` is how long the fill has just waited: readers that used up their
+    /// [`PATIENCE`] are left behind.
+    pub fn lagging(&self, received: u64, waited: Duration) -> bool {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lagging = false;
+        for r in list.iter().filter_map(Weak::upgrade) {
+            let pos = r.pos.load(Ordering::Relaxed);
+            if r.behind.load(Ordering::Relaxed) || pos + LAG >= received {
+                continue;
+            }
+            let total = r.waited.fetch_add(waited.as_millis() as u64, Ordering::Relaxed);
+            if Duration::from_millis(total) >= PATIENCE {
+                r.behind.store(true, Ordering::Relaxed);
+            } else {
+                lagging = true;
+            }
+        }
+        lagging
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +157,25 @@ mod tests {
         assert_eq!(r.at(7, 11).as_deref(), Some(&[2u8; 4][..]));
         assert_eq!(r.at(11, 11), None);
         assert_eq!(r.at(12, 13), None);
+    }
+
+    #[test]
+    fn waits_for_a_lagging_reader_only_so_long() {
+        let readers = Readers::default();
+        let fast = readers.join(0);
+        let slow = readers.join(0);
+        fast.at(10 * LAG);
+        slow.at(10 * LAG - 1);
+        assert!(!readers.lagging(10 * LAG, Duration::ZERO), "within LAG");
+        slow.at(LAG);
+        assert!(readers.lagging(10 * LAG, Duration::ZERO));
+        assert!(readers.lagging(10 * LAG, PATIENCE / 2));
+        assert!(!readers.lagging(10 * LAG, PATIENCE), "patience used up");
+        slow.at(10 * LAG);
+        assert!(!readers.lagging(20 * LAG, Duration::ZERO), "left behind for good");
+        drop(fast);
+        drop(slow);
+        assert!(!readers.lagging(u64::MAX, Duration::ZERO));
     }
 
     #[test]

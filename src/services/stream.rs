@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use dashmap::DashMap;
 
 use super::blobs::Fill;
+use super::recent::Reader;
 use super::ServiceError;
 use crate::metrics::Metrics;
 use crate::names::Digest;
@@ -122,6 +123,8 @@ struct Cursor {
     pos: u64,
     end: u64,
     avail: Avail,
+    /// This reader's progress, for a fill that waits for readers lagging a little.
+    progress: Option<Arc<Reader>>,
     metrics: Arc<Metrics>,
     source: &'static str,
 }
@@ -136,6 +139,10 @@ impl BodyStream {
         metrics: Arc<Metrics>,
         source: &'static str,
     ) -> BodyStream {
+        let progress = match &avail {
+            Avail::Fill(rx, _) => Some(rx.borrow().readers.join(start)),
+            Avail::Complete(_) => None,
+        };
         let cur = Cursor {
             file,
             ahead: None,
@@ -143,6 +150,7 @@ impl BodyStream {
             pos: start,
             end,
             avail,
+            progress,
             metrics,
             source,
         };
@@ -205,6 +213,9 @@ impl Cursor {
     }
 
     fn count(&self, len: usize) {
+        if let Some(p) = &self.progress {
+            p.at(self.pos);
+        }
         self.metrics
             .served_bytes
             .with_label_values(&[self.source])
