@@ -124,7 +124,8 @@ impl Readers {
             if r.behind.load(Ordering::Relaxed) || pos + LAG >= received {
                 continue;
             }
-            let total = r.waited.fetch_add(waited.as_millis() as u64, Ordering::Relaxed);
+            let ms = waited.as_millis() as u64;
+            let total = r.waited.fetch_add(ms, Ordering::Relaxed) + ms;
             if Duration::from_millis(total) >= PATIENCE {
                 r.behind.store(true, Ordering::Relaxed);
             } else {
