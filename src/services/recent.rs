@@ -172,7 +172,7 @@ mod tests {
         assert!(readers.lagging(10 * LAG, Duration::ZERO));
         assert!(readers.lagging(10 * LAG, PATIENCE / 2));
         assert!(!readers.lagging(10 * LAG, PATIENCE), "patience used up");
-        slow.at(10 * LAG);
+        (fast.at(20 * LAG), slow.at(10 * LAG));
         assert!(!readers.lagging(20 * LAG, Duration::ZERO), "left behind for good");
         drop(fast);
         drop(slow);
