@@ -7,9 +7,9 @@ use futures_util::StreamExt;
 use std::sync::Arc;
 
 use super::blobs::Fill;
-use super::pump::Pumped;
 use super::flight::Lead;
 use super::manifests::{body_media_type, Fetched};
+use super::pump::Pumped;
 use super::{ServiceError, Services};
 use crate::cluster::PeerManifest;
 use crate::names::{Digest, Reference};

@@ -2,15 +2,21 @@
 //!
 //! Three things happen to every chunk, on as many cores as there are: the task reading
 //! the source hands it to the readers that keep up at once (`Fill::recent`), and two
-//! blocking "lanes" take what arrived meanwhile in one batch each: one writes it to the
-//! temp file, one hashes it. Hashing and writing cost about the same per byte; done one
-//! after the other they were the longest chain of a cold pull. The readers get the
-//! blob's last byte once the hash lane has checked the whole blob, even if the write
-//! lane is still behind (what it has not written is still in memory).
+//! blocking "lanes", one thread each for the whole fill, take it from a channel: one
+//! writes it to the temp file, one hashes it. Hashing and writing cost about the same per
+//! byte; done one after the other they were the longest chain of a cold pull, and a lane
+//! started per batch by this task waited for it to be scheduled twice per batch. The
+//! readers get the blob's last byte once the hash lane has checked the whole blob, even
+//! if the write lane is still behind (what it has not written is still in memory).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use sha2::Sha256;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::blobs::Fill;
@@ -22,7 +28,10 @@ use crate::store::{BlobWriter, StoreError};
 use crate::upstream::Upstream;
 
 /// Bytes received ahead of either lane at most, per fill (bounded memory per blob).
-const MAX_PENDING: usize = 4 * 1024 * 1024;
+const MAX_PENDING: u64 = 4 * 1024 * 1024;
+
+/// How often a fill waiting for a lagging reader looks again.
+const PACE_STEP: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// How one source of a fill ended.
 pub(super) enum Pumped {
@@ -35,69 +44,80 @@ pub(super) enum Pumped {
     Full,
 }
 
-/// How often a fill waiting for a lagging reader looks again.
-const PACE_STEP: std::time::Duration = std::time::Duration::from_millis(1);
-
-/// Bytes a lane waits for before it starts a batch (unless the source is done): each
-/// batch costs a hand-off to a blocking thread, and chunks from the network are small
-/// (tens of KiB).
-const MIN_BATCH: usize = 512 * 1024;
-
-/// Work on one blocking thread at a time, fed in batches: what arrives while a batch
-/// runs waits in `queue`, and goes next in one go.
+/// One blocking thread working through the chunks sent to it, telling the pump after
+/// each run of them; it hands its state back when the channel closes.
 struct Lane<T> {
-    queue: Vec<Bytes>,
-    queued: usize,
-    busy: Option<JoinHandle<T>>,
+    tx: Option<mpsc::Sender<Bytes>>,
+    /// Bytes the lane is done with.
+    done: Arc<AtomicU64>,
+    task: JoinHandle<T>,
+    result: Option<T>,
 }
 
 impl<T: Send + 'static> Lane<T> {
-    fn new() -> Self {
-        Lane {
-            queue: Vec::new(),
-            queued: 0,
-            busy: None,
-        }
-    }
-
-    fn push(&mut self, b: Bytes) {
-        self.queued += b.len();
-        self.queue.push(b);
-    }
-
-    fn idle(&self) -> bool {
-        self.busy.is_none() && self.queue.is_empty()
-    }
-
-    /// Starts `work` on the queued batch when nothing runs; `state` is what the work
-    /// needs and hands back (the writer, the hasher).
+    /// Starts a lane that applies `step` to each chunk (a failed step ends the lane).
     fn start<S: Send + 'static>(
-        &mut self,
-        state: &mut Option<S>,
-        last: bool,
-        work: impl FnOnce(S, Vec<Bytes>) -> T + Send + 'static,
-    ) {
-        if self.busy.is_some() || self.queue.is_empty() || (self.queued < MIN_BATCH && !last) {
-            return;
+        mut state: S,
+        progress: Arc<Notify>,
+        mut step: impl FnMut(&mut S, &[u8]) -> std::io::Result<()> + Send + 'static,
+        finish: impl FnOnce(S, std::io::Result<()>) -> T + Send + 'static,
+    ) -> Lane<T> {
+        let (tx, rx) = mpsc::channel::<Bytes>();
+        let done = Arc::new(AtomicU64::new(0));
+        let counter = done.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut r = Ok(());
+            'run: while let Ok(first) = rx.recv() {
+                let mut n = 0;
+                for c in std::iter::once(first).chain(rx.try_iter()) {
+                    if let Err(e) = step(&mut state, &c) {
+                        r = Err(e);
+                        break 'run;
+                    }
+                    n += c.len() as u64;
+                }
+                counter.fetch_add(n, Ordering::Release);
+                progress.notify_one();
+            }
+            progress.notify_one();
+            finish(state, r)
+        });
+        Lane {
+            tx: Some(tx),
+            done,
+            task,
+            result: None,
         }
-        let Some(s) = state.take() else { return };
-        let batch = std::mem::take(&mut self.queue);
-        self.queued = 0;
-        self.busy = Some(tokio::task::spawn_blocking(move || work(s, batch)));
     }
 
-    /// Waits for the running batch (never ready when none runs).
-    async fn done(&mut self) -> Result<T, ServiceError> {
-        let r = match self.busy.as_mut() {
-            Some(h) => h.await,
-            None => std::future::pending().await,
-        };
-        self.busy = None;
-        r.map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())).into())
+    fn send(&self, b: Bytes) {
+        if let Some(tx) = &self.tx {
+            // A closed channel means the lane failed; its result says why.
+            let _ = tx.send(b);
+        }
+    }
+
+    /// No more chunks: the lane ends once it is through the queued ones.
+    fn close(&mut self) {
+        self.tx = None;
+    }
+
+    fn done(&self) -> u64 {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Waits for the lane's end (never ready once it ended).
+    async fn ended(&mut self) -> Result<(), ServiceError> {
+        if self.result.is_some() {
+            return std::future::pending().await;
+        }
+        let r = (&mut self.task)
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+        self.result = Some(r);
+        Ok(())
     }
 }
-
-type Written = (BlobWriter, std::io::Result<u64>);
 
 impl Services {
     /// Appends `body` (from `source`) to a fill's file. A source that breaks leaves the
@@ -120,71 +140,76 @@ impl Services {
         let bytes_metric = up
             .filter(|_| source.starts_with("upstream"))
             .map(|u| self.metrics().upstream_bytes.with_label_values(&[&u.name]));
-        let mut hashed = w.written();
-        let mut hasher = Some(w.take_hasher());
-        let mut writer = Some(w);
-        let (mut writes, mut hashes) = (Lane::<Written>::new(), Lane::<Sha256>::new());
-        let (mut ended, mut broke, mut checked) = (false, None::<String>, false);
+        let start = w.written();
+        let hasher = w.take_hasher();
+        let progress = Arc::new(Notify::new());
+        let in_file = Arc::new(AtomicU64::new(w.in_file()));
+        let shown = in_file.clone();
+        let mut writes = Lane::start(
+            w,
+            progress.clone(),
+            move |w: &mut BlobWriter, c| {
+                w.write_unhashed(c)?;
+                shown.store(w.in_file(), Ordering::Release);
+                Ok(())
+            },
+            |w, r| (w, r),
+        );
+        let mut hashes = Lane::start(
+            hasher,
+            progress.clone(),
+            |h: &mut Sha256, c| {
+                sha2::Digest::update(h, c);
+                Ok(())
+            },
+            |h, _| h,
+        );
+        let mut received = start;
+        let (mut ended, mut broke) = (false, None::<String>);
         let readers = lead.tx.borrow().readers.clone();
         let mut paced = false;
-        let lost = || ServiceError::Unavailable("fill lost its writer".into());
         loop {
-            let source_done = ended || broke.is_some();
-            writes.start(&mut writer, source_done, |mut w, batch| {
-                let r = batch
-                    .iter()
-                    .try_fold(0, |n, c| w.write_unhashed(c).map(|_| n + c.len() as u64));
-                (w, r)
-            });
-            hashes.start(&mut hasher, source_done, |mut h, batch| {
-                batch.iter().for_each(|c| sha2::Digest::update(&mut h, c));
-                h
-            });
-            if source_done && hashes.idle() && !checked {
-                checked = true;
-                let h = hasher.as_ref().ok_or_else(lost)?;
-                if broke.is_none() && size.is_none_or(|s| s == hashed) {
-                    // Release the readers' last byte as soon as the blob checks out.
-                    if Digest::from_hasher(h.clone()) == *d {
-                        lead.tx.send_modify(|f| f.verified = true);
+            if let Some((_, Err(e))) = &writes.result {
+                let e = std::io::Error::new(e.kind(), e.to_string());
+                if super::fill::no_space(&e) && up.is_some() {
+                    // Dropping the writer removes the partial file; readers keep their
+                    // handle on the bytes already written and relay the rest.
+                    writes.result = None;
+                    if let Some(up) = up {
+                        self.pass_through(lead, up, d, size, &e);
                     }
+                    return Ok(Pumped::Full);
                 }
+                return Err(StoreError::from(e).into());
             }
-            if source_done && writes.idle() && hashes.idle() {
+            if writes.result.is_some() && hashes.result.is_some() {
                 break;
             }
-            let room = writes.queued.max(hashes.queued) < MAX_PENDING;
-            paced = room && !source_done && readers.lagging(hashed, PACE_STEP * paced as u32);
+            let source_done = ended || broke.is_some();
+            let lag = (received - start).saturating_sub(writes.done().min(hashes.done()));
+            let room = lag < MAX_PENDING;
+            paced = room && !source_done && readers.lagging(received, PACE_STEP * paced as u32);
             let reading = !source_done && room && !paced;
             tokio::select! {
                 biased;
-                h = hashes.done() => hasher = Some(h?),
-                r = writes.done() => {
-                    let (back, result) = r?;
-                    match result {
-                        Ok(n) => {
-                            if let Some(m) = &bytes_metric {
-                                m.inc_by(n);
-                            }
-                            let in_file = back.in_file();
-                            lead.tx.send_modify(|f| {
-                                f.written = in_file;
-                                f.recent.trim(in_file);
-                            });
-                            writer = Some(back);
+                _ = progress.notified() => {
+                    let in_file = in_file.load(Ordering::Acquire);
+                    lead.tx.send_modify(|f| {
+                        f.written = in_file;
+                        f.recent.trim(in_file);
+                    });
+                }
+                r = hashes.ended() => {
+                    r?;
+                    let ok = broke.is_none() && size.is_none_or(|s| s == received);
+                    if let Some(h) = hashes.result.as_ref().filter(|_| ok) {
+                        // Release the readers' last byte as soon as the blob checks out.
+                        if Digest::from_hasher(h.clone()) == *d {
+                            lead.tx.send_modify(|f| f.verified = true);
                         }
-                        Err(e) if super::fill::no_space(&e) && up.is_some() => {
-                            // Dropping the writer removes the partial file; readers keep
-                            // their handle on the bytes already written and relay the rest.
-                            drop(back);
-                            if let Some(up) = up {
-                                self.pass_through(lead, up, d, size, &e);
-                            }
-                            return Ok(Pumped::Full);
-                        }
-                        Err(e) => return Err(StoreError::from(e).into()),
                     }
                 }
+                r = writes.ended() => r?,
                 _ = tokio::time::sleep(PACE_STEP), if paced => {}
                 next = tokio::time::timeout(IDLE_TIMEOUT, body.next()), if reading => {
                     match next {
@@ -192,17 +217,30 @@ impl Services {
                         Ok(None) => ended = true,
                         Ok(Some(Err(e))) => broke = Some(format!("{source}: {e}")),
                         Ok(Some(Ok(b))) => {
-                            hashed += b.len() as u64;
+                            received += b.len() as u64;
+                            if let Some(m) = &bytes_metric {
+                                m.inc_by(b.len() as u64);
+                            }
                             lead.tx.send_modify(|f| f.recent.push(b.clone()));
-                            hashes.push(b.clone());
-                            writes.push(b);
+                            hashes.send(b.clone());
+                            writes.send(b);
                         }
+                    }
+                    if ended || broke.is_some() {
+                        writes.close();
+                        hashes.close();
                     }
                 }
             }
         }
-        let mut w = writer.ok_or_else(lost)?;
-        w.put_hasher(hasher.ok_or_else(lost)?);
+        let lost = || ServiceError::Unavailable("fill lost its writer".into());
+        let (mut w, _) = writes.result.take().ok_or_else(lost)?;
+        w.put_hasher(hashes.result.take().ok_or_else(lost)?);
+        let in_file = w.in_file();
+        lead.tx.send_modify(|f| {
+            f.written = in_file;
+            f.recent.trim(in_file);
+        });
         Ok(match broke {
             Some(e) => Pumped::Broke(w, e),
             None => Pumped::Done(w),

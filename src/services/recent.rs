@@ -172,8 +172,12 @@ mod tests {
         assert!(readers.lagging(10 * LAG, Duration::ZERO));
         assert!(readers.lagging(10 * LAG, PATIENCE / 2));
         assert!(!readers.lagging(10 * LAG, PATIENCE), "patience used up");
-        (fast.at(20 * LAG), slow.at(10 * LAG));
-        assert!(!readers.lagging(20 * LAG, Duration::ZERO), "left behind for good");
+        fast.at(20 * LAG);
+        slow.at(10 * LAG);
+        assert!(
+            !readers.lagging(20 * LAG, Duration::ZERO),
+            "left behind for good"
+        );
         drop(fast);
         drop(slow);
         assert!(!readers.lagging(u64::MAX, Duration::ZERO));
@@ -185,7 +189,10 @@ mod tests {
         r.trim(0);
         assert!(r.at(0, u64::MAX).is_some(), "nothing on disk: all kept");
         r.trim(KEEP as u64);
-        assert!(r.at(0, u64::MAX).is_none(), "first chunk on disk and over KEEP");
+        assert!(
+            r.at(0, u64::MAX).is_none(),
+            "first chunk on disk and over KEEP"
+        );
         assert!(r.at(KEEP as u64, u64::MAX).is_some());
         r.trim(u64::MAX);
         assert!(r.at(2 * KEEP as u64, u64::MAX).is_some(), "KEEP bytes stay");

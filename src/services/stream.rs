@@ -253,7 +253,10 @@ impl Cursor {
                 } else {
                     // The blob's last byte (the last received one when the size is not
                     // known) waits for the digest.
-                    fill.size.unwrap_or(received).saturating_sub(1).min(received)
+                    fill.size
+                        .unwrap_or(received)
+                        .saturating_sub(1)
+                        .min(received)
                 };
                 if let Some(b) = fill.recent.at(self.pos, limit.min(self.end)) {
                     return Ok(Next::Received(b));

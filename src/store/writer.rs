@@ -72,10 +72,7 @@ impl BlobWriter {
     /// Appends bytes that the caller hashes itself (see [`Self::take_hasher`]).
     pub fn write_unhashed(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         self.written += bytes.len() as u64;
-        loop {
-            let Some(direct) = self.direct.as_mut() else {
-                break;
-            };
+        while let Some(direct) = self.direct.as_mut() {
             let took = direct.fill(bytes);
             bytes = &bytes[took..];
             if !direct.full() {
@@ -190,7 +187,9 @@ mod tests {
     #[test]
     fn writes_every_byte_whatever_the_chunking() {
         let dir = tempfile::TempDir::new().expect("tmp");
-        let data: Vec<u8> = (0..2 * BLOCK + 1234).map(|i| (i * 31 % 251) as u8).collect();
+        let data: Vec<u8> = (0..2 * BLOCK + 1234)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
         let mut w = BlobWriter::create(dir.path()).expect("create");
         let direct = w.direct.is_some();
         for chunk in data.chunks(23 * 1024 + 7) {
@@ -201,7 +200,14 @@ mod tests {
             }
         }
         assert_eq!(w.written(), data.len() as u64);
-        assert!(w.in_file() >= if direct { 2 * BLOCK as u64 } else { data.len() as u64 });
+        assert!(
+            w.in_file()
+                >= if direct {
+                    2 * BLOCK as u64
+                } else {
+                    data.len() as u64
+                }
+        );
         let expected = Digest::from_hasher(Sha256::new_with_prefix(&data));
         let (path, digest, len) = w.finish().expect("finish");
         assert_eq!((digest, len), (expected, data.len() as u64));
