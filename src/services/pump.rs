@@ -30,6 +30,9 @@ use crate::upstream::Upstream;
 /// Bytes received ahead of either lane at most, per fill (bounded memory per blob).
 const MAX_PENDING: u64 = 4 * 1024 * 1024;
 
+/// Bytes handed to the lanes at a time.
+const LANE_BATCH: usize = 256 * 1024;
+
 /// How often a fill waiting for a lagging reader looks again.
 const PACE_STEP: std::time::Duration = std::time::Duration::from_millis(1);
 
@@ -47,7 +50,7 @@ pub(super) enum Pumped {
 /// One blocking thread working through the chunks sent to it, telling the pump after
 /// each run of them; it hands its state back when the channel closes.
 struct Lane<T> {
-    tx: Option<mpsc::Sender<Bytes>>,
+    tx: Option<mpsc::Sender<Vec<Bytes>>>,
     /// Bytes the lane is done with.
     done: Arc<AtomicU64>,
     task: JoinHandle<T>,
@@ -62,14 +65,14 @@ impl<T: Send + 'static> Lane<T> {
         mut step: impl FnMut(&mut S, &[u8]) -> std::io::Result<()> + Send + 'static,
         finish: impl FnOnce(S, std::io::Result<()>) -> T + Send + 'static,
     ) -> Lane<T> {
-        let (tx, rx) = mpsc::channel::<Bytes>();
+        let (tx, rx) = mpsc::channel::<Vec<Bytes>>();
         let done = Arc::new(AtomicU64::new(0));
         let counter = done.clone();
         let task = tokio::task::spawn_blocking(move || {
             let mut r = Ok(());
             'run: while let Ok(first) = rx.recv() {
                 let mut n = 0;
-                for c in std::iter::once(first).chain(rx.try_iter()) {
+                for c in std::iter::once(first).chain(rx.try_iter()).flatten() {
                     if let Err(e) = step(&mut state, &c) {
                         r = Err(e);
                         break 'run;
@@ -90,7 +93,7 @@ impl<T: Send + 'static> Lane<T> {
         }
     }
 
-    fn send(&self, b: Bytes) {
+    fn send(&self, b: Vec<Bytes>) {
         if let Some(tx) = &self.tx {
             // A closed channel means the lane failed; its result says why.
             let _ = tx.send(b);
@@ -168,6 +171,9 @@ impl Services {
         let (mut ended, mut broke) = (false, None::<String>);
         let readers = lead.tx.borrow().readers.clone();
         let mut paced = false;
+        // Chunks go to the lanes in batches: one wake-up of each lane thread per batch,
+        // not per network read (~23 KiB).
+        let (mut batch, mut batched) = (Vec::new(), 0usize);
         loop {
             if let Some((_, Err(e))) = &writes.result {
                 let e = std::io::Error::new(e.kind(), e.to_string());
@@ -222,11 +228,17 @@ impl Services {
                                 m.inc_by(b.len() as u64);
                             }
                             lead.tx.send_modify(|f| f.recent.push(b.clone()));
-                            hashes.send(b.clone());
-                            writes.send(b);
+                            batched += b.len();
+                            batch.push(b);
                         }
                     }
-                    if ended || broke.is_some() {
+                    let last = ended || broke.is_some();
+                    if (batched >= LANE_BATCH || last) && !batch.is_empty() {
+                        hashes.send(batch.clone());
+                        writes.send(std::mem::take(&mut batch));
+                        batched = 0;
+                    }
+                    if last {
                         writes.close();
                         hashes.close();
                     }
