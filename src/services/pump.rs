@@ -2,7 +2,8 @@
 //!
 //! Three things happen to every chunk, on as many cores as there are: the task reading
 //! the source hands it to the readers that keep up at once (`Fill::recent`), and two
-//! blocking "lanes", one thread each for the whole fill, take it from a channel: one
+//! blocking "lanes", one thread each for the whole fill, take it from a channel (in
+//! batches of 256 KiB, one wake-up each): one
 //! writes it to the temp file, one hashes it. Hashing and writing cost about the same per
 //! byte; done one after the other they were the longest chain of a cold pull, and a lane
 //! started per batch by this task waited for it to be scheduled twice per batch. The
