@@ -176,12 +176,11 @@ impl Services {
         // not per network read (~23 KiB).
         let (mut batch, mut batched) = (Vec::new(), 0usize);
         loop {
-            if let Some((_, Err(e))) = &writes.result {
-                let e = std::io::Error::new(e.kind(), e.to_string());
+            if let Some((w, Err(e))) = writes.result.take_if(|(_, r)| r.is_err()) {
                 if super::fill::no_space(&e) && up.is_some() {
                     // Dropping the writer removes the partial file; readers keep their
                     // handle on the bytes already written and relay the rest.
-                    writes.result = None;
+                    drop(w);
                     if let Some(up) = up {
                         self.pass_through(lead, up, d, size, &e);
                     }
@@ -199,13 +198,7 @@ impl Services {
             let reading = !source_done && room && !paced;
             tokio::select! {
                 biased;
-                _ = progress.notified() => {
-                    let in_file = in_file.load(Ordering::Acquire);
-                    lead.tx.send_modify(|f| {
-                        f.written = in_file;
-                        f.recent.trim(in_file);
-                    });
-                }
+                _ = progress.notified() => show_in_file(lead, in_file.load(Ordering::Acquire)),
                 r = hashes.ended() => {
                     r?;
                     let ok = broke.is_none() && size.is_none_or(|s| s == received);
@@ -249,14 +242,19 @@ impl Services {
         let lost = || ServiceError::Unavailable("fill lost its writer".into());
         let (mut w, _) = writes.result.take().ok_or_else(lost)?;
         w.put_hasher(hashes.result.take().ok_or_else(lost)?);
-        let in_file = w.in_file();
-        lead.tx.send_modify(|f| {
-            f.written = in_file;
-            f.recent.trim(in_file);
-        });
+        show_in_file(lead, w.in_file());
         Ok(match broke {
             Some(e) => Pumped::Broke(w, e),
             None => Pumped::Done(w),
         })
     }
+}
+
+/// Tells a fill's readers how far they may read the file, and drops from memory what they
+/// no longer need there.
+fn show_in_file(lead: &Lead<Digest, Fill>, in_file: u64) {
+    lead.tx.send_modify(|f| {
+        f.written = in_file;
+        f.recent.trim(in_file);
+    });
 }

@@ -76,7 +76,7 @@ const LAG: u64 = (KEEP / 2) as u64;
 
 /// How long a fill waits, in all, for one lagging reader before leaving it behind (it
 /// then reads the file): a client slower than the source must not slow the fill.
-pub const PATIENCE: Duration = Duration::from_millis(20);
+const PATIENCE: Duration = Duration::from_millis(20);
 
 /// The readers of a fill and how far each got, so the fill can wait a moment for one
 /// that lags. On a busy machine a reader falls behind by a few MiB only because it did

@@ -178,8 +178,7 @@ impl Cursor {
         }
         let readable = match self.wait_readable().await? {
             Next::Received(b) => {
-                self.pos += b.len() as u64;
-                self.count(b.len());
+                self.advance(b.len());
                 return Ok(Some(b));
             }
             Next::Upto(n) => n,
@@ -203,16 +202,17 @@ impl Cursor {
             .map_err(|e| std::io::Error::other(e.to_string()))
             .and_then(|r| r)
             .map_err(crate::store::StoreError::from)?;
-        self.pos += len as u64;
+        self.advance(len);
         if matches!(self.avail, Avail::Complete(_)) && self.pos < self.end {
             let next = (self.end - self.pos).min(CHUNK) as usize;
             self.ahead = Some((self.pos, next, spawn_read(file, self.pos, next)));
         }
-        self.count(len);
         Ok(Some(chunk))
     }
 
-    fn count(&self, len: usize) {
+    /// Moves past `len` bytes sent: counted, and told to a fill that watches its readers.
+    fn advance(&mut self, len: usize) {
+        self.pos += len as u64;
         if let Some(p) = &self.progress {
             p.at(self.pos);
         }
@@ -293,8 +293,7 @@ impl Cursor {
             return Ok(None);
         };
         let keep = (self.end - self.pos).min(chunk.len() as u64) as usize;
-        self.pos += keep as u64;
-        self.count(keep);
+        self.advance(keep);
         Ok(Some(chunk.slice(..keep)))
     }
 }

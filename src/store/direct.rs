@@ -19,7 +19,6 @@ const PAGE: usize = 4096;
 /// Bytes gathered before one direct write.
 pub const BLOCK: usize = 512 * 1024;
 
-#[derive(Clone, Copy)]
 #[repr(C, align(4096))]
 struct Page([u8; PAGE]);
 
@@ -46,14 +45,16 @@ impl Direct {
         })
     }
 
-    /// Copies as much of `bytes` as fits into the block; returns how much it took.
+    /// Copies as much of `bytes` as fits into the block; returns how much it took. Pages
+    /// are added as bytes reach them (a manifest of a few KiB does not zero 512 KiB),
+    /// then kept for the next block.
     pub fn fill(&mut self, bytes: &[u8]) -> usize {
-        if self.pages.is_empty() {
-            self.pages = vec![Page([0; PAGE]); BLOCK / PAGE];
-        }
         let mut took = 0;
         while took < bytes.len() && self.len < BLOCK {
             let (page, at) = (self.len / PAGE, self.len % PAGE);
+            if page == self.pages.len() {
+                self.pages.push(Page([0; PAGE]));
+            }
             let n = (PAGE - at).min(bytes.len() - took);
             self.pages[page].0[at..at + n].copy_from_slice(&bytes[took..took + n]);
             took += n;
