@@ -22,6 +22,15 @@ fn sync() {
 /// before the next one starts (see `quiesce`).
 const QUIET_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// One pull of `url` by curl: (TTFB, wall, bytes), then the CPU seconds the server and
+/// the upstream used for it, counted until the server went quiet.
+fn measured(url: &str, server: Option<u32>, upstream: Option<u32>) -> ((f64, f64, u64), f64, f64) {
+    let (c0, u0) = (cpu_secs(server), cpu_secs(upstream));
+    let x = curl(url, &[]);
+    quiesce(server, QUIET_LIMIT);
+    (x, cpu_secs(server) - c0, cpu_secs(upstream) - u0)
+}
+
 fn main() {
     if !require(&["docker-registry", "curl"]) {
         return;
@@ -100,21 +109,17 @@ fn main() {
                 }
                 match who {
                     0 => {
-                        let (c0, u0) = (cpu_secs(mirror.pid()), cpu_secs(up.pid()));
-                        let x = curl(&e(d), &[]);
-                        quiesce(mirror.pid(), QUIET_LIMIT);
-                        cpu[0] += cpu_secs(mirror.pid()) - c0;
-                        cpu[1] += cpu_secs(up.pid()) - u0;
+                        let (x, c, u) = measured(&e(d), mirror.pid(), up.pid());
+                        cpu[0] += c;
+                        cpu[1] += u;
                         eprintln!("entrepot sync={with_sync} {:.2} s", x.1);
                         ew += x.1;
                         et += x.0;
                     }
                     1 => {
-                        let (c0, u0) = (cpu_secs(proxy.pid()), cpu_secs(up.pid()));
-                        let x = curl(&p(d), &[]);
-                        quiesce(proxy.pid(), QUIET_LIMIT);
-                        cpu[2] += cpu_secs(proxy.pid()) - c0;
-                        cpu[3] += cpu_secs(up.pid()) - u0;
+                        let (x, c, u) = measured(&p(d), proxy.pid(), up.pid());
+                        cpu[2] += c;
+                        cpu[3] += u;
                         eprintln!("proxy sync={with_sync} {:.2} s", x.1);
                         pw += x.1;
                         pt += x.0;
