@@ -74,7 +74,8 @@ impl Services {
         lead: &Lead<Digest, Fill>,
         d: &Digest,
     ) -> Result<(), ServiceError> {
-        let Some((size, body)) = self.store().read_shared(d, 0).await? else {
+        let read = self.store().read_shared_here(self.client.pool(), d).await?;
+        let Some((size, body)) = read else {
             return Err(ServiceError::BlobUnknown(d.to_string()));
         };
         let body = body.map(|c| c.map_err(|e| e.to_string()));

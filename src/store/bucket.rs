@@ -32,6 +32,12 @@ pub const PART: usize = 8 * 1024 * 1024;
 /// `(UPLOADING + 1) * PART`.
 const UPLOADING: usize = 2;
 
+/// How long a presigned GET stays valid: it only has to reach the bucket.
+const SIGNED_FOR: Duration = Duration::from_secs(300);
+
+/// The bytes of an object read on the calling worker (see [`Bucket::read_here`]).
+pub type LocalBody = futures_util::stream::LocalBoxStream<'static, Result<Bytes, StoreError>>;
+
 /// An object as listed.
 #[derive(Debug, Clone)]
 pub struct Listed {
@@ -185,6 +191,12 @@ impl Bucket {
             Err(object_store::Error::NotFound { .. }) => "not_found",
             Err(_) => "error",
         };
+        self.counted(op, result, start);
+        r
+    }
+
+    /// Counts one request by operation and result, with its latency.
+    fn counted(&self, op: &str, result: &str, start: Instant) {
         self.metrics
             .s3_requests
             .with_label_values(&[op, result])
@@ -193,7 +205,6 @@ impl Bucket {
             .s3_seconds
             .with_label_values(&[op])
             .observe(start.elapsed().as_secs_f64());
-        r
     }
 
     fn bytes(&self, direction: &str, n: usize) {
@@ -349,6 +360,65 @@ impl Bucket {
             })
             .boxed();
         Ok(Some((size, stream)))
+    }
+
+    /// A whole object, read on the calling worker with `http` (GET of a presigned URL), as
+    /// its bytes arrive; `None` if absent. [`Bucket::read`] hands every chunk from the IO
+    /// runtime to the reader through an unbounded channel: a second thread per read, and
+    /// a reader held up by its disk would let the whole object pile up in memory there.
+    /// Here the socket is read only as fast as the reader takes the bytes. Falls back to
+    /// [`Bucket::read`] (with its retries) when the GET cannot be sent.
+    pub async fn read_here(
+        &self,
+        http: &awc::Client,
+        key: &str,
+    ) -> Result<Option<(u64, LocalBody)>, StoreError> {
+        use object_store::signer::{Method, Signer};
+        let p = self.path(key)?;
+        let url = match self.s3.signed_url(Method::GET, &p, SIGNED_FOR).await {
+            Ok(u) => u,
+            Err(e) => return Err(s3_err(key, e)),
+        };
+        let start = Instant::now();
+        let resp = match http.get(url.as_str()).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(key, error = %e, "presigned GET failed; reading through the S3 client");
+                return Ok(self.read(key, 0).await?.map(|(n, b)| (n, b as LocalBody)));
+            }
+        };
+        let status = resp.status().as_u16();
+        let size = resp
+            .headers()
+            .get(awc::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        match (status, size) {
+            (200, Some(size)) => {
+                self.counted("get", "ok", start);
+                let (metrics, key) = (self.metrics.clone(), key.to_string());
+                let body = resp.map(move |c| {
+                    let c = c.map_err(|e| StoreError::Bucket(format!("{key}: {e}")))?;
+                    metrics
+                        .s3_bytes
+                        .with_label_values(&["in"])
+                        .inc_by(c.len() as u64);
+                    Ok(c)
+                });
+                Ok(Some((size, Box::pin(body))))
+            }
+            (404, _) => {
+                self.counted("get", "not_found", start);
+                Ok(None)
+            }
+            _ => {
+                self.counted("get", "error", start);
+                Err(StoreError::Bucket(format!(
+                    "{}: GET {key} answered {status}",
+                    self.name
+                )))
+            }
+        }
     }
 
     /// Starts a multipart upload to `key`; nothing is visible there before

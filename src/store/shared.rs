@@ -103,6 +103,19 @@ impl Store {
         }
     }
 
+    /// Like [`Store::read_shared`], read on the calling worker with `http`, for filling
+    /// the local tier while clients stream (see [`super::bucket::Bucket::read_here`]).
+    pub async fn read_shared_here(
+        &self,
+        http: &awc::Client,
+        d: &Digest,
+    ) -> Result<Option<(u64, super::bucket::LocalBody)>, StoreError> {
+        match &self.shared {
+            Some(sh) => sh.bucket.read_here(http, &blob_key(d)).await,
+            None => Ok(None),
+        }
+    }
+
     /// Deletes a bucket object whose bytes did not match its digest, so the next request
     /// fetches the blob again.
     pub async fn reject_shared(&self, d: &Digest) -> Result<(), StoreError> {

@@ -311,6 +311,12 @@ impl UpstreamClient {
         }
     }
 
+    /// This worker's default connection pool (public CAs), which the shared bucket's
+    /// presigned reads use as well.
+    pub fn pool(&self) -> &awc::Client {
+        &self.http
+    }
+
     /// The connection pool for `up` (its own when it has its own CA).
     fn http(&self, up: &Upstream) -> &awc::Client {
         self.custom.get(&up.name).unwrap_or(&self.http)
