@@ -171,7 +171,6 @@ impl Services {
         let mut received = start;
         let (mut ended, mut broke) = (false, None::<String>);
         let readers = lead.tx.borrow().readers.clone();
-        let mut paced = false;
         // Chunks go to the lanes in batches: one wake-up of each lane thread per batch,
         // not per network read (~23 KiB).
         let (mut batch, mut batched) = (Vec::new(), 0usize);
@@ -194,8 +193,9 @@ impl Services {
             let source_done = ended || broke.is_some();
             let lag = (received - start).saturating_sub(writes.done().min(hashes.done()));
             let room = lag < MAX_PENDING;
-            paced = room && !source_done && readers.lagging(received, PACE_STEP * paced as u32);
-            let reading = !source_done && room && !paced;
+            let lagging =
+                room && !source_done && readers.lagging(received, std::time::Instant::now());
+            let reading = !source_done && room && !lagging;
             tokio::select! {
                 biased;
                 _ = progress.notified() => show_in_file(lead, in_file.load(Ordering::Acquire)),
@@ -210,7 +210,7 @@ impl Services {
                     }
                 }
                 r = writes.ended() => r?,
-                _ = tokio::time::sleep(PACE_STEP), if paced => {}
+                _ = tokio::time::sleep(PACE_STEP), if lagging => {}
                 next = tokio::time::timeout(IDLE_TIMEOUT, body.next()), if reading => {
                     match next {
                         Err(_) => broke = Some(format!("{source}: stalled")),

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -75,8 +75,11 @@ impl Recent {
 const LAG: u64 = (KEEP / 2) as u64;
 
 /// How long a fill waits, in all, for one lagging reader before leaving it behind (it
-/// then reads the file): a client slower than the source must not slow the fill.
-const PATIENCE: Duration = Duration::from_millis(20);
+/// then reads the file): a client slower than the source must not slow the fill for
+/// long. A client that only missed a core for a moment lags over and over during a
+/// pull; at 20 ms in all it was left behind early in every busy cold pull, and its reads
+/// of the (uncached, directly written) file then took the cores from the fill itself.
+const PATIENCE: Duration = Duration::from_millis(250);
 
 /// The readers of a fill and how far each got, so the fill can wait a moment for one
 /// that lags. On a busy machine a reader falls behind by a few MiB only because it did
@@ -93,8 +96,17 @@ pub struct Reader {
     pos: AtomicU64,
     /// Left behind: the fill no longer waits for it.
     behind: AtomicBool,
-    /// Time the fill spent waiting for it, in milliseconds.
-    waited: AtomicU64,
+    /// How long the fill waited for it (only the fill touches this).
+    wait: Mutex<Wait>,
+}
+
+/// The time a fill has spent waiting for one reader: the episodes that ended, and since
+/// when it has been lagging now. Charged by the clock, not per check: a reader often
+/// catches up before the next check, and a short sleep on a busy machine takes longer.
+#[derive(Default)]
+struct Wait {
+    total: Duration,
+    since: Option<Instant>,
 }
 
 impl Reader {
@@ -113,20 +125,24 @@ impl Readers {
         r
     }
 
-    /// Whether a reader still kept up with lags more than [`LAG`] behind `received`;
-    /// `waited` is how long the fill has just waited: readers that used up their
-    /// [`PATIENCE`] are left behind.
-    pub fn lagging(&self, received: u64, waited: Duration) -> bool {
+    /// Whether a reader still kept up with lags more than [`LAG`] behind `received` at
+    /// `now`; readers that lagged for [`PATIENCE`] in all are left behind.
+    pub fn lagging(&self, received: u64, now: Instant) -> bool {
         let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
         let mut lagging = false;
         for r in list.iter().filter_map(Weak::upgrade) {
-            let pos = r.pos.load(Ordering::Relaxed);
-            if r.behind.load(Ordering::Relaxed) || pos + LAG >= received {
+            if r.behind.load(Ordering::Relaxed) {
                 continue;
             }
-            let ms = waited.as_millis() as u64;
-            let total = r.waited.fetch_add(ms, Ordering::Relaxed) + ms;
-            if Duration::from_millis(total) >= PATIENCE {
+            let mut w = r.wait.lock().unwrap_or_else(|e| e.into_inner());
+            if r.pos.load(Ordering::Relaxed) + LAG >= received {
+                if let Some(since) = w.since.take() {
+                    w.total += now.saturating_duration_since(since);
+                }
+                continue;
+            }
+            let since = *w.since.get_or_insert(now);
+            if w.total + now.saturating_duration_since(since) >= PATIENCE {
                 r.behind.store(true, Ordering::Relaxed);
             } else {
                 lagging = true;
@@ -165,22 +181,29 @@ mod tests {
         let readers = Readers::default();
         let fast = readers.join(0);
         let slow = readers.join(0);
+        let t = Instant::now();
         fast.at(10 * LAG);
         slow.at(10 * LAG - 1);
-        assert!(!readers.lagging(10 * LAG, Duration::ZERO), "within LAG");
+        assert!(!readers.lagging(10 * LAG, t), "within LAG");
         slow.at(LAG);
-        assert!(readers.lagging(10 * LAG, Duration::ZERO));
-        assert!(readers.lagging(10 * LAG, PATIENCE / 2));
-        assert!(!readers.lagging(10 * LAG, PATIENCE), "patience used up");
+        assert!(readers.lagging(10 * LAG, t));
+        assert!(readers.lagging(10 * LAG, t + PATIENCE / 2));
+        // It caught up: that wait is charged all the same.
+        slow.at(10 * LAG);
+        assert!(!readers.lagging(10 * LAG, t + PATIENCE * 3 / 4));
+        slow.at(LAG);
+        let t = t + PATIENCE;
+        assert!(readers.lagging(10 * LAG, t));
+        assert!(
+            !readers.lagging(10 * LAG, t + PATIENCE / 4),
+            "patience used up"
+        );
         fast.at(20 * LAG);
         slow.at(10 * LAG);
-        assert!(
-            !readers.lagging(20 * LAG, Duration::ZERO),
-            "left behind for good"
-        );
+        assert!(!readers.lagging(20 * LAG, t), "left behind for good");
         drop(fast);
         drop(slow);
-        assert!(!readers.lagging(u64::MAX, Duration::ZERO));
+        assert!(!readers.lagging(u64::MAX, t));
     }
 
     #[test]
