@@ -13,11 +13,9 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tempfile::TempDir;
 
 const MIB: usize = 1 << 20;
 
@@ -128,38 +126,6 @@ fn upstream_bytes(up: &Registry, path_part: &str) -> u64 {
         .sum()
 }
 
-/// nginx serving one file with sendfile on.
-struct Nginx {
-    port: u16,
-    _dir: TempDir,
-    _proc: Proc,
-}
-
-fn nginx(file: &std::path::Path) -> Nginx {
-    let dir = TempDir::new().expect("tmp");
-    let port = free_port();
-    let conf = format!(
-        "daemon off;\nworker_processes 2;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\n\
-         http {{\n access_log off;\n sendfile on;\n tcp_nopush on;\n client_body_temp_path {d};\n proxy_temp_path {d};\n fastcgi_temp_path {d};\n uwsgi_temp_path {d};\n scgi_temp_path {d};\n\
-         server {{ listen 127.0.0.1:{port}; location = /blob {{ alias {f}; default_type application/octet-stream; }} }}\n}}\n",
-        d = dir.path().display(),
-        f = file.display()
-    );
-    std::fs::write(dir.path().join("nginx.conf"), conf).expect("conf");
-    let mut cmd = Command::new("nginx");
-    cmd.arg("-c")
-        .arg(dir.path().join("nginx.conf"))
-        .arg("-p")
-        .arg(dir.path());
-    let proc = Proc::spawn("nginx", cmd, &dir.path().join("out.log"));
-    wait_port(port);
-    Nginx {
-        port,
-        _dir: dir,
-        _proc: proc,
-    }
-}
-
 /// Pushes a small image (config + layer + manifest) as `repo:tag`; returns the manifest digest.
 fn push_small_image(up: &Registry, repo: &str, tag: &str) -> String {
     let config =
@@ -225,7 +191,7 @@ fn main() {
         ),
     );
     let proxy = Registry::start_proxy(&up.url());
-    let ngx = nginx(&up.blob_data(&warm_d[7..]));
+    let ngx = Nginx::sendfile(&up.blob_data(&warm_d[7..]));
     let m = |repo: &str, what: &str| format!("{}/v2/docker.io/{repo}/{what}", mirror.url());
     let p = |repo: &str, what: &str| format!("{}/v2/{repo}/{what}", proxy.url());
 

@@ -12,19 +12,44 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::Command;
-
 use common::garage::{garage_bin, Garage};
 use common::*;
 
-fn nginx_conf(dir: &std::path::Path, port: u16, file: &std::path::Path) -> String {
-    format!(
-        "daemon off;\nworker_processes 2;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\n\
-         http {{\n access_log off;\n sendfile on;\n tcp_nopush on;\n client_body_temp_path {d};\n proxy_temp_path {d};\n fastcgi_temp_path {d};\n uwsgi_temp_path {d};\n scgi_temp_path {d};\n\
-         server {{ listen 127.0.0.1:{port}; location = /blob {{ alias {f}; default_type application/octet-stream; }} }}\n}}\n",
-        d = dir.display(),
-        f = file.display()
-    )
+/// nginx relaying a presigned GET from Garage to its client while storing the response
+/// in a local file (`proxy_store`): the work of filling an empty local tier, minus the
+/// digest check.
+fn relay(garage: &str) -> Nginx {
+    Nginx::start(|d, port| {
+        std::fs::create_dir_all(d.join("tmp")).expect("tmp");
+        format!(
+            "server {{ listen 127.0.0.1:{port}; root {d}/store; proxy_temp_path {d}/tmp; location / {{ proxy_pass {garage}; proxy_http_version 1.1; proxy_store on; }} }}",
+            d = d.display()
+        )
+    })
+}
+
+/// A presigned GET URL of `key` in the bench bucket on node 0.
+fn presigned(g: &Garage, key: &str) -> String {
+    use object_store::signer::{Method, Signer};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let s3 = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(g.endpoint(0))
+        .with_bucket_name(&g.bucket)
+        .with_region("garage")
+        .with_access_key_id(&g.key_id)
+        .with_secret_access_key(&g.secret)
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .build()
+        .expect("s3 client");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let path = object_store::path::Path::from(key);
+    rt.block_on(s3.signed_url(Method::GET, &path, std::time::Duration::from_secs(3600)))
+        .expect("presign")
+        .to_string()
 }
 
 fn main() {
@@ -96,20 +121,8 @@ fn main() {
 
     // Warm from the local tier vs nginx sendfile of the same file.
     let file = a.store_files(&d[7..]).pop().expect("local copy");
-    let ndir = tempfile::TempDir::new().expect("tmp");
-    let port = free_port();
-    std::fs::write(
-        ndir.path().join("nginx.conf"),
-        nginx_conf(ndir.path(), port, &file),
-    )
-    .expect("conf");
-    let mut cmd = Command::new("nginx");
-    cmd.arg("-c")
-        .arg(ndir.path().join("nginx.conf"))
-        .arg("-p")
-        .arg(ndir.path());
-    let _ngx = Proc::spawn("nginx", cmd, &ndir.path().join("out.log"));
-    wait_port(port);
+    let ngx_file = Nginx::sendfile(&file);
+    let port = ngx_file.port;
     let mut warm = (0.0, 0.0, 0);
     let mut ngx = (0.0, 0.0, 0);
     for _ in 0..5 {
@@ -153,6 +166,58 @@ fn main() {
             ],
         )
     };
+    // BENCH_SOLO=entrepot|curl: only that reader of the bucket, a fresh replica per round,
+    // with each process's CPU, for profiles (`perf record -a`).
+    if let Ok(who) = std::env::var("BENCH_SOLO") {
+        let garage_cpu = || g.pids().iter().map(|p| cpu_secs(Some(*p))).sum::<f64>();
+        let relay = relay(&g.endpoint(0));
+        let rport = relay.port;
+        let signed = presigned(&g, &format!("mirror/blobs/sha256/{}", &d[7..]));
+        let relayed = signed.replacen(&g.endpoint(0), &format!("http://127.0.0.1:{rport}"), 1);
+        let readers: Vec<&str> = match who.as_str() {
+            "all" => vec!["curl", "nginx", "entrepot"],
+            w => vec![w],
+        };
+        for round in 0..env_or("BENCH_ROUNDS", 5) {
+            let b = Mirror::start(&s3, &rest);
+            let small_url = format!("{}/v2/docker.io/bench/s3/blobs/{small}", b.url());
+            assert_eq!(curl(&small_url, &[]).2, 1 << 20, "warm-up");
+            for i in 0..readers.len() {
+                let who = readers[(round + i) % readers.len()];
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                let pids = match who {
+                    "entrepot" => b.pid().into_iter().collect(),
+                    "nginx" => relay.pids(),
+                    _ => vec![],
+                };
+                let cpu = || pids.iter().map(|p| cpu_secs(Some(*p))).sum::<f64>();
+                let (c0, g0, t0) = (cpu(), garage_cpu(), thread_secs(b.pid()));
+                let _ = std::fs::remove_dir_all(relay.dir.path().join("store"));
+                let x = match who {
+                    "curl" => direct_s3(),
+                    "nginx" => curl(&relayed, &[]),
+                    _ => curl(&url(&b), &[]),
+                };
+                assert_eq!(x.2, cold.2, "whole blob");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                let (c, gc) = (cpu() - c0, garage_cpu() - g0);
+                let threads: Vec<String> = thread_secs(b.pid())
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), v - t0.get(&k).copied().unwrap_or(0.0)))
+                    .filter(|(_, v)| *v >= 0.005 && who == "entrepot")
+                    .map(|(k, v)| format!("{k} {v:.3}"))
+                    .collect();
+                println!(
+                    "{who}: {:.2} GB/s, TTFB {:.1} ms, CPU {c:.2} s, Garage CPU {gc:.2} s; threads: {}",
+                    gbs(x),
+                    x.0 * 1e3,
+                    threads.join(", ")
+                );
+            }
+        }
+        drop(relay);
+        return;
+    }
     let mut rows = Vec::new();
     for run in 0..6 {
         let b = Mirror::start(&s3, &rest);

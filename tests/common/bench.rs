@@ -208,3 +208,71 @@ pub fn quiesce(pid: Option<u32>, limit: std::time::Duration) {
         last = now;
     }
 }
+
+/// An nginx of the benches' own (a peer to measure against), on a free loopback port.
+/// Stopped with SIGTERM on drop: a killed master would leave its workers running.
+pub struct Nginx {
+    pub port: u16,
+    pub dir: TempDir,
+    proc: super::Proc,
+}
+
+impl Nginx {
+    /// Serves `file` at `/blob` with sendfile.
+    pub fn sendfile(file: &std::path::Path) -> Nginx {
+        Nginx::start(|_, port| {
+            format!(
+                "server {{ listen 127.0.0.1:{port}; sendfile on; tcp_nopush on; location = /blob {{ alias {}; default_type application/octet-stream; }} }}",
+                file.display()
+            )
+        })
+    }
+
+    /// Starts nginx with 2 workers and the `server` block made by `server(dir, port)`.
+    pub fn start(server: impl Fn(&std::path::Path, u16) -> String) -> Nginx {
+        let dir = TempDir::new().expect("tmp");
+        let port = super::free_port();
+        let d = dir.path().display();
+        let conf = format!(
+            "daemon off;\nworker_processes 2;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {d};\n proxy_temp_path {d};\n fastcgi_temp_path {d};\n uwsgi_temp_path {d};\n scgi_temp_path {d};\n{}\n}}\n",
+            server(dir.path(), port)
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).expect("conf");
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .arg("-p")
+            .arg(dir.path());
+        let proc = super::Proc::spawn("nginx", cmd, &dir.path().join("out.log"));
+        super::wait_port(port);
+        Nginx { port, dir, proc }
+    }
+
+    /// The master and its workers.
+    pub fn pids(&self) -> Vec<u32> {
+        let m = self.proc.child.id();
+        let kids =
+            std::fs::read_to_string(format!("/proc/{m}/task/{m}/children")).unwrap_or_default();
+        std::iter::once(m)
+            .chain(kids.split_whitespace().filter_map(|k| k.parse().ok()))
+            .collect()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: nginx's fast shutdown, which stops the workers too.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.proc.child.id().to_string())
+            .status();
+        let limit = Instant::now() + std::time::Duration::from_secs(5);
+        while Instant::now() < limit {
+            if let Ok(Some(_)) = self.proc.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}

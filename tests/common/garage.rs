@@ -179,6 +179,14 @@ impl Garage {
         )
     }
 
+    /// The process ids of the running nodes (for CPU accounting in benches).
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.proc.as_ref().map(|p| p.child.id()))
+            .collect()
+    }
+
     /// Stops node `n` (the cluster keeps reading and writing with two of three).
     pub fn stop(&mut self, n: usize) {
         if let Some(mut p) = self.nodes[n].proc.take() {
