@@ -65,13 +65,31 @@ fn main() {
     // BENCH_SOLO=entrepot|proxy: only that server, one fresh blob per round with a quiet
     // second between (nothing else running), for profiles (`perf record -a`).
     if let Ok(who) = std::env::var("BENCH_SOLO") {
+        // BENCH_SOLO=ab with BENCH_AB=<another entrepot binary>: the two in turn.
+        let other = std::env::var("BENCH_AB").ok().map(|b| {
+            Mirror::start_bin(
+                b.into(),
+                "",
+                &format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url()),
+            )
+        });
+        let o = |d: &str| match &other {
+            Some(m) => format!("{}/v2/docker.io/bench/cold/blobs/{d}", m.url()),
+            None => e(d),
+        };
         let (url, pid): (&dyn Fn(&str) -> String, _) = match who.as_str() {
             "proxy" => (&p, proxy.pid()),
             _ => (&e, mirror.pid()),
         };
         // BENCH_SOLO_N: that many different fresh blobs at once per round.
         let n = env_or("BENCH_SOLO_N", 1);
-        for _ in 0..rounds {
+        for round in 0..rounds * if other.is_some() { 2 } else { 1 } {
+            let b_turn = other.is_some() && round % 2 == 1;
+            let (url, pid, who): (&dyn Fn(&str) -> String, _, &str) = if b_turn {
+                (&o, other.as_ref().and_then(|m| m.pid()), "B")
+            } else {
+                (url, pid, who.as_str())
+            };
             let blobs = fresh(n);
             sync();
             std::thread::sleep(std::time::Duration::from_secs(1));

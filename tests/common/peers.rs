@@ -216,9 +216,19 @@ pub struct Mirror {
     pub store: PathBuf,
     log: PathBuf,
     proc: Option<Proc>,
+    /// The binary run: this build's, or another one for A/B benches.
+    bin: PathBuf,
 }
 
 impl Mirror {
+    /// `start` running the binary `bin` (a build of another revision, for A/B benches).
+    pub fn start_bin(bin: PathBuf, server_extra: &str, rest: &str) -> Mirror {
+        let mut m = Mirror::start(server_extra, rest);
+        m.bin = bin;
+        m.restart();
+        m
+    }
+
     /// Starts a mirror whose config is `[server]` with `server_extra` lines, plus `rest`
     /// (upstream tables).
     pub fn start(server_extra: &str, rest: &str) -> Mirror {
@@ -250,6 +260,7 @@ impl Mirror {
             store,
             log,
             proc: None,
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_entrepot")),
         };
         m.restart();
         m
@@ -257,7 +268,7 @@ impl Mirror {
 
     pub fn restart(&mut self) {
         self.stop();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_entrepot"));
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("serve")
             .arg("--config")
             .arg(self.dir.path().join("upstreams.toml"))
