@@ -125,8 +125,8 @@ struct Cursor {
     avail: Avail,
     /// This reader's progress, for a fill that waits for readers lagging a little.
     progress: Option<Arc<Reader>>,
-    metrics: Arc<Metrics>,
-    source: &'static str,
+    /// `entrepot_served_bytes_total` for this body's source, looked up once (not per chunk).
+    served: prometheus::IntCounter,
 }
 
 impl BodyStream {
@@ -151,8 +151,7 @@ impl BodyStream {
             end,
             avail,
             progress,
-            metrics,
-            source,
+            served: metrics.served_bytes.with_label_values(&[source]),
         };
         let inner = futures_util::stream::unfold(Some(cur), |cur| async move {
             let mut cur = cur?;
@@ -216,10 +215,7 @@ impl Cursor {
         if let Some(p) = &self.progress {
             p.at(self.pos);
         }
-        self.metrics
-            .served_bytes
-            .with_label_values(&[self.source])
-            .inc_by(len as u64);
+        self.served.inc_by(len as u64);
     }
 
     /// Waits until the byte at `pos` may be sent and returns it from memory or the

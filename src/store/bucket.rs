@@ -396,13 +396,11 @@ impl Bucket {
         match (status, size) {
             (200, Some(size)) => {
                 self.counted("get", "ok", start);
-                let (metrics, key) = (self.metrics.clone(), key.to_string());
+                let received = self.metrics.s3_bytes.with_label_values(&["in"]);
+                let key = key.to_string();
                 let body = resp.map(move |c| {
                     let c = c.map_err(|e| StoreError::Bucket(format!("{key}: {e}")))?;
-                    metrics
-                        .s3_bytes
-                        .with_label_values(&["in"])
-                        .inc_by(c.len() as u64);
+                    received.inc_by(c.len() as u64);
                     Ok(c)
                 });
                 Ok(Some((size, Box::pin(body))))
