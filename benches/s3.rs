@@ -31,17 +31,7 @@ fn relay(garage: &str) -> Nginx {
 /// A presigned GET URL of `key` in the bench bucket on node 0.
 fn presigned(g: &Garage, key: &str) -> String {
     use object_store::signer::{Method, Signer};
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let s3 = object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(g.endpoint(0))
-        .with_bucket_name(&g.bucket)
-        .with_region("garage")
-        .with_access_key_id(&g.key_id)
-        .with_secret_access_key(&g.secret)
-        .with_allow_http(true)
-        .with_virtual_hosted_style_request(false)
-        .build()
-        .expect("s3 client");
+    let s3 = g.client();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use common::garage::{require_garage, Garage};
 use common::*;
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as S3Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tempfile::TempDir;
@@ -55,17 +54,7 @@ struct Direct {
 
 impl Direct {
     fn new(g: &Garage) -> Direct {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let s3 = AmazonS3Builder::new()
-            .with_endpoint(g.endpoint(0))
-            .with_bucket_name(&g.bucket)
-            .with_region("garage")
-            .with_access_key_id(&g.key_id)
-            .with_secret_access_key(&g.secret)
-            .with_allow_http(true)
-            .with_virtual_hosted_style_request(false)
-            .build()
-            .expect("s3 client");
+        let s3 = g.client();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

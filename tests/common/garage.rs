@@ -179,6 +179,21 @@ impl Garage {
         )
     }
 
+    /// An S3 client of this cluster's bucket through node 0 (to list, tamper or presign).
+    pub fn client(&self) -> object_store::aws::AmazonS3 {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(self.endpoint(0))
+            .with_bucket_name(&self.bucket)
+            .with_region("garage")
+            .with_access_key_id(&self.key_id)
+            .with_secret_access_key(&self.secret)
+            .with_allow_http(true)
+            .with_virtual_hosted_style_request(false)
+            .build()
+            .expect("s3 client")
+    }
+
     /// The process ids of the running nodes (for CPU accounting in benches).
     pub fn pids(&self) -> Vec<u32> {
         self.nodes
