@@ -203,6 +203,13 @@ fn main() {
                     x.0 * 1e3,
                     threads.join(", ")
                 );
+                if who == "entrepot" {
+                    // The fill's own account of its stalls (its last log line of them).
+                    let log = b.log();
+                    if let Some(l) = log.lines().filter(|l| l.contains("fill pumped")).last() {
+                        println!("  {}", l.split("fill pumped").last().unwrap_or(l).trim());
+                    }
+                }
             }
         }
         drop(relay);

@@ -177,6 +177,7 @@ impl Services {
         // Chunks go to the lanes in batches: one wake-up of each lane thread per batch,
         // not per network read (~23 KiB).
         let (mut batch, mut batched) = (Vec::new(), 0usize);
+        let mut stalls = Stalls::new();
         loop {
             if let Some((w, Err(e))) = writes.result.take_if(|(_, r)| r.is_err()) {
                 if super::fill::no_space(&e) && up.is_some() {
@@ -196,9 +197,10 @@ impl Services {
             let source_done = ended || broke.is_some();
             let lag = (received - start).saturating_sub(writes.done().min(hashes.done()));
             let room = lag < MAX_PENDING;
-            let lagging =
-                room && !source_done && readers.lagging(received, std::time::Instant::now());
+            let now = std::time::Instant::now();
+            let lagging = room && !source_done && readers.lagging(received, now);
             let reading = !source_done && room && !lagging;
+            stalls.enter(now, !source_done && !room, lagging);
             tokio::select! {
                 biased;
                 _ = progress.notified() => show_in_file(lead, in_file.load(Ordering::Acquire)),
@@ -246,10 +248,61 @@ impl Services {
         let (mut w, _) = writes.result.take().ok_or_else(lost)?;
         w.put_hasher(hashes.result.take().ok_or_else(lost)?);
         show_in_file(lead, w.in_file());
+        stalls.log(d, &source, received - start);
         Ok(match broke {
             Some(e) => Pumped::Broke(w, e),
             None => Pumped::Done(w),
         })
+    }
+}
+
+/// Where a fill's time went besides reading its source: waiting for a lane (the disk or
+/// the hash) to catch up, or for a client that fell behind. Logged once per fill, so an
+/// operator sees whether the disk or the clients hold the cold pulls back.
+struct Stalls {
+    start: std::time::Instant,
+    /// Since when, and waiting for what (`true`: the lanes), the fill is stalled.
+    current: Option<(std::time::Instant, bool)>,
+    lanes: std::time::Duration,
+    readers: std::time::Duration,
+}
+
+impl Stalls {
+    fn new() -> Stalls {
+        Stalls {
+            start: std::time::Instant::now(),
+            current: None,
+            lanes: Default::default(),
+            readers: Default::default(),
+        }
+    }
+
+    /// The pump looks again at `now`: it waits for the lanes, for a reader, or neither.
+    fn enter(&mut self, now: std::time::Instant, lanes: bool, readers: bool) {
+        if let Some((since, on_lanes)) = self.current.take() {
+            let spent = now.saturating_duration_since(since);
+            *if on_lanes {
+                &mut self.lanes
+            } else {
+                &mut self.readers
+            } += spent;
+        }
+        if lanes || readers {
+            self.current = Some((now, lanes));
+        }
+    }
+
+    fn log(&self, d: &Digest, source: &str, bytes: u64) {
+        let ms = |t: std::time::Duration| t.as_millis() as u64;
+        tracing::info!(
+            digest = %d,
+            source,
+            bytes,
+            ms = ms(self.start.elapsed()),
+            waited_for_lanes_ms = ms(self.lanes),
+            waited_for_clients_ms = ms(self.readers),
+            "fill pumped"
+        );
     }
 }
 
