@@ -248,7 +248,7 @@ impl Services {
         let (mut w, _) = writes.result.take().ok_or_else(lost)?;
         w.put_hasher(hashes.result.take().ok_or_else(lost)?);
         show_in_file(lead, w.in_file());
-        stalls.log(d, &source, received - start);
+        stalls.log(d, source, received - start);
         Ok(match broke {
             Some(e) => Pumped::Broke(w, e),
             None => Pumped::Done(w),
