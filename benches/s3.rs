@@ -206,7 +206,7 @@ fn main() {
                 if who == "entrepot" {
                     // The fill's own account of its stalls (its last log line of them).
                     let log = b.log();
-                    if let Some(l) = log.lines().filter(|l| l.contains("fill pumped")).last() {
+                    if let Some(l) = log.lines().rev().find(|l| l.contains("fill pumped")) {
                         println!("  {}", l.split("fill pumped").last().unwrap_or(l).trim());
                     }
                 }
