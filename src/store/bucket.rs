@@ -367,7 +367,7 @@ impl Bucket {
     /// runtime to the reader through an unbounded channel: a second thread per read, and
     /// a reader held up by its disk would let the whole object pile up in memory there.
     /// Here the socket is read only as fast as the reader takes the bytes. Falls back to
-    /// [`Bucket::read`] (with its retries) when the GET cannot be sent.
+    /// [`Bucket::read`] (with its retries) when the GET fails in any other way than 404.
     pub async fn read_here(
         &self,
         http: &awc::Client,
@@ -380,43 +380,39 @@ impl Bucket {
             Err(e) => return Err(s3_err(key, e)),
         };
         let start = Instant::now();
-        let resp = match http.get(url.as_str()).send().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(key, error = %e, "presigned GET failed; reading through the S3 client");
-                return Ok(self.read(key, 0).await?.map(|(n, b)| (n, b as LocalBody)));
+        let why = match http.get(url.as_str()).send().await {
+            Err(e) => e.to_string(),
+            Ok(resp) => {
+                let size = resp
+                    .headers()
+                    .get(awc::http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                match (resp.status().as_u16(), size) {
+                    (200, Some(size)) => {
+                        self.counted("get", "ok", start);
+                        let received = self.metrics.s3_bytes.with_label_values(&["in"]);
+                        let key = key.to_string();
+                        let body = resp.map(move |c| {
+                            let c = c.map_err(|e| StoreError::Bucket(format!("{key}: {e}")))?;
+                            received.inc_by(c.len() as u64);
+                            Ok(c)
+                        });
+                        return Ok(Some((size, Box::pin(body))));
+                    }
+                    (404, _) => {
+                        self.counted("get", "not_found", start);
+                        return Ok(None);
+                    }
+                    (status, _) => format!("answered {status}"),
+                }
             }
         };
-        let status = resp.status().as_u16();
-        let size = resp
-            .headers()
-            .get(awc::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        match (status, size) {
-            (200, Some(size)) => {
-                self.counted("get", "ok", start);
-                let received = self.metrics.s3_bytes.with_label_values(&["in"]);
-                let key = key.to_string();
-                let body = resp.map(move |c| {
-                    let c = c.map_err(|e| StoreError::Bucket(format!("{key}: {e}")))?;
-                    received.inc_by(c.len() as u64);
-                    Ok(c)
-                });
-                Ok(Some((size, Box::pin(body))))
-            }
-            (404, _) => {
-                self.counted("get", "not_found", start);
-                Ok(None)
-            }
-            _ => {
-                self.counted("get", "error", start);
-                Err(StoreError::Bucket(format!(
-                    "{}: GET {key} answered {status}",
-                    self.name
-                )))
-            }
-        }
+        // Anything else (a 5xx, a store that refuses presigned URLs, no length) goes
+        // through the S3 client, with its retries and its own errors.
+        self.counted("get", "error", start);
+        tracing::debug!(key, error = %why, "presigned GET failed; reading through the S3 client");
+        Ok(self.read(key, 0).await?.map(|(n, b)| (n, b as LocalBody)))
     }
 
     /// Starts a multipart upload to `key`; nothing is visible there before
