@@ -102,13 +102,8 @@ fn main() {
             };
             std::thread::sleep(std::time::Duration::from_secs(1));
             let (c, u) = (cpu_secs(pid) - c0, cpu_secs(up.pid()) - u0);
-            let threads: Vec<String> = thread_secs(pid)
-                .into_iter()
-                .map(|(k, v)| (k.clone(), v - t0.get(&k).copied().unwrap_or(0.0)))
-                .filter(|(_, v)| *v >= 0.005)
-                .map(|(k, v)| format!("{k} {v:.3}"))
-                .collect();
-            println!("{who}: wall {:.2} s, TTFB {:.1} ms, CPU {c:.2} s, upstream CPU {u:.2} s; threads: {}", x.1, x.0 * 1e3, threads.join(", "));
+            let threads = threads_since(pid, &t0);
+            println!("{who}: wall {:.2} s, TTFB {:.1} ms, CPU {c:.2} s, upstream CPU {u:.2} s; threads: {threads}", x.1, x.0 * 1e3);
         }
         return;
     }

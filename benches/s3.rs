@@ -191,17 +191,14 @@ fn main() {
                 assert_eq!(x.2, cold.2, "whole blob");
                 std::thread::sleep(std::time::Duration::from_secs(1));
                 let (c, gc) = (cpu() - c0, garage_cpu() - g0);
-                let threads: Vec<String> = thread_secs(b.pid())
-                    .into_iter()
-                    .map(|(k, v)| (k.clone(), v - t0.get(&k).copied().unwrap_or(0.0)))
-                    .filter(|(_, v)| *v >= 0.005 && who == "entrepot")
-                    .map(|(k, v)| format!("{k} {v:.3}"))
-                    .collect();
+                let threads = match who {
+                    "entrepot" => threads_since(b.pid(), &t0),
+                    _ => String::new(),
+                };
                 println!(
-                    "{who}: {:.2} GB/s, TTFB {:.1} ms, CPU {c:.2} s, Garage CPU {gc:.2} s; threads: {}",
+                    "{who}: {:.2} GB/s, TTFB {:.1} ms, CPU {c:.2} s, Garage CPU {gc:.2} s; threads: {threads}",
                     gbs(x),
                     x.0 * 1e3,
-                    threads.join(", ")
                 );
                 if who == "entrepot" {
                     // The fill's own account of its stalls (its last log line of them).

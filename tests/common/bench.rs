@@ -191,6 +191,18 @@ pub fn thread_secs(pid: Option<u32>) -> std::collections::BTreeMap<String, f64> 
     out
 }
 
+/// The threads of `pid` that ran at least 5 ms since `before` (a [`thread_secs`] taken
+/// earlier), as "name seconds" joined by commas.
+pub fn threads_since(pid: Option<u32>, before: &std::collections::BTreeMap<String, f64>) -> String {
+    thread_secs(pid)
+        .into_iter()
+        .map(|(k, v)| (v - before.get(&k).copied().unwrap_or(0.0), k))
+        .filter(|(v, _)| *v >= 0.005)
+        .map(|(v, k)| format!("{k} {v:.3}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Waits (at most `limit`) until a process used less than 5 ms of CPU in 100 ms: work a
 /// server does after its client finished (Distribution's proxy downloads and stores the
 /// blob a second time in the background) is then not charged to the next measurement.

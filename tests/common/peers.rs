@@ -209,6 +209,11 @@ impl Registry {
     }
 }
 
+/// The entrepot binary of this build.
+fn this_build() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_entrepot"))
+}
+
 /// The mirror under test (`entrepot serve`), with its own store and config.
 pub struct Mirror {
     pub port: u16,
@@ -223,10 +228,7 @@ pub struct Mirror {
 impl Mirror {
     /// `start` running the binary `bin` (a build of another revision, for A/B benches).
     pub fn start_bin(bin: PathBuf, server_extra: &str, rest: &str) -> Mirror {
-        let mut m = Mirror::start(server_extra, rest);
-        m.bin = bin;
-        m.restart();
-        m
+        Mirror::start_full(None, free_port(), server_extra, rest, bin)
     }
 
     /// Starts a mirror whose config is `[server]` with `server_extra` lines, plus `rest`
@@ -237,15 +239,21 @@ impl Mirror {
 
     /// `start` with the store at `store` (e.g. a small tmpfs) instead of a temp dir.
     pub fn start_with_store(store: Option<PathBuf>, server_extra: &str, rest: &str) -> Mirror {
-        Mirror::start_full(store, free_port(), server_extra, rest)
+        Mirror::start_full(store, free_port(), server_extra, rest, this_build())
     }
 
     /// `start` on a port chosen beforehand (replicas of a cluster name each other).
     pub fn start_at(port: u16, server_extra: &str, rest: &str) -> Mirror {
-        Mirror::start_full(None, port, server_extra, rest)
+        Mirror::start_full(None, port, server_extra, rest, this_build())
     }
 
-    fn start_full(store: Option<PathBuf>, port: u16, server_extra: &str, rest: &str) -> Mirror {
+    fn start_full(
+        store: Option<PathBuf>,
+        port: u16,
+        server_extra: &str,
+        rest: &str,
+        bin: PathBuf,
+    ) -> Mirror {
         let dir = TempDir::new().expect("tempdir");
         let store = store.unwrap_or_else(|| dir.path().join("store"));
         let config = format!(
@@ -260,7 +268,7 @@ impl Mirror {
             store,
             log,
             proc: None,
-            bin: PathBuf::from(env!("CARGO_BIN_EXE_entrepot")),
+            bin,
         };
         m.restart();
         m
