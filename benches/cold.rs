@@ -108,7 +108,14 @@ fn main() {
         return;
     }
     let only_eight = std::env::var("BENCH_ONLY_EIGHT").is_ok();
-    for with_sync in [false, true].into_iter().filter(|_| !only_eight) {
+    // BENCH_ONLY_SYNC=0|1: only the back-to-back rounds without (0) or with (1) `sync`.
+    let only_sync = std::env::var("BENCH_ONLY_SYNC").ok();
+    let chosen = |s: &bool| only_sync.as_deref().is_none_or(|o| (o == "1") == *s);
+    for with_sync in [false, true]
+        .into_iter()
+        .filter(|_| !only_eight)
+        .filter(chosen)
+    {
         // Each round: two fresh blobs; each server pulls both, in alternating order.
         let (mut ew, mut pw, mut dw, mut et, mut pt, mut dt) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
         // CPU seconds: (entrepot, upstream during entrepot's pulls, proxy, upstream during
@@ -125,7 +132,12 @@ fn main() {
                         let (x, c, u) = measured(&e(d), mirror.pid(), up.pid());
                         cpu[0] += c;
                         cpu[1] += u;
-                        eprintln!("entrepot sync={with_sync} {:.2} s", x.1);
+                        let log = mirror.log();
+                        let fill = log.lines().rev().find(|l| l.contains("fill pumped"));
+                        let fill = fill
+                            .and_then(|l| l.split("fill pumped").last())
+                            .unwrap_or("");
+                        eprintln!("entrepot sync={with_sync} {:.2} s; {}", x.1, fill.trim());
                         ew += x.1;
                         et += x.0;
                     }
@@ -174,6 +186,9 @@ fn main() {
         );
     }
 
+    if only_sync.is_some() {
+        return;
+    }
     // 8 different cold blobs at once, each server on its own fresh blobs, alternating
     // which goes first; each waits for the other to go quiet.
     let (mut ea, mut pb) = (0.0, 0.0);

@@ -200,7 +200,14 @@ impl Services {
             let now = std::time::Instant::now();
             let lagging = room && !source_done && readers.lagging(received, now);
             let reading = !source_done && room && !lagging;
-            stalls.enter(now, !source_done && !room, lagging);
+            let wait = match () {
+                _ if source_done => None,
+                _ if !room && writes.done() <= hashes.done() => Some(Wait::Disk),
+                _ if !room => Some(Wait::Hash),
+                _ if lagging => Some(Wait::Clients),
+                _ => None,
+            };
+            stalls.enter(now, wait);
             tokio::select! {
                 biased;
                 _ = progress.notified() => show_in_file(lead, in_file.load(Ordering::Acquire)),
@@ -256,15 +263,26 @@ impl Services {
     }
 }
 
-/// Where a fill's time went besides reading its source: waiting for a lane (the disk or
-/// the hash) to catch up, or for a client that fell behind. Logged once per fill, so an
-/// operator sees whether the disk or the clients hold the cold pulls back.
+/// What a fill that stopped reading its source waits for.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// The write lane (the disk) is [`MAX_PENDING`] behind.
+    Disk,
+    /// The hash lane (a core) is [`MAX_PENDING`] behind.
+    Hash,
+    /// A client fell behind (see `recent::Readers::lagging`).
+    Clients,
+}
+
+/// Where a fill's time went besides reading its source: waiting for the disk, for a core
+/// to hash on, or for a client that fell behind. Logged once per fill, so an operator
+/// sees what holds the cold pulls back.
 struct Stalls {
     start: std::time::Instant,
-    /// Since when, and waiting for what (`true`: the lanes), the fill is stalled.
-    current: Option<(std::time::Instant, bool)>,
-    lanes: std::time::Duration,
-    readers: std::time::Duration,
+    /// Since when, and for what, the fill is stalled.
+    current: Option<(std::time::Instant, Wait)>,
+    /// Time spent per [`Wait`], in its order.
+    spent: [std::time::Duration; 3],
 }
 
 impl Stalls {
@@ -272,24 +290,16 @@ impl Stalls {
         Stalls {
             start: std::time::Instant::now(),
             current: None,
-            lanes: Default::default(),
-            readers: Default::default(),
+            spent: Default::default(),
         }
     }
 
-    /// The pump looks again at `now`: it waits for the lanes, for a reader, or neither.
-    fn enter(&mut self, now: std::time::Instant, lanes: bool, readers: bool) {
-        if let Some((since, on_lanes)) = self.current.take() {
-            let spent = now.saturating_duration_since(since);
-            *if on_lanes {
-                &mut self.lanes
-            } else {
-                &mut self.readers
-            } += spent;
+    /// The pump looks again at `now`, waiting for `wait` (or for nothing).
+    fn enter(&mut self, now: std::time::Instant, wait: Option<Wait>) {
+        if let Some((since, on)) = self.current.take() {
+            self.spent[on as usize] += now.saturating_duration_since(since);
         }
-        if lanes || readers {
-            self.current = Some((now, lanes));
-        }
+        self.current = wait.map(|w| (now, w));
     }
 
     fn log(&self, d: &Digest, source: &str, bytes: u64) {
@@ -299,8 +309,9 @@ impl Stalls {
             source,
             bytes,
             ms = ms(self.start.elapsed()),
-            waited_for_lanes_ms = ms(self.lanes),
-            waited_for_clients_ms = ms(self.readers),
+            waited_for_disk_ms = ms(self.spent[Wait::Disk as usize]),
+            waited_for_hash_ms = ms(self.spent[Wait::Hash as usize]),
+            waited_for_clients_ms = ms(self.spent[Wait::Clients as usize]),
             "fill pumped"
         );
     }
