@@ -31,6 +31,19 @@ fn measured(url: &str, server: Option<u32>, upstream: Option<u32>) -> ((f64, f64
     (x, cpu_secs(server) - c0, cpu_secs(upstream) - u0)
 }
 
+/// The fields of the last `fill pumped` line of a mirror's log: where its fill waited.
+fn last_fill(log: &str) -> String {
+    let line = log.lines().rev().find(|l| l.contains("fill pumped"));
+    let fields = line
+        .and_then(|l| l.split("fill pumped").last())
+        .unwrap_or("");
+    fields
+        .split_whitespace()
+        .filter(|f| f.starts_with("ms=") || f.starts_with("waited_"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn main() {
     if !require(&["docker-registry", "curl"]) {
         return;
@@ -104,6 +117,14 @@ fn main() {
             let (c, u) = (cpu_secs(pid) - c0, cpu_secs(up.pid()) - u0);
             let threads = threads_since(pid, &t0);
             println!("{who}: wall {:.2} s, TTFB {:.1} ms, CPU {c:.2} s, upstream CPU {u:.2} s; threads: {threads}", x.1, x.0 * 1e3);
+            let served = if b_turn {
+                other.as_ref()
+            } else {
+                Some(&mirror)
+            };
+            if let Some(m) = served.filter(|_| who != "proxy") {
+                println!("  {}", last_fill(&m.log()));
+            }
         }
         return;
     }
@@ -132,12 +153,8 @@ fn main() {
                         let (x, c, u) = measured(&e(d), mirror.pid(), up.pid());
                         cpu[0] += c;
                         cpu[1] += u;
-                        let log = mirror.log();
-                        let fill = log.lines().rev().find(|l| l.contains("fill pumped"));
-                        let fill = fill
-                            .and_then(|l| l.split("fill pumped").last())
-                            .unwrap_or("");
-                        eprintln!("entrepot sync={with_sync} {:.2} s; {}", x.1, fill.trim());
+                        let fill = last_fill(&mirror.log());
+                        eprintln!("entrepot sync={with_sync} {:.2} s; {fill}", x.1);
                         ew += x.1;
                         et += x.0;
                     }
