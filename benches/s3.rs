@@ -164,19 +164,31 @@ fn main() {
         let rport = relay.port;
         let signed = presigned(&g, &format!("mirror/blobs/sha256/{}", &d[7..]));
         let relayed = signed.replacen(&g.endpoint(0), &format!("http://127.0.0.1:{rport}"), 1);
+        // BENCH_SOLO=ab with BENCH_AB=<another entrepot binary>: this build and that one.
+        let other = std::env::var("BENCH_AB").ok();
         let readers: Vec<&str> = match who.as_str() {
             "all" => vec!["curl", "nginx", "entrepot"],
+            "ab" => vec!["entrepot", "B"],
             w => vec![w],
         };
         for round in 0..env_or("BENCH_ROUNDS", 5) {
-            let b = Mirror::start(&s3, &rest);
-            let small_url = format!("{}/v2/docker.io/bench/s3/blobs/{small}", b.url());
-            assert_eq!(curl(&small_url, &[]).2, 1 << 20, "warm-up");
+            let a = Mirror::start(&s3, &rest);
+            let b_bin = other.as_ref().filter(|_| who == "ab");
+            let b_other = b_bin.map(|bin| Mirror::start_bin(bin.into(), &s3, &rest));
+            let mirror_for = |who: &str| match (who, &b_other) {
+                ("B", Some(m)) => m,
+                _ => &a,
+            };
+            for m in [Some(&a), b_other.as_ref()].into_iter().flatten() {
+                let small_url = format!("{}/v2/docker.io/bench/s3/blobs/{small}", m.url());
+                assert_eq!(curl(&small_url, &[]).2, 1 << 20, "warm-up");
+            }
             for i in 0..readers.len() {
                 let who = readers[(round + i) % readers.len()];
+                let b = mirror_for(who);
                 std::thread::sleep(std::time::Duration::from_secs(1));
                 let pids = match who {
-                    "entrepot" => b.pid().into_iter().collect(),
+                    "entrepot" | "B" => b.pid().into_iter().collect(),
                     "nginx" => relay.pids(),
                     _ => vec![],
                 };
@@ -192,7 +204,7 @@ fn main() {
                 std::thread::sleep(std::time::Duration::from_secs(1));
                 let (c, gc) = (cpu() - c0, garage_cpu() - g0);
                 let threads = match who {
-                    "entrepot" => threads_since(b.pid(), &t0),
+                    "entrepot" | "B" => threads_since(b.pid(), &t0),
                     _ => String::new(),
                 };
                 println!(
@@ -200,7 +212,7 @@ fn main() {
                     gbs(x),
                     x.0 * 1e3,
                 );
-                if who == "entrepot" {
+                if matches!(who, "entrepot" | "B") {
                     // The fill's own account of its stalls (its last log line of them).
                     let log = b.log();
                     if let Some(l) = log.lines().rev().find(|l| l.contains("fill pumped")) {
