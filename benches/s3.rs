@@ -198,7 +198,7 @@ fn main() {
                 let x = match who {
                     "curl" => direct_s3(),
                     "nginx" => curl(&relayed, &[]),
-                    _ => curl(&url(&b), &[]),
+                    _ => curl(&url(b), &[]),
                 };
                 assert_eq!(x.2, cold.2, "whole blob");
                 std::thread::sleep(std::time::Duration::from_secs(1));
