@@ -107,14 +107,21 @@ fn main() {
             sync();
             std::thread::sleep(std::time::Duration::from_secs(1));
             let (c0, u0, t0) = (cpu_secs(pid), cpu_secs(up.pid()), thread_secs(pid));
+            let (m0, w0) = (machine_busy_secs(), cpu_secs(pid));
             let x = if n == 1 {
                 curl(&url(&blobs[0]), &[])
             } else {
                 let all = concurrent(n, &blobs.iter().map(|d| url(d)).collect::<Vec<_>>());
                 (0.0, all.0, all.2)
             };
+            let (m, w) = (machine_busy_secs() - m0, cpu_secs(pid) - w0);
             std::thread::sleep(std::time::Duration::from_secs(1));
             let (c, u) = (cpu_secs(pid) - c0, cpu_secs(up.pid()) - u0);
+            println!(
+                "  while the client pulled: machine busy {:.2} cores, the server {:.2} cores",
+                m / x.1,
+                w / x.1
+            );
             let threads = threads_since(pid, &t0);
             println!("{who}: wall {:.2} s, TTFB {:.1} ms, CPU {c:.2} s, upstream CPU {u:.2} s; threads: {threads}", x.1, x.0 * 1e3);
             let served = if b_turn {

@@ -156,6 +156,27 @@ pub fn env_or(name: &str, default: usize) -> usize {
 }
 
 /// CPU seconds (user + system, all threads) a process has used so far; 0 when unknown.
+/// CPU seconds the whole machine spent busy so far (all cores, all processes, the
+/// kernel included): over a measurement, busy / wall says how many cores were in use.
+pub fn machine_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu = stat.lines().next().unwrap_or("");
+    let f: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy: f64 = f
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    busy / 100.0
+}
+
 pub fn cpu_secs(pid: Option<u32>) -> f64 {
     let Some(pid) = pid else { return 0.0 };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
