@@ -59,7 +59,7 @@ impl<K: Eq + Hash + Clone, V> Flights<K, V> {
         self.map.get(key).map(|rx| rx.clone())
     }
 
-    #[cfg(test)]
+    /// Flights running now.
     pub fn in_flight(&self) -> usize {
         self.map.len()
     }

@@ -14,6 +14,7 @@ pub mod gc;
 mod hosted;
 mod manifests;
 mod memo;
+pub mod memory;
 mod page;
 mod passwords;
 mod peers;
@@ -204,6 +205,8 @@ pub struct Mirror {
     corrupt: memo::Memo,
     /// The other replicas sharing the bucket, when there are any.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Bytes received by fills so far (see [`memory::release_when_idle`]).
+    filled: std::sync::atomic::AtomicU64,
 }
 
 impl Mirror {
@@ -220,6 +223,7 @@ impl Mirror {
             missing: memo::Memo::new(std::time::Duration::from_secs(5)),
             corrupt: memo::Memo::new(std::time::Duration::from_secs(60)),
             cluster: None,
+            filled: Default::default(),
         }
     }
 

@@ -256,6 +256,7 @@ impl Services {
         w.put_hasher(hashes.result.take().ok_or_else(lost)?);
         show_in_file(lead, w.in_file());
         stalls.log(d, source, received - start);
+        self.mirror.filled(received - start);
         Ok(match broke {
             Some(e) => Pumped::Broke(w, e),
             None => Pumped::Done(w),
