@@ -104,12 +104,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     })
     // No Nagle: a small answer (a config blob) after its headers must not wait for the
     // client's delayed ACK (40 ms per small blob on a kept-alive connection).
-    .tcp_nodelay(true)
-    // A cold pull's body comes in the upstream's reads (~32 KiB): gathered up to 128 KiB
-    // per send, the client is woken about 4 times less often. A warm 512 KiB chunk waits
-    // until less than this is left unsent, so each warm stream holds at most 128 KiB
-    // more than with the default 32 KiB (256 KiB put 66-67 MiB peak RSS in the bench).
-    .h1_write_buffer_size(128 * 1024);
+    .tcp_nodelay(true);
     let listen = cfg.server.listen;
     let bound = match &cfg.server.tls {
         Some(tls) => server.bind_rustls_0_23(listen, tls_config(tls)?),
