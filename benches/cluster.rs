@@ -34,6 +34,23 @@ fn s3_out(ms: &[Mirror]) -> f64 {
         .sum()
 }
 
+/// Each replica's fills of the run, as they logged them: where their time went.
+fn fills(ms: &[Mirror]) {
+    for (i, m) in ms.iter().enumerate() {
+        for l in m.log().lines().filter(|l| l.contains("fill pumped")) {
+            let fields: Vec<&str> = l
+                .split_whitespace()
+                .filter(|f| {
+                    ["source=", "ms=", "waited_"]
+                        .iter()
+                        .any(|p| f.starts_with(p))
+                })
+                .collect();
+            eprintln!("  replica {i}: {}", fields.join(" "));
+        }
+    }
+}
+
 fn main() {
     let Some(bin) = garage_bin() else {
         eprintln!("garage not installed");
@@ -80,6 +97,7 @@ fn main() {
         Some(s3_out(&one)),
     );
     let single = r.1;
+    fills(&one);
     drop(one);
 
     // Three cooperating replicas.
@@ -117,6 +135,7 @@ fn main() {
         Some(s3_out(&three)),
     );
     println!("slowest client, 3 replicas vs 1: {:.2}x", r.1 / single);
+    fills(&three);
     drop(three);
 
     // Three Distribution proxies on the same bucket.
