@@ -37,16 +37,8 @@ fn s3_out(ms: &[Mirror]) -> f64 {
 /// Each replica's fills of the run, as they logged them: where their time went.
 fn fills(ms: &[Mirror]) {
     for (i, m) in ms.iter().enumerate() {
-        for l in m.log().lines().filter(|l| l.contains("fill pumped")) {
-            let fields: Vec<&str> = l
-                .split_whitespace()
-                .filter(|f| {
-                    ["source=", "ms=", "waited_"]
-                        .iter()
-                        .any(|p| f.starts_with(p))
-                })
-                .collect();
-            eprintln!("  replica {i}: {}", fields.join(" "));
+        for l in fill_lines(&m.log()) {
+            eprintln!("  replica {i}: {l}");
         }
     }
 }

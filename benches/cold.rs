@@ -31,17 +31,9 @@ fn measured(url: &str, server: Option<u32>, upstream: Option<u32>) -> ((f64, f64
     (x, cpu_secs(server) - c0, cpu_secs(upstream) - u0)
 }
 
-/// The fields of the last `fill pumped` line of a mirror's log: where its fill waited.
+/// Where the last fill of a mirror's log waited (see [`fill_lines`]).
 fn last_fill(log: &str) -> String {
-    let line = log.lines().rev().find(|l| l.contains("fill pumped"));
-    let fields = line
-        .and_then(|l| l.split("fill pumped").last())
-        .unwrap_or("");
-    fields
-        .split_whitespace()
-        .filter(|f| f.starts_with("ms=") || f.starts_with("waited_"))
-        .collect::<Vec<_>>()
-        .join(" ")
+    fill_lines(log).pop().unwrap_or_default()
 }
 
 fn main() {

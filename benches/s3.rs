@@ -214,9 +214,8 @@ fn main() {
                 );
                 if matches!(who, "entrepot" | "B") {
                     // The fill's own account of its stalls (its last log line of them).
-                    let log = b.log();
-                    if let Some(l) = log.lines().rev().find(|l| l.contains("fill pumped")) {
-                        println!("  {}", l.split("fill pumped").last().unwrap_or(l).trim());
+                    if let Some(l) = fill_lines(&b.log()).pop() {
+                        println!("  {l}");
                     }
                 }
             }

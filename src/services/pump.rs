@@ -195,14 +195,15 @@ impl Services {
                 break;
             }
             let source_done = ended || broke.is_some();
-            let lag = (received - start).saturating_sub(writes.done().min(hashes.done()));
+            let (wrote, hashed) = (writes.done(), hashes.done());
+            let lag = (received - start).saturating_sub(wrote.min(hashed));
             let room = lag < MAX_PENDING;
             let now = std::time::Instant::now();
             let lagging = room && !source_done && readers.lagging(received, now);
             let reading = !source_done && room && !lagging;
             let wait = match () {
                 _ if source_done => None,
-                _ if !room && writes.done() <= hashes.done() => Some(Wait::Disk),
+                _ if !room && wrote <= hashed => Some(Wait::Disk),
                 _ if !room => Some(Wait::Hash),
                 _ if lagging => Some(Wait::Clients),
                 _ => None,

@@ -155,7 +155,6 @@ pub fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// CPU seconds (user + system, all threads) a process has used so far; 0 when unknown.
 /// CPU seconds the whole machine spent busy so far (all cores, all processes, the
 /// kernel included): over a measurement, busy / wall says how many cores were in use.
 pub fn machine_busy_secs() -> f64 {
@@ -177,6 +176,7 @@ pub fn machine_busy_secs() -> f64 {
     busy / 100.0
 }
 
+/// CPU seconds (user + system, all threads) a process has used so far; 0 when unknown.
 pub fn cpu_secs(pid: Option<u32>) -> f64 {
     let Some(pid) = pid else { return 0.0 };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -210,6 +210,30 @@ pub fn thread_secs(pid: Option<u32>) -> std::collections::BTreeMap<String, f64> 
         *out.entry(name.trim().to_string()).or_insert(0.0) += ns / 1e9;
     }
     out
+}
+
+/// The `fill pumped` lines of a mirror's log, each cut to its source, its time and its
+/// waits by cause (`waited_for_*_ms`): where each fill's time went.
+pub fn fill_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("fill pumped"))
+        .map(|l| {
+            // The source is quoted and may hold a space ("upstream docker.io").
+            let source = l
+                .split("source=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next());
+            let times = l
+                .split_whitespace()
+                .filter(|f| f.starts_with("ms=") || f.starts_with("waited_"));
+            source
+                .map(|s| format!("source=\"{s}\""))
+                .into_iter()
+                .chain(times.map(str::to_string))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
 }
 
 /// The threads of `pid` that ran at least 5 ms since `before` (a [`thread_secs`] taken
