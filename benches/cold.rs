@@ -127,6 +127,15 @@ fn main() {
         }
         return;
     }
+    // BENCH_AB=<another entrepot binary> (without BENCH_SOLO): that build takes its turns in
+    // the back-to-back rounds too, as a third server on the same blobs.
+    let b = std::env::var("BENCH_AB").ok().map(|b| {
+        Mirror::start_bin(
+            b.into(),
+            "",
+            &format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url()),
+        )
+    });
     let only_eight = std::env::var("BENCH_ONLY_EIGHT").is_ok();
     // BENCH_ONLY_SYNC=0|1: only the back-to-back rounds without (0) or with (1) `sync`.
     let only_sync = std::env::var("BENCH_ONLY_SYNC").ok();
@@ -138,6 +147,7 @@ fn main() {
     {
         // Each round: two fresh blobs; each server pulls both, in alternating order.
         let (mut ew, mut pw, mut dw, mut et, mut pt, mut dt) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        let mut bw = 0.0;
         // CPU seconds: (entrepot, upstream during entrepot's pulls, proxy, upstream during
         // the proxy's pulls).
         let mut cpu = [0.0f64; 4];
@@ -165,6 +175,14 @@ fn main() {
                         pw += x.1;
                         pt += x.0;
                     }
+                    3 => {
+                        let Some(m) = &b else { return };
+                        let url = format!("{}/v2/docker.io/bench/cold/blobs/{d}", m.url());
+                        let (x, _, _) = measured(&url, m.pid(), up.pid());
+                        let fill = last_fill(&m.log());
+                        eprintln!("B sync={with_sync} {:.2} s; {fill}", x.1);
+                        bw += x.1;
+                    }
                     _ => {
                         let x = curl(&direct(d), &[]);
                         dw += x.1;
@@ -172,11 +190,18 @@ fn main() {
                     }
                 }
             };
-            let order = if r.is_multiple_of(2) { [0, 1] } else { [1, 0] };
-            run(order[0], &blobs[0]);
-            run(order[1], &blobs[0]);
-            run(order[1], &blobs[1]);
-            run(order[0], &blobs[1]);
+            let mut order = vec![0, 1];
+            if b.is_some() {
+                order.push(3);
+            }
+            let k = r % order.len();
+            order.rotate_left(k);
+            for &who in &order {
+                run(who, &blobs[0]);
+            }
+            for &who in order.iter().rev() {
+                run(who, &blobs[1]);
+            }
             run(2, &blobs[2]);
         }
         let n = (rounds * 2) as f64;
@@ -191,6 +216,14 @@ fn main() {
             dt / rounds as f64 * 1e3,
             ew / pw
         );
+        if b.is_some() {
+            println!(
+                "| B (BENCH_AB): mean wall | {:.2} s | B / entrepot {:.2}x, B / proxy {:.2}x |",
+                bw / n,
+                bw / ew,
+                bw / pw
+            );
+        }
         println!(
             "| CPU per pull (server + upstream){} | {:.2} + {:.2} s | {:.2} + {:.2} s | - | {:.2}x |",
             if with_sync { ", sync between" } else { "" },

@@ -11,6 +11,7 @@ mod fill;
 mod flight;
 pub mod gc;
 
+pub mod backlog;
 mod hosted;
 mod manifests;
 mod memo;
@@ -207,6 +208,8 @@ pub struct Mirror {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Bytes received by fills so far (see [`memory::release_when_idle`]).
     filled: std::sync::atomic::AtomicU64,
+    /// Memory fills may borrow to keep going while the disk stalls.
+    backlog: backlog::Backlog,
 }
 
 impl Mirror {
@@ -224,6 +227,7 @@ impl Mirror {
             corrupt: memo::Memo::new(std::time::Duration::from_secs(60)),
             cluster: None,
             filled: Default::default(),
+            backlog: Default::default(),
         }
     }
 

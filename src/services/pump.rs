@@ -20,6 +20,7 @@ use sha2::Sha256;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use super::backlog::Loan;
 use super::blobs::Fill;
 use super::fill::IDLE_TIMEOUT;
 use super::flight::Lead;
@@ -28,11 +29,13 @@ use crate::names::Digest;
 use crate::store::{BlobWriter, StoreError};
 use crate::upstream::Upstream;
 
-/// Bytes received ahead of either lane at most, per fill (bounded memory per blob). The
-/// write lane waits for the disk on each direct write, and a disk stalls now and then
-/// for 100-300 ms: at 4 MiB the source stopped 50-200 ms per cold 256 MiB pull, at
-/// 16 MiB 10-80 ms (the readers are sent the bytes from memory meanwhile).
-const MAX_PENDING: u64 = 16 * 1024 * 1024;
+/// Bytes a fill may receive ahead of either lane on its own (bounded memory per blob);
+/// beyond that it borrows from the mirror's [`Backlog`](super::backlog). The write lane
+/// waits for the disk on each direct write, and a disk stalls now and then for 100-450 ms:
+/// at 4 MiB the source stopped 50-200 ms per cold 256 MiB pull, at 16 MiB 10-80 ms in
+/// quiet runs and up to 450 ms back to back (the readers are sent the bytes from memory
+/// meanwhile).
+pub(super) const MAX_PENDING: u64 = 16 * 1024 * 1024;
 
 /// Bytes handed to the lanes at a time.
 const LANE_BATCH: usize = 256 * 1024;
@@ -178,6 +181,7 @@ impl Services {
         // not per network read (~23 KiB).
         let (mut batch, mut batched) = (Vec::new(), 0usize);
         let mut stalls = Stalls::new();
+        let mut loan = Loan::new(&self.mirror.backlog);
         loop {
             if let Some((w, Err(e))) = writes.result.take_if(|(_, r)| r.is_err()) {
                 if super::fill::no_space(&e) && up.is_some() {
@@ -197,7 +201,7 @@ impl Services {
             let source_done = ended || broke.is_some();
             let (wrote, hashed) = (writes.done(), hashes.done());
             let lag = (received - start).saturating_sub(wrote.min(hashed));
-            let room = lag < MAX_PENDING;
+            let room = loan.covers((lag + 1).saturating_sub(MAX_PENDING));
             let now = std::time::Instant::now();
             let lagging = room && !source_done && readers.lagging(received, now);
             let reading = !source_done && room && !lagging;

@@ -17,7 +17,8 @@ use bytes::Bytes;
 /// Bytes already on disk kept for readers a little behind. A client on a busy 2-core
 /// machine falls a few MiB behind whenever it misses a core; at 4 MiB (lagging at 2) the
 /// fill waited for it 90-185 ms per cold 256 MiB pull, at 16 MiB 15-70 ms (benches/cold.rs
-/// BENCH_SOLO=ab). Memory: at most this plus `MAX_PENDING` per fill in progress.
+/// BENCH_SOLO=ab). Memory: at most this plus `MAX_PENDING` per fill in progress, plus
+/// the loans from the mirror's backlog pool (`backlog::POOL` for all fills together).
 const KEEP: usize = 16 * 1024 * 1024;
 
 #[derive(Default)]

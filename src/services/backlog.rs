@@ -1,0 +1,119 @@
+//! Memory the fills in progress may borrow to keep reading their sources while the disk
+//! stalls.
+//!
+//! Each fill may receive [`pump::MAX_PENDING`](super::pump) bytes ahead of its write lane
+//! on its own. A busy disk (another process's page cache being written back, the host
+//! flushing) stalls single direct writes for 100-450 ms; at 16 MiB ahead a cold 256 MiB
+//! pull then stopped reading its upstream for that long, once or twice per pull
+//! (`waited_for_disk_ms` in the fill's log line, `benches/cold.rs` back to back). Beyond
+//! its own share a fill borrows from one pool for the whole mirror, so eight fills at once
+//! cannot hold eight times the pool, and hands the loan back as its disk catches up.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bytes all fills together may hold beyond their own share.
+pub const POOL: u64 = 80 * 1024 * 1024;
+
+/// Loans are taken in steps of this much, not per chunk.
+const STEP: u64 = 4 * 1024 * 1024;
+
+/// The mirror's pool of backlog memory.
+pub struct Backlog {
+    free: AtomicU64,
+}
+
+impl Default for Backlog {
+    fn default() -> Backlog {
+        Backlog {
+            free: AtomicU64::new(POOL),
+        }
+    }
+}
+
+impl Backlog {
+    /// Bytes not lent out now.
+    pub fn free(&self) -> u64 {
+        self.free.load(Ordering::Relaxed)
+    }
+
+    /// Takes `n` bytes if the pool has them.
+    fn take(&self, n: u64) -> bool {
+        self.free
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| f.checked_sub(n))
+            .is_ok()
+    }
+
+    fn give(&self, n: u64) {
+        self.free.fetch_add(n, Ordering::AcqRel);
+    }
+}
+
+/// One fill's loan from the [`Backlog`], given back when dropped.
+pub struct Loan<'a> {
+    pool: &'a Backlog,
+    held: u64,
+}
+
+impl<'a> Loan<'a> {
+    pub fn new(pool: &'a Backlog) -> Loan<'a> {
+        Loan { pool, held: 0 }
+    }
+
+    /// Whether the fill may hold `extra` bytes beyond its own share: the loan grows (in
+    /// [`STEP`]s) to cover them if the pool allows, and shrinks when the fill needs less.
+    pub fn covers(&mut self, extra: u64) -> bool {
+        let want = extra.div_ceil(STEP) * STEP;
+        if want < self.held {
+            self.pool.give(self.held - want);
+            self.held = want;
+        } else if want > self.held {
+            if !self.pool.take(want - self.held) {
+                return false;
+            }
+            self.held = want;
+        }
+        true
+    }
+}
+
+impl Drop for Loan<'_> {
+    fn drop(&mut self) {
+        self.pool.give(self.held);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lends_within_the_pool_and_takes_it_back() {
+        let pool = Backlog::default();
+        let mut a = Loan::new(&pool);
+        let mut b = Loan::new(&pool);
+        assert!(a.covers(0));
+        assert_eq!(pool.free(), POOL);
+        assert!(a.covers(1));
+        assert_eq!(pool.free(), POOL - STEP, "a whole step at a time");
+        assert!(a.covers(POOL - STEP));
+        assert!(!b.covers(2 * STEP), "the pool is short");
+        assert!(b.covers(0));
+        assert!(a.covers(STEP), "a needs less now");
+        assert_eq!(pool.free(), POOL - STEP);
+        assert!(b.covers(2 * STEP));
+        drop(a);
+        drop(b);
+        assert_eq!(pool.free(), POOL);
+    }
+
+    #[test]
+    fn a_short_pool_keeps_what_is_held() {
+        let pool = Backlog::default();
+        let mut a = Loan::new(&pool);
+        let mut b = Loan::new(&pool);
+        assert!(a.covers(STEP));
+        assert!(b.covers(POOL - STEP));
+        assert!(a.covers(STEP), "still within its loan");
+        assert!(!a.covers(STEP + 1));
+    }
+}
