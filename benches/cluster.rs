@@ -5,7 +5,7 @@
 //!
 //! ```sh
 //! apt-get install -y docker-registry curl     # and Garage in /opt/garage (see .ci/run)
-//! cargo bench --bench cluster                 # BENCH_MIB=32 for a quick run
+//! cargo bench --bench cluster                 # BENCH_MIB=32 BENCH_ROUNDS=1 for a quick run
 //! ```
 
 #[path = "../tests/common/mod.rs"]
@@ -34,13 +34,22 @@ fn s3_out(ms: &[Mirror]) -> f64 {
         .sum()
 }
 
-/// Each replica's fills of the run, as they logged them: where their time went.
-fn fills(ms: &[Mirror]) {
+/// Each replica's fills of `digest`, as they logged them: where their time went.
+fn fills(ms: &[Mirror], digest: &str) {
     for (i, m) in ms.iter().enumerate() {
-        for l in fill_lines(&m.log()) {
+        let log = m.log();
+        let lines = log
+            .lines()
+            .filter(|l| l.contains(digest))
+            .collect::<Vec<_>>();
+        for l in fill_lines(&lines.join("\n")) {
             eprintln!("  replica {i}: {l}");
         }
     }
+}
+
+fn sync() {
+    std::process::Command::new("sync").status().expect("sync");
 }
 
 fn main() {
@@ -55,7 +64,9 @@ fn main() {
     let size = (mib << 20) as u64;
     let g = Garage::start(&bin);
     let up = Registry::start(Auth::Anonymous);
-    let blobs: Vec<String> = (0..3)
+    // BENCH_ROUNDS: pairs of runs (1 replica, 3 replicas), in alternating order.
+    let rounds = env_or("BENCH_ROUNDS", 2);
+    let blobs: Vec<String> = (0..3 + 2 * rounds as u64)
         .map(|i| up.push_blob("bench/c", &noise(mib << 20, 40 + i)))
         .collect();
     let s3 = |node: usize, prefix: &str| g.s3_section(node, prefix);
@@ -77,22 +88,12 @@ fn main() {
         );
     };
 
-    // One replica.
+    // One replica and three cooperating ones, all started up front; the rounds alternate
+    // which layout goes first (1, 3, 3, 1, ...), each on a fresh blob after `sync`, so
+    // neither inherits the other's writeback (Garage writes its copies through the page
+    // cache).
     let one = vec![Mirror::start(&s3(0, "one/"), &upstream)];
     let url = |m: &Mirror, d: &str| format!("{}/v2/docker.io/bench/c/blobs/{d}", m.url());
-    let r = concurrent(CLIENTS, &[url(&one[0], &blobs[0])]);
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    row(
-        "entrepot, 1 replica",
-        r,
-        upstream_bytes(&up, &blobs[0]),
-        Some(s3_out(&one)),
-    );
-    let single = r.1;
-    fills(&one);
-    drop(one);
-
-    // Three cooperating replicas.
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let peers: Vec<String> = ports
         .iter()
@@ -117,17 +118,45 @@ fn main() {
             m.metric("entrepot_cluster_peers", &[("state", "up")]) == 3.0
         });
     }
-    let urls: Vec<String> = three.iter().map(|m| url(m, &blobs[1])).collect();
-    let r = concurrent(CLIENTS, &urls);
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    row(
-        "entrepot, 3 replicas",
-        r,
-        upstream_bytes(&up, &blobs[1]),
-        Some(s3_out(&three)),
+    let (mut singles, mut triples) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [1, 3] } else { [3, 1] };
+        for n in order {
+            let d = &blobs[3 + 2 * round + usize::from(n == 3)];
+            let ms = if n == 1 { &one } else { &three };
+            let (up0, s30) = (upstream_bytes(&up, d), s3_out(ms));
+            sync();
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let urls: Vec<String> = ms.iter().map(|m| url(m, d)).collect();
+            let r = concurrent(CLIENTS, &urls);
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            let name = if n == 1 {
+                "entrepot, 1 replica"
+            } else {
+                "entrepot, 3 replicas"
+            };
+            row(
+                name,
+                r,
+                upstream_bytes(&up, d) - up0,
+                Some(s3_out(ms) - s30),
+            );
+            fills(ms, d);
+            if n == 1 {
+                singles.push(r.1);
+            } else {
+                triples.push(r.1);
+            }
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!(
+        "slowest client, 3 replicas vs 1: {:.2}x (means over {rounds} rounds: {:.2} vs {:.2} s)",
+        mean(&triples) / mean(&singles),
+        mean(&triples),
+        mean(&singles)
     );
-    println!("slowest client, 3 replicas vs 1: {:.2}x", r.1 / single);
-    fills(&three);
+    drop(one);
     drop(three);
 
     // Three Distribution proxies on the same bucket.
