@@ -194,13 +194,16 @@ fn main() {
                 };
                 let cpu = || pids.iter().map(|p| cpu_secs(Some(*p))).sum::<f64>();
                 let (c0, g0, t0) = (cpu(), garage_cpu(), thread_secs(b.pid()));
+                let m0 = machine_busy_secs();
                 let _ = std::fs::remove_dir_all(relay.dir.path().join("store"));
                 let x = match who {
                     "curl" => direct_s3(),
                     "nginx" => curl(&relayed, &[]),
+                    "presigned" => curl(&signed, &[]),
                     _ => curl(&url(b), &[]),
                 };
                 assert_eq!(x.2, cold.2, "whole blob");
+                let busy = (machine_busy_secs() - m0) / x.1;
                 std::thread::sleep(std::time::Duration::from_secs(1));
                 let (c, gc) = (cpu() - c0, garage_cpu() - g0);
                 let threads = match who {
@@ -208,7 +211,7 @@ fn main() {
                     _ => String::new(),
                 };
                 println!(
-                    "{who}: {:.2} GB/s, TTFB {:.1} ms, CPU {c:.2} s, Garage CPU {gc:.2} s; threads: {threads}",
+                    "{who}: {:.2} GB/s, TTFB {:.1} ms, CPU {c:.2} s, Garage CPU {gc:.2} s, machine busy {busy:.2} cores; threads: {threads}",
                     gbs(x),
                     x.0 * 1e3,
                 );
