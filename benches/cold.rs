@@ -36,6 +36,16 @@ fn last_fill(log: &str) -> String {
     fill_lines(log).pop().unwrap_or_default()
 }
 
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 fn main() {
     if !require(&["docker-registry", "curl"]) {
         return;
@@ -148,6 +158,8 @@ fn main() {
         // Each round: two fresh blobs; each server pulls both, in alternating order.
         let (mut ew, mut pw, mut dw, mut et, mut pt, mut dt) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
         let mut bw = 0.0;
+        // Each pull's wall, for the medians (one stalled pull moves a mean of six a lot).
+        let (mut e_walls, mut p_walls) = (Vec::new(), Vec::new());
         // CPU seconds: (entrepot, upstream during entrepot's pulls, proxy, upstream during
         // the proxy's pulls).
         let mut cpu = [0.0f64; 4];
@@ -165,6 +177,7 @@ fn main() {
                         let fill = last_fill(&mirror.log());
                         eprintln!("entrepot sync={with_sync} {:.2} s; {fill}", x.1);
                         ew += x.1;
+                        e_walls.push(x.1);
                         et += x.0;
                     }
                     1 => {
@@ -173,6 +186,7 @@ fn main() {
                         cpu[3] += u;
                         eprintln!("proxy sync={with_sync} {:.2} s", x.1);
                         pw += x.1;
+                        p_walls.push(x.1);
                         pt += x.0;
                     }
                     3 => {
@@ -215,6 +229,12 @@ fn main() {
             dw / rounds as f64,
             dt / rounds as f64 * 1e3,
             ew / pw
+        );
+        let (em, pm) = (median(&mut e_walls), median(&mut p_walls));
+        println!(
+            "| cold, back to back{}: median wall | {em:.2} s | {pm:.2} s | - | {:.2}x |",
+            if with_sync { ", sync between" } else { "" },
+            em / pm
         );
         if b.is_some() {
             println!(
