@@ -146,6 +146,8 @@ fn main() {
             &format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url()),
         )
     });
+    // Where the stock-tools peer writes its copy (the same disk as the store by default).
+    let tools = tempfile::tempdir().expect("tempdir");
     let only_eight = std::env::var("BENCH_ONLY_EIGHT").is_ok();
     // BENCH_ONLY_SYNC=0|1: only the back-to-back rounds without (0) or with (1) `sync`.
     let only_sync = std::env::var("BENCH_ONLY_SYNC").ok();
@@ -160,6 +162,7 @@ fn main() {
         let mut bw = 0.0;
         // Each pull's wall, for the medians (one stalled pull moves a mean of six a lot).
         let (mut e_walls, mut p_walls) = (Vec::new(), Vec::new());
+        let mut t_walls = Vec::new();
         // CPU seconds: (entrepot, upstream during entrepot's pulls, proxy, upstream during
         // the proxy's pulls).
         let mut cpu = [0.0f64; 4];
@@ -197,6 +200,12 @@ fn main() {
                         eprintln!("B sync={with_sync} {:.2} s; {fill}", x.1);
                         bw += x.1;
                     }
+                    4 => {
+                        let (wall, bytes, hex) = pipeline(&direct(d), tools.path());
+                        assert_eq!((bytes, hex.as_str()), ((mib << 20) as u64, &d[7..]));
+                        eprintln!("tools sync={with_sync} {wall:.2} s");
+                        t_walls.push(wall);
+                    }
                     _ => {
                         let x = curl(&direct(d), &[]);
                         dw += x.1;
@@ -204,7 +213,7 @@ fn main() {
                     }
                 }
             };
-            let mut order = vec![0, 1];
+            let mut order = vec![0, 1, 4];
             if b.is_some() {
                 order.push(3);
             }
@@ -235,6 +244,12 @@ fn main() {
             "| cold, back to back{}: median wall | {em:.2} s | {pm:.2} s | - | {:.2}x |",
             if with_sync { ", sync between" } else { "" },
             em / pm
+        );
+        let tm = median(&mut t_walls);
+        println!(
+            "| the same work by stock tools (curl \\| tee file \\| openssl dgst){}: median wall | {tm:.2} s | entrepot / tools {:.2}x | - | - |",
+            if with_sync { ", sync between" } else { "" },
+            em / tm
         );
         if b.is_some() {
             println!(

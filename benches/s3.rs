@@ -167,7 +167,7 @@ fn main() {
         // BENCH_SOLO=ab with BENCH_AB=<another entrepot binary>: this build and that one.
         let other = std::env::var("BENCH_AB").ok();
         let readers: Vec<&str> = match who.as_str() {
-            "all" => vec!["curl", "nginx", "entrepot"],
+            "all" => vec!["curl", "nginx", "tools", "entrepot"],
             "ab" => vec!["entrepot", "B"],
             w => vec![w],
         };
@@ -200,6 +200,11 @@ fn main() {
                     "curl" => direct_s3(),
                     "nginx" => curl(&relayed, &[]),
                     "presigned" => curl(&signed, &[]),
+                    "tools" => {
+                        let (wall, bytes, hex) = pipeline(&signed, relay.dir.path());
+                        assert_eq!(hex, &d[7..], "the tools' copy hashes right");
+                        (0.0, wall, bytes)
+                    }
                     _ => curl(&url(b), &[]),
                 };
                 assert_eq!(x.2, cold.2, "whole blob");

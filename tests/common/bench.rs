@@ -113,6 +113,31 @@ pub fn curl(url: &str, extra: &[&str]) -> (f64, f64, u64) {
     )
 }
 
+/// The work of a cold fill done by stock tools, as a peer to measure against: curl
+/// receives `url`, `tee` writes the bytes to a file in `dir` (through the page cache, no
+/// fsync) and hands them on through a pipe to `openssl dgst -sha256` (SHA-NI, like
+/// entrepot's hash). Returns (wall seconds, bytes, the sha256 hex it printed).
+pub fn pipeline(url: &str, dir: &std::path::Path) -> (f64, u64, String) {
+    let file = dir.join("pipeline.out");
+    let start = Instant::now();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("curl -s \"$1\" | tee \"$2\" | openssl dgst -sha256 -r")
+        .args(["pipeline", url])
+        .arg(&file)
+        .output()
+        .expect("sh");
+    let wall = start.elapsed().as_secs_f64();
+    let bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    let _ = std::fs::remove_file(&file);
+    let hex = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    (wall, bytes, hex)
+}
+
 /// `n` concurrent curl GETs, client i on `urls[i % urls.len()]`: (wall seconds, slowest
 /// client seconds, total bytes).
 pub fn concurrent(n: usize, urls: &[impl AsRef<str>]) -> (f64, f64, u64) {
