@@ -121,6 +121,8 @@ impl Source<'_> {
                 n += chunk?.len() as u64;
             }
         }
+        // The body ends once the blob checked out; `export` reads the file next.
+        self.svc.blob_settled(d).await;
         Ok(n)
     }
 }

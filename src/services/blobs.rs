@@ -126,6 +126,25 @@ impl Services {
             .await
     }
 
+    /// Waits for the fill of `d`, if one runs, to end. A body's last byte reaches its
+    /// reader as soon as the blob checked out, before the fill's fsync and rename: a
+    /// caller that reads the store next (the CLI's `export`) waits for the commit here.
+    pub async fn blob_settled(&self, d: &Digest) {
+        let Some(mut rx) = self.mirror.blob_flights.follow(d) else {
+            return;
+        };
+        loop {
+            let ended = {
+                let f = rx.borrow_and_update();
+                f.committed || f.error.is_some() || f.passthrough
+            };
+            // A closed channel: the leader is gone, the fill over either way.
+            if ended || rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// A blob for another replica of the cluster (which checked its client's access): as
     /// [`Services::blob`] for an anonymous caller, never forwarded to a peer again.
     pub async fn peer_blob(
