@@ -136,40 +136,28 @@ impl Bucket {
 
     /// One listing: fails clearly when the endpoint is unreachable, the bucket missing
     /// or the key refused, so `serve` stops at start instead of failing every request.
+    /// An endpoint that does not answer yet is asked again for [`START_PATIENCE`]: a
+    /// store started beside the mirror (a pod, a test) may still be coming up.
     pub async fn check(&self) -> Result<(), StoreError> {
-        let prefix = self.path("")?;
-        let s3 = self.s3.clone();
-        let r = self
-            .timed("list", async move {
-                s3.list_with_delimiter(Some(&prefix)).await
-            })
-            .await;
-        r.map(|_| ()).map_err(|e| {
-            // S3 errors arrive as "Generic" with the status and S3 code in the text.
-            let text = e.to_string();
-            let hint = if matches!(e, object_store::Error::NotFound { .. })
-                || text.contains("NoSuchBucket")
-            {
-                "the bucket does not exist"
-            } else if matches!(
-                e,
-                object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. }
-            ) || [
-                "403 Forbidden",
-                "AccessDenied",
-                "InvalidAccessKeyId",
-                "SignatureDoesNotMatch",
-            ]
-            .iter()
-            .any(|c| text.contains(c))
-            {
-                "the access key or secret was refused (or it may not use this bucket)"
-            } else {
-                "is the endpoint reachable?"
+        let start = Instant::now();
+        loop {
+            let prefix = self.path("")?;
+            let s3 = self.s3.clone();
+            let r = self
+                .timed("list", async move {
+                    s3.list_with_delimiter(Some(&prefix)).await
+                })
+                .await;
+            let Err(e) = r else {
+                return Ok(());
             };
-            StoreError::Bucket(format!("{hint}: {text}"))
-        })
+            let (hint, unreachable) = explain(&e);
+            if !unreachable || start.elapsed() >= START_PATIENCE {
+                return Err(StoreError::Bucket(format!("{hint}: {e}")));
+            }
+            tracing::warn!(bucket = %self.name, error = %e, "the bucket does not answer yet; asking again");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     fn path(&self, key: &str) -> Result<Path, StoreError> {
@@ -497,4 +485,35 @@ impl Drop for Upload {
             }
         }
     }
+}
+
+/// How long `check` keeps asking an endpoint that does not answer.
+const START_PATIENCE: Duration = Duration::from_secs(5);
+
+/// What a failed start-up listing most likely means, and whether the endpoint did not
+/// answer at all (worth asking again).
+fn explain(e: &object_store::Error) -> (&'static str, bool) {
+    // S3 errors arrive as "Generic" with the status and S3 code in the text.
+    let text = e.to_string();
+    if matches!(e, object_store::Error::NotFound { .. }) || text.contains("NoSuchBucket") {
+        return ("the bucket does not exist", false);
+    }
+    let refused = matches!(
+        e,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
+    ) || [
+        "403 Forbidden",
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+    ]
+    .iter()
+    .any(|c| text.contains(c));
+    if refused {
+        return (
+            "the access key or secret was refused (or it may not use this bucket)",
+            false,
+        );
+    }
+    ("is the endpoint reachable?", true)
 }
