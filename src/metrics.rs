@@ -36,6 +36,8 @@ pub struct Metrics {
     pub auth_throttled: prometheus::IntCounter,
     pub evicted_objects: prometheus::IntCounter,
     pub fills_in_flight: IntGauge,
+    /// Bytes fills borrowed from the backlog pool while their disk stalled.
+    pub fill_backlog_bytes: IntGauge,
     /// Time to the response (headers; bodies stream on), by upstream and endpoint.
     pub request_seconds: prometheus::HistogramVec,
     /// Time to an upstream's response headers, by upstream and kind.
@@ -193,6 +195,11 @@ impl Metrics {
                 "Bytes of content in the store",
             )?,
             fills_in_flight: gauge(r, "entrepot_fills_in_flight", "Blob downloads in progress")?,
+            fill_backlog_bytes: gauge(
+                r,
+                "entrepot_fill_backlog_bytes",
+                "Bytes cold fills hold beyond their own 16 MiB while the disk stalls (pool: 80 MiB)",
+            )?,
             cache_limit_bytes: gauge(
                 r,
                 "entrepot_cache_limit_bytes",

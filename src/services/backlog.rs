@@ -20,17 +20,28 @@ const STEP: u64 = 4 * 1024 * 1024;
 /// The mirror's pool of backlog memory.
 pub struct Backlog {
     free: AtomicU64,
+    /// Bytes lent out, for operators (`entrepot_fill_backlog_bytes`).
+    lent: Option<prometheus::IntGauge>,
 }
 
 impl Default for Backlog {
     fn default() -> Backlog {
         Backlog {
             free: AtomicU64::new(POOL),
+            lent: None,
         }
     }
 }
 
 impl Backlog {
+    /// A pool whose loans are shown on `lent`.
+    pub fn shown_on(lent: prometheus::IntGauge) -> Backlog {
+        Backlog {
+            lent: Some(lent),
+            ..Backlog::default()
+        }
+    }
+
     /// Bytes not lent out now.
     pub fn free(&self) -> u64 {
         self.free.load(Ordering::Relaxed)
@@ -38,13 +49,25 @@ impl Backlog {
 
     /// Takes `n` bytes if the pool has them.
     fn take(&self, n: u64) -> bool {
-        self.free
+        let taken = self
+            .free
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| f.checked_sub(n))
-            .is_ok()
+            .is_ok();
+        if taken {
+            self.show(n as i64);
+        }
+        taken
     }
 
     fn give(&self, n: u64) {
         self.free.fetch_add(n, Ordering::AcqRel);
+        self.show(-(n as i64));
+    }
+
+    fn show(&self, delta: i64) {
+        if let Some(g) = &self.lent {
+            g.add(delta);
+        }
     }
 }
 
@@ -104,6 +127,19 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(pool.free(), POOL);
+    }
+
+    #[test]
+    fn the_gauge_shows_what_is_lent() {
+        let g = prometheus::IntGauge::new("lent", "lent").expect("gauge");
+        let pool = Backlog::shown_on(g.clone());
+        let mut a = Loan::new(&pool);
+        assert!(a.covers(STEP + 1));
+        assert_eq!(g.get(), 2 * STEP as i64);
+        assert!(!Loan::new(&pool).covers(POOL), "refused: nothing shown");
+        assert_eq!(g.get(), 2 * STEP as i64);
+        drop(a);
+        assert_eq!(g.get(), 0);
     }
 
     #[test]

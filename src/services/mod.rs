@@ -214,6 +214,7 @@ pub struct Mirror {
 
 impl Mirror {
     pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, hosted: Option<Hosted>) -> Mirror {
+        let backlog = backlog::Backlog::shown_on(metrics.fill_backlog_bytes.clone());
         Mirror {
             store,
             metrics,
@@ -227,7 +228,7 @@ impl Mirror {
             corrupt: memo::Memo::new(std::time::Duration::from_secs(60)),
             cluster: None,
             filled: Default::default(),
-            backlog: Default::default(),
+            backlog,
         }
     }
 
