@@ -77,12 +77,26 @@ fn which(tool: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A free loopback port (bound and released; the window for a clash is tiny).
+/// A free loopback port (bound and released), never one this test process handed out
+/// before: the tests of one binary run as threads of one process, and a port handed to
+/// one of them stays unbound until its server starts (a Garage node, hundreds of ms
+/// later). The kernel could give the same port to another test meanwhile, whose server
+/// then answered in its place (seen as a Garage handshake cut short, and as an S3
+/// endpoint dropping connections).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    static HANDED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..100 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind 127.0.0.1:0");
+        let mut handed = HANDED.lock().unwrap_or_else(|e| e.into_inner());
+        if !handed.contains(&port) {
+            handed.push(port);
+            return port;
+        }
+    }
+    panic!("no loopback port left that this process did not hand out already");
 }
 
 /// A child process killed (and reaped) on drop.
