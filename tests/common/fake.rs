@@ -73,7 +73,7 @@ pub struct FakeServer {
 
 impl FakeServer {
     pub fn start(handler: impl Fn(&Request) -> Response + Send + Sync + 'static) -> FakeServer {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind fake");
+        let l = TcpListener::bind(("127.0.0.1", super::free_port())).expect("bind fake");
         l.set_nonblocking(true).expect("nonblocking");
         let port = l.local_addr().expect("addr").port();
         let requests = Arc::new(Mutex::new(Vec::new()));

@@ -82,7 +82,8 @@ fn which(tool: &str) -> Option<std::path::PathBuf> {
 /// one of them stays unbound until its server starts (a Garage node, hundreds of ms
 /// later). The kernel could give the same port to another test meanwhile, whose server
 /// then answered in its place (seen as a Garage handshake cut short, and as an S3
-/// endpoint dropping connections).
+/// endpoint dropping connections). The test's own servers (token issuer, throttle, fakes)
+/// take their ports here too, so the kernel cannot give them one handed out already.
 pub fn free_port() -> u16 {
     static HANDED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     for _ in 0..100 {

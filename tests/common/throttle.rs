@@ -18,7 +18,7 @@ impl Throttle {
     /// Proxies `127.0.0.1:port` -> `127.0.0.1:target`, sending at most `bytes_per_sec`
     /// back to each client.
     pub fn start(target: u16, bytes_per_sec: usize) -> Throttle {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind throttle");
+        let l = TcpListener::bind(("127.0.0.1", super::free_port())).expect("bind throttle");
         l.set_nonblocking(true).expect("nonblocking");
         let port = l.local_addr().expect("addr").port();
         let stop = Arc::new(AtomicBool::new(false));
