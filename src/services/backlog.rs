@@ -43,7 +43,8 @@ impl Backlog {
     }
 
     /// Bytes not lent out now.
-    pub fn free(&self) -> u64 {
+    #[cfg(test)]
+    fn free(&self) -> u64 {
         self.free.load(Ordering::Relaxed)
     }
 

@@ -1,7 +1,8 @@
 //! Handing the memory of finished fills back to the system.
 //!
 //! A cold fill holds up to `recent::KEEP` + `pump::MAX_PENDING` bytes of the source's
-//! chunks, plus what it borrowed from the mirror's `backlog::POOL` while its disk stalled. They are ~32 KiB each, below glibc's mmap threshold, so once freed they stay
+//! chunks, plus what it borrowed from the mirror's `backlog::POOL` while its disk
+//! stalled. They are ~32 KiB each, below glibc's mmap threshold, so once freed they stay
 //! in its heaps: in `benches/mirror.rs` a process that had filled a few large blobs kept
 //! 55-75 MiB resident while it then served 64 warm streams. Once no fill is in progress
 //! and at least [`ENOUGH`] bytes were filled since the last release, `malloc_trim`

@@ -35,7 +35,7 @@ use crate::upstream::Upstream;
 /// at 4 MiB the source stopped 50-200 ms per cold 256 MiB pull, at 16 MiB 10-80 ms in
 /// quiet runs and up to 450 ms back to back (the readers are sent the bytes from memory
 /// meanwhile).
-pub(super) const MAX_PENDING: u64 = 16 * 1024 * 1024;
+const MAX_PENDING: u64 = 16 * 1024 * 1024;
 
 /// Bytes handed to the lanes at a time.
 const LANE_BATCH: usize = 256 * 1024;

@@ -140,9 +140,9 @@ impl Bucket {
     /// store started beside the mirror (a pod, a test) may still be coming up.
     pub async fn check(&self) -> Result<(), StoreError> {
         let start = Instant::now();
+        let prefix = self.path("")?;
         loop {
-            let prefix = self.path("")?;
-            let s3 = self.s3.clone();
+            let (s3, prefix) = (self.s3.clone(), prefix.clone());
             let r = self
                 .timed("list", async move {
                     s3.list_with_delimiter(Some(&prefix)).await
