@@ -66,13 +66,16 @@ fn main() {
     let store = std::env::var("BENCH_STORE")
         .ok()
         .map(std::path::PathBuf::from);
-    let mirror = Mirror::start_with_store(
-        store,
-        "",
-        &format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url()),
-    );
+    let upstream = format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url());
+    let mirror = Mirror::start_with_store(store, "", &upstream);
+    // BENCH_AB=<another entrepot binary>: that build as well, in turns with this one (solo
+    // rounds) or as a third server on the same blobs (back-to-back rounds).
+    let other = std::env::var("BENCH_AB")
+        .ok()
+        .map(|b| Mirror::start_bin(b.into(), "", &upstream));
     let proxy = Registry::start_proxy(&up.url());
-    let e = |d: &str| format!("{}/v2/docker.io/bench/cold/blobs/{d}", mirror.url());
+    let blob_url = |m: &Mirror, d: &str| format!("{}/v2/docker.io/bench/cold/blobs/{d}", m.url());
+    let e = |d: &str| blob_url(&mirror, d);
     let p = |d: &str| format!("{}/v2/bench/cold/blobs/{d}", proxy.url());
     let direct = |d: &str| format!("{}/v2/bench/cold/blobs/{d}", up.url());
     println!("| scenario ({mib} MiB) | entrepot | Distribution proxy | direct | entrepot / proxy |\n|---|---|---|---|---|");
@@ -80,16 +83,9 @@ fn main() {
     // BENCH_SOLO=entrepot|proxy: only that server, one fresh blob per round with a quiet
     // second between (nothing else running), for profiles (`perf record -a`).
     if let Ok(who) = std::env::var("BENCH_SOLO") {
-        // BENCH_SOLO=ab with BENCH_AB=<another entrepot binary>: the two in turn.
-        let other = std::env::var("BENCH_AB").ok().map(|b| {
-            Mirror::start_bin(
-                b.into(),
-                "",
-                &format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url()),
-            )
-        });
+        // BENCH_SOLO=ab with BENCH_AB: the two builds in turn.
         let o = |d: &str| match &other {
-            Some(m) => format!("{}/v2/docker.io/bench/cold/blobs/{d}", m.url()),
+            Some(m) => blob_url(m, d),
             None => e(d),
         };
         let (url, pid): (&dyn Fn(&str) -> String, _) = match who.as_str() {
@@ -137,15 +133,6 @@ fn main() {
         }
         return;
     }
-    // BENCH_AB=<another entrepot binary> (without BENCH_SOLO): that build takes its turns in
-    // the back-to-back rounds too, as a third server on the same blobs.
-    let b = std::env::var("BENCH_AB").ok().map(|b| {
-        Mirror::start_bin(
-            b.into(),
-            "",
-            &format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url()),
-        )
-    });
     // Where the stock-tools peer writes its copy (the same disk as the store by default).
     let tools = tempfile::tempdir().expect("tempdir");
     let only_eight = std::env::var("BENCH_ONLY_EIGHT").is_ok();
@@ -158,11 +145,10 @@ fn main() {
         .filter(chosen)
     {
         // Each round: two fresh blobs; each server pulls both, in alternating order.
-        let (mut ew, mut pw, mut dw, mut et, mut pt, mut dt) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
-        let mut bw = 0.0;
-        // Each pull's wall, for the medians (one stalled pull moves a mean of six a lot).
-        let (mut e_walls, mut p_walls) = (Vec::new(), Vec::new());
-        let mut t_walls = Vec::new();
+        let (mut dw, mut et, mut pt, mut dt) = (0.0, 0.0, 0.0, 0.0);
+        // Each pull's wall: means and medians (one stalled pull moves a mean of six a lot).
+        let (mut e_walls, mut p_walls, mut b_walls, mut t_walls) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         // CPU seconds: (entrepot, upstream during entrepot's pulls, proxy, upstream during
         // the proxy's pulls).
         let mut cpu = [0.0f64; 4];
@@ -179,7 +165,6 @@ fn main() {
                         cpu[1] += u;
                         let fill = last_fill(&mirror.log());
                         eprintln!("entrepot sync={with_sync} {:.2} s; {fill}", x.1);
-                        ew += x.1;
                         e_walls.push(x.1);
                         et += x.0;
                     }
@@ -188,17 +173,15 @@ fn main() {
                         cpu[2] += c;
                         cpu[3] += u;
                         eprintln!("proxy sync={with_sync} {:.2} s", x.1);
-                        pw += x.1;
                         p_walls.push(x.1);
                         pt += x.0;
                     }
                     3 => {
-                        let Some(m) = &b else { return };
-                        let url = format!("{}/v2/docker.io/bench/cold/blobs/{d}", m.url());
-                        let (x, _, _) = measured(&url, m.pid(), up.pid());
+                        let Some(m) = &other else { return };
+                        let (x, _, _) = measured(&blob_url(m, d), m.pid(), up.pid());
                         let fill = last_fill(&m.log());
                         eprintln!("B sync={with_sync} {:.2} s; {fill}", x.1);
-                        bw += x.1;
+                        b_walls.push(x.1);
                     }
                     4 => {
                         let (wall, bytes, hex) = pipeline(&direct(d), tools.path());
@@ -214,7 +197,7 @@ fn main() {
                 }
             };
             let mut order = vec![0, 1, 4];
-            if b.is_some() {
+            if other.is_some() {
                 order.push(3);
             }
             let k = r % order.len();
@@ -228,6 +211,8 @@ fn main() {
             run(2, &blobs[2]);
         }
         let n = (rounds * 2) as f64;
+        let sum = |v: &[f64]| v.iter().sum::<f64>();
+        let (ew, pw, bw) = (sum(&e_walls), sum(&p_walls), sum(&b_walls));
         println!(
             "| cold, back to back{}: mean wall (TTFB) | {:.2} s ({:.1} ms) | {:.2} s ({:.1} ms) | {:.2} s ({:.1} ms) | {:.2}x |",
             if with_sync { ", sync between" } else { "" },
@@ -251,7 +236,7 @@ fn main() {
             if with_sync { ", sync between" } else { "" },
             em / tm
         );
-        if b.is_some() {
+        if other.is_some() {
             println!(
                 "| B (BENCH_AB): mean wall | {:.2} s | B / entrepot {:.2}x, B / proxy {:.2}x |",
                 bw / n,
