@@ -48,10 +48,6 @@ fn fills(ms: &[Mirror], digest: &str) {
     }
 }
 
-fn sync() {
-    std::process::Command::new("sync").status().expect("sync");
-}
-
 fn main() {
     let Some(bin) = garage_bin() else {
         eprintln!("garage not installed");

@@ -9,14 +9,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::Command;
-
 use common::throttle::Throttle;
 use common::*;
-
-fn sync() {
-    Command::new("sync").status().expect("sync");
-}
 
 /// How long a measurement waits for the server it measured to finish its own work
 /// before the next one starts (see `quiesce`).

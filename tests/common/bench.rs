@@ -172,6 +172,12 @@ pub fn concurrent(n: usize, urls: &[impl AsRef<str>]) -> (f64, f64, u64) {
     (start.elapsed().as_secs_f64(), slowest, bytes)
 }
 
+/// Writes the page cache's dirty data out (`sync`), so a measurement does not inherit
+/// the previous one's writeback.
+pub fn sync() {
+    Command::new("sync").status().expect("sync");
+}
+
 /// A numeric knob from the environment (e.g. `BENCH_MIB`), else `default`.
 pub fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
