@@ -434,7 +434,9 @@ impl UpstreamClient {
     /// One URL of the upstream: answers one auth challenge and follows redirects. A 401
     /// that survives the challenge is returned as is, for the caller to map. Credentials
     /// go only to the primary URL; a fallback is asked anonymously (with its own
-    /// anonymous tokens, kept apart from the primary's).
+    /// anonymous tokens, kept apart from the primary's). Only a challenge that `base`'s
+    /// own origin issued is answered with them and remembered: a redirect target's 401
+    /// comes back as it is.
     async fn send_to(
         &self,
         up: &Upstream,
@@ -450,21 +452,21 @@ impl UpstreamClient {
             req.what
         );
         let who = if primary {
-            Who::new(up, &scope)
+            Who::new(up, base, &scope)
         } else {
             Who::anonymous_at(base, &scope)
         };
         let auth = self.auth_header(up, &who, false).await?;
-        let resp = self.send_following(up, base, req, &url, auth).await?;
-        let Some(challenge) = challenge_of(&resp) else {
-            return Ok(resp);
+        let first = self.send_following(up, base, req, &url, auth).await?;
+        let Some(challenge) = first.own_challenge() else {
+            return Ok(first.resp);
         };
         self.tokens.put_challenge(&who.site, challenge);
         let auth = self.auth_header(up, &who, true).await?;
         if auth.is_none() {
-            return Ok(resp);
+            return Ok(first.resp);
         }
-        self.send_following(up, base, req, &url, auth).await
+        Ok(self.send_following(up, base, req, &url, auth).await?.resp)
     }
 
     /// The Authorization value for `scope`, from the cache, or fetched if the upstream is
@@ -492,9 +494,10 @@ impl UpstreamClient {
         }
     }
 
-    /// Fetches a token from `realm`. An anonymous token for another origin (a redirect
-    /// target or a fallback URL) is fetched only from an address the redirect policy
-    /// allows, like the target itself.
+    /// Fetches a token from `realm`. Every realm, whoever's credentials go there, must
+    /// resolve to an address the redirect policy allows for the URL the request started
+    /// from ([`network`]), and the connection goes to exactly that address: a challenge
+    /// cannot point the mirror, or the credentials, into a network the upstream is not on.
     async fn fetch_token(
         &self,
         up: &Upstream,
@@ -508,6 +511,9 @@ impl UpstreamClient {
         };
         let mut url =
             url::Url::parse(realm).map_err(|e| err(format!("token realm {realm:?}: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(err(format!("token realm {realm:?} is not an http(s) URL")));
+        }
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {
@@ -515,16 +521,9 @@ impl UpstreamClient {
             }
             q.append_pair("scope", who.scope);
         }
-        let addr = if who.basic.is_none() && who.site != up.name {
-            let own = self.kinds(up, &up.base).await?;
-            Some(self.checked_addr(up, &url, &own).await?)
-        } else {
-            None
-        };
-        let mut req = self.http(up).get(url.as_str());
-        if let Some(a) = addr {
-            req = req.address(a);
-        }
+        let own = self.kinds(up, who.base).await?;
+        let addr = self.checked_addr(up, "token realm", &url, &own).await?;
+        let mut req = self.http(up).get(url.as_str()).address(addr);
         if let Some(b) = &who.basic {
             req = req.insert_header((header::AUTHORIZATION, b.as_str()));
         }
@@ -566,23 +565,24 @@ impl UpstreamClient {
         req: &UpRequest<'_>,
         url: &str,
         auth: Option<String>,
-    ) -> Result<ClientResponse, UpstreamError> {
+    ) -> Result<Followed, UpstreamError> {
         let origin = base.origin();
         let mut url = url::Url::parse(url).map_err(|e| protocol(up, format!("bad url: {e}")))?;
         let mut own = None;
         for _ in 0..=MAX_REDIRECTS {
-            let resp = if url.origin() == origin {
+            let from_origin = url.origin() == origin;
+            let resp = if from_origin {
                 self.send_once(up, req, &url, auth.as_deref(), None).await?
             } else {
                 let own = match &own {
                     Some(k) => k,
                     None => own.insert(self.kinds(up, base).await?),
                 };
-                let addr = self.checked_addr(up, &url, own).await?;
-                self.send_elsewhere(up, req, &url, addr).await?
+                let addr = self.checked_addr(up, "redirect to", &url, own).await?;
+                self.send_elsewhere(up, base, req, &url, addr).await?
             };
             if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
-                return Ok(resp);
+                return Ok(Followed { resp, from_origin });
             }
             let location = resp
                 .headers()
@@ -601,6 +601,7 @@ impl UpstreamClient {
     async fn send_elsewhere(
         &self,
         up: &Upstream,
+        base: &url::Url,
         req: &UpRequest<'_>,
         url: &url::Url,
         addr: std::net::SocketAddr,
@@ -609,6 +610,7 @@ impl UpstreamClient {
         let scope = format!("repository:{}:pull", req.repo);
         let who = Who {
             site: site.clone(),
+            base,
             scope: &scope,
             cache_key: scope.clone(),
             basic: None,
@@ -637,11 +639,13 @@ impl UpstreamClient {
         Ok(addrs.iter().map(|a| self.net.kind(a.ip())).collect())
     }
 
-    /// The address to connect to for a redirect to `url`: every address the name has
-    /// must be allowed (else one answer of a rotating name could reach the inside).
+    /// The address to connect to for `what` (a redirect, a token realm) at `url`: every
+    /// address the name has must be allowed (else one answer of a rotating name could
+    /// reach the inside).
     async fn checked_addr(
         &self,
         up: &Upstream,
+        what: &str,
         url: &url::Url,
         own: &[AddrKind],
     ) -> Result<std::net::SocketAddr, UpstreamError> {
@@ -652,11 +656,11 @@ impl UpstreamClient {
             .iter()
             .find(|a| !network::allowed(self.net.kind(a.ip()), own))
         {
-            tracing::warn!(upstream = %up.name, target = %url.origin().ascii_serialization(), address = %bad.ip(), "refused a redirect into a network the upstream is not on");
+            tracing::warn!(upstream = %up.name, what, target = %url.origin().ascii_serialization(), address = %bad.ip(), "refused a host in a network the upstream is not on");
             return Err(protocol(
                 up,
                 format!(
-                    "redirect to {} refused: it resolves to {} ({:?}), a network the upstream is not on",
+                    "{what} {} refused: it resolves to {} ({:?}), a network the upstream is not on",
                     url.origin().ascii_serialization(),
                     bad.ip(),
                     self.net.kind(bad.ip())
@@ -740,21 +744,25 @@ fn connect_msg(up: &Upstream, msg: String) -> UpstreamError {
 /// fetched with one client's credentials are never used for another's requests.
 struct Who<'a> {
     /// Whose challenges and tokens: the upstream's key for its primary URL, the URL
-    /// itself for a fallback.
+    /// itself for a fallback, the origin for a redirect target.
     site: String,
+    /// The configured URL the request started from: a token realm must live on the kind
+    /// of network it lives on (or a public one).
+    base: &'a url::Url,
     scope: &'a str,
     cache_key: String,
     basic: Option<String>,
 }
 
 impl<'a> Who<'a> {
-    fn new(up: &Upstream, scope: &'a str) -> Who<'a> {
+    fn new(up: &Upstream, base: &'a url::Url, scope: &'a str) -> Who<'a> {
         let cache_key = match &up.client {
             Some(id) => format!("{scope}#{id}"),
             None => scope.to_string(),
         };
         Who {
             site: up.name.clone(),
+            base,
             scope,
             cache_key,
             basic: up.basic_header(),
@@ -762,13 +770,32 @@ impl<'a> Who<'a> {
     }
 
     /// No credentials at all: for fallback URLs.
-    fn anonymous_at(base: &url::Url, scope: &'a str) -> Who<'a> {
+    fn anonymous_at(base: &'a url::Url, scope: &'a str) -> Who<'a> {
         Who {
             site: base.to_string(),
+            base,
             scope,
             cache_key: scope.to_string(),
             basic: None,
         }
+    }
+}
+
+/// The final answer of a request after its redirects, and whether it came from the
+/// origin the request was sent to (only such an answer's challenge is the upstream's).
+struct Followed {
+    resp: ClientResponse,
+    from_origin: bool,
+}
+
+impl Followed {
+    /// The challenge to answer with the upstream's credentials: none when the 401 came
+    /// from a redirect target (a CDN, or a host the upstream was made to point at).
+    fn own_challenge(&self) -> Option<Challenge> {
+        if !self.from_origin {
+            return None;
+        }
+        challenge_of(&self.resp)
     }
 }
 
@@ -808,7 +835,6 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::{IpAddr, SocketAddr, TcpListener};
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
     /// Maps `evil.test` to 127.0.0.9 and calls that address link-local, and 127.0.0.1
@@ -840,8 +866,9 @@ mod tests {
         }
     }
 
-    /// A server on 127.0.0.1 that answers every request with a 307 to `location`.
-    fn redirector(location: String) -> u16 {
+    /// A server on 127.0.0.1 that answers every request with `head` (status line and
+    /// headers, no body).
+    fn answering(head: String) -> u16 {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = l.local_addr().expect("addr").port();
         std::thread::spawn(move || {
@@ -851,28 +878,22 @@ mod tests {
                 let _ = s.read(&mut buf);
                 let _ = write!(
                     s,
-                    "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    "{head}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 );
             }
         });
         port
     }
 
-    #[actix_web::test]
-    async fn a_redirect_into_another_network_is_refused_before_any_connect() {
-        let evil = TcpListener::bind("127.0.0.9:0").expect("bind 127.0.0.9");
-        evil.set_nonblocking(true).expect("nonblocking");
-        let evil_port = evil.local_addr().expect("addr").port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let port = redirector(format!("http://evil.test:{evil_port}/latest/meta-data/"));
-        let net = Arc::new(TestNet {
-            evil_port,
-            asked: Mutex::new(Vec::new()),
-        });
-        let registry = prometheus::Registry::new();
-        let mut shared = ClientShared::new(Arc::new(Metrics::new(registry).expect("metrics")));
-        shared.net = net.clone();
-        let up = Upstream {
+    /// A server on 127.0.0.1 that answers every request with a 307 to `location`.
+    fn redirector(location: String) -> u16 {
+        answering(format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}"
+        ))
+    }
+
+    fn hub_at(port: u16) -> Upstream {
+        Upstream {
             name: "hub".into(),
             base: url::Url::parse(&format!("http://127.0.0.1:{port}")).expect("url"),
             fallbacks: Vec::new(),
@@ -883,26 +904,85 @@ mod tests {
             filter: Default::default(),
             client: None,
             tls: None,
-        };
-        let client = UpstreamClient::new(&shared, Duration::from_secs(5), &[]);
-        let req = UpRequest {
+        }
+    }
+
+    fn blob_get() -> UpRequest<'static> {
+        UpRequest {
             method: Method::GET,
             repo: "lib/app",
             what: "blobs/sha256:00",
             accept: None,
             range_from: None,
             primary_only: true,
-        };
-        let r = client.send(&up, &req).await;
+        }
+    }
+
+    /// A listener on 127.0.0.9 (which [`TestNet`] calls link-local) that counts accepts.
+    struct Evil {
+        listener: TcpListener,
+        port: u16,
+    }
+
+    impl Evil {
+        fn start() -> Evil {
+            let listener = TcpListener::bind("127.0.0.9:0").expect("bind 127.0.0.9");
+            listener.set_nonblocking(true).expect("nonblocking");
+            let port = listener.local_addr().expect("addr").port();
+            Evil { listener, port }
+        }
+
+        fn accepted(&self) -> usize {
+            std::thread::sleep(Duration::from_millis(100));
+            let mut n = 0;
+            while self.listener.accept().is_ok() {
+                n += 1;
+            }
+            n
+        }
+    }
+
+    fn client_with(net: Arc<TestNet>) -> UpstreamClient {
+        let registry = prometheus::Registry::new();
+        let mut shared = ClientShared::new(Arc::new(Metrics::new(registry).expect("metrics")));
+        shared.net = net;
+        UpstreamClient::new(&shared, Duration::from_secs(5), &[])
+    }
+
+    #[actix_web::test]
+    async fn a_token_realm_in_another_network_gets_no_request_and_no_credentials() {
+        let evil = Evil::start();
+        let port = answering(format!(
+            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://evil.test:{}/token\",service=\"x\"",
+            evil.port
+        ));
+        let net = Arc::new(TestNet {
+            evil_port: evil.port,
+            asked: Mutex::new(Vec::new()),
+        });
+        let client = client_with(net.clone());
+        let r = client.send(&hub_at(port), &blob_get()).await;
+        let err = r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("refused"), "{err}");
+        assert!(err.contains("evil.test"), "{err}");
+        assert_eq!(evil.accepted(), 0, "nothing connected to the realm");
+    }
+
+    #[actix_web::test]
+    async fn a_redirect_into_another_network_is_refused_before_any_connect() {
+        let evil = Evil::start();
+        let port = redirector(format!("http://evil.test:{}/latest/meta-data/", evil.port));
+        let net = Arc::new(TestNet {
+            evil_port: evil.port,
+            asked: Mutex::new(Vec::new()),
+        });
+        let client = client_with(net.clone());
+        let r = client.send(&hub_at(port), &blob_get()).await;
         let err = r.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("refused"), "{err}");
         assert!(err.contains("127.0.0.9"), "{err}");
         // Nothing ever connected to the refused address.
-        std::thread::sleep(Duration::from_millis(100));
-        while evil.accept().is_ok() {
-            accepted.fetch_add(1, Ordering::Relaxed);
-        }
-        assert_eq!(accepted.load(Ordering::Relaxed), 0);
+        assert_eq!(evil.accepted(), 0);
         assert_eq!(
             net.asked.lock().map(|a| a.clone()).unwrap_or_default(),
             ["evil.test"]

@@ -66,6 +66,7 @@ impl Response {
 type Handler = dyn Fn(&Request) -> Response + Send + Sync;
 
 pub struct FakeServer {
+    ip: &'static str,
     pub port: u16,
     pub requests: Arc<Mutex<Vec<Request>>>,
     stop: Arc<AtomicBool>,
@@ -73,7 +74,16 @@ pub struct FakeServer {
 
 impl FakeServer {
     pub fn start(handler: impl Fn(&Request) -> Response + Send + Sync + 'static) -> FakeServer {
-        let l = TcpListener::bind(("127.0.0.1", super::free_port())).expect("bind fake");
+        FakeServer::start_on("127.0.0.1", handler)
+    }
+
+    /// Like [`start`](Self::start), on another loopback address (`127.0.0.2`: "another
+    /// host" whose origin differs from a server on 127.0.0.1).
+    pub fn start_on(
+        ip: &'static str,
+        handler: impl Fn(&Request) -> Response + Send + Sync + 'static,
+    ) -> FakeServer {
+        let l = TcpListener::bind((ip, super::free_port())).expect("bind fake");
         l.set_nonblocking(true).expect("nonblocking");
         let port = l.local_addr().expect("addr").port();
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -92,6 +102,7 @@ impl FakeServer {
             }
         });
         FakeServer {
+            ip,
             port,
             requests,
             stop,
@@ -99,7 +110,7 @@ impl FakeServer {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.ip, self.port)
     }
 
     pub fn requests(&self) -> Vec<Request> {
