@@ -64,9 +64,25 @@ pub struct ClusterConfig {
     pub secret_env: Option<String>,
 }
 
+/// The shortest cluster secret accepted (bytes).
+pub const MIN_CLUSTER_SECRET: usize = 16;
+
 impl ClusterConfig {
-    /// The shared secret from `secret`, `secret_file` or `secret_env`.
+    /// The shared secret from `secret`, `secret_file` or `secret_env`, at least
+    /// [`MIN_CLUSTER_SECRET`] bytes: an empty or short one would let anyone who can reach
+    /// a replica call the peer routes.
     pub fn resolve_secret(&self) -> Result<String, ConfigError> {
+        let s = self.read_secret()?;
+        if s.trim().len() < MIN_CLUSTER_SECRET {
+            return Err(ConfigError::Server(format!(
+                "cluster secret is {} bytes; give at least {MIN_CLUSTER_SECRET} (e.g. `openssl rand -hex 32`)",
+                s.trim().len()
+            )));
+        }
+        Ok(s)
+    }
+
+    fn read_secret(&self) -> Result<String, ConfigError> {
         let err = |m: String| ConfigError::Server(format!("cluster.{m}"));
         if let Some(s) = &self.secret {
             return Ok(s.clone());
@@ -94,6 +110,11 @@ impl ClusterConfig {
             + self.secret_env.is_some() as u8;
         if sources != 1 {
             return err("give exactly one of secret, secret_file and secret_env");
+        }
+        if self.read_secret().is_ok() {
+            // A short secret is refused now; one that cannot be read yet, when `serve`
+            // reads it.
+            self.resolve_secret()?;
         }
         match (self.peers.is_empty(), &self.peers_dns) {
             (true, None) => return err("give peers (a list including self) or peers_dns"),

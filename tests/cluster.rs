@@ -270,13 +270,107 @@ fn cluster_config_mistakes_are_named() {
         assert!(!ok);
         out
     };
-    let err = check("[cluster]\nself = \"http://127.0.0.1:5000\"\npeers = [\"http://127.0.0.1:5000\"]\nsecret = \"s\"");
+    let err = check("[cluster]\nself = \"http://127.0.0.1:5000\"\npeers = [\"http://127.0.0.1:5000\"]\nsecret = \"0123456789abcdef\"");
     assert!(err.contains("[cluster] needs [server.s3]"), "{err}");
     let s3 = "[server.s3]\nendpoint = \"http://127.0.0.1:1\"\nbucket = \"b\"\n";
-    let err = check(&format!("{s3}[cluster]\nself = \"http://127.0.0.1:5000\"\npeers = [\"http://127.0.0.1:5001\"]\nsecret = \"s\""));
+    let err = check(&format!("{s3}[cluster]\nself = \"http://127.0.0.1:5000\"\npeers = [\"http://127.0.0.1:5001\"]\nsecret = \"0123456789abcdef\""));
     assert!(err.contains("peers must include self"), "{err}");
+    // An empty or short secret would let anyone call the peer routes.
+    for short in ["", "   ", "short-secret"] {
+        let err = check(&format!("{s3}[cluster]\nself = \"http://127.0.0.1:5000\"\npeers = [\"http://127.0.0.1:5000\"]\nsecret = \"{short}\""));
+        assert!(err.contains("give at least 16"), "{short:?}: {err}");
+    }
+    let empty = tmp.path().join("empty-secret");
+    std::fs::write(&empty, "\n").unwrap();
+    let err = check(&format!("{s3}[cluster]\nself = \"http://127.0.0.1:5000\"\npeers = [\"http://127.0.0.1:5000\"]\nsecret_file = \"{}\"", empty.display()));
+    assert!(err.contains("cluster secret is 0 bytes"), "{err}");
     let err = check(&format!(
         "{s3}[cluster]\nself = \"http://127.0.0.1:5000\"\npeers = [\"http://127.0.0.1:5000\"]"
     ));
     assert!(err.contains("secret"), "{err}");
+}
+
+/// A private repository (the upstream wants the owner's credentials) pulled by its owner
+/// through replica A is never served to an anonymous caller by B or C, which asked about
+/// it just before (each had seen it as "not private") and poll right after the pull; nor
+/// by the peer route with the cluster secret.
+#[test]
+fn private_content_stays_private_on_every_replica() {
+    let Some(bin) = garage() else { return };
+    let g = Garage::start(&bin);
+    let up = Registry::start(Auth::Basic("owner", "s3cret"));
+    let tmp = tempfile::TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let manifest = layout.build("s", &[("secret", &image::noise(80_000, 231))]);
+    layout.push(
+        "s",
+        &format!("{}/team/secret:1", up.host()),
+        Some("owner:s3cret"),
+    );
+    let layer = layout.layers(&manifest)[0].clone();
+    let ms = replicas(&g, &up.url(), "");
+    wait_all_up(&ms);
+    let path = |what: &str| format!("/v2/docker.io/team/secret/{what}");
+    let paths = [
+        path("manifests/1"),
+        path(&format!("manifests/{manifest}")),
+        path(&format!("blobs/{layer}")),
+    ];
+    // B and C ask first, anonymously: the upstream refuses them.
+    for m in &ms[1..] {
+        for p in &paths {
+            assert_eq!(get(&format!("{}{p}", m.url())).status, 401, "{p}");
+        }
+    }
+    let owner = basic("owner", "s3cret");
+    let r = http(
+        "GET",
+        &format!("{}{}", ms[0].url(), paths[0]),
+        &[("Authorization", &owner)],
+    );
+    assert_eq!(r.header("docker-content-digest"), Some(manifest.as_str()));
+    let r = http(
+        "GET",
+        &format!("{}{}", ms[0].url(), paths[2]),
+        &[("Authorization", &owner)],
+    );
+    assert_eq!(format!("sha256:{}", sha256_hex(&r.body)), layer);
+
+    // An anonymous poller on B and C, right after the owner's pull, for 3 s.
+    let start = std::time::Instant::now();
+    let mut asked = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        for m in &ms[1..] {
+            for p in &paths {
+                let r = get(&format!("{}{p}", m.url()));
+                assert_ne!(r.status, 200, "{p} served anonymously by {}", m.url());
+                assert_eq!(r.status, 401, "{p}");
+                asked += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(asked >= 12);
+    // The peer route applies the same rule as the blob route.
+    for (kind, q) in [
+        ("manifest", "reference=1".to_string()),
+        ("blob", format!("digest={layer}")),
+    ] {
+        let u = format!(
+            "{}/_entrepot/peer/{kind}?upstream=docker.io&repo=team/secret&{q}",
+            ms[1].url()
+        );
+        let r = http("GET", &u, &[("x-entrepot-cluster", SECRET)]);
+        assert_eq!(r.status, 401, "peer/{kind}");
+    }
+    // The owner still pulls through every replica.
+    for m in &ms {
+        let r = http(
+            "GET",
+            &format!("{}{}", m.url(), paths[1]),
+            &[("Authorization", &owner)],
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(format!("sha256:{}", sha256_hex(&r.body)), manifest);
+    }
 }

@@ -287,6 +287,22 @@ fn two_replicas_share_one_bucket() {
         layer[7..],
         "and the bucket holds it whole"
     );
+
+    // A Range read of an altered object (same length) gets none of its bytes: a part is
+    // served only once the whole object checked out, and the object is repaired.
+    let mut bad = s3.get(&key);
+    bad[full / 2] ^= 0xff;
+    s3.put(&key, bad);
+    b.stop();
+    std::fs::remove_dir_all(&b.store).unwrap();
+    b.restart();
+    let part = http("GET", &blob_url(&b), &[("Range", "bytes=0-99")]);
+    assert_ne!(part.status, 206, "a part of an unverified bucket object");
+    assert!(part.status >= 500, "{}", part.status);
+    assert_eq!(b.metric("entrepot_s3_corrupt_objects_total", &[]), 1.0);
+    let part = http("GET", &blob_url(&b), &[("Range", "bytes=0-99")]);
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body, layout.blob(&layer)[..100]);
     assert!(
         b.metric(
             "entrepot_s3_requests_total",

@@ -82,7 +82,9 @@ impl Cluster {
 
     /// Whether `given` is the cluster secret (constant time).
     pub fn admits(&self, given: Option<&str>) -> bool {
-        given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(self.secret.as_bytes())))
+        given.is_some_and(|g| {
+            !self.secret.is_empty() && bool::from(g.as_bytes().ct_eq(self.secret.as_bytes()))
+        })
     }
 
     /// The live replicas ranked for `key`, best first (self always among them).

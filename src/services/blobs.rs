@@ -621,6 +621,32 @@ pub(super) async fn wait_started(
     }
 }
 
+/// Waits until the fill's bytes all arrived and matched the digest. A fill that relays
+/// without storing (disk full) never verifies a part a reader could be given: refused.
+pub(super) async fn wait_verified(rx: &mut watch::Receiver<Fill>) -> Result<(), ServiceError> {
+    loop {
+        {
+            let f = rx.borrow_and_update();
+            if let Some(e) = &f.error {
+                return Err(ServiceError::Shared(e.clone()));
+            }
+            if f.verified || f.committed {
+                return Ok(());
+            }
+            if f.passthrough {
+                return Err(ServiceError::Unavailable(
+                    "the store is full: a part of this blob cannot be verified before it is served; retry without Range".into(),
+                ));
+            }
+        }
+        if rx.changed().await.is_err() {
+            return Err(ServiceError::Unavailable(
+                "fill ended without a result".into(),
+            ));
+        }
+    }
+}
+
 /// An upstream request for `blobs/<digest>` (`what`).
 fn blob_request<'a>(
     method: Method,

@@ -49,6 +49,12 @@ impl Services {
         };
         let (file, _) = super::blobs::wait_started(&mut rx).await?;
         let range = range.map(|r| r.resolve(size)).transpose()?;
+        if range.is_some() {
+            // A range may end before the last byte, which alone waits for the digest: the
+            // bucket's bytes are served in part only once all of them checked out (an
+            // altered object then fails here, and is deleted, instead of being served).
+            super::blobs::wait_verified(&mut rx).await?;
+        }
         let (start, end) = range.unwrap_or((0, size));
         let body = BodyStream::new(
             file,

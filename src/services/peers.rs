@@ -6,6 +6,7 @@ use futures_util::StreamExt;
 
 use std::sync::Arc;
 
+use super::access::Caller;
 use super::blobs::Fill;
 use super::flight::Lead;
 use super::manifests::{body_media_type, Fetched};
@@ -30,13 +31,29 @@ impl Services {
         repo: &str,
         reference: &Reference,
     ) -> Result<Arc<Fetched>, ServiceError> {
-        let r = self.fetch_coalesced(up, repo, reference, false).await;
+        let r = self.peer_manifest_for_anyone(up, repo, reference).await;
         let result = if r.is_ok() { "ok" } else { "error" };
         self.metrics()
             .peer_requests
             .with_label_values(&["in", result])
             .inc();
         r
+    }
+
+    /// As for an anonymous caller (the asking replica sends no client's credentials): a
+    /// private repository's manifest only after the upstream confirmed the mirror may read
+    /// it, as for blobs.
+    async fn peer_manifest_for_anyone(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &str,
+        reference: &Reference,
+    ) -> Result<Arc<Fetched>, ServiceError> {
+        let probe = format!("manifests/{reference}");
+        let up = self
+            .upstream_for(up, repo, &Caller::Anonymous, &probe)
+            .await?;
+        self.fetch_coalesced(&up, repo, reference, false).await
     }
 
     /// A manifest from the reference's owner (which fetches it once for the cluster and

@@ -21,10 +21,11 @@ pub(super) struct Shared {
     /// Uses not yet written to the bucket (digest hex -> seconds since the epoch):
     /// eviction on the bucket goes by the last use on any replica, recorded in batches.
     uses: Mutex<HashMap<String, u64>>,
-    /// Recent answers to "does this marker exist" (blob links, private markers), so a warm
+    /// Recent "this marker exists" answers (blob links, private markers), so a warm
     /// request does not wait for the bucket each time. Bounded in time, never "forever":
-    /// another replica's change is seen within [`SEEN_FOR`].
-    seen: dashmap::DashMap<String, (bool, std::time::Instant)>,
+    /// another replica's change is seen within [`SEEN_FOR`]. Absence is never remembered:
+    /// a repository another replica just marked private must be private here at once.
+    seen: dashmap::DashMap<String, std::time::Instant>,
     /// One trim of the local tier at a time.
     trimming: AtomicBool,
 }
@@ -33,25 +34,25 @@ pub(super) struct Shared {
 const SEEN_FOR: Duration = Duration::from_secs(10);
 
 impl Shared {
-    /// A remembered existence answer for `key`, if recent. Only blob links (when present:
-    /// an absent one must be looked up, another replica may have just made it) and
-    /// private markers are remembered.
+    /// A remembered existence answer for `key`, if recent: only ever "exists". An absent
+    /// marker must be looked up each time: another replica may have just made it (a link),
+    /// and a "not private" answer kept here would serve content that another replica has
+    /// just marked private, before this one saw the marker.
     pub(super) fn seen(&self, key: &str) -> Option<bool> {
         let e = self.seen.get(key)?;
-        let (exists, at) = *e;
-        (at.elapsed() < SEEN_FOR).then_some(exists)
+        (e.elapsed() < SEEN_FOR).then_some(true)
     }
 
     pub(super) fn remember(&self, key: &str, exists: bool) {
-        let link = key.contains("/_blobs/");
-        if (link && exists) || key.ends_with("/_private") {
-            if self.seen.len() > 100_000 {
-                self.seen.retain(|_, (_, at)| at.elapsed() < SEEN_FOR);
-            }
-            self.seen
-                .insert(key.to_string(), (exists, std::time::Instant::now()));
-        } else if link {
+        if !exists {
             self.seen.remove(key);
+            return;
+        }
+        if key.contains("/_blobs/") || key.ends_with("/_private") {
+            if self.seen.len() > 100_000 {
+                self.seen.retain(|_, at| at.elapsed() < SEEN_FOR);
+            }
+            self.seen.insert(key.to_string(), std::time::Instant::now());
         }
     }
 }
