@@ -13,8 +13,11 @@ pub struct Metrics {
     pub upstream_requests: IntCounterVec,
     /// Upstream answers used, by upstream and the URL (primary or fallback) that gave it.
     pub upstream_answers: IntCounterVec,
-    /// `429`/`503` answers (and token refusals) that put an upstream URL in back-off.
+    /// `429`/`503` answers (and token refusals) that put an upstream in back-off.
     pub rate_limited: IntCounterVec,
+    /// Back-off holds set, by upstream, scope (`repository`, `upstream`: one identity's
+    /// whole upstream, `url`: unreachable for everyone) and reason.
+    pub upstream_holds: IntCounterVec,
     /// Docker Hub's `ratelimit-remaining` / `ratelimit-limit`, by upstream.
     pub ratelimit_remaining: prometheus::IntGaugeVec,
     pub ratelimit_limit: prometheus::IntGaugeVec,
@@ -146,6 +149,12 @@ impl Metrics {
                 "entrepot_upstream_rate_limited_total",
                 "429/503 answers that put an upstream URL in back-off",
                 &["upstream"],
+            )?,
+            upstream_holds: counter(
+                r,
+                "entrepot_upstream_holds_total",
+                "Back-off holds set, by scope (repository, upstream, url) and reason",
+                &["upstream", "scope", "reason"],
             )?,
             ratelimit_remaining: gauge_vec(
                 r,

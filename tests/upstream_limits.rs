@@ -189,3 +189,97 @@ fn fallback_urls_serve_verified_content_without_credentials() {
     assert!(mirror.log().contains("answered by a fallback URL"));
     assert!(!mirror.log().contains("secret"));
 }
+
+/// One repository that the upstream refuses (`503 Retry-After: 600`, as any registry may
+/// answer for one broken repository) holds that repository only, for at most 5 min:
+/// other repositories are still fetched, and a private one pulled with a client's own
+/// credentials is not affected. A 500 for one repository sends only that repository to
+/// the fallback.
+#[test]
+fn one_refused_repository_holds_only_itself() {
+    if !require(PEERS) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let mut digests = Vec::new();
+    for (i, repo) in [
+        "library/broken",
+        "library/good",
+        "library/other",
+        "team/secret",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let tag = format!("t{i}");
+        digests.push(layout.build(&tag, &[("f", &noise(10_000, 140 + i as u64))]));
+        layout.push(&tag, &format!("{}/{repo}:1", up.host()), None);
+    }
+    let primary = Passthrough::start(&up.url());
+    let fallback = Passthrough::start(&up.url());
+    primary.set_for("library/broken", Mode::Refuse(503, Some("600".into())));
+    primary.set_for("team/", Mode::RequireCredentials);
+    let mirror = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"docker.io\"]\nurl = \"{}\"\n\
+             [upstreams.\"quay.io\"]\nurl = \"{}\"\nfallback_urls = [\"{}\"]\n",
+            primary.url(),
+            primary.url(),
+            fallback.url()
+        ),
+    );
+
+    let r = manifest(&mirror, "docker.io/library/broken", "1");
+    assert_eq!((r.status, r.oci_code().as_str()), (429, "TOOMANYREQUESTS"));
+    let secs: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((290..=300).contains(&secs), "capped at 5 min: {secs}");
+    // The same repository again: held, nothing sent.
+    let before = primary.requests().len();
+    assert_eq!(
+        manifest(&mirror, "docker.io/library/broken", "1").status,
+        429
+    );
+    assert_eq!(since(&primary, before), 0);
+    // Another repository, anonymous: fetched.
+    let r = manifest(&mirror, "docker.io/library/good", "1");
+    assert_eq!(r.header("docker-content-digest"), Some(digests[1].as_str()));
+    assert!(since(&primary, before) >= 1);
+    // A private repository with the client's own credentials: fetched with them.
+    let owner = basic("owner", "s3cret");
+    let r = http(
+        "GET",
+        &format!("{}/v2/docker.io/team/secret/manifests/1", mirror.url()),
+        &[("Accept", ACCEPT_ALL), ("Authorization", &owner)],
+    );
+    assert_eq!(r.header("docker-content-digest"), Some(digests[3].as_str()));
+    assert!(primary
+        .requests()
+        .iter()
+        .any(|q| q.path.contains("/team/secret/") && q.header("authorization") == Some(&owner)));
+    let held = [
+        ("upstream", "docker.io"),
+        ("scope", "repository"),
+        ("reason", "rate_limited"),
+    ];
+    assert_eq!(mirror.metric("entrepot_upstream_holds_total", &held), 1.0);
+    assert!(
+        mirror.log().contains("scope=\"repository\"") || mirror.log().contains("scope=repository")
+    );
+
+    // A 500 for one repository with a fallback: that repository goes to the fallback,
+    // the others still to the primary.
+    primary.set_for("library/broken", Mode::Refuse(500, None));
+    let r = manifest(&mirror, "quay.io/library/broken", "1");
+    assert_eq!(r.header("docker-content-digest"), Some(digests[0].as_str()));
+    let (p0, f0) = (primary.requests().len(), fallback.requests().len());
+    let r = manifest(&mirror, "quay.io/library/other", "1");
+    assert_eq!(r.header("docker-content-digest"), Some(digests[2].as_str()));
+    assert!(
+        since(&primary, p0) >= 1,
+        "the primary still answers other repositories"
+    );
+    assert_eq!(since(&fallback, f0), 0);
+}

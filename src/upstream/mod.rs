@@ -18,7 +18,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 pub use auth::{parse_challenge, Challenge, TokenCache};
-pub use backoff::Backoff;
+pub use backoff::{Backoff, Scope};
 pub use filter::RepoFilter;
 
 use crate::config::{Config, ConfigError};
@@ -324,9 +324,9 @@ impl UpstreamClient {
 
     /// Sends `req` to the first of the upstream's URLs (primary, then `fallback_urls`)
     /// that is not in back-off and answers. A connect error, a timeout or a 5xx moves on
-    /// to the next URL; a `429`/`503` also puts the URL in back-off for its
-    /// `Retry-After`. When every URL is failing or in back-off the last failure is
-    /// returned ([`UpstreamError::RateLimited`] when it was a rate limit).
+    /// to the next URL; a `429`/`503` also holds the narrowest scope it proves (see
+    /// [`backoff`]) for its `Retry-After`. When every URL is failing or in back-off the
+    /// last failure is returned ([`UpstreamError::RateLimited`] when it was a rate limit).
     pub async fn send(
         &self,
         up: &Upstream,
@@ -341,13 +341,24 @@ impl UpstreamClient {
             .collect();
         let mut last = None;
         for (i, base) in urls.iter().enumerate() {
-            let more = i + 1 < urls.len();
-            if let Some(left) = self.backoff.remaining(base.as_str()) {
+            let at = At {
+                up,
+                base,
+                // Fallbacks are asked anonymously: the mirror's identity there.
+                who: if i == 0 {
+                    up.client.as_deref().unwrap_or("")
+                } else {
+                    ""
+                },
+                repo: req.repo,
+                more: i + 1 < urls.len(),
+            };
+            if let Some((left, _)) = self.backoff.remaining(base.as_str(), at.who, req.repo) {
                 last = Some(rate_limited(up, left));
                 continue;
             }
             let answer = self.send_to(up, base, i == 0, req).await;
-            match self.judge(up, base, more, answer) {
+            match self.judge(&at, answer) {
                 Ok(resp) => {
                     self.metrics
                         .upstream_answers
@@ -364,62 +375,96 @@ impl UpstreamClient {
         Err(last.unwrap_or_else(|| rate_limited(up, backoff::DEFAULT_RETRY_AFTER)))
     }
 
-    /// Whether an answer from `base` is the one to use; otherwise the error to remember,
-    /// with `base` put in back-off when it asked for it (or failed and `more` URLs exist).
+    /// Whether an answer is the one to use; otherwise the error to remember, with the
+    /// scope it proves held (see [`backoff`]).
     fn judge(
         &self,
-        up: &Upstream,
-        base: &url::Url,
-        more: bool,
+        at: &At<'_>,
         answer: Result<ClientResponse, UpstreamError>,
     ) -> Result<ClientResponse, UpstreamError> {
+        let up = at.up;
         let resp = match answer {
             Ok(resp) => resp,
+            // Only the token endpoint answers so inside `send_to`: upstream-wide.
             Err(UpstreamError::RateLimited { retry_after, .. }) => {
-                self.hold(up, base, retry_after);
-                return Err(rate_limited(up, retry_after));
+                self.metrics
+                    .rate_limited
+                    .with_label_values(&[&up.name])
+                    .inc();
+                let d = self.hold(at, Scope::Upstream, "token_refused", retry_after);
+                return Err(rate_limited(up, d));
             }
             Err(e) => {
-                if more {
-                    self.hold_failed(up, base, &e.to_string());
+                if at.more {
+                    self.hold(at, Scope::Url, "unreachable", backoff::FAILED_URL_BACKOFF);
                 }
                 return Err(e);
             }
         };
-        self.observe_ratelimit(up, &resp);
+        let exhausted = self.observe_ratelimit(up, &resp);
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            self.metrics
+                .rate_limited
+                .with_label_values(&[&up.name])
+                .inc();
             let d = backoff::retry_after(resp.headers());
-            self.hold(up, base, d);
+            let d = if exhausted {
+                self.hold(at, Scope::Upstream, "ratelimit_exhausted", d)
+            } else {
+                self.hold(at, Scope::Repository, "rate_limited", d)
+            };
             return Err(rate_limited(up, d));
         }
-        if status.is_server_error() && more {
-            let e = protocol(up, format!("{base} answered {status}"));
-            self.hold_failed(up, base, &e.to_string());
-            return Err(e);
+        if status.is_server_error() && at.more {
+            self.hold(
+                at,
+                Scope::Repository,
+                "server_error",
+                backoff::FAILED_URL_BACKOFF,
+            );
+            return Err(protocol(
+                up,
+                format!("{} answered {status}", shown(at.base)),
+            ));
         }
         Ok(resp)
     }
 
-    /// `base` said "slow down": left alone for `d`, counted.
-    fn hold(&self, up: &Upstream, base: &url::Url, d: Duration) {
+    /// Holds `scope` for `d` (several repositories held at once widen a repository hold
+    /// to the upstream), counted by scope and reason and logged; the time held.
+    fn hold(&self, at: &At<'_>, scope: Scope, reason: &'static str, d: Duration) -> Duration {
+        let url = at.base.as_str();
+        let (scope, reason, d) = match scope {
+            Scope::Url => {
+                self.backoff.hold_url(url, d);
+                (scope, reason, d.min(backoff::FAILED_URL_BACKOFF))
+            }
+            Scope::Upstream => {
+                self.backoff.hold_upstream(url, at.who, d);
+                (scope, reason, d.min(backoff::MAX_RETRY_AFTER))
+            }
+            Scope::Repository => {
+                let d = d.min(backoff::MAX_REPO_HOLD);
+                match self.backoff.hold_repo(url, at.who, at.repo, d) {
+                    Scope::Repository => (Scope::Repository, reason, d),
+                    widened => (widened, "several_repositories", d),
+                }
+            }
+        };
+        let up = &at.up.name;
         self.metrics
-            .rate_limited
-            .with_label_values(&[&up.name])
+            .upstream_holds
+            .with_label_values(&[up, scope.label(), reason])
             .inc();
-        tracing::warn!(upstream = %up.name, url = shown(base), retry_after = d.as_secs(), "upstream rate limiting: backing off");
-        self.backoff.hold(base.as_str(), d);
+        let client = !at.who.is_empty();
+        tracing::warn!(upstream = %up, url = shown(at.base), repo = at.repo, scope = scope.label(), reason, client, secs = d.as_secs(), "upstream held: backing off");
+        d
     }
 
-    /// `base` failed while another URL can answer: skipped for a short while.
-    fn hold_failed(&self, up: &Upstream, base: &url::Url, why: &str) {
-        let d = backoff::FAILED_URL_BACKOFF;
-        tracing::warn!(upstream = %up.name, url = shown(base), why, secs = d.as_secs(), "upstream URL failing: trying the next one");
-        self.backoff.hold(base.as_str(), d);
-    }
-
-    /// Docker Hub's pull-limit headers, as gauges (an alert can fire before the limit).
-    fn observe_ratelimit(&self, up: &Upstream, resp: &ClientResponse) {
+    /// Docker Hub's pull-limit headers, as gauges (an alert can fire before the limit);
+    /// whether the limit is used up (`ratelimit-remaining: 0`).
+    fn observe_ratelimit(&self, up: &Upstream, resp: &ClientResponse) -> bool {
         let h = resp.headers();
         for (name, gauge) in [
             ("ratelimit-remaining", &self.metrics.ratelimit_remaining),
@@ -429,6 +474,7 @@ impl UpstreamClient {
                 gauge.with_label_values(&[&up.name]).set(n);
             }
         }
+        backoff::ratelimit_header(h, "ratelimit-remaining") == Some(0)
     }
 
     /// One URL of the upstream: answers one auth challenge and follows redirects. A 401
@@ -779,6 +825,17 @@ impl<'a> Who<'a> {
             basic: None,
         }
     }
+}
+
+/// Where one attempt of [`UpstreamClient::send`] went, for the back-off it may set.
+struct At<'a> {
+    up: &'a Upstream,
+    base: &'a url::Url,
+    /// Whose credentials: "" for the mirror's own (or none), else a client's id.
+    who: &'a str,
+    repo: &'a str,
+    /// Another URL can answer instead.
+    more: bool,
 }
 
 /// The final answer of a request after its redirects, and whether it came from the

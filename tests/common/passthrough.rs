@@ -16,11 +16,18 @@ pub enum Mode {
     /// Requests without credentials get `404 NAME_UNKNOWN` (a repository deleted, renamed
     /// or hidden); the rest pass.
     HideFromAnonymous,
+    /// Requests without credentials get `401` with a Basic challenge (a private
+    /// repository); the rest pass.
+    RequireCredentials,
 }
+
+/// Modes for repositories whose name starts with a prefix, before the general mode.
+type Modes = Arc<Mutex<Vec<(String, Mode)>>>;
 
 pub struct Passthrough {
     pub server: FakeServer,
     mode: Arc<Mutex<Mode>>,
+    for_repos: Modes,
     delay: Arc<Mutex<std::time::Duration>>,
 }
 
@@ -42,6 +49,8 @@ impl Passthrough {
 
     fn start_with(target: &str, bearer: bool) -> Passthrough {
         let mode = Arc::new(Mutex::new(Mode::Pass));
+        let for_repos: Modes = Arc::default();
+        let fr = for_repos.clone();
         let delay = Arc::new(Mutex::new(std::time::Duration::ZERO));
         let realm = Arc::new(Mutex::new(String::new()));
         let (m, target, r, wait) = (
@@ -68,12 +77,29 @@ impl Passthrough {
                     return Response::new(401, &[("WWW-Authenticate", c.as_str())], vec![]);
                 }
             }
-            let now = m.lock().map(|g| g.clone()).unwrap_or(Mode::Pass);
+            let general = m.lock().map(|g| g.clone()).unwrap_or(Mode::Pass);
+            let now = fr
+                .lock()
+                .ok()
+                .and_then(|g| {
+                    g.iter()
+                        .find(|(p, _)| req.path.starts_with(&format!("/v2/{p}")))
+                        .map(|(_, m)| m.clone())
+                })
+                .unwrap_or(general);
             match now {
                 Mode::Pass => forward(&target, req, !bearer),
                 Mode::HideFromAnonymous if req.header("authorization").is_some() => {
                     forward(&target, req, !bearer)
                 }
+                Mode::RequireCredentials if req.header("authorization").is_some() => {
+                    forward(&target, req, !bearer)
+                }
+                Mode::RequireCredentials => Response::new(
+                    401,
+                    &[("WWW-Authenticate", "Basic realm=\"private\"")],
+                    vec![],
+                ),
                 Mode::HideFromAnonymous => {
                     let body = br#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}]}"#;
                     Response::new(404, &[("Content-Type", "application/json")], body.to_vec())
@@ -94,6 +120,7 @@ impl Passthrough {
         Passthrough {
             server,
             mode,
+            for_repos,
             delay,
         }
     }
@@ -108,6 +135,15 @@ impl Passthrough {
     pub fn set(&self, mode: Mode) {
         if let Ok(mut g) = self.mode.lock() {
             *g = mode;
+        }
+    }
+
+    /// Repositories whose name starts with `prefix` get `mode` (the latest set for a
+    /// prefix wins; the general mode applies to the rest).
+    pub fn set_for(&self, prefix: &str, mode: Mode) {
+        if let Ok(mut g) = self.for_repos.lock() {
+            g.retain(|(p, _)| p != prefix);
+            g.insert(0, (prefix.to_string(), mode));
         }
     }
 
