@@ -254,6 +254,10 @@ pub struct ServerConfig {
     /// The URL clients reach the mirror at (e.g. behind a load balancer): the token realm
     /// is built from it. None: from the request (`Host`, `X-Forwarded-Proto`/`-Host`).
     pub external_url: Option<String>,
+    /// Reverse proxies (CIDRs or addresses) whose `X-Forwarded-For`/`-Host`/`-Proto` and
+    /// `Forwarded` headers are believed: the client address for login throttling and logs,
+    /// and the host of the token realm. From any other peer they are ignored.
+    pub trusted_proxies: Vec<String>,
     /// Keep blobs and metadata in an S3-API bucket shared by replicas; `storage` is then
     /// this replica's local disk tier.
     pub s3: Option<S3Config>,
@@ -362,6 +366,24 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
+impl ServerConfig {
+    /// `trusted_proxies` parsed: `10.0.0.0/8`, `fd00::/8`, or one address.
+    pub fn trusted_proxies(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        self.trusted_proxies
+            .iter()
+            .map(|p| {
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        ConfigError::Server(format!(
+                            "trusted_proxies: {p:?} is not a CIDR (10.0.0.0/8) or an address"
+                        ))
+                    })
+            })
+            .collect()
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -375,6 +397,7 @@ impl Default for ServerConfig {
             metrics_listen: None,
             tls: None,
             external_url: None,
+            trusted_proxies: Vec::new(),
             s3: None,
         }
     }
@@ -528,6 +551,7 @@ impl Config {
                 ));
             }
         }
+        self.server.trusted_proxies()?;
         if let Some(s3) = &self.server.s3 {
             s3.validate()?;
         }

@@ -74,6 +74,8 @@ impl ResponseError for OciError {
                 .as_deref()
                 .unwrap_or("Basic realm=\"entrepot\"");
             resp.insert_header(("WWW-Authenticate", c));
+            // A refusal (and the realm in it, built from this request) is never cached.
+            resp.insert_header(("Cache-Control", "no-store"));
         }
         resp.json(body)
     }

@@ -65,9 +65,11 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.server.default_upstream.as_deref(),
         hosted_prefix,
     ));
-    let mut access = Access::load(&cfg.auth, metrics.clone())?;
-    access.external_url = cfg.server.external_url.clone();
-    let access = web::Data::new(access);
+    let access = web::Data::new(Access::load(&cfg.auth, metrics.clone())?);
+    let front = web::Data::new(routes::Frontend::new(
+        cfg.server.external_url.as_deref(),
+        cfg.server.trusted_proxies()?,
+    ));
     let hosted = cfg.hosted.as_ref().map(Hosted::new);
     let mut mirror = Mirror::new(store.clone(), metrics.clone(), hosted);
     if let Some(c) = &cfg.cluster {
@@ -98,6 +100,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             .app_data(web::Data::new(Services::new(mirror.clone(), client)))
             .app_data(router.clone())
             .app_data(access.clone())
+            .app_data(front.clone())
             .app_data(md.clone())
             .wrap(from_fn(routes::log_request))
             .configure(|c| routes::configure(c, separate_metrics.is_none()))

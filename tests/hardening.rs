@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -634,6 +636,11 @@ fn redirecting_front_to_a_token_registry() {
 
 /// A mirror whose htpasswd (bcrypt cost 10) has alice and bob, reads for users only.
 fn login_mirror(tmp: &tempfile::TempDir, anonymous_pull: bool) -> Mirror {
+    login_mirror_with(tmp, anonymous_pull, "")
+}
+
+/// [`login_mirror`] with `server` lines (e.g. `trusted_proxies`).
+fn login_mirror_with(tmp: &tempfile::TempDir, anonymous_pull: bool, server: &str) -> Mirror {
     let file = tmp.path().join("htpasswd");
     let mut users = String::new();
     for u in ["alice", "bob"] {
@@ -643,7 +650,7 @@ fn login_mirror(tmp: &tempfile::TempDir, anonymous_pull: bool) -> Mirror {
     }
     std::fs::write(&file, users).unwrap();
     Mirror::start(
-        "",
+        server,
         &format!(
             "[auth]\nhtpasswd = \"{}\"\nanonymous_pull = {anonymous_pull}\n",
             file.display()
@@ -803,4 +810,198 @@ fn small_items_content_range_long_names_negative_heads() {
         1,
         "negative answer cached"
     );
+}
+
+/// Statuses of `n` logins sent at once, the i-th as `creds(i)` with `headers`.
+fn burst(
+    url: &str,
+    n: usize,
+    creds: impl Fn(usize) -> (String, String),
+    headers: &[(&str, &str)],
+) -> BTreeMap<u16, usize> {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (u, p) = creds(i);
+            let auth = basic(&u, &p);
+            let url = url.to_string();
+            let headers: Vec<(String, String)> = headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                let mut h: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                h.push(("Authorization", &auth));
+                b.wait();
+                http("GET", &url, &h).status
+            })
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for h in handles {
+        *out.entry(h.join().unwrap()).or_insert(0) += 1;
+    }
+    out
+}
+
+/// Issue 24 item 3: 40 wrong passwords for one user from one address, sent at once, get
+/// no more bcrypt checks than the limit (5 answered 401, the rest 429); the attempt is
+/// counted before its check.
+#[test]
+fn a_burst_of_wrong_passwords_gets_at_most_the_limit_checked() {
+    if !require(&["htpasswd"]) {
+        return;
+    }
+    let tmp = tempfile::TempDir::new().unwrap();
+    let mirror = login_mirror(&tmp, false);
+    let ping = format!("{}/v2/", mirror.url());
+    let got = burst(&ping, 40, |i| ("alice".into(), format!("wrong{i}")), &[]);
+    assert_eq!(got.get(&401).copied().unwrap_or(0), 5, "{got:?}");
+    assert_eq!(got.get(&429).copied().unwrap_or(0), 35, "{got:?}");
+    // 30 distinct unknown names at once (anonymous_pull: they may be a caller's own
+    // upstream credentials, each costs a bcrypt): at most 10 checked.
+    let tmp2 = tempfile::TempDir::new().unwrap();
+    let open = login_mirror(&tmp2, true);
+    let ping2 = format!("{}/v2/", open.url());
+    let got = burst(&ping2, 30, |i| (format!("stranger{i}"), "pw".into()), &[]);
+    assert_eq!(got.get(&429).copied().unwrap_or(0), 20, "{got:?}");
+    // A real user from another address is not held up by them.
+    let start = Instant::now();
+    assert_eq!(curl_as("127.0.0.2", &ping2, "bob", "right").0, 200);
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+/// Issue 24 item 3: failed logins with huge user names are refused before anything is
+/// hashed or kept: memory stays flat.
+#[test]
+fn failed_logins_with_long_names_keep_no_memory() {
+    if !require(&["htpasswd"]) {
+        return;
+    }
+    let tmp = tempfile::TempDir::new().unwrap();
+    let mirror = login_mirror(&tmp, false);
+    let ping = format!("{}/v2/", mirror.url());
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", mirror.pid().unwrap()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Warm up the connection handling first.
+    for i in 0..20 {
+        http(
+            "GET",
+            &ping,
+            &[("Authorization", &basic(&format!("u{i}"), "x"))],
+        );
+    }
+    let before = rss();
+    for i in 0..400 {
+        let name = format!("{i}{}", "n".repeat(70_000));
+        let r = http("GET", &ping, &[("Authorization", &basic(&name, "x"))]);
+        assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown < 4096,
+        "RSS grew by {grown} kB over 400 long-named failures"
+    );
+}
+
+/// Issue 24 items 3 and 6: behind a trusted reverse proxy, `X-Forwarded-For` is the
+/// client's address for throttling (one client's failures do not lock out another's
+/// correct password); from an untrusted peer it is ignored. The realm of a challenge is a
+/// valid quoted string built from a checked host, and 401 answers are never cached.
+#[test]
+fn forwarded_headers_count_only_from_trusted_proxies() {
+    if !require(&["htpasswd", "curl"]) {
+        return;
+    }
+    let tmp = tempfile::TempDir::new().unwrap();
+    let mirror = login_mirror_with(&tmp, false, "trusted_proxies = [\"127.0.0.1/32\"]\n");
+    let ping = format!("{}/v2/", mirror.url());
+    let as_client = |client: &str, pass: &str| {
+        http(
+            "GET",
+            &ping,
+            &[
+                ("Authorization", &basic("bob", pass)),
+                ("X-Forwarded-For", client),
+            ],
+        )
+        .status
+    };
+    for i in 0..6 {
+        as_client("10.9.9.1", &format!("wrong{i}"));
+    }
+    assert_eq!(
+        as_client("10.9.9.1", "right"),
+        429,
+        "the failing client is held"
+    );
+    assert_eq!(
+        as_client("10.9.9.2", "right"),
+        200,
+        "another client behind the proxy is not"
+    );
+    // From 127.0.0.2 (not a trusted proxy) the header is the client's own word: ignored.
+    let via = |xff: &str, pass: &str| {
+        let out = run(std::process::Command::new("curl").args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--interface",
+            "127.0.0.2",
+            "-H",
+            &format!("X-Forwarded-For: {xff}"),
+            "-u",
+            &format!("alice:{pass}"),
+            &ping,
+        ]));
+        out.trim().parse::<u16>().unwrap_or(0)
+    };
+    for i in 0..6 {
+        via(&format!("10.0.0.{i}"), &format!("wrong{i}"));
+    }
+    assert_eq!(
+        via("10.0.0.99", "right"),
+        429,
+        "a new X-Forwarded-For does not escape"
+    );
+    assert!(
+        mirror.log().contains("client=10.9.9.1"),
+        "the access log names the client"
+    );
+
+    // A forwarded host with a quote (even from the trusted proxy) cannot break the
+    // realm out of its quotes.
+    let r = http(
+        "GET",
+        &ping,
+        &[
+            ("X-Forwarded-Host", "a.test/x\"/token"),
+            ("Forwarded", "host=\"b.test\"\""),
+        ],
+    );
+    assert_eq!(r.status, 401);
+    let challenge = r.header("www-authenticate").unwrap_or("").to_string();
+    let realm = challenge
+        .strip_prefix("Bearer realm=\"")
+        .and_then(|rest| rest.split_once('"'))
+        .map(|(realm, _)| realm.to_string())
+        .unwrap_or_default();
+    assert!(
+        realm.ends_with("/token") && !realm.contains("a.test"),
+        "{challenge}"
+    );
+    assert_eq!(r.header("cache-control"), Some("no-store"));
 }

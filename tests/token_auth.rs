@@ -153,7 +153,8 @@ fn realm_follows_the_proxy_or_external_url_and_replicas_share_tokens() {
     }
     let tmp = TempDir::new().unwrap();
     let key = "token_key = \"shared-secret-of-the-cluster-0123\"";
-    let a = mirror(&tmp, "", key);
+    // Forwarded headers count from a trusted proxy (here: the test, on 127.0.0.1).
+    let a = mirror(&tmp, "trusted_proxies = [\"127.0.0.1\"]", key);
     let r = http(
         "GET",
         &format!("{}/v2/", a.url()),

@@ -4,6 +4,7 @@
 //! All of `/v2/` is one route whose path is parsed once ([`path::parse`]) rather than
 //! one route per name depth; [`v2`] dispatches on the parsed endpoint and the method.
 
+mod client;
 pub mod path;
 mod peer;
 mod pull;
@@ -27,7 +28,13 @@ use crate::services::Services;
 use path::Endpoint;
 use target::{Router, Target};
 
+pub use client::Frontend;
+
 const API_VERSION: (&str, &str) = ("Docker-Distribution-API-Version", "registry/2.0");
+
+/// Who made a request (the user name, "" when anonymous), for the access log.
+#[derive(Clone)]
+struct User(String);
 
 /// What a request was about, for the access log and metrics.
 #[derive(Clone)]
@@ -126,6 +133,7 @@ async fn v2(
     svc: web::Data<Services>,
     router: web::Data<Router>,
     access: web::Data<Access>,
+    front: web::Data<Frontend>,
 ) -> Result<HttpResponse, OciError> {
     let tail = req.path().strip_prefix("/v2").unwrap_or("");
     let endpoint = path::parse(tail.strip_prefix('/').unwrap_or(tail))
@@ -138,15 +146,17 @@ async fn v2(
         endpoint: endpoint_kind(&endpoint),
         cache: "-",
     });
-    let challenge = |e: OciError| e.challenged(&token::challenge(&req, &access, need));
+    let challenge = |e: OciError| e.challenged(&token::challenge(&front.public_base(&req), need));
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let id = access
-        .identify(auth, req.peer_addr().map(|a| a.ip()))
+        .identify(auth, front.client_ip(&req))
         .await
         .map_err(|e| challenge(e.into()))?;
+    req.extensions_mut()
+        .insert(User(id.caller.name().to_string()));
     let ctx = Ctx {
         req: &req,
         svc: &svc,
@@ -298,7 +308,16 @@ pub async fn log_request(
     let method = req.method().clone();
     let path = loggable(req.uri());
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
+    let client = req
+        .app_data::<web::Data<Frontend>>()
+        .and_then(|f| f.client_ip(req.request()))
+        .map_or_else(|| "-".to_string(), |ip| ip.to_string());
     let res = next.call(req).await?;
+    let user = res
+        .request()
+        .extensions()
+        .get::<User>()
+        .map_or_else(String::new, |u| u.0.clone());
     let info = res.request().extensions().get::<RequestInfo>().cloned();
     let (upstream, endpoint, cache) = info.as_ref().map_or(("-", "other", "-"), |i| {
         (i.upstream.as_str(), i.endpoint, i.cache)
@@ -310,7 +329,7 @@ pub async fn log_request(
     };
     tracing::info!(
         target: "entrepot::access",
-        %method, %path, status, upstream, cache, bytes,
+        %method, %path, status, upstream, cache, bytes, %client, %user,
         ms = (start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
     );
     if let Some(m) = metrics {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 
-use super::passwords::{Passwords, Verdict};
+use super::passwords::{self, Passwords, Verdict};
 use super::tokens::{Grant, Issued, Tokens};
 use crate::config::{AuthConfig, ConfigError};
 use crate::metrics::Metrics;
@@ -132,8 +132,6 @@ pub struct Access {
     anonymous_pull: bool,
     push: HashSet<String>,
     tokens: Tokens,
-    /// `server.external_url`: where clients reach the mirror (the token realm's base).
-    pub external_url: Option<String>,
 }
 
 impl Access {
@@ -148,7 +146,6 @@ impl Access {
             anonymous_pull: cfg.anonymous_pull,
             push: cfg.push.iter().cloned().collect(),
             tokens: Tokens::load(cfg)?,
-            external_url: None,
         })
     }
 
@@ -284,9 +281,12 @@ fn bearer(value: &str) -> Option<&str> {
         .then_some(token.trim())
 }
 
+/// `Basic` credentials, refused unread when longer than the longest user name and
+/// password taken ([`passwords::MAX_USER_LEN`], [`passwords::MAX_PASS_LEN`]).
 fn parse_basic(value: &str) -> Option<(String, String)> {
+    const MAX_B64: usize = (passwords::MAX_USER_LEN + passwords::MAX_PASS_LEN + 1).div_ceil(3) * 4;
     let (scheme, b64) = value.trim().split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
+    if !scheme.eq_ignore_ascii_case("basic") || b64.trim().len() > MAX_B64 {
         return None;
     }
     let raw = base64::engine::general_purpose::STANDARD

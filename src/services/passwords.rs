@@ -3,11 +3,17 @@
 //! bcrypt is slow on purpose, which makes it a CPU lever for anyone who can send a
 //! password. So: a verified password is remembered as its SHA-256 per user and later
 //! requests compare against that in constant time (a correct password costs nothing);
-//! bcrypt runs in a pool of at most half the cores, so serving always has CPU; repeated
-//! failures from one client address for one user get `429` for a while (alice failing
-//! from another address, or already verified, is not affected, so nobody can lock alice
-//! out); and an unknown user costs the same bcrypt as a known one with a wrong password
-//! (checked against a dummy hash), so user names cannot be told apart by timing.
+//! bcrypt runs in a pool of at most half the cores, so serving always has CPU; an unknown
+//! user costs the same bcrypt as a known one with a wrong password (checked against a
+//! dummy hash), so user names cannot be told apart by timing.
+//!
+//! Attempts are throttled per client address ([`Attempts`]): one user's failures from one
+//! address, and (where a name that is no user may be a caller's own upstream
+//! credentials) the unknown names one address tries. An attempt is counted *before* its
+//! bcrypt runs, so a burst gets no more checks than the limit however it arrives; alice
+//! failing from another address, or already verified, is not affected, so nobody can lock
+//! alice out (behind a reverse proxy, `server.trusted_proxies` gives each client its own
+//! address). Names and passwords are bounded before anything is hashed or kept.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -17,16 +23,26 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 use super::access::AccessError;
 use crate::metrics::Metrics;
 
 /// Failures of one user from one address allowed within [`FAILURE_WINDOW`].
 const MAX_FAILURES: u32 = 5;
+/// Unknown names one address may have checked within [`FAILURE_WINDOW`] (each costs a
+/// bcrypt; a name found to be no user is remembered and costs nothing again).
+const MAX_UNKNOWN: u32 = 10;
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// Entries kept for failure counting and unknown-user verdicts before a purge.
+/// Entries kept for attempt counting and unknown-user verdicts.
 const MAX_TRACKED: usize = 100_000;
+/// The longest user name taken (longer: refused before any hashing).
+pub const MAX_USER_LEN: usize = 256;
+/// The longest password taken (a caller's own upstream credentials may be long tokens,
+/// e.g. a `_json_key`).
+pub const MAX_PASS_LEN: usize = 8192;
+/// How long an attempt waits for the checks ahead of it before it is refused.
+const MAX_WAIT: Duration = Duration::from_secs(10);
 
 /// What a password check found.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,6 +51,29 @@ pub enum Verdict {
     User,
     /// Not an htpasswd user (the caller may be presenting its own upstream credentials).
     NotAUser,
+}
+
+/// Whose attempts are counted together: one user (by the SHA-256 of the name) from one
+/// address, or every unknown name from one address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    User(Option<IpAddr>, [u8; 32]),
+    Unknown(Option<IpAddr>),
+}
+
+/// Attempts of one [`Key`] within the window: finished failures and checks in flight.
+struct Attempts {
+    failures: u32,
+    in_flight: u32,
+    since: Instant,
+}
+
+/// What [`Passwords::admit`] decided.
+enum Admit {
+    Go,
+    /// The checks in flight could use up the limit: wait for them.
+    Wait,
+    Throttled(Duration),
 }
 
 pub struct Passwords {
@@ -49,8 +88,31 @@ pub struct Passwords {
     /// (`anonymous_pull`); if not, an unknown user is just a failed login.
     accept_foreign: bool,
     slots: Semaphore,
-    failures: DashMap<(Option<IpAddr>, String), (u32, Instant)>,
+    attempts: DashMap<Key, Attempts>,
+    /// Woken whenever a check ends, for the attempts waiting on it.
+    settled: Notify,
     metrics: Arc<Metrics>,
+}
+
+/// Settles an admitted attempt when dropped (a cancelled request counts as failed).
+struct Admitted<'a> {
+    passwords: &'a Passwords,
+    key: Key,
+    failed: bool,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.passwords.settle(self.key, self.failed);
+    }
+}
+
+fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
 }
 
 impl Passwords {
@@ -74,7 +136,8 @@ impl Passwords {
             dummy,
             accept_foreign,
             slots: Semaphore::new((cores / 2).max(1)),
-            failures: DashMap::new(),
+            attempts: DashMap::new(),
+            settled: Notify::new(),
             metrics,
         }
     }
@@ -86,36 +149,45 @@ impl Passwords {
         pass: &str,
         peer: Option<IpAddr>,
     ) -> Result<Verdict, AccessError> {
-        let digest: [u8; 32] = Sha256::digest(pass.as_bytes()).into();
-        if let Some(known) = self.verified.get(user) {
-            if bool::from(known.ct_eq(&digest)) {
-                return Ok(Verdict::User);
-            }
+        if user.len() > MAX_USER_LEN || pass.len() > MAX_PASS_LEN {
+            return Err(AccessError::BadCredentials);
         }
-        let pair: [u8; 32] = Sha256::new()
-            .chain_update(user.as_bytes())
-            .chain_update([0])
-            .chain_update(pass.as_bytes())
-            .finalize()
-            .into();
+        let digest = sha256(&[pass.as_bytes()]);
+        if self.is_verified(user, &digest) {
+            return Ok(Verdict::User);
+        }
+        let pair = sha256(&[user.as_bytes(), &[0], pass.as_bytes()]);
         if self.accept_foreign && self.not_users.contains_key(&pair) {
             return Ok(Verdict::NotAUser);
         }
-        self.throttle(peer, user)?;
+        let known = self.users.contains_key(user);
+        if !known && self.accept_foreign && self.dummy.is_none() {
+            // No users at all: nothing to check, nothing to spend.
+            return Ok(Verdict::NotAUser);
+        }
+        let key = if known || !self.accept_foreign {
+            Key::User(peer, sha256(&[user.as_bytes()]))
+        } else {
+            Key::Unknown(peer)
+        };
+        let mut admitted = self.wait_admitted(key).await?;
+        // Checks that ran while this one waited may have verified this very password.
+        if self.is_verified(user, &digest) {
+            return Ok(Verdict::User);
+        }
         let hash = self.users.get(user).or(self.dummy.as_ref()).cloned();
         let ok = match hash {
-            Some(h) => self.bcrypt(pass, h).await && self.users.contains_key(user),
+            Some(h) => self.bcrypt(pass, h).await && known,
             None => false,
         };
         if ok {
-            self.failures.remove(&(peer, user.to_string()));
+            admitted.failed = false;
             self.verified.insert(user.to_string(), digest);
             return Ok(Verdict::User);
         }
         // A wrong password, and an unknown user where only users may log in, look the
         // same: same status, same bcrypt time.
-        if self.users.contains_key(user) || !self.accept_foreign {
-            self.fail(peer, user);
+        if known || !self.accept_foreign {
             return Err(AccessError::BadCredentials);
         }
         if self.not_users.len() >= MAX_TRACKED {
@@ -125,33 +197,89 @@ impl Passwords {
         Ok(Verdict::NotAUser)
     }
 
-    fn fail(&self, peer: Option<IpAddr>, user: &str) {
-        if self.failures.len() >= MAX_TRACKED {
-            self.failures
-                .retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
-        }
-        let mut e = self
-            .failures
-            .entry((peer, user.to_string()))
-            .or_insert((0, Instant::now()));
-        if e.1.elapsed() >= FAILURE_WINDOW {
-            *e = (0, Instant::now());
-        }
-        e.0 += 1;
+    fn is_verified(&self, user: &str, digest: &[u8; 32]) -> bool {
+        self.verified
+            .get(user)
+            .is_some_and(|known| bool::from(known.ct_eq(digest)))
     }
 
-    /// `429` with the time left when this address failed too often as this user.
-    fn throttle(&self, peer: Option<IpAddr>, user: &str) -> Result<(), AccessError> {
-        let Some(e) = self.failures.get(&(peer, user.to_string())) else {
-            return Ok(());
-        };
-        let (count, since) = *e;
-        let elapsed = since.elapsed();
-        if count < MAX_FAILURES || elapsed >= FAILURE_WINDOW {
-            return Ok(());
+    /// Reserves an attempt for `key`, waiting (bounded) while checks in flight could use
+    /// up its limit; `429` with the time left once they did.
+    async fn wait_admitted(&self, key: Key) -> Result<Admitted<'_>, AccessError> {
+        let deadline = tokio::time::Instant::now() + MAX_WAIT;
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.admit(key) {
+                Admit::Go => {
+                    return Ok(Admitted {
+                        passwords: self,
+                        key,
+                        failed: true,
+                    })
+                }
+                Admit::Throttled(left) => {
+                    self.metrics.auth_throttled.inc();
+                    return Err(AccessError::Throttled(left));
+                }
+                Admit::Wait => {
+                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        self.metrics.auth_throttled.inc();
+                        return Err(AccessError::Throttled(MAX_WAIT));
+                    }
+                }
+            }
         }
-        self.metrics.auth_throttled.inc();
-        Err(AccessError::Throttled(FAILURE_WINDOW - elapsed))
+    }
+
+    /// The one place attempts are counted: a check is admitted only while the failures
+    /// so far plus the checks in flight stay under the key's limit.
+    fn admit(&self, key: Key) -> Admit {
+        let limit = match key {
+            Key::User(..) => MAX_FAILURES,
+            Key::Unknown(_) => MAX_UNKNOWN,
+        };
+        if !self.attempts.contains_key(&key) && self.attempts.len() >= MAX_TRACKED {
+            self.attempts
+                .retain(|_, a| a.in_flight > 0 || a.since.elapsed() < FAILURE_WINDOW);
+            if self.attempts.len() >= MAX_TRACKED {
+                return Admit::Throttled(FAILURE_WINDOW);
+            }
+        }
+        let mut a = self.attempts.entry(key).or_insert_with(|| Attempts {
+            failures: 0,
+            in_flight: 0,
+            since: Instant::now(),
+        });
+        let elapsed = a.since.elapsed();
+        if elapsed >= FAILURE_WINDOW {
+            a.failures = 0;
+            a.since = Instant::now();
+        }
+        if a.failures >= limit {
+            return Admit::Throttled(FAILURE_WINDOW.saturating_sub(a.since.elapsed()));
+        }
+        if a.failures + a.in_flight >= limit {
+            return Admit::Wait;
+        }
+        a.in_flight += 1;
+        Admit::Go
+    }
+
+    /// An admitted check ended: a failure is counted, a success clears the key.
+    fn settle(&self, key: Key, failed: bool) {
+        if let Some(mut a) = self.attempts.get_mut(&key) {
+            a.in_flight = a.in_flight.saturating_sub(1);
+            if failed {
+                a.failures += 1;
+            } else {
+                a.failures = 0;
+            }
+        }
+        self.attempts
+            .remove_if(&key, |_, a| a.failures == 0 && a.in_flight == 0);
+        self.settled.notify_waiters();
     }
 
     /// One bcrypt check on the bounded pool.
