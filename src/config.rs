@@ -147,7 +147,8 @@ pub struct HostedConfig {
     /// `429`.
     #[serde(default = "default_max_uploads")]
     pub max_uploads: usize,
-    /// Upload sessions one user may have open at once.
+    /// Upload sessions one user may have in use at once (a shared CI account pushes from
+    /// many jobs at once; idle sessions give way to new ones).
     #[serde(default = "default_max_uploads_per_user")]
     pub max_uploads_per_user: usize,
     /// A request body (upload chunk) that sends nothing for this long is abandoned.
@@ -164,7 +165,7 @@ fn default_max_uploads() -> usize {
 }
 
 fn default_max_uploads_per_user() -> usize {
-    32
+    128
 }
 
 fn default_body_timeout() -> Duration {

@@ -35,6 +35,10 @@ pub struct Metrics {
     /// Writes the store refused, by reason (e.g. `no_space`: passed through uncached).
     pub store_errors: IntCounterVec,
     pub evicted_bytes: prometheus::IntCounter,
+    /// New upload sessions refused, by the cap (`per_user`, `total`).
+    pub upload_refusals: IntCounterVec,
+    /// Idle upload sessions dropped to make room for a new one.
+    pub uploads_reclaimed: prometheus::IntCounter,
     /// Logins refused with `429` after repeated failures (one address, one user).
     pub auth_throttled: prometheus::IntCounter,
     pub evicted_objects: prometheus::IntCounter,
@@ -266,6 +270,17 @@ impl Metrics {
                 "entrepot_store_write_errors_total",
                 "Store writes refused",
                 &["reason"],
+            )?,
+            upload_refusals: counter(
+                r,
+                "entrepot_upload_refusals_total",
+                "New upload sessions refused with 429, by the cap that refused them",
+                &["cap"],
+            )?,
+            uploads_reclaimed: plain_counter(
+                r,
+                "entrepot_upload_sessions_reclaimed_total",
+                "Idle upload sessions dropped to make room for a new one",
             )?,
             auth_throttled: plain_counter(
                 r,

@@ -390,7 +390,7 @@ fn upload_sessions_are_capped_and_never_leak() {
     let mirror = Mirror::start(
         "",
         &format!(
-            "[hosted]\nprefix = \"local\"\nupload_ttl = \"2s\"\nmax_uploads = 30\nmax_uploads_per_user = 20\nbody_timeout = \"1s\"\n\
+            "[hosted]\nprefix = \"local\"\nupload_ttl = \"2s\"\nmax_uploads = 30\nmax_uploads_per_user = 20\nbody_timeout = \"3s\"\n\
              [auth]\nhtpasswd = \"{}\"\npush = [\"alice\", \"bob\"]\n",
             file.display()
         ),
@@ -1004,4 +1004,147 @@ fn forwarded_headers_count_only_from_trusted_proxies() {
         "{challenge}"
     );
     assert_eq!(r.header("cache-control"), Some("no-store"));
+}
+
+/// A hosted mirror with alice and bob as push users and `hosted` lines.
+fn push_mirror(tmp: &tempfile::TempDir, hosted: &str) -> Mirror {
+    let file = htpasswd(tmp.path(), &[("alice", "pw"), ("bob", "pw")]);
+    Mirror::start(
+        "",
+        &format!(
+            "[hosted]\nprefix = \"local\"\n{hosted}\n\
+             [auth]\nhtpasswd = \"{}\"\npush = [\"alice\", \"bob\"]\n",
+            file.display()
+        ),
+    )
+}
+
+/// Opens an upload session as `auth`: its Location.
+fn open_session(m: &Mirror, auth: &str) -> Result<String, u16> {
+    let r = http(
+        "POST",
+        &format!("{}/v2/local/app/blobs/uploads/", m.url()),
+        &[("Authorization", auth)],
+    );
+    match r.status {
+        202 => Ok(r.header("location").unwrap_or("").to_string()),
+        s => Err(s),
+    }
+}
+
+/// Pushes `bytes` as one blob (monolithic POST) as `auth`: the status.
+fn push_blob_as(m: &Mirror, auth: &str, bytes: &[u8]) -> u16 {
+    let d = format!("sha256:{}", sha256_hex(bytes));
+    send(
+        &format!("{}/v2/local/app/blobs/uploads/?digest={d}", m.url()),
+        "POST",
+        bytes,
+        &[("Authorization", auth)],
+    )
+    .status
+}
+
+/// Issue 24 item 4: a user's abandoned sessions (a CI job that crashed mid-push) stop
+/// counting once idle for `body_timeout`: the oldest gives way to a new one. Refusals are
+/// counted. With the default caps, 32 abandoned sessions do not stop a push at all.
+#[test]
+fn abandoned_upload_sessions_give_way_to_new_ones() {
+    if !require(&["htpasswd"]) {
+        return;
+    }
+    let tmp = tempfile::TempDir::new().unwrap();
+    let mirror = push_mirror(&tmp, "max_uploads_per_user = 4\nbody_timeout = \"1s\"");
+    let alice = basic("alice", "pw");
+    let abandoned: Vec<String> = (0..4)
+        .map(|_| open_session(&mirror, &alice).expect("open"))
+        .collect();
+    // In use (touched within body_timeout): the cap holds.
+    assert_eq!(open_session(&mirror, &alice), Err(429));
+    assert_eq!(
+        mirror.metric("entrepot_upload_refusals_total", &[("cap", "per_user")]),
+        1.0
+    );
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_eq!(push_blob_as(&mirror, &alice, b"alice pushes again"), 201);
+    assert_eq!(
+        mirror.metric("entrepot_upload_sessions_reclaimed_total", &[]),
+        1.0
+    );
+    // The oldest abandoned session was the one reclaimed.
+    let r = http(
+        "GET",
+        &format!("{}{}", mirror.url(), abandoned[0]),
+        &[("Authorization", &alice)],
+    );
+    assert_eq!(
+        (r.status, r.oci_code().as_str()),
+        (404, "BLOB_UPLOAD_UNKNOWN")
+    );
+    let r = http(
+        "GET",
+        &format!("{}{}", mirror.url(), abandoned[3]),
+        &[("Authorization", &alice)],
+    );
+    assert_eq!(r.status, 204);
+
+    // Default caps: 32 abandoned sessions, and the same user pushes at once.
+    let tmp2 = tempfile::TempDir::new().unwrap();
+    let fresh = push_mirror(&tmp2, "");
+    for _ in 0..32 {
+        open_session(&fresh, &alice).expect("open");
+    }
+    assert_eq!(push_blob_as(&fresh, &alice, b"a CI job pushes"), 201);
+}
+
+/// Issue 24 item 6: an upload session is usable only by the user who opened it; to
+/// anyone else it does not exist (404 BLOB_UPLOAD_UNKNOWN): status, chunk, finish, cancel.
+#[test]
+fn another_users_upload_session_does_not_exist() {
+    if !require(&["htpasswd"]) {
+        return;
+    }
+    let tmp = tempfile::TempDir::new().unwrap();
+    let mirror = push_mirror(&tmp, "");
+    let (alice, bob) = (basic("alice", "pw"), basic("bob", "pw"));
+    let loc = open_session(&mirror, &alice).expect("open");
+    let url = format!("{}{loc}", mirror.url());
+    let mine = b"alice's bytes";
+    let r = send(
+        &url,
+        "PATCH",
+        mine,
+        &[("Authorization", &alice), ("Content-Range", "0-12")],
+    );
+    assert_eq!(r.status, 202);
+    let theirs = b"bob's bytes";
+    let bob_digest = format!("sha256:{}", sha256_hex(theirs));
+    let sep = if url.contains('?') { '&' } else { '?' };
+    for (method, target, body) in [
+        ("GET", url.clone(), &b""[..]),
+        ("PATCH", url.clone(), &theirs[..]),
+        ("PUT", format!("{url}{sep}digest={bob_digest}"), &theirs[..]),
+        ("DELETE", url.clone(), &b""[..]),
+    ] {
+        let r = send(&target, method, body, &[("Authorization", &bob)]);
+        assert_eq!(
+            (r.status, r.oci_code().as_str()),
+            (404, "BLOB_UPLOAD_UNKNOWN"),
+            "{method} by bob"
+        );
+    }
+    // alice's session is untouched and finishes with her bytes.
+    let digest = format!("sha256:{}", sha256_hex(mine));
+    let r = send(
+        &format!("{url}{sep}digest={digest}"),
+        "PUT",
+        b"",
+        &[("Authorization", &alice)],
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let r = http(
+        "GET",
+        &format!("{}/v2/local/app/blobs/{digest}", mirror.url()),
+        &[("Authorization", &alice)],
+    );
+    assert_eq!(r.body, mine);
 }

@@ -71,7 +71,10 @@ pub async fn upload_start(
     let digest = digest_param(ctx)?;
     let status = ctx.svc.upload_start(&repo, ctx.caller.name()).await?;
     if let Some(d) = digest {
-        ctx.svc.upload_finish(&repo, &status.id, &d, body).await?;
+        let owner = ctx.caller.name();
+        ctx.svc
+            .upload_finish(&repo, &status.id, owner, &d, body)
+            .await?;
         return Ok(created(name, &d));
     }
     Ok(in_progress(StatusCode::ACCEPTED, name, &status.id, 0))
@@ -79,7 +82,7 @@ pub async fn upload_start(
 
 pub async fn upload_status(ctx: &Ctx<'_>, name: &str, id: &str) -> Result<HttpResponse, OciError> {
     let repo = hosted_repo(ctx, name)?;
-    let s = ctx.svc.upload_status(&repo, id).await?;
+    let s = ctx.svc.upload_status(&repo, id, ctx.caller.name()).await?;
     Ok(in_progress(StatusCode::NO_CONTENT, name, id, s.offset))
 }
 
@@ -96,7 +99,10 @@ pub async fn upload_patch(
         .header(header::CONTENT_RANGE)
         .map(content_range)
         .transpose()?;
-    let s = ctx.svc.upload_append(&repo, id, range, body).await?;
+    let s = ctx
+        .svc
+        .upload_append(&repo, id, ctx.caller.name(), range, body)
+        .await?;
     Ok(in_progress(StatusCode::ACCEPTED, name, id, s.offset))
 }
 
@@ -135,13 +141,15 @@ pub async fn upload_put(
             "digest query parameter required",
         )
     })?;
-    ctx.svc.upload_finish(&repo, id, &d, body).await?;
+    ctx.svc
+        .upload_finish(&repo, id, ctx.caller.name(), &d, body)
+        .await?;
     Ok(created(name, &d))
 }
 
 pub async fn upload_cancel(ctx: &Ctx<'_>, name: &str, id: &str) -> Result<HttpResponse, OciError> {
     let repo = hosted_repo(ctx, name)?;
-    ctx.svc.upload_cancel(&repo, id).await?;
+    ctx.svc.upload_cancel(&repo, id, ctx.caller.name()).await?;
     Ok(HttpResponse::NoContent()
         .insert_header(API_VERSION)
         .finish())

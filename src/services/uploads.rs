@@ -59,25 +59,73 @@ impl Uploads {
         self.limits.ttl
     }
 
-    /// Refuses a new session past the total or the per-user cap.
-    fn admit(&self, owner: &str) -> Result<(), ServiceError> {
-        if self.sessions.len() >= self.limits.max_total {
-            return Err(ServiceError::TooMany(format!(
-                "{} upload sessions are open; finish or cancel some",
-                self.sessions.len()
-            )));
+    /// The sessions to reclaim so that `owner` may open one more within the caps, or
+    /// the cap that refuses it. A session is idle when no request works on it and none
+    /// came for `body_timeout` (a CI job that crashed mid-push leaves such sessions): an
+    /// idle one gives way, the owner's oldest first, then anyone's oldest for the total
+    /// cap; busy and recent ones never do.
+    fn room_for(&self, owner: &str) -> Result<Vec<String>, Cap> {
+        let idle_since = |s: &Session| {
+            s.touched
+                .try_lock()
+                .ok()
+                .map(|t| *t)
+                .filter(|t| t.elapsed() >= self.limits.body_timeout)
+        };
+        let (mut mine, mut mine_idle, mut others_idle) = (0, Vec::new(), Vec::new());
+        for e in self.sessions.iter() {
+            let idle = idle_since(e.value()).map(|t| (t, e.key().clone()));
+            if e.info.owner == owner {
+                mine += 1;
+                mine_idle.extend(idle);
+            } else {
+                others_idle.extend(idle);
+            }
         }
-        let mine = self
-            .sessions
-            .iter()
-            .filter(|s| s.info.owner == owner)
-            .count();
+        // Oldest last, to be popped first.
+        mine_idle.sort_by_key(|b| std::cmp::Reverse(b.0));
+        others_idle.sort_by_key(|b| std::cmp::Reverse(b.0));
+        let mut reclaim = Vec::new();
+        let mut total = self.sessions.len();
         if mine >= self.limits.max_per_user {
-            return Err(ServiceError::TooMany(format!(
-                "{owner:?} has {mine} upload sessions open; finish or cancel some"
-            )));
+            let (_, id) = mine_idle.pop().ok_or(Cap::PerUser(mine))?;
+            reclaim.push(id);
+            total -= 1;
         }
-        Ok(())
+        if total >= self.limits.max_total {
+            let (_, id) = mine_idle
+                .pop()
+                .or_else(|| others_idle.pop())
+                .ok_or(Cap::Total(total))?;
+            reclaim.push(id);
+        }
+        Ok(reclaim)
+    }
+}
+
+/// The cap that refused a new session, with the sessions that count against it.
+enum Cap {
+    PerUser(usize),
+    Total(usize),
+}
+
+impl Cap {
+    fn label(&self) -> &'static str {
+        match self {
+            Cap::PerUser(_) => "per_user",
+            Cap::Total(_) => "total",
+        }
+    }
+
+    fn error(&self, owner: &str) -> ServiceError {
+        ServiceError::TooMany(match self {
+            Cap::PerUser(n) => format!(
+                "{owner:?} has {n} upload sessions in use (hosted.max_uploads_per_user); finish or cancel some"
+            ),
+            Cap::Total(n) => format!(
+                "{n} upload sessions are in use on this replica (hosted.max_uploads); retry later"
+            ),
+        })
     }
 }
 
@@ -86,9 +134,15 @@ impl Services {
         Ok(&self.hosted()?.uploads)
     }
 
-    /// The session `id`, if it belongs to `repo`: known here, or opened on another
-    /// replica (then found in the store).
-    async fn session(&self, repo: &str, id: &str) -> Result<Arc<Session>, ServiceError> {
+    /// The session `id`, if it belongs to `repo` and was opened by `owner`: known here,
+    /// or opened on another replica (then found in the store). Another user's session is
+    /// unknown to this one, as if it did not exist.
+    async fn session(
+        &self,
+        repo: &str,
+        id: &str,
+        owner: &str,
+    ) -> Result<Arc<Session>, ServiceError> {
         let unknown = || ServiceError::UploadUnknown(id.into());
         let known = self.uploads()?.sessions.get(id).map(|s| s.clone());
         let s = match known {
@@ -103,7 +157,7 @@ impl Services {
                 s
             }
         };
-        if s.info.repo != repo {
+        if s.info.repo != repo || s.info.owner != owner {
             return Err(unknown());
         }
         Ok(s)
@@ -126,7 +180,19 @@ impl Services {
         repo: &str,
         owner: &str,
     ) -> Result<UploadStatus, ServiceError> {
-        self.uploads()?.admit(owner)?;
+        let room = self.uploads()?.room_for(owner);
+        let reclaim = room.map_err(|cap| {
+            self.metrics()
+                .upload_refusals
+                .with_label_values(&[cap.label()])
+                .inc();
+            cap.error(owner)
+        })?;
+        for idle in reclaim {
+            tracing::info!(session = %idle, for_user = owner, "reclaimed an idle upload session for a new one");
+            self.metrics().uploads_reclaimed.inc();
+            self.mirror.drop_session(&idle).await?;
+        }
         let id = uuid::Uuid::new_v4().to_string();
         let info = SessionInfo {
             repo: repo.to_string(),
@@ -143,8 +209,13 @@ impl Services {
         Ok(UploadStatus { id, offset: 0 })
     }
 
-    pub async fn upload_status(&self, repo: &str, id: &str) -> Result<UploadStatus, ServiceError> {
-        let s = self.session(repo, id).await?;
+    pub async fn upload_status(
+        &self,
+        repo: &str,
+        id: &str,
+        owner: &str,
+    ) -> Result<UploadStatus, ServiceError> {
+        let s = self.session(repo, id, owner).await?;
         let _busy = s.touched.lock().await;
         Ok(UploadStatus {
             id: id.to_string(),
@@ -158,6 +229,7 @@ impl Services {
         &self,
         repo: &str,
         id: &str,
+        owner: &str,
         range: Option<(u64, u64)>,
         body: S,
     ) -> Result<UploadStatus, ServiceError>
@@ -165,7 +237,7 @@ impl Services {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let s = self.session(repo, id).await?;
+        let s = self.session(repo, id, owner).await?;
         let mut touched = s.touched.lock().await;
         *touched = Instant::now();
         let before = self.offset(id).await?;
@@ -215,6 +287,7 @@ impl Services {
         &self,
         repo: &str,
         id: &str,
+        owner: &str,
         digest: &Digest,
         body: S,
     ) -> Result<(), ServiceError>
@@ -222,7 +295,7 @@ impl Services {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let s = self.session(repo, id).await?;
+        let s = self.session(repo, id, owner).await?;
         let _busy = s.touched.lock().await;
         let offset = self.offset(id).await?;
         if let Err(e) = self.append(id, offset, body).await {
@@ -255,8 +328,13 @@ impl Services {
         Ok(())
     }
 
-    pub async fn upload_cancel(&self, repo: &str, id: &str) -> Result<(), ServiceError> {
-        let s = self.session(repo, id).await?;
+    pub async fn upload_cancel(
+        &self,
+        repo: &str,
+        id: &str,
+        owner: &str,
+    ) -> Result<(), ServiceError> {
+        let s = self.session(repo, id, owner).await?;
         let _busy = s.touched.lock().await;
         self.mirror.drop_session(id).await
     }
