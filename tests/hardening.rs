@@ -1148,3 +1148,39 @@ fn another_users_upload_session_does_not_exist() {
     );
     assert_eq!(r.body, mine);
 }
+
+/// Issue 24 item 6: corrupt bytes sent under one repository are remembered for that
+/// repository only: the same layer through another repository is fetched and served.
+#[test]
+fn corrupt_bytes_under_one_repository_do_not_fail_another() {
+    let good = noise(200_000, 241);
+    let digest = format!("sha256:{}", sha256_hex(&good));
+    let mut bad = good.clone();
+    bad[100_000] ^= 0xff;
+    let (g, b) = (good.clone(), bad);
+    let up = common::fake::FakeServer::start(move |req| {
+        let body = if req.path.starts_with("/v2/corrupt/x/blobs/") {
+            b.clone()
+        } else if req.path.starts_with("/v2/library/demo/blobs/") {
+            g.clone()
+        } else {
+            return common::fake::Response::new(404, &[], vec![]);
+        };
+        common::fake::Response::new(200, &[], body)
+    });
+    let mirror = Mirror::start(
+        "",
+        &format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url()),
+    );
+    let url = |repo: &str| format!("{}/v2/docker.io/{repo}/blobs/{digest}", mirror.url());
+    let r = get(&url("corrupt/x"));
+    assert!(
+        r.body.len() < good.len(),
+        "the corrupt body is never delivered whole"
+    );
+    let r = get(&url("corrupt/x"));
+    assert_eq!(r.status, 502, "remembered for that repository");
+    let r = get(&url("library/demo"));
+    assert_eq!(r.status, 200);
+    assert_eq!(sha256_hex(&r.body), sha256_hex(&good));
+}

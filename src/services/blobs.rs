@@ -18,18 +18,16 @@ use crate::services::access::Caller;
 use crate::store::{BlobWriter, StoreError};
 use crate::upstream::{UpRequest, Upstream};
 
-/// The key of "this upstream (with these credentials) has no `d` in `repo`".
-pub(super) fn missing_key(up: &Upstream, repo: &str, d: &Digest) -> String {
+/// The key of what one upstream (with these credentials) said of `d` in `repo`: it has
+/// none ([`Mirror::missing`](super::Mirror)), or it sent corrupt bytes for it
+/// (`Mirror::corrupt`). Both cover only that repository and credential: bad bytes under
+/// one repository must not make the same layer fail through another.
+pub(super) fn repo_digest_key(up: &Upstream, repo: &str, d: &Digest) -> String {
     format!(
         "{}\n{}\n{repo}\n{d}",
         up.name,
         up.client.as_deref().unwrap_or("")
     )
-}
-
-/// The key of "this upstream sent corrupt bytes for `d`" (any repository, any credential).
-fn corrupt_key(up: &Upstream, d: &Digest) -> String {
-    format!("{}\n{d}", up.name)
 }
 
 /// How often a request re-joins after fills led through other repositories failed.
@@ -193,11 +191,11 @@ impl Services {
             }
         }
         self.count_cache(up, "miss");
-        let missing = missing_key(up, repo, d);
+        let missing = repo_digest_key(up, repo, d);
         if self.mirror.missing.holds(&missing) {
             return Err(ServiceError::BlobUnknown(d.to_string()));
         }
-        let corrupt = corrupt_key(up, d);
+        let corrupt = repo_digest_key(up, repo, d);
         if self.mirror.corrupt.holds(&corrupt) {
             self.metrics()
                 .digest_mismatches
@@ -491,7 +489,7 @@ impl Services {
             actix_web::rt::spawn(super::fill::copy_to_bucket(rx, store, d));
         }
         let total = w.written();
-        self.commit(w, size, up, d).await?;
+        self.commit(w, size, up, repo, d).await?;
         self.store().link_blob(&up.name, repo, d).await?;
         self.mirror.list_repo(&up.name, repo).await?;
         lead.tx.send_modify(|f| {
@@ -565,6 +563,7 @@ impl Services {
         w: BlobWriter,
         size: Option<u64>,
         up: &Upstream,
+        repo: &str,
         d: &Digest,
     ) -> Result<(), ServiceError> {
         let (expected, store) = (d.clone(), self.mirror.store.clone());
@@ -580,8 +579,8 @@ impl Services {
                     .digest_mismatches
                     .with_label_values(&[&up.name])
                     .inc();
-                tracing::error!(upstream = %up.name, %expected, %actual, "upstream sent a corrupt blob; not stored");
-                self.mirror.corrupt.remember(corrupt_key(up, d));
+                tracing::error!(upstream = %up.name, repo, %expected, %actual, "upstream sent a corrupt blob; not stored");
+                self.mirror.corrupt.remember(repo_digest_key(up, repo, d));
                 Err(ServiceError::DigestMismatch {
                     upstream: up.name.clone(),
                     expected: expected.to_string(),

@@ -94,7 +94,7 @@ impl Services {
         // A digest the upstream just said it does not have (a digest never changes its
         // mind; a tag may, so tags are always asked).
         let missing = match reference {
-            Reference::Digest(d) => Some(super::blobs::missing_key(up, repo, d)),
+            Reference::Digest(d) => Some(super::blobs::repo_digest_key(up, repo, d)),
             Reference::Tag(_) => None,
         };
         if missing
