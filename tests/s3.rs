@@ -35,11 +35,11 @@ fn replica_with(
     server: &str,
     s3: &str,
 ) -> Mirror {
-    let file = htpasswd(tmp.path(), &[("alice", "alice-pw")]);
+    let file = htpasswd(tmp.path(), &[("alice", "alice-pw"), ("bob", "bob-pw")]);
     Mirror::start(
         &format!("{server}\n{}", s3_lines(g, node, s3)),
         &format!(
-            "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\nanonymous_pull = true\npush = [\"alice\"]\n\
+            "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\nanonymous_pull = true\npush = [\"alice\", \"bob\"]\n\
              [upstreams.\"docker.io\"]\nurl = \"{upstream_url}\"\n",
             file.display()
         ),
@@ -122,6 +122,24 @@ fn split_upload(a: &Mirror, b: &Mirror, bytes: &[u8], digest: &str) -> u16 {
         patch(b, half, 0).as_deref(),
         Some(format!("0-{}", half.len() - 1).as_str())
     );
+    // Another push user finds no such session, on either replica.
+    let bob = basic("bob", "bob-pw");
+    for m in [a, b] {
+        for method in ["GET", "PATCH", "DELETE"] {
+            let r = send(
+                &format!("{}{loc}", m.url()),
+                method,
+                b"x",
+                &[("Authorization", &bob)],
+            );
+            assert_eq!(
+                (r.status, r.oci_code().as_str()),
+                (404, "BLOB_UPLOAD_UNKNOWN"),
+                "{method} by bob on {}",
+                m.url()
+            );
+        }
+    }
     // The status of the session, asked on A, counts what B received.
     let r = send(&format!("{}{loc}", a.url()), "GET", b"", &h);
     assert_eq!(r.status, 204);
