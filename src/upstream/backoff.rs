@@ -98,31 +98,34 @@ impl Backoff {
             .map(|d| (d, Scope::Repository))
     }
 
-    /// Leaves `url` alone for everyone for `d` (at most [`FAILED_URL_BACKOFF`]).
-    pub fn hold_url(&self, url: &str, d: Duration) {
+    /// Leaves `url` alone for everyone for `d` (at most [`FAILED_URL_BACKOFF`]); the time
+    /// held.
+    pub fn hold_url(&self, url: &str, d: Duration) -> Duration {
+        let d = d.min(FAILED_URL_BACKOFF);
         if bounded(&self.urls, |u| *u) {
-            extend(self.urls.entry(url.to_string()), d.min(FAILED_URL_BACKOFF));
+            extend(self.urls.entry(url.to_string()), d);
         }
+        d
     }
 
-    /// Leaves `url` alone for `who` for `d` (at most [`MAX_RETRY_AFTER`]).
-    pub fn hold_upstream(&self, url: &str, who: &str, d: Duration) {
+    /// Leaves `url` alone for `who` for `d` (at most [`MAX_RETRY_AFTER`]); the time held.
+    pub fn hold_upstream(&self, url: &str, who: &str, d: Duration) -> Duration {
+        let d = d.min(MAX_RETRY_AFTER);
         if bounded(&self.upstreams, |u| *u) {
-            extend(
-                self.upstreams.entry(ident(url, who)),
-                d.min(MAX_RETRY_AFTER),
-            );
+            extend(self.upstreams.entry(ident(url, who)), d);
         }
+        d
     }
 
     /// Leaves `repo` at `url` alone for `who` for `d` (at most [`MAX_REPO_HOLD`]); when
     /// [`PROMOTE_AFTER`] distinct repositories are held at once, the whole URL is held for
-    /// `who` until the first of them ends. Returns the scope that is now held.
-    pub fn hold_repo(&self, url: &str, who: &str, repo: &str, d: Duration) -> Scope {
-        let until = Instant::now() + d.min(MAX_REPO_HOLD);
+    /// `who` until the first of them ends. Returns the scope now held and for how long.
+    pub fn hold_repo(&self, url: &str, who: &str, repo: &str, d: Duration) -> (Scope, Duration) {
+        let d = d.min(MAX_REPO_HOLD);
+        let until = Instant::now() + d;
         let latest = |m: &HashMap<String, Instant>| m.values().max().copied();
         if !bounded(&self.repos, |m| latest(m).unwrap_or_else(Instant::now)) {
-            return Scope::Repository;
+            return (Scope::Repository, d);
         }
         let key = ident(url, who);
         let promote = {
@@ -133,19 +136,15 @@ impl Backoff {
             *e = (*e).max(until);
             (held.len() >= PROMOTE_AFTER).then(|| held.values().min().copied())
         };
-        match promote.flatten() {
-            Some(first_end) => {
-                self.repos.remove(&key);
-                if bounded(&self.upstreams, |u| *u) {
-                    extend(
-                        self.upstreams.entry(key),
-                        first_end.saturating_duration_since(Instant::now()),
-                    );
-                }
-                Scope::Upstream
-            }
-            None => Scope::Repository,
+        let Some(first_end) = promote.flatten() else {
+            return (Scope::Repository, d);
+        };
+        self.repos.remove(&key);
+        let d = first_end.saturating_duration_since(Instant::now());
+        if bounded(&self.upstreams, |u| *u) {
+            extend(self.upstreams.entry(key), d);
         }
+        (Scope::Upstream, d)
     }
 }
 
@@ -264,7 +263,7 @@ mod tests {
         let b = Backoff::default();
         assert_eq!(
             b.hold_repo("u", "", "broken", Duration::from_secs(600)),
-            Scope::Repository
+            (Scope::Repository, MAX_REPO_HOLD)
         );
         let (d, s) = b.remaining("u", "", "broken").expect("held");
         assert_eq!(s, Scope::Repository);
@@ -286,7 +285,7 @@ mod tests {
         assert_eq!(b.remaining("u", "", "z"), None, "one repository twice");
         b.hold_repo("u", "", "b", Duration::from_secs(60));
         assert_eq!(
-            b.hold_repo("u", "", "c", Duration::from_secs(60)),
+            b.hold_repo("u", "", "c", Duration::from_secs(60)).0,
             Scope::Upstream
         );
         let (d, s) = b.remaining("u", "", "z").expect("held");
@@ -301,7 +300,10 @@ mod tests {
     #[test]
     fn an_unreachable_url_is_held_for_everyone_briefly() {
         let b = Backoff::default();
-        b.hold_url("u", Duration::from_secs(600));
+        assert_eq!(
+            b.hold_url("u", Duration::from_secs(600)),
+            FAILED_URL_BACKOFF
+        );
         let (d, s) = b.remaining("u", "client-1", "r").expect("held");
         assert_eq!(s, Scope::Url);
         assert!(d <= FAILED_URL_BACKOFF);

@@ -436,21 +436,12 @@ impl UpstreamClient {
     fn hold(&self, at: &At<'_>, scope: Scope, reason: &'static str, d: Duration) -> Duration {
         let url = at.base.as_str();
         let (scope, reason, d) = match scope {
-            Scope::Url => {
-                self.backoff.hold_url(url, d);
-                (scope, reason, d.min(backoff::FAILED_URL_BACKOFF))
-            }
-            Scope::Upstream => {
-                self.backoff.hold_upstream(url, at.who, d);
-                (scope, reason, d.min(backoff::MAX_RETRY_AFTER))
-            }
-            Scope::Repository => {
-                let d = d.min(backoff::MAX_REPO_HOLD);
-                match self.backoff.hold_repo(url, at.who, at.repo, d) {
-                    Scope::Repository => (Scope::Repository, reason, d),
-                    widened => (widened, "several_repositories", d),
-                }
-            }
+            Scope::Url => (scope, reason, self.backoff.hold_url(url, d)),
+            Scope::Upstream => (scope, reason, self.backoff.hold_upstream(url, at.who, d)),
+            Scope::Repository => match self.backoff.hold_repo(url, at.who, at.repo, d) {
+                (Scope::Repository, d) => (Scope::Repository, reason, d),
+                (widened, d) => (widened, "several_repositories", d),
+            },
         };
         let up = &at.up.name;
         self.metrics
@@ -999,11 +990,21 @@ mod tests {
         }
     }
 
-    fn client_with(net: Arc<TestNet>) -> UpstreamClient {
+    /// A blob GET of the upstream on `port` (with credentials), where `evil.test` is
+    /// `evil`: its error, which must say "refused", and the names resolved.
+    async fn send_refused(evil: &Evil, port: u16) -> (String, Arc<TestNet>) {
+        let net = Arc::new(TestNet {
+            evil_port: evil.port,
+            asked: Mutex::new(Vec::new()),
+        });
         let registry = prometheus::Registry::new();
         let mut shared = ClientShared::new(Arc::new(Metrics::new(registry).expect("metrics")));
-        shared.net = net;
-        UpstreamClient::new(&shared, Duration::from_secs(5), &[])
+        shared.net = net.clone();
+        let client = UpstreamClient::new(&shared, Duration::from_secs(5), &[]);
+        let r = client.send(&hub_at(port), &blob_get()).await;
+        let err = r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("refused"), "{err}");
+        (err, net)
     }
 
     #[actix_web::test]
@@ -1013,14 +1014,7 @@ mod tests {
             "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://evil.test:{}/token\",service=\"x\"",
             evil.port
         ));
-        let net = Arc::new(TestNet {
-            evil_port: evil.port,
-            asked: Mutex::new(Vec::new()),
-        });
-        let client = client_with(net.clone());
-        let r = client.send(&hub_at(port), &blob_get()).await;
-        let err = r.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("refused"), "{err}");
+        let (err, _) = send_refused(&evil, port).await;
         assert!(err.contains("evil.test"), "{err}");
         assert_eq!(evil.accepted(), 0, "nothing connected to the realm");
     }
@@ -1029,14 +1023,7 @@ mod tests {
     async fn a_redirect_into_another_network_is_refused_before_any_connect() {
         let evil = Evil::start();
         let port = redirector(format!("http://evil.test:{}/latest/meta-data/", evil.port));
-        let net = Arc::new(TestNet {
-            evil_port: evil.port,
-            asked: Mutex::new(Vec::new()),
-        });
-        let client = client_with(net.clone());
-        let r = client.send(&hub_at(port), &blob_get()).await;
-        let err = r.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("refused"), "{err}");
+        let (err, net) = send_refused(&evil, port).await;
         assert!(err.contains("127.0.0.9"), "{err}");
         // Nothing ever connected to the refused address.
         assert_eq!(evil.accepted(), 0);
