@@ -282,4 +282,22 @@ fn one_refused_repository_holds_only_itself() {
         "the primary still answers other repositories"
     );
     assert_eq!(since(&fallback, f0), 0);
+    // Docker Hub's "pull limit used up" (ratelimit-remaining: 0) is upstream-wide: every
+    // repository is held for that identity (a client's own credentials are held apart:
+    // see the unit tests of upstream::backoff).
+    primary.set_for("library/other", Mode::Exhausted(429, Some("60".into())));
+    assert_eq!(
+        manifest(&mirror, "docker.io/library/other", "1").status,
+        429
+    );
+    let before = primary.requests().len();
+    let r = manifest(&mirror, "docker.io/library/good", "2");
+    assert_eq!((r.status, r.oci_code().as_str()), (429, "TOOMANYREQUESTS"));
+    assert_eq!(since(&primary, before), 0, "held without asking");
+    let wide = [
+        ("upstream", "docker.io"),
+        ("scope", "upstream"),
+        ("reason", "ratelimit_exhausted"),
+    ];
+    assert_eq!(mirror.metric("entrepot_upstream_holds_total", &wide), 1.0);
 }

@@ -13,6 +13,8 @@ pub enum Mode {
     Pass,
     /// Every request gets this status with this `Retry-After` value (none: no header).
     Refuse(u16, Option<String>),
+    /// Like `Refuse`, saying `ratelimit-remaining: 0` (Docker Hub's pull limit used up).
+    Exhausted(u16, Option<String>),
     /// Requests without credentials get `404 NAME_UNKNOWN` (a repository deleted, renamed
     /// or hidden); the rest pass.
     HideFromAnonymous,
@@ -104,8 +106,11 @@ impl Passthrough {
                     let body = br#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}]}"#;
                     Response::new(404, &[("Content-Type", "application/json")], body.to_vec())
                 }
-                Mode::Refuse(status, retry) => {
+                Mode::Refuse(status, ref retry) | Mode::Exhausted(status, ref retry) => {
                     let mut h = vec![("Content-Type", "application/json")];
+                    if matches!(now, Mode::Exhausted(..)) {
+                        h.push(("ratelimit-remaining", "0;w=21600"));
+                    }
                     if let Some(r) = retry.as_deref() {
                         h.push(("Retry-After", r));
                     }
