@@ -5,9 +5,9 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
 
+use crate::auth::AccessError;
 use crate::routes::path::PathError;
 use crate::routes::target::RouteError;
-use crate::services::access::AccessError;
 use crate::services::ServiceError;
 
 #[derive(Debug, Clone)]

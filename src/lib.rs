@@ -1,10 +1,11 @@
 //! entrepot: a multi-upstream OCI/Docker registry mirror with one verified,
 //! content-addressed store shared by every upstream.
 //!
-//! Data flows config -> [`routes`] (parse, pick the upstream) -> [`services`] (cache
-//! logic, singleflight, TTL) -> [`upstream`] (auth, tokens, redirects) and [`store`]
-//! (all disk I/O, atomic commit).
+//! Data flows config -> [`routes`] (parse, pick the upstream; [`auth`] says who calls)
+//! -> [`services`] (cache logic, singleflight, TTL) -> [`upstream`] (upstream auth,
+//! tokens, redirects) and [`store`] (all disk I/O, atomic commit).
 
+pub mod auth;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -8,11 +8,11 @@ use actix_web::{web, App, HttpServer};
 
 use anyhow::Context;
 
+use crate::auth::Access;
 use crate::cluster::Cluster;
 use crate::config::{Config, TlsConfig};
 use crate::metrics::Metrics;
 use crate::routes::{self, target::Router};
-use crate::services::access::Access;
 use crate::services::gc::GcPolicy;
 use crate::services::{Hosted, Mirror, Services};
 use crate::store::{Bucket, Store};

@@ -11,11 +11,11 @@ use serde_json::Value;
 
 use super::progress::Progress;
 use super::{mirror, router};
+use crate::auth::Caller;
 use crate::config::Config;
 use crate::media::Accepted;
 use crate::names::{Digest, Reference};
 use crate::routes::target::Target;
-use crate::services::access::Caller;
 use crate::services::{ManifestReply, Services};
 use crate::store::layout::{LayoutEntry, LayoutReader, LayoutWriter};
 use crate::store::{ManifestLink, Store, StoreError, TagRecord};

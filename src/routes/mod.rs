@@ -21,9 +21,9 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 
+use crate::auth::{Access, Caller, Need};
 use crate::error::OciError;
 use crate::metrics::Metrics;
-use crate::services::access::{Access, Caller, Need};
 use crate::services::Services;
 use path::Endpoint;
 use target::{Router, Target};

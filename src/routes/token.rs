@@ -8,9 +8,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
 use super::Frontend;
+use crate::auth::SERVICE;
+use crate::auth::{Access, Need, Scope};
 use crate::error::OciError;
-use crate::services::access::{Access, Need, Scope};
-use crate::services::tokens::SERVICE;
 
 /// `GET /token?service=..&scope=..[&scope=..]`, optionally with Basic credentials.
 pub async fn token(

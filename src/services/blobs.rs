@@ -13,8 +13,8 @@ use super::flight::{Join, Lead};
 use super::recent::{Readers, Recent};
 use super::stream::{Avail, BodyStream, OpenRelay, Reading};
 use super::{status_error, ServiceError, Services, Source};
+use crate::auth::Caller;
 use crate::names::Digest;
-use crate::services::access::Caller;
 use crate::store::{BlobWriter, StoreError};
 use crate::upstream::{UpRequest, Upstream};
 

@@ -10,9 +10,9 @@ use bytes::Bytes;
 use super::blobs::content_length;
 use super::flight::Join;
 use super::{status_error, ServiceError, Services, Source};
+use crate::auth::Caller;
 use crate::media::{Accepted, UPSTREAM_ACCEPT};
 use crate::names::{Digest, Reference};
-use crate::services::access::Caller;
 use crate::store::{ManifestLink, TagRecord};
 use crate::upstream::{UpRequest, Upstream};
 

@@ -4,7 +4,6 @@
 //! [`Services`] adds one worker's upstream client. Routes call these methods with an
 //! already-resolved upstream and repository and never see the store or the client.
 
-pub mod access;
 mod blobs;
 mod catalog;
 mod fill;
@@ -17,7 +16,6 @@ mod manifests;
 mod memo;
 pub mod memory;
 mod page;
-mod passwords;
 mod peers;
 mod private;
 mod pump;
@@ -25,7 +23,6 @@ mod recent;
 mod referrers;
 mod stream;
 mod tags;
-pub mod tokens;
 mod uploads;
 
 use std::sync::Arc;

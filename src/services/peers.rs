@@ -6,12 +6,12 @@ use futures_util::StreamExt;
 
 use std::sync::Arc;
 
-use super::access::Caller;
 use super::blobs::Fill;
 use super::flight::Lead;
 use super::manifests::{body_media_type, Fetched};
 use super::pump::Pumped;
 use super::{ServiceError, Services};
+use crate::auth::Caller;
 use crate::cluster::PeerManifest;
 use crate::names::{Digest, Reference};
 use crate::store::BlobWriter;

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use actix_web::http::{Method, StatusCode};
 
-use super::access::Caller;
 use super::{ServiceError, Services};
+use crate::auth::Caller;
 use crate::upstream::{Creds, UpRequest, Upstream};
 
 /// How long a successful upstream re-check is trusted for one credential.

@@ -11,9 +11,9 @@ use actix_web::http::{header, Method, StatusCode};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::access::Caller;
 use super::manifests::MAX_MANIFEST_SIZE;
 use super::{ServiceError, Services};
+use crate::auth::Caller;
 use crate::media::{OCI_INDEX, UPSTREAM_ACCEPT};
 use crate::names::Digest;
 use crate::store::TagRecord;

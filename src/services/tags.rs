@@ -7,7 +7,7 @@ use actix_web::http::{header, Method};
 use serde::{Deserialize, Serialize};
 
 use super::{status_error, ServiceError, Services, Source};
-use crate::services::access::Caller;
+use crate::auth::Caller;
 use crate::upstream::{UpRequest, Upstream};
 
 #[derive(Serialize, Deserialize)]

@@ -1,7 +1,8 @@
 //! Client authentication (htpasswd Basic, or the mirror's own bearer tokens) and
 //! authorisation (pull, push, delete, catalog).
 //!
-//! Password checks themselves (bcrypt, bounded and throttled) are in [`super::passwords`].
+//! Password checks themselves (bcrypt, bounded and throttled) are in [`super::passwords`],
+//! the mirror's own bearer tokens in [`super::tokens`].
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -11,53 +12,11 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 
+use super::caller::{AccessError, Caller};
 use super::passwords::{self, Passwords, Verdict};
 use super::tokens::{Grant, Issued, Tokens};
 use crate::config::{AuthConfig, ConfigError};
 use crate::metrics::Metrics;
-
-/// Who is calling.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Caller {
-    Anonymous,
-    /// An htpasswd user whose password checked out.
-    User(String),
-    /// Basic credentials that are not an htpasswd user's: taken as the caller's own
-    /// credentials for upstream registries.
-    Foreign {
-        user: String,
-        pass: String,
-    },
-}
-
-impl Caller {
-    /// The user name ("" when anonymous), e.g. for per-user caps.
-    pub fn name(&self) -> &str {
-        match self {
-            Caller::Anonymous => "",
-            Caller::User(u) | Caller::Foreign { user: u, .. } => u,
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum AccessError {
-    #[error("authentication required")]
-    Unauthenticated,
-    #[error("invalid username or password")]
-    BadCredentials,
-    #[error("invalid or expired token; fetch a new one from the token endpoint")]
-    BadToken,
-    #[error("the token does not grant {0}")]
-    InsufficientScope(String),
-    #[error("{0}")]
-    Denied(String),
-    #[error("{0}")]
-    Internal(&'static str),
-    /// Too many failed logins from this address as this user.
-    #[error("too many failed logins; retry after {}s", .0.as_secs())]
-    Throttled(std::time::Duration),
-}
 
 /// Who is calling, and what a bearer token limits it to (`None`: not a token; the ACL
 /// alone decides).

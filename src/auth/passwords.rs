@@ -25,7 +25,7 @@ use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::{Notify, Semaphore};
 
-use super::access::AccessError;
+use super::caller::AccessError;
 use crate::metrics::Metrics;
 
 /// Failures of one user from one address allowed within [`FAILURE_WINDOW`].

@@ -17,7 +17,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::access::{AccessError, Caller};
+use super::caller::{AccessError, Caller};
 use crate::config::{AuthConfig, ConfigError};
 
 /// `service` of the challenge, and the tokens' issuer and audience.
