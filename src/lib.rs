@@ -9,7 +9,6 @@ pub mod auth;
 pub mod cli;
 pub mod cluster;
 pub mod config;
-pub mod error;
 pub mod media;
 pub mod metrics;
 pub mod names;

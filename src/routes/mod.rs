@@ -5,6 +5,7 @@
 //! one route per name depth; [`v2`] dispatches on the parsed endpoint and the method.
 
 mod client;
+mod error;
 pub mod path;
 mod peer;
 mod pull;
@@ -22,9 +23,9 @@ use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 
 use crate::auth::{Access, Caller, Need};
-use crate::error::OciError;
 use crate::metrics::Metrics;
 use crate::services::Services;
+use error::OciError;
 use path::Endpoint;
 use target::{Router, Target};
 

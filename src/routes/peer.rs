@@ -7,10 +7,10 @@
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 
+use super::error::OciError;
 use super::target::{Router, Target};
 use super::{path, range, reply, RequestInfo};
 use crate::cluster::PEER_SECRET_HEADER;
-use crate::error::OciError;
 use crate::names::Digest;
 use crate::services::Services;
 

@@ -4,9 +4,9 @@ use actix_web::http::{header, Method, StatusCode};
 use actix_web::HttpResponse;
 use serde_json::json;
 
+use super::error::OciError;
 use super::target::Target;
 use super::{range, reply, Ctx, API_VERSION};
-use crate::error::OciError;
 use crate::media::Accepted;
 use crate::names::{Digest, Reference};
 

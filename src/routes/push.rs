@@ -5,10 +5,10 @@
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpResponse};
 
+use super::error::OciError;
 use super::path::PathError;
 use super::target::Target;
 use super::{reply, Ctx, API_VERSION};
-use crate::error::OciError;
 use crate::names::{Digest, Reference};
 use crate::services::MAX_MANIFEST_SIZE;
 

@@ -2,7 +2,7 @@
 
 use actix_web::http::StatusCode;
 
-use crate::error::OciError;
+use super::error::OciError;
 use crate::services::ByteRange;
 
 pub fn parse(v: &str) -> Result<ByteRange, OciError> {

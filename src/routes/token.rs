@@ -7,10 +7,10 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
+use super::error::OciError;
 use super::Frontend;
 use crate::auth::SERVICE;
 use crate::auth::{Access, Need, Scope};
-use crate::error::OciError;
 
 /// `GET /token?service=..&scope=..[&scope=..]`, optionally with Basic credentials.
 pub async fn token(

@@ -1,13 +1,14 @@
 //! The one place where errors of every layer become OCI error responses
-//! (`{"errors":[{"code":..,"message":..}]}` with the right status).
+//! (`{"errors":[{"code":..,"message":..}]}` with the right status). It lives with the
+//! HTTP layer, the only one that answers clients: every arrow points down from here.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
 
+use super::path::PathError;
+use super::target::RouteError;
 use crate::auth::AccessError;
-use crate::routes::path::PathError;
-use crate::routes::target::RouteError;
 use crate::services::ServiceError;
 
 #[derive(Debug, Clone)]
