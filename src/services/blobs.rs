@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use super::flight::{Join, Lead};
 use super::recent::{Readers, Recent};
 use super::stream::{Avail, BodyStream, OpenRelay, Reading};
-use super::{status_error, ServiceError, Services, Source};
+use super::{ServiceError, Services, Source};
 use crate::auth::Caller;
 use crate::names::Digest;
 use crate::store::{BlobWriter, StoreError};
@@ -283,15 +283,9 @@ impl Services {
     ) -> Result<BlobReply, ServiceError> {
         let what = format!("blobs/{d}");
         let req = blob_request(Method::HEAD, repo, &what, None);
-        let resp = self.upstream(up, "blob", req).await?;
-        if !resp.status().is_success() {
-            return Err(status_error(
-                up,
-                repo,
-                resp.status(),
-                ServiceError::BlobUnknown(d.to_string()),
-            ));
-        }
+        let resp = self
+            .upstream_ok(up, "blob", req, || ServiceError::BlobUnknown(d.to_string()))
+            .await?;
         Ok(BlobReply {
             size: content_length(resp.headers()),
             range: None,
@@ -448,15 +442,9 @@ impl Services {
         }
         let what = format!("blobs/{d}");
         let req = blob_request(Method::GET, repo, &what, None);
-        let resp = self.upstream(up, "blob", req).await?;
-        if !resp.status().is_success() {
-            return Err(status_error(
-                up,
-                repo,
-                resp.status(),
-                ServiceError::BlobUnknown(d.to_string()),
-            ));
-        }
+        let resp = self
+            .upstream_ok(up, "blob", req, || ServiceError::BlobUnknown(d.to_string()))
+            .await?;
         let size = content_length(resp.headers());
         let body = resp.map(|c| c.map_err(|e| e.to_string()));
         let Some(w) = self.write_fill(lead, d, body, size, Some(up)).await? else {
@@ -532,16 +520,10 @@ impl Services {
     ) -> Result<(Option<u64>, super::stream::Relay), ServiceError> {
         let what = format!("blobs/{d}");
         let req = blob_request(Method::GET, repo, &what, Some(pos).filter(|p| *p > 0));
-        let resp = self.upstream(up, "blob", req).await?;
+        let resp = self
+            .upstream_ok(up, "blob", req, || ServiceError::BlobUnknown(d.to_string()))
+            .await?;
         let status = resp.status();
-        if !status.is_success() {
-            return Err(status_error(
-                up,
-                repo,
-                status,
-                ServiceError::BlobUnknown(d.to_string()),
-            ));
-        }
         let partial = status == actix_web::http::StatusCode::PARTIAL_CONTENT;
         let total = (!partial).then(|| content_length(resp.headers())).flatten();
         let mut skip = if partial { 0 } else { pos };

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::blobs::content_length;
 use super::flight::Join;
-use super::{status_error, ServiceError, Services, Source};
+use super::{ServiceError, Services, Source};
 use crate::auth::Caller;
 use crate::media::{Accepted, UPSTREAM_ACCEPT};
 use crate::names::{Digest, Reference};
@@ -218,16 +218,13 @@ impl Services {
     ) -> Result<bool, ServiceError> {
         let what = format!("manifests/{tag}");
         let resp = self
-            .upstream(up, "manifest", manifest_request(Method::HEAD, repo, &what))
-            .await?;
-        if !resp.status().is_success() {
-            return Err(status_error(
+            .upstream_ok(
                 up,
-                repo,
-                resp.status(),
-                ServiceError::ManifestUnknown(tag.into()),
-            ));
-        }
+                "manifest",
+                manifest_request(Method::HEAD, repo, &what),
+                || ServiceError::ManifestUnknown(tag.into()),
+            )
+            .await?;
         Ok(header_digest(resp.headers()).as_ref() == Some(d))
     }
 
@@ -268,16 +265,13 @@ impl Services {
     ) -> Result<Option<ManifestReply>, ServiceError> {
         let what = format!("manifests/{reference}");
         let resp = self
-            .upstream(up, "manifest", manifest_request(Method::HEAD, repo, &what))
-            .await?;
-        if !resp.status().is_success() {
-            return Err(status_error(
+            .upstream_ok(
                 up,
-                repo,
-                resp.status(),
-                ServiceError::ManifestUnknown(reference.to_string()),
-            ));
-        }
+                "manifest",
+                manifest_request(Method::HEAD, repo, &what),
+                || ServiceError::ManifestUnknown(reference.to_string()),
+            )
+            .await?;
         let (Some(digest), Some(size), Some(media_type)) = (
             header_digest(resp.headers()),
             content_length(resp.headers()),
@@ -387,16 +381,13 @@ impl Services {
     ) -> Result<Fetched, ServiceError> {
         let what = format!("manifests/{reference}");
         let mut resp = self
-            .upstream(up, "manifest", manifest_request(Method::GET, repo, &what))
-            .await?;
-        if !resp.status().is_success() {
-            return Err(status_error(
+            .upstream_ok(
                 up,
-                repo,
-                resp.status(),
-                ServiceError::ManifestUnknown(reference.to_string()),
-            ));
-        }
+                "manifest",
+                manifest_request(Method::GET, repo, &what),
+                || ServiceError::ManifestUnknown(reference.to_string()),
+            )
+            .await?;
         if content_length(resp.headers()).is_some_and(|n| n > MAX_MANIFEST_SIZE as u64) {
             return Err(ServiceError::ManifestTooLarge);
         }

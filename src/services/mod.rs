@@ -275,6 +275,23 @@ impl Services {
             .observe(start.elapsed().as_secs_f64());
         Ok(resp?)
     }
+
+    /// [`Services::upstream`], with a non-2xx answer turned into the error it means
+    /// ([`status_error`]; `unknown` for a 404).
+    async fn upstream_ok(
+        &self,
+        up: &Upstream,
+        kind: &str,
+        req: UpRequest<'_>,
+        unknown: impl FnOnce() -> ServiceError,
+    ) -> Result<awc::ClientResponse, ServiceError> {
+        let repo = req.repo;
+        let resp = self.upstream(up, kind, req).await?;
+        if !resp.status().is_success() {
+            return Err(status_error(up, repo, resp.status(), unknown()));
+        }
+        Ok(resp)
+    }
 }
 
 impl Mirror {

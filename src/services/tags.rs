@@ -6,7 +6,7 @@ use std::sync::Arc;
 use actix_web::http::{header, Method};
 use serde::{Deserialize, Serialize};
 
-use super::{status_error, ServiceError, Services, Source};
+use super::{ServiceError, Services, Source};
 use crate::auth::Caller;
 use crate::upstream::{UpRequest, Upstream};
 
@@ -88,15 +88,9 @@ impl Services {
         repo: &str,
         req: UpRequest<'_>,
     ) -> Result<(TagList, Option<String>), ServiceError> {
-        let mut resp = self.upstream(up, "tags", req).await?;
-        if !resp.status().is_success() {
-            return Err(status_error(
-                up,
-                repo,
-                resp.status(),
-                ServiceError::NameUnknown(repo.into()),
-            ));
-        }
+        let mut resp = self
+            .upstream_ok(up, "tags", req, || ServiceError::NameUnknown(repo.into()))
+            .await?;
         let link = resp
             .headers()
             .get(header::LINK)
