@@ -9,7 +9,15 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use actix_web::http::{header, StatusCode};
+use awc::ClientResponse;
 use dashmap::DashMap;
+use serde::Deserialize;
+
+use super::backoff::retry_after;
+use super::configured::Upstream;
+use super::error::{rate_limited, UpstreamError};
+use super::network::{self, Network};
 
 /// A parsed `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +108,158 @@ impl TokenCache {
     pub fn put_challenge(&self, upstream: &str, c: Challenge) {
         self.challenges.insert(upstream.to_string(), c);
     }
+}
+
+/// Whose credentials a request goes out with, and the token cache key for them: tokens
+/// fetched with one client's credentials are never used for another's requests.
+pub(super) struct Who<'a> {
+    /// Whose challenges and tokens: the upstream's key for its primary URL, the URL
+    /// itself for a fallback, the origin for a redirect target.
+    pub(super) site: String,
+    /// The configured URL the request started from: a token realm must live on the kind
+    /// of network it lives on (or a public one).
+    pub(super) base: &'a url::Url,
+    pub(super) scope: &'a str,
+    pub(super) cache_key: String,
+    pub(super) basic: Option<String>,
+}
+
+impl<'a> Who<'a> {
+    pub(super) fn new(up: &Upstream, base: &'a url::Url, scope: &'a str) -> Who<'a> {
+        let cache_key = match &up.client {
+            Some(id) => format!("{scope}#{id}"),
+            None => scope.to_string(),
+        };
+        Who {
+            site: up.name.clone(),
+            base,
+            scope,
+            cache_key,
+            basic: up.basic_header(),
+        }
+    }
+
+    /// No credentials at all: for fallback URLs.
+    pub(super) fn anonymous_at(base: &'a url::Url, scope: &'a str) -> Who<'a> {
+        Who {
+            site: base.to_string(),
+            base,
+            scope,
+            cache_key: scope.to_string(),
+            basic: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+/// What fetching a token takes from the client: the connection pool for the upstream,
+/// name resolution, and the token cache every worker shares.
+pub(super) struct TokenSource<'a> {
+    pub(super) http: &'a awc::Client,
+    pub(super) net: &'a dyn Network,
+    pub(super) tokens: &'a TokenCache,
+}
+
+impl TokenSource<'_> {
+    /// The Authorization value for `scope`, from the cache, or fetched if the upstream is
+    /// known to want a token. `fresh` skips the cache (after a 401 with a cached token).
+    pub(super) async fn header(
+        &self,
+        up: &Upstream,
+        who: &Who<'_>,
+        fresh: bool,
+    ) -> Result<Option<String>, UpstreamError> {
+        if !fresh {
+            if let Some(t) = self.tokens.token(&who.site, &who.cache_key) {
+                return Ok(Some(format!("Bearer {t}")));
+            }
+        }
+        match self.tokens.challenge(&who.site) {
+            None => Ok(None),
+            Some(Challenge::Basic) => Ok(who.basic.clone()),
+            Some(Challenge::Bearer { realm, service, .. }) => {
+                let token = self.fetch(up, who, &realm, service.as_deref()).await?;
+                Ok(Some(format!("Bearer {token}")))
+            }
+        }
+    }
+
+    /// Fetches a token from `realm`. Every realm, whoever's credentials go there, must
+    /// resolve to an address the redirect policy allows for the URL the request started
+    /// from ([`super::network`]), and the connection goes to exactly that address: a challenge
+    /// cannot point the mirror, or the credentials, into a network the upstream is not on.
+    pub(super) async fn fetch(
+        &self,
+        up: &Upstream,
+        who: &Who<'_>,
+        realm: &str,
+        service: Option<&str>,
+    ) -> Result<String, UpstreamError> {
+        let err = |msg: String| UpstreamError::Auth {
+            upstream: up.name.clone(),
+            msg,
+        };
+        let mut url =
+            url::Url::parse(realm).map_err(|e| err(format!("token realm {realm:?}: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(err(format!("token realm {realm:?} is not an http(s) URL")));
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", who.scope);
+        }
+        let own = network::kinds(self.net, up, who.base).await?;
+        let addr = network::checked_addr(self.net, up, "token realm", &url, &own).await?;
+        let mut req = self.http.get(url.as_str()).address(addr);
+        if let Some(b) = &who.basic {
+            req = req.insert_header((header::AUTHORIZATION, b.as_str()));
+        }
+        let mut resp = req
+            .send()
+            .await
+            .map_err(|e| err(format!("token endpoint: {e}")))?;
+        let status = resp.status();
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            return Err(rate_limited(up, retry_after(resp.headers())));
+        }
+        if !status.is_success() {
+            return Err(err(format!("token endpoint answered {status}")));
+        }
+        let body: TokenResponse = resp
+            .json()
+            .limit(1 << 20)
+            .await
+            .map_err(|e| err(format!("token response: {e}")))?;
+        let token = body
+            .token
+            .or(body.access_token)
+            .ok_or_else(|| err("token response has no token".into()))?;
+        // The spec's default lifetime is 60 s when `expires_in` is absent.
+        let ttl = Duration::from_secs(body.expires_in.unwrap_or(60).max(60));
+        self.tokens
+            .put_token(&who.site, &who.cache_key, token.clone(), ttl);
+        Ok(token)
+    }
+}
+
+/// The challenge of a `401` answer (none for any other status, or without a readable one).
+pub(super) fn challenge_of(resp: &ClientResponse) -> Option<Challenge> {
+    if resp.status() != StatusCode::UNAUTHORIZED {
+        return None;
+    }
+    resp.headers()
+        .get(header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_challenge)
 }
 
 #[cfg(test)]

@@ -12,6 +12,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use futures_util::future::BoxFuture;
 
+use super::configured::Upstream;
+use super::error::{connect_msg, protocol, UpstreamError};
+
 /// What kind of network an address belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AddrKind {
@@ -101,6 +104,49 @@ pub async fn addresses(net: &dyn Network, url: &url::Url) -> io::Result<Vec<Sock
         Some(url::Host::Domain(d)) => net.resolve(d, port).await,
         None => Err(io::Error::other(format!("{url} has no host"))),
     }
+}
+
+/// The kinds of network the upstream's own URL lives on.
+pub(super) async fn kinds(
+    net: &dyn Network,
+    up: &Upstream,
+    base: &url::Url,
+) -> Result<Vec<AddrKind>, UpstreamError> {
+    let addrs = addresses(net, base)
+        .await
+        .map_err(|e| connect_msg(up, format!("resolve {base}: {e}")))?;
+    Ok(addrs.iter().map(|a| net.kind(a.ip())).collect())
+}
+
+/// The address to connect to for `what` (a redirect, a token realm) at `url`: every
+/// address the name has must be allowed (else one answer of a rotating name could
+/// reach the inside).
+pub(super) async fn checked_addr(
+    net: &dyn Network,
+    up: &Upstream,
+    what: &str,
+    url: &url::Url,
+    own: &[AddrKind],
+) -> Result<std::net::SocketAddr, UpstreamError> {
+    let addrs = addresses(net, url)
+        .await
+        .map_err(|e| connect_msg(up, format!("resolve {url}: {e}")))?;
+    if let Some(bad) = addrs.iter().find(|a| !allowed(net.kind(a.ip()), own)) {
+        tracing::warn!(upstream = %up.name, what, target = %url.origin().ascii_serialization(), address = %bad.ip(), "refused a host in a network the upstream is not on");
+        return Err(protocol(
+            up,
+            format!(
+                "{what} {} refused: it resolves to {} ({:?}), a network the upstream is not on",
+                url.origin().ascii_serialization(),
+                bad.ip(),
+                net.kind(bad.ip())
+            ),
+        ));
+    }
+    addrs
+        .first()
+        .copied()
+        .ok_or_else(|| connect_msg(up, format!("{url}: no address")))
 }
 
 #[cfg(test)]
