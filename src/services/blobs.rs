@@ -9,8 +9,8 @@ use actix_web::http::{header, Method};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
+use super::fill_state::Fill;
 use super::flight::{Join, Lead};
-use super::recent::{Readers, Recent};
 use super::stream::{Avail, BodyStream, OpenRelay, Reading};
 use super::{ServiceError, Services, Source};
 use crate::auth::Caller;
@@ -47,34 +47,6 @@ fn belongs_to_repo(e: &ServiceError) -> bool {
             | ServiceError::Unauthorized(_)
             | ServiceError::Denied(_)
     )
-}
-
-/// Progress of one blob download, watched by every request streaming it.
-#[derive(Default)]
-pub struct Fill {
-    /// `<upstream>/<repo>` the fill was started for.
-    pub origin: String,
-    pub file: Option<Arc<File>>,
-    /// Content-Length announced by the upstream.
-    pub size: Option<u64>,
-    /// Upstream headers arrived with a success status.
-    pub started: bool,
-    /// Bytes in `file`, which readers may read (the rest, up to what was received, is
-    /// still in `recent`).
-    pub written: u64,
-    /// The bytes received last, for the readers that keep up (see [`Recent`]).
-    pub recent: Recent,
-    /// Where the readers are, so the fill waits a moment for one that lags.
-    pub readers: Arc<Readers>,
-    /// All bytes arrived and match the digest (readers may send the last byte; the
-    /// fsync and rename into the store follow).
-    pub verified: bool,
-    /// Verified and moved into the store.
-    pub committed: bool,
-    /// The store could not take the bytes (disk full): `written` bytes are readable from
-    /// `file` (if any) and readers relay the rest from upstream themselves.
-    pub passthrough: bool,
-    pub error: Option<Arc<ServiceError>>,
 }
 
 /// A single `Range` request, as parsed from the header.
@@ -134,7 +106,7 @@ impl Services {
         loop {
             let ended = {
                 let f = rx.borrow_and_update();
-                f.committed || f.error.is_some() || f.passthrough
+                f.ended()
             };
             // A closed channel: the leader is gone, the fill over either way.
             if ended || rx.changed().await.is_err() {
@@ -348,10 +320,7 @@ impl Services {
     ) -> Result<FillStart, ServiceError> {
         let mut confirmed = false;
         for _ in 0..MAX_REJOINS {
-            let init = || Fill {
-                origin: origin.to_string(),
-                ..Fill::default()
-            };
+            let init = || Fill::for_origin(origin.to_string());
             let mut rx = match self.mirror.blob_flights.join(d.clone(), init) {
                 Join::Leader(lead) => {
                     let rx = lead.subscribe();
@@ -403,7 +372,7 @@ impl Services {
         gauge.inc();
         if let Err(e) = self.fill(&lead, up, repo, d, forward).await {
             tracing::warn!(upstream = %up.name, repo, digest = %d, error = %e, "blob fill failed");
-            lead.tx.send_modify(|f| f.error = Some(Arc::new(e)));
+            lead.tx.send_modify(|f| f.fail(Arc::new(e)));
         }
         gauge.dec();
     }
@@ -420,16 +389,7 @@ impl Services {
         if let (Some(size), Some(file)) = (self.store().local_size(d)?, self.store().open_blob(d)?)
         {
             lead.tx.send_modify(|f| {
-                *f = Fill {
-                    origin: std::mem::take(&mut f.origin),
-                    file: Some(Arc::new(file)),
-                    size: Some(size),
-                    started: true,
-                    written: size,
-                    verified: true,
-                    committed: true,
-                    ..Fill::default()
-                }
+                *f = Fill::committed_as(std::mem::take(&mut f.origin), Arc::new(file), size);
             });
             return Ok(());
         }
@@ -470,7 +430,7 @@ impl Services {
         let verified = w.digest() == *d && size.is_none_or(|s| s == w.written());
         if verified {
             // Clients need not wait for the fsync: release them once the bytes check out.
-            lead.tx.send_modify(|f| f.verified = true);
+            lead.tx.send_modify(Fill::verify);
         }
         if to_bucket && self.store().is_shared() {
             let (rx, store, d) = (lead.subscribe(), self.mirror.store.clone(), d.clone());
@@ -480,10 +440,7 @@ impl Services {
         self.commit(w, size, up, repo, d).await?;
         self.store().link_blob(&up.name, repo, d).await?;
         self.mirror.list_repo(&up.name, repo).await?;
-        lead.tx.send_modify(|f| {
-            f.written = total;
-            f.committed = true;
-        });
+        lead.tx.send_modify(|f| f.commit(total));
         Ok(())
     }
 
@@ -503,8 +460,7 @@ impl Services {
         tracing::warn!(upstream = %up.name, digest = %d, error = %e, "store is full: passing the blob through uncached");
         lead.tx.send_modify(|f| {
             f.size = size;
-            f.started = true;
-            f.passthrough = true;
+            f.pass_through();
         });
     }
 
@@ -587,10 +543,10 @@ pub(super) async fn wait_started(
     loop {
         {
             let f = rx.borrow_and_update();
-            if let Some(e) = &f.error {
+            if let Some(e) = f.error() {
                 return Err(ServiceError::Shared(e.clone()));
             }
-            if f.started && (f.file.is_some() || f.passthrough) {
+            if f.started() && (f.file.is_some() || f.passthrough()) {
                 return Ok((f.file.clone(), f.size));
             }
         }
@@ -608,13 +564,13 @@ pub(super) async fn wait_verified(rx: &mut watch::Receiver<Fill>) -> Result<(), 
     loop {
         {
             let f = rx.borrow_and_update();
-            if let Some(e) = &f.error {
+            if let Some(e) = f.error() {
                 return Err(ServiceError::Shared(e.clone()));
             }
-            if f.verified || f.committed {
+            if f.verified() {
                 return Ok(());
             }
-            if f.passthrough {
+            if f.passthrough() {
                 return Err(ServiceError::Unavailable(
                     "the store is full: a part of this blob cannot be verified before it is served; retry without Range".into(),
                 ));

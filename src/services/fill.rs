@@ -7,7 +7,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
-use super::blobs::{BlobReply, ByteRange, Fill};
+use super::blobs::{BlobReply, ByteRange};
+use super::fill_state::Fill;
 use super::flight::{Join, Lead};
 use super::pump::Pumped;
 use super::stream::{Avail, BodyStream};
@@ -40,7 +41,7 @@ impl Services {
                 actix_web::rt::spawn(async move {
                     if let Err(e) = this.copy_from_bucket(&lead, &d).await {
                         tracing::warn!(digest = %d, error = %e, "copy from the bucket failed");
-                        lead.tx.send_modify(|f| f.error = Some(Arc::new(e)));
+                        lead.tx.send_modify(|f| f.fail(Arc::new(e)));
                     }
                 });
                 rx
@@ -96,13 +97,10 @@ impl Services {
                 w.digest()
             )));
         }
-        lead.tx.send_modify(|f| f.verified = true);
+        lead.tx.send_modify(Fill::verify);
         let (expected, store) = (d.clone(), self.mirror.store.clone());
         super::offload(async move { store.commit(w, &expected, Some(size)) }).await?;
-        lead.tx.send_modify(|f| {
-            f.written = size;
-            f.committed = true;
-        });
+        lead.tx.send_modify(|f| f.commit(size));
         self.mirror.keep_local_tier();
         Ok(())
     }
@@ -153,7 +151,7 @@ impl Services {
         lead.tx.send_modify(|f| {
             f.file = Some(w.reader());
             f.size = size;
-            f.started = true;
+            f.start();
         });
         Ok(Some(w))
     }
@@ -171,8 +169,8 @@ pub(super) async fn copy_to_bucket(
     let (file, size) = loop {
         let (file, size, committed, failed) = {
             let f = rx.borrow_and_update();
-            let failed = f.error.is_some() || f.passthrough;
-            (f.file.clone(), f.written, f.committed, failed)
+            let failed = f.error().is_some() || f.passthrough();
+            (f.file.clone(), f.written, f.committed(), failed)
         };
         if failed {
             return;
@@ -180,7 +178,7 @@ pub(super) async fn copy_to_bucket(
         if committed {
             break (file, size);
         }
-        if rx.changed().await.is_err() && !rx.borrow().committed {
+        if rx.changed().await.is_err() && !rx.borrow().committed() {
             return;
         }
     };

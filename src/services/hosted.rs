@@ -269,7 +269,7 @@ impl Services {
         // A blob still being filled (its client may already have all bytes) is mounted
         // once it is in the store.
         if let Some(mut rx) = self.mirror.blob_flights.follow(d) {
-            let done = rx.wait_for(|f| f.committed || f.error.is_some() || f.passthrough);
+            let done = rx.wait_for(|f| f.ended());
             let _ = tokio::time::timeout(std::time::Duration::from_secs(60), done).await;
         }
         let ns = self.hosted()?.prefix.clone();

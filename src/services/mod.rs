@@ -7,6 +7,7 @@
 mod blobs;
 mod catalog;
 mod fill;
+mod fill_state;
 mod flight;
 pub mod gc;
 
@@ -193,7 +194,7 @@ pub struct Mirror {
     proofs: dashmap::DashMap<String, std::time::Instant>,
     /// Committed objects being streamed to clients right now (eviction skips them).
     readers: Arc<dashmap::DashMap<Digest, usize>>,
-    blob_flights: Arc<flight::Flights<Digest, blobs::Fill>>,
+    blob_flights: Arc<flight::Flights<Digest, fill_state::Fill>>,
     manifest_flights: Arc<flight::Flights<String, manifests::Pending>>,
     /// `_catalog`'s listing.
     catalog: catalog::Catalog,

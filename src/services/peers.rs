@@ -6,7 +6,7 @@ use futures_util::StreamExt;
 
 use std::sync::Arc;
 
-use super::blobs::Fill;
+use super::fill_state::Fill;
 use super::flight::Lead;
 use super::manifests::{body_media_type, Fetched};
 use super::pump::Pumped;

@@ -21,8 +21,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::backlog::Loan;
-use super::blobs::Fill;
 use super::fill::IDLE_TIMEOUT;
+use super::fill_state::Fill;
 use super::flight::Lead;
 use super::{ServiceError, Services};
 use crate::names::Digest;
@@ -222,7 +222,7 @@ impl Services {
                     if let Some(h) = hashes.result.as_ref().filter(|_| ok) {
                         // Release the readers' last byte as soon as the blob checks out.
                         if Digest::from_hasher(h.clone()) == *d {
-                            lead.tx.send_modify(|f| f.verified = true);
+                            lead.tx.send_modify(Fill::verify);
                         }
                     }
                 }

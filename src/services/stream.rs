@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use dashmap::DashMap;
 
-use super::blobs::Fill;
+use super::fill_state::Fill;
 use super::recent::Reader;
 use super::ServiceError;
 use crate::metrics::Metrics;
@@ -230,11 +230,11 @@ impl Cursor {
         loop {
             {
                 let fill = rx.borrow_and_update();
-                if let Some(e) = &fill.error {
+                if let Some(e) = fill.error() {
                     return Err(ServiceError::Shared(e.clone()));
                 }
-                let done = fill.committed || fill.verified;
-                if fill.passthrough && !done {
+                let done = fill.verified();
+                if fill.passthrough() {
                     return Ok(if fill.written > self.pos {
                         Next::Upto(fill.written)
                     } else {
