@@ -8,6 +8,8 @@ mod blobs;
 mod catalog;
 mod fill;
 mod fill_state;
+#[cfg(test)]
+mod fill_tests;
 mod flight;
 pub mod gc;
 
