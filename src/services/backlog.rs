@@ -1,7 +1,7 @@
 //! Memory the fills in progress may borrow to keep reading their sources while the disk
 //! stalls.
 //!
-//! Each fill may receive [`pump::MAX_PENDING`](super::pump) bytes ahead of its write lane
+//! Each fill may receive `MAX_PENDING` (pump.rs) bytes ahead of its write lane
 //! on its own. A busy disk (another process's page cache being written back, the host
 //! flushing) stalls single direct writes for 100-450 ms; at 16 MiB ahead a cold 256 MiB
 //! pull then stopped reading its upstream for that long, once or twice per pull

@@ -9,9 +9,10 @@ use actix_web::http::{header, Method};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
-use super::fill_state::Fill;
+use super::blob_reply::{BlobReply, ByteRange};
+use super::fill_state::{wait_started, Fill};
 use super::flight::{Join, Lead};
-use super::stream::{Avail, BodyStream, OpenRelay, Reading};
+use super::stream::{Avail, BodyStream, OpenRelay};
 use super::{ServiceError, Services, Source};
 use crate::auth::Caller;
 use crate::names::Digest;
@@ -47,39 +48,6 @@ fn belongs_to_repo(e: &ServiceError) -> bool {
             | ServiceError::Unauthorized(_)
             | ServiceError::Denied(_)
     )
-}
-
-/// A single `Range` request, as parsed from the header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ByteRange {
-    /// `bytes=a-b` (inclusive) or `bytes=a-`.
-    From(u64, Option<u64>),
-    /// `bytes=-n`: the last n bytes.
-    Suffix(u64),
-}
-
-impl ByteRange {
-    /// `[start, end)` within a blob of `size` bytes.
-    pub fn resolve(self, size: u64) -> Result<(u64, u64), ServiceError> {
-        let r = match self {
-            ByteRange::From(a, b) => (a, b.map_or(size, |b| (b + 1).min(size))),
-            ByteRange::Suffix(n) => (size.saturating_sub(n), size),
-        };
-        if r.0 >= r.1 {
-            return Err(ServiceError::RangeNotSatisfiable { size });
-        }
-        Ok(r)
-    }
-}
-
-pub struct BlobReply {
-    /// Full size of the blob, when known.
-    pub size: Option<u64>,
-    /// `[start, end)` when answering a range request.
-    pub range: Option<(u64, u64)>,
-    /// `None` for HEAD.
-    pub body: Option<BodyStream>,
-    pub source: Source,
 }
 
 impl Services {
@@ -198,39 +166,6 @@ impl Services {
             .cache
             .with_label_values(&[&up.name, "blob", result])
             .inc();
-    }
-
-    pub(super) fn cached(
-        &self,
-        d: &Digest,
-        size: u64,
-        range: Option<ByteRange>,
-        head: bool,
-    ) -> Result<BlobReply, ServiceError> {
-        let range = range.map(|r| r.resolve(size)).transpose()?;
-        let body = if head {
-            None
-        } else {
-            let file = self
-                .store()
-                .open_blob(d)?
-                .ok_or_else(|| ServiceError::BlobUnknown(d.to_string()))?;
-            let (start, end) = range.unwrap_or((0, size));
-            Some(BodyStream::new(
-                Some(Arc::new(file)),
-                start,
-                end,
-                Avail::Complete(Reading::new(self.mirror.readers.clone(), d.clone())),
-                self.mirror.metrics.clone(),
-                "cache",
-            ))
-        };
-        Ok(BlobReply {
-            size: Some(size),
-            range,
-            body,
-            source: Source::Cache,
-        })
     }
 
     /// The blob is stored (through another repository or upstream) but not known to
@@ -444,26 +379,6 @@ impl Services {
         Ok(())
     }
 
-    /// Gives up caching this blob: the store is full. Clients still get their bytes.
-    pub(super) fn pass_through(
-        &self,
-        lead: &Lead<Digest, Fill>,
-        up: &Upstream,
-        d: &Digest,
-        size: Option<u64>,
-        e: &std::io::Error,
-    ) {
-        self.metrics()
-            .store_errors
-            .with_label_values(&["no_space"])
-            .inc();
-        tracing::warn!(upstream = %up.name, digest = %d, error = %e, "store is full: passing the blob through uncached");
-        lead.tx.send_modify(|f| {
-            f.size = size;
-            f.pass_through();
-        });
-    }
-
     /// Upstream bytes of `d` from offset `pos` on (a `Range` request; a server that
     /// ignores it has the skipped bytes dropped here), with the blob's full size when the
     /// upstream sent it whole (a `206` does not say it in `Content-Length`).
@@ -532,54 +447,6 @@ impl Services {
                 })
             }
             Err(e) => Err(e),
-        }
-    }
-}
-
-/// Waits for a fill's upstream headers (or its failure).
-pub(super) async fn wait_started(
-    rx: &mut watch::Receiver<Fill>,
-) -> Result<(Option<Arc<File>>, Option<u64>), ServiceError> {
-    loop {
-        {
-            let f = rx.borrow_and_update();
-            if let Some(e) = f.error() {
-                return Err(ServiceError::Shared(e.clone()));
-            }
-            if f.started() && (f.file.is_some() || f.passthrough()) {
-                return Ok((f.file.clone(), f.size));
-            }
-        }
-        if rx.changed().await.is_err() {
-            return Err(ServiceError::Unavailable(
-                "fill ended without a result".into(),
-            ));
-        }
-    }
-}
-
-/// Waits until the fill's bytes all arrived and matched the digest. A fill that relays
-/// without storing (disk full) never verifies a part a reader could be given: refused.
-pub(super) async fn wait_verified(rx: &mut watch::Receiver<Fill>) -> Result<(), ServiceError> {
-    loop {
-        {
-            let f = rx.borrow_and_update();
-            if let Some(e) = f.error() {
-                return Err(ServiceError::Shared(e.clone()));
-            }
-            if f.verified() {
-                return Ok(());
-            }
-            if f.passthrough() {
-                return Err(ServiceError::Unavailable(
-                    "the store is full: a part of this blob cannot be verified before it is served; retry without Range".into(),
-                ));
-            }
-        }
-        if rx.changed().await.is_err() {
-            return Err(ServiceError::Unavailable(
-                "fill ended without a result".into(),
-            ));
         }
     }
 }

@@ -7,20 +7,50 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
-use super::blobs::{BlobReply, ByteRange};
-use super::fill_state::Fill;
+use super::blob_reply::{BlobReply, ByteRange};
+use super::fill_state::{no_space, Fill};
 use super::flight::{Join, Lead};
 use super::pump::Pumped;
-use super::stream::{Avail, BodyStream};
+use super::stream::{Avail, BodyStream, Reading};
 use super::{ServiceError, Services, Source};
 use crate::names::Digest;
 use crate::store::{BlobWriter, StoreError};
 use crate::upstream::Upstream;
 
-/// A source that sends nothing for this long is abandoned.
-pub(super) const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
 impl Services {
+    pub(super) fn cached(
+        &self,
+        d: &Digest,
+        size: u64,
+        range: Option<ByteRange>,
+        head: bool,
+    ) -> Result<BlobReply, ServiceError> {
+        let range = range.map(|r| r.resolve(size)).transpose()?;
+        let body = if head {
+            None
+        } else {
+            let file = self
+                .store()
+                .open_blob(d)?
+                .ok_or_else(|| ServiceError::BlobUnknown(d.to_string()))?;
+            let (start, end) = range.unwrap_or((0, size));
+            Some(BodyStream::new(
+                Some(Arc::new(file)),
+                start,
+                end,
+                Avail::Complete(Reading::new(self.mirror.readers.clone(), d.clone())),
+                self.mirror.metrics.clone(),
+                "cache",
+            ))
+        };
+        Ok(BlobReply {
+            size: Some(size),
+            range,
+            body,
+            source: Source::Cache,
+        })
+    }
+
     /// A stored blob: from the local tier, or (held only by the bucket) copied into it
     /// once, every request streaming the bytes as they arrive.
     pub(super) async fn stored(
@@ -48,13 +78,13 @@ impl Services {
             }
             Join::Follower(rx) => rx,
         };
-        let (file, _) = super::blobs::wait_started(&mut rx).await?;
+        let (file, _) = super::fill_state::wait_started(&mut rx).await?;
         let range = range.map(|r| r.resolve(size)).transpose()?;
         if range.is_some() {
             // A range may end before the last byte, which alone waits for the digest: the
             // bucket's bytes are served in part only once all of them checked out (an
             // altered object then fails here, and is deleted, instead of being served).
-            super::blobs::wait_verified(&mut rx).await?;
+            super::fill_state::wait_verified(&mut rx).await?;
         }
         let (start, end) = range.unwrap_or((0, size));
         let body = BodyStream::new(
@@ -213,12 +243,4 @@ async fn upload_file(
         pos += n as u64;
     }
     Ok(upload.complete().await?)
-}
-
-/// Whether a write failed because the disk (or quota) is full.
-pub(super) fn no_space(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-    )
 }

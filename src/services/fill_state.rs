@@ -5,6 +5,8 @@
 use std::fs::File;
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 use super::recent::{Readers, Recent};
 use super::ServiceError;
 
@@ -139,6 +141,65 @@ impl Fill {
             Phase::Committed | Phase::Failed(_) | Phase::Passthrough
         )
     }
+}
+
+/// A source that sends nothing for this long is abandoned.
+pub(super) const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits for a fill's upstream headers (or its failure).
+pub(super) async fn wait_started(
+    rx: &mut watch::Receiver<Fill>,
+) -> Result<(Option<Arc<File>>, Option<u64>), ServiceError> {
+    loop {
+        {
+            let f = rx.borrow_and_update();
+            if let Some(e) = f.error() {
+                return Err(ServiceError::Shared(e.clone()));
+            }
+            if f.started() && (f.file.is_some() || f.passthrough()) {
+                return Ok((f.file.clone(), f.size));
+            }
+        }
+        if rx.changed().await.is_err() {
+            return Err(ServiceError::Unavailable(
+                "fill ended without a result".into(),
+            ));
+        }
+    }
+}
+
+/// Waits until the fill's bytes all arrived and matched the digest. A fill that relays
+/// without storing (disk full) never verifies a part a reader could be given: refused.
+pub(super) async fn wait_verified(rx: &mut watch::Receiver<Fill>) -> Result<(), ServiceError> {
+    loop {
+        {
+            let f = rx.borrow_and_update();
+            if let Some(e) = f.error() {
+                return Err(ServiceError::Shared(e.clone()));
+            }
+            if f.verified() {
+                return Ok(());
+            }
+            if f.passthrough() {
+                return Err(ServiceError::Unavailable(
+                    "the store is full: a part of this blob cannot be verified before it is served; retry without Range".into(),
+                ));
+            }
+        }
+        if rx.changed().await.is_err() {
+            return Err(ServiceError::Unavailable(
+                "fill ended without a result".into(),
+            ));
+        }
+    }
+}
+
+/// Whether a write failed because the disk (or quota) is full.
+pub(super) fn no_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 use serde_json::json;
 
-use super::blobs::{BlobReply, ByteRange};
+use super::blob_reply::{BlobReply, ByteRange};
 use super::manifests::{negotiate, ManifestReply, MAX_MANIFEST_SIZE};
 use super::page::{paginate, Page};
 use super::uploads::{UploadLimits, Uploads};

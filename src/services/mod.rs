@@ -14,6 +14,7 @@ mod flight;
 pub mod gc;
 
 pub mod backlog;
+mod blob_reply;
 mod hosted;
 mod manifests;
 mod memo;
@@ -32,7 +33,7 @@ use std::sync::Arc;
 
 use actix_web::http::StatusCode;
 
-pub use blobs::{BlobReply, ByteRange};
+pub use blob_reply::{BlobReply, ByteRange};
 pub use hosted::Hosted;
 pub use manifests::{ManifestReply, MAX_MANIFEST_SIZE};
 pub use page::Page;

@@ -21,8 +21,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::backlog::Loan;
-use super::fill::IDLE_TIMEOUT;
-use super::fill_state::Fill;
+use super::fill_state::{no_space, Fill, IDLE_TIMEOUT};
 use super::flight::Lead;
 use super::{ServiceError, Services};
 use crate::names::Digest;
@@ -130,6 +129,26 @@ impl<T: Send + 'static> Lane<T> {
 }
 
 impl Services {
+    /// Gives up caching this blob: the store is full. Clients still get their bytes.
+    pub(super) fn pass_through(
+        &self,
+        lead: &Lead<Digest, Fill>,
+        up: &Upstream,
+        d: &Digest,
+        size: Option<u64>,
+        e: &std::io::Error,
+    ) {
+        self.metrics()
+            .store_errors
+            .with_label_values(&["no_space"])
+            .inc();
+        tracing::warn!(upstream = %up.name, digest = %d, error = %e, "store is full: passing the blob through uncached");
+        lead.tx.send_modify(|f| {
+            f.size = size;
+            f.pass_through();
+        });
+    }
+
     /// Appends `body` (from `source`) to a fill's file. A source that breaks leaves the
     /// writer intact (everything received before the break kept) for another source to
     /// go on from where it stopped.
@@ -184,7 +203,7 @@ impl Services {
         let mut loan = Loan::new(&self.mirror.backlog);
         loop {
             if let Some((w, Err(e))) = writes.result.take_if(|(_, r)| r.is_err()) {
-                if super::fill::no_space(&e) && up.is_some() {
+                if no_space(&e) && up.is_some() {
                     // Dropping the writer removes the partial file; readers keep their
                     // handle on the bytes already written and relay the rest.
                     drop(w);
