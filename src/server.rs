@@ -221,9 +221,6 @@ fn spawn_measure(store: Arc<Store>, metrics: Arc<Metrics>) {
 /// With a bucket: writes recorded uses to it (when eviction is configured) and keeps the
 /// local tier under its cap.
 fn spawn_local_tier(mirror: Arc<Mirror>, evicts: bool) {
-    if !mirror.store.is_shared() {
-        return;
-    }
     actix_web::rt::spawn(async move {
         let mut tick = tokio::time::interval(USES_EVERY);
         loop {

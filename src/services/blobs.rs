@@ -367,7 +367,7 @@ impl Services {
             // Clients need not wait for the fsync: release them once the bytes check out.
             lead.tx.send_modify(Fill::verify);
         }
-        if to_bucket && self.store().is_shared() {
+        if to_bucket {
             let (rx, store, d) = (lead.subscribe(), self.mirror.store.clone(), d.clone());
             actix_web::rt::spawn(super::fill::copy_to_bucket(rx, store, d));
         }

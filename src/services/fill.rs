@@ -215,32 +215,7 @@ pub(super) async fn copy_to_bucket(
     let Some(file) = file else {
         return;
     };
-    if let Err(e) = upload_file(&store, &d, file, size).await {
+    if let Err(e) = store.copy_to_shared(&d, file, size).await {
         tracing::warn!(digest = %d, error = %e, "bucket copy failed; the blob stays local only");
     }
-}
-
-/// Uploads `size` bytes of `file` as blob `d`, part by part.
-async fn upload_file(
-    store: &crate::store::Store,
-    d: &Digest,
-    file: Arc<std::fs::File>,
-    size: u64,
-) -> Result<(), ServiceError> {
-    let Some(mut upload) = store.upload_shared(d).await? else {
-        return Ok(());
-    };
-    let part = crate::store::bucket::PART as u64;
-    let mut pos = 0u64;
-    while pos < size {
-        let n = (size - pos).min(part) as usize;
-        let (f, at) = (file.clone(), pos);
-        let bytes = tokio::task::spawn_blocking(move || super::stream::read_chunk(&f, at, n))
-            .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
-            .map_err(StoreError::from)?;
-        upload.push(bytes).await?;
-        pos += n as u64;
-    }
-    Ok(upload.complete().await?)
 }

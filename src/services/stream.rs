@@ -21,6 +21,7 @@ use super::recent::Reader;
 use super::ServiceError;
 use crate::metrics::Metrics;
 use crate::names::Digest;
+use crate::store::read_chunk;
 
 /// Bytes per step: large enough to keep thread hand-offs rare, small enough that 64
 /// streams hold little memory.
@@ -32,26 +33,6 @@ fn spawn_read(
     len: usize,
 ) -> tokio::task::JoinHandle<std::io::Result<Bytes>> {
     tokio::task::spawn_blocking(move || read_chunk(&file, pos, len))
-}
-
-/// Reads `[pos, pos+len)` of a blob file on a blocking thread (a page-cache miss never
-/// stalls an async worker). Positional reads, not a memory map: a file cut short under a
-/// reader (a disk cleanup, an operator) then gives a short read, which aborts this one
-/// response, where a mapping would kill the whole process with SIGBUS.
-pub(super) fn read_chunk(file: &File, pos: u64, len: usize) -> std::io::Result<Bytes> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = bytes::BytesMut::zeroed(len);
-    file.read_exact_at(&mut buf, pos).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            std::io::Error::other(format!(
-                "blob file ends before byte {} (cut short while being read)",
-                pos + len as u64
-            ))
-        } else {
-            e
-        }
-    })?;
-    Ok(buf.freeze())
 }
 
 /// The body of a blob response.

@@ -111,11 +111,6 @@ impl Store {
         Ok(store)
     }
 
-    /// Whether content and metadata live in a bucket shared with other replicas.
-    pub fn is_shared(&self) -> bool {
-        self.shared.is_some()
-    }
-
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -461,4 +456,24 @@ fn not_found_is_none<T>(r: io::Result<T>) -> Result<Option<T>, StoreError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Reads `[pos, pos+len)` of a blob file; callers run it on a blocking thread (a page-cache miss never
+/// stalls an async worker). Positional reads, not a memory map: a file cut short under a
+/// reader (a disk cleanup, an operator) then gives a short read, which aborts this one
+/// response, where a mapping would kill the whole process with SIGBUS.
+pub fn read_chunk(file: &File, pos: u64, len: usize) -> std::io::Result<bytes::Bytes> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = bytes::BytesMut::zeroed(len);
+    file.read_exact_at(&mut buf, pos).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            std::io::Error::other(format!(
+                "blob file ends before byte {} (cut short while being read)",
+                pos + len as u64
+            ))
+        } else {
+            e
+        }
+    })?;
+    Ok(buf.freeze())
 }

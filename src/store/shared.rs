@@ -127,6 +127,31 @@ impl Store {
         Ok(())
     }
 
+    /// Copies `size` bytes of a committed local blob `d` into the bucket, part by part;
+    /// nothing without a bucket.
+    pub async fn copy_to_shared(
+        &self,
+        d: &Digest,
+        file: Arc<std::fs::File>,
+        size: u64,
+    ) -> Result<(), StoreError> {
+        let Some(mut upload) = self.upload_shared(d).await? else {
+            return Ok(());
+        };
+        let part = super::bucket::PART as u64;
+        let mut pos = 0u64;
+        while pos < size {
+            let n = (size - pos).min(part) as usize;
+            let (f, at) = (file.clone(), pos);
+            let bytes = tokio::task::spawn_blocking(move || super::read_chunk(&f, at, n))
+                .await
+                .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))??;
+            upload.push(bytes).await?;
+            pos += n as u64;
+        }
+        upload.complete().await
+    }
+
     /// A multipart upload of `d` into the bucket, to be fed while the blob is written
     /// locally and completed only once its digest checked out; `None` without a bucket.
     pub async fn upload_shared(&self, d: &Digest) -> Result<Option<Upload>, StoreError> {
