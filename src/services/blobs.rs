@@ -10,9 +10,9 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::blob_reply::{BlobReply, ByteRange};
-use super::fill_state::{wait_started, Fill};
+use super::fill::{wait_started, Fill};
+use super::fill::{Avail, BodyStream, OpenRelay};
 use super::flight::{Join, Lead};
-use super::stream::{Avail, BodyStream, OpenRelay};
 use super::{ServiceError, Services, Source};
 use crate::auth::Caller;
 use crate::names::Digest;
@@ -388,7 +388,7 @@ impl Services {
         repo: &str,
         d: &Digest,
         pos: u64,
-    ) -> Result<(Option<u64>, super::stream::Relay), ServiceError> {
+    ) -> Result<(Option<u64>, super::fill::Relay), ServiceError> {
         let what = format!("blobs/{d}");
         let req = blob_request(Method::GET, repo, &what, Some(pos).filter(|p| *p > 0));
         let resp = self

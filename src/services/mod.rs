@@ -7,25 +7,17 @@
 mod blobs;
 mod catalog;
 mod fill;
-mod fill_state;
-#[cfg(test)]
-mod fill_tests;
 mod flight;
 pub mod gc;
 
-pub mod backlog;
 mod blob_reply;
 mod hosted;
 mod manifests;
 mod memo;
-pub mod memory;
 mod page;
 mod peers;
 mod private;
-mod pump;
-mod recent;
 mod referrers;
-mod stream;
 mod tags;
 mod uploads;
 
@@ -34,10 +26,10 @@ use std::sync::Arc;
 use actix_web::http::StatusCode;
 
 pub use blob_reply::{BlobReply, ByteRange};
+pub use fill::{backlog, memory, BodyStream};
 pub use hosted::Hosted;
 pub use manifests::{ManifestReply, MAX_MANIFEST_SIZE};
 pub use page::Page;
-pub use stream::BodyStream;
 pub use tags::{TagList, TagsReply};
 pub use uploads::{UploadLimits, UploadStatus, Uploads};
 
@@ -197,7 +189,7 @@ pub struct Mirror {
     proofs: dashmap::DashMap<String, std::time::Instant>,
     /// Committed objects being streamed to clients right now (eviction skips them).
     readers: Arc<dashmap::DashMap<Digest, usize>>,
-    blob_flights: Arc<flight::Flights<Digest, fill_state::Fill>>,
+    blob_flights: Arc<flight::Flights<Digest, fill::Fill>>,
     manifest_flights: Arc<flight::Flights<String, manifests::Pending>>,
     /// `_catalog`'s listing.
     catalog: catalog::Catalog,

@@ -6,10 +6,10 @@ use futures_util::StreamExt;
 
 use std::sync::Arc;
 
-use super::fill_state::Fill;
+use super::fill::Fill;
+use super::fill::Pumped;
 use super::flight::Lead;
 use super::manifests::{body_media_type, Fetched};
-use super::pump::Pumped;
 use super::{ServiceError, Services};
 use crate::auth::Caller;
 use crate::cluster::PeerManifest;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::recent::{Readers, Recent};
-use super::ServiceError;
+use crate::services::ServiceError;
 
 /// Where a fill stands. Moves forward only: `Waiting -> Receiving -> Verified ->
 /// Committed`, or to `Passthrough` (the store refused the bytes) before verification; any
@@ -144,10 +144,11 @@ impl Fill {
 }
 
 /// A source that sends nothing for this long is abandoned.
-pub(super) const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+pub(in crate::services) const IDLE_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_secs(60);
 
 /// Waits for a fill's upstream headers (or its failure).
-pub(super) async fn wait_started(
+pub(in crate::services) async fn wait_started(
     rx: &mut watch::Receiver<Fill>,
 ) -> Result<(Option<Arc<File>>, Option<u64>), ServiceError> {
     loop {
@@ -170,7 +171,9 @@ pub(super) async fn wait_started(
 
 /// Waits until the fill's bytes all arrived and matched the digest. A fill that relays
 /// without storing (disk full) never verifies a part a reader could be given: refused.
-pub(super) async fn wait_verified(rx: &mut watch::Receiver<Fill>) -> Result<(), ServiceError> {
+pub(in crate::services) async fn wait_verified(
+    rx: &mut watch::Receiver<Fill>,
+) -> Result<(), ServiceError> {
     loop {
         {
             let f = rx.borrow_and_update();
@@ -195,7 +198,7 @@ pub(super) async fn wait_verified(rx: &mut watch::Receiver<Fill>) -> Result<(), 
 }
 
 /// Whether a write failed because the disk (or quota) is full.
-pub(super) fn no_space(e: &std::io::Error) -> bool {
+pub(in crate::services) fn no_space(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded

@@ -10,12 +10,12 @@ use futures_util::StreamExt;
 use sha2::Digest as _;
 use tokio::sync::mpsc;
 
-use super::fill_state::Fill;
-use super::flight::{Join, Lead};
+use super::state::Fill;
 use super::stream::{Avail, BodyStream};
-use super::{Mirror, ServiceError, Services};
 use crate::metrics::Metrics;
 use crate::names::Digest;
+use crate::services::flight::{Join, Lead};
+use crate::services::{Mirror, ServiceError, Services};
 use crate::store::Store;
 use crate::upstream::{ClientShared, Upstream, UpstreamClient};
 
@@ -108,7 +108,7 @@ impl Bench {
         let metrics = self.svc.mirror.metrics.clone();
         actix_web::rt::spawn(async move {
             let mut rx = rx;
-            let (file, size) = super::fill_state::wait_started(&mut rx)
+            let (file, size) = super::state::wait_started(&mut rx)
                 .await
                 .map_err(|e| (0, e.to_string()))?;
             let end = size.unwrap_or(u64::MAX);
@@ -249,7 +249,7 @@ async fn the_leaders_client_leaving_does_not_stop_the_fill() {
     let d = digest_of(&blob);
     let (feed, mut rx) = b.lead(&d, Some(blob.len() as u64));
     // The first client reads a little and goes away.
-    let (file, size) = super::fill_state::wait_started(&mut rx.clone())
+    let (file, size) = super::state::wait_started(&mut rx.clone())
         .await
         .map(|(f, s)| (f, s.unwrap_or(0)))
         .unwrap_or((None, 0));
@@ -287,9 +287,7 @@ async fn a_blob_of_unknown_size_is_held_back_until_verified() {
     let d = digest_of(&blob);
     let (feed, mut rx) = b.lead(&d, None);
     send_in(&feed, &blob, &[9_999]);
-    let (file, _) = super::fill_state::wait_started(&mut rx)
-        .await
-        .expect("started");
+    let (file, _) = super::state::wait_started(&mut rx).await.expect("started");
     let metrics = b.svc.mirror.metrics.clone();
     let mut body = BodyStream::new(
         file,

@@ -16,11 +16,11 @@ use tokio::sync::watch;
 
 use dashmap::DashMap;
 
-use super::fill_state::Fill;
 use super::recent::Reader;
-use super::ServiceError;
+use super::state::Fill;
 use crate::metrics::Metrics;
 use crate::names::Digest;
+use crate::services::ServiceError;
 use crate::store::read_chunk;
 
 /// Bytes per step: large enough to keep thread hand-offs rare, small enough that 64

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::Mirror;
+use crate::services::Mirror;
 
 /// How often the mirror looks whether it went idle.
 const EVERY: Duration = Duration::from_secs(2);
@@ -23,7 +23,7 @@ const ENOUGH: u64 = 16 * 1024 * 1024;
 
 impl Mirror {
     /// Counts bytes a fill received (see [`release_when_idle`]).
-    pub(super) fn filled(&self, bytes: u64) {
+    pub(in crate::services) fn filled(&self, bytes: u64) {
         self.filled.fetch_add(bytes, Ordering::Relaxed);
     }
 }

@@ -1,6 +1,27 @@
-//! Copying a blob into the local tier while readers stream it: the bytes come from an
-//! upstream (then also into the shared bucket, when there is one) or from the bucket
-//! (another replica fetched it, or this replica's local copy was trimmed).
+//! The blob fill: one download per missing digest, written to the local tier and hashed
+//! while every request for that digest streams it. What only the fill uses lives here:
+//! its state and the waits on it ([`state`]: one type, its transitions in one place), the
+//! two lanes that hash and write ([`pump`]), the readers ([`stream`]) and the recent-bytes
+//! window they read from ([`recent`]), the memory borrowed while the disk stalls
+//! ([`backlog`]) and handed back once fills are idle ([`memory`]).
+//!
+//! This file serves stored bytes (local, or copied from the bucket as readers stream) and
+//! opens a fill's file; the request-level decisions (cached? linked? lead or join?) stay
+//! in `services/blobs.rs`.
+
+pub mod backlog;
+pub mod memory;
+mod pump;
+mod recent;
+mod state;
+mod stream;
+#[cfg(test)]
+mod tests;
+
+pub(in crate::services) use pump::Pumped;
+pub(in crate::services) use state::{wait_started, Fill};
+pub use stream::BodyStream;
+pub(in crate::services) use stream::{Avail, OpenRelay, Relay};
 
 use std::sync::Arc;
 
@@ -8,17 +29,16 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
 use super::blob_reply::{BlobReply, ByteRange};
-use super::fill_state::{no_space, Fill};
 use super::flight::{Join, Lead};
-use super::pump::Pumped;
-use super::stream::{Avail, BodyStream, Reading};
 use super::{ServiceError, Services, Source};
 use crate::names::Digest;
 use crate::store::{BlobWriter, StoreError};
 use crate::upstream::Upstream;
+use state::no_space;
+use stream::Reading;
 
 impl Services {
-    pub(super) fn cached(
+    pub(in crate::services) fn cached(
         &self,
         d: &Digest,
         size: u64,
@@ -53,7 +73,7 @@ impl Services {
 
     /// A stored blob: from the local tier, or (held only by the bucket) copied into it
     /// once, every request streaming the bytes as they arrive.
-    pub(super) async fn stored(
+    pub(in crate::services) async fn stored(
         &self,
         d: &Digest,
         size: u64,
@@ -78,13 +98,13 @@ impl Services {
             }
             Join::Follower(rx) => rx,
         };
-        let (file, _) = super::fill_state::wait_started(&mut rx).await?;
+        let (file, _) = state::wait_started(&mut rx).await?;
         let range = range.map(|r| r.resolve(size)).transpose()?;
         if range.is_some() {
             // A range may end before the last byte, which alone waits for the digest: the
             // bucket's bytes are served in part only once all of them checked out (an
             // altered object then fails here, and is deleted, instead of being served).
-            super::fill_state::wait_verified(&mut rx).await?;
+            state::wait_verified(&mut rx).await?;
         }
         let (start, end) = range.unwrap_or((0, size));
         let body = BodyStream::new(
@@ -106,7 +126,7 @@ impl Services {
     /// Leads the copy of `d` from the bucket into the local tier. Bytes that do not match
     /// the digest are never kept: the bucket object is deleted (counted), so the next
     /// request fetches the blob again.
-    pub(super) async fn copy_from_bucket(
+    pub(in crate::services) async fn copy_from_bucket(
         &self,
         lead: &Lead<Digest, Fill>,
         d: &Digest,
@@ -137,7 +157,7 @@ impl Services {
 
     /// Writes `body` into a new local file, telling the readers of `lead`
     /// how far they may read. `None` when the local disk is full (readers relay from `up`).
-    pub(super) async fn write_fill<S>(
+    pub(in crate::services) async fn write_fill<S>(
         &self,
         lead: &Lead<Digest, Fill>,
         d: &Digest,
@@ -161,7 +181,7 @@ impl Services {
 
     /// Opens the local file of a fill and tells its readers; `None` when the disk is full
     /// (readers relay from `up`).
-    pub(super) fn begin_fill(
+    pub(in crate::services) fn begin_fill(
         &self,
         lead: &Lead<Digest, Fill>,
         d: &Digest,
@@ -191,7 +211,7 @@ impl Services {
 /// blob is committed (nothing unverified is ever sent, and the file is whole), so the
 /// clients of a cold pull and the bucket never compete for the machine; a failed copy
 /// leaves the blob local only (logged), and the next replica to miss it fetches it again.
-pub(super) async fn copy_to_bucket(
+pub(in crate::services) async fn copy_to_bucket(
     mut rx: tokio::sync::watch::Receiver<Fill>,
     store: Arc<crate::store::Store>,
     d: Digest,

@@ -21,10 +21,10 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::backlog::Loan;
-use super::fill_state::{no_space, Fill, IDLE_TIMEOUT};
-use super::flight::Lead;
-use super::{ServiceError, Services};
+use super::state::{no_space, Fill, IDLE_TIMEOUT};
 use crate::names::Digest;
+use crate::services::flight::Lead;
+use crate::services::{ServiceError, Services};
 use crate::store::{BlobWriter, StoreError};
 use crate::upstream::Upstream;
 
@@ -43,7 +43,7 @@ const LANE_BATCH: usize = 256 * 1024;
 const PACE_STEP: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// How one source of a fill ended.
-pub(super) enum Pumped {
+pub(in crate::services) enum Pumped {
     /// All its bytes are written and hashed.
     Done(BlobWriter),
     /// It broke after `writer.written()` bytes (all of them written and hashed); the
@@ -130,7 +130,7 @@ impl<T: Send + 'static> Lane<T> {
 
 impl Services {
     /// Gives up caching this blob: the store is full. Clients still get their bytes.
-    pub(super) fn pass_through(
+    pub(in crate::services) fn pass_through(
         &self,
         lead: &Lead<Digest, Fill>,
         up: &Upstream,
@@ -153,7 +153,7 @@ impl Services {
     /// writer intact (everything received before the break kept) for another source to
     /// go on from where it stopped.
     #[allow(clippy::too_many_arguments)]
-    pub(super) async fn pump<S>(
+    pub(in crate::services) async fn pump<S>(
         &self,
         lead: &Lead<Digest, Fill>,
         d: &Digest,
