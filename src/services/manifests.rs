@@ -7,9 +7,8 @@ use std::sync::Arc;
 use actix_web::http::{header, Method};
 use bytes::Bytes;
 
-use super::blobs::content_length;
 use super::flight::Join;
-use super::{ServiceError, Services, Source};
+use super::{content_length, ServiceError, Services, Source};
 use crate::auth::Caller;
 use crate::media::{Accepted, UPSTREAM_ACCEPT};
 use crate::names::{Digest, Reference};
@@ -94,7 +93,7 @@ impl Services {
         // A digest the upstream just said it does not have (a digest never changes its
         // mind; a tag may, so tags are always asked).
         let missing = match reference {
-            Reference::Digest(d) => Some(super::blobs::repo_digest_key(up, repo, d)),
+            Reference::Digest(d) => Some(super::repo_digest_key(up, repo, d)),
             Reference::Tag(_) => None,
         };
         if missing

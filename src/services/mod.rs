@@ -161,6 +161,27 @@ fn status_error(
     }
 }
 
+/// The key of what one upstream (with these credentials) said of `d` in `repo`: it has
+/// none ([`Mirror::missing`](Mirror)), or it sent corrupt bytes for it
+/// (`Mirror::corrupt`). Both cover only that repository and credential: bad bytes under
+/// one repository must not make the same layer fail through another.
+fn repo_digest_key(up: &Upstream, repo: &str, d: &Digest) -> String {
+    format!(
+        "{}\n{}\n{repo}\n{d}",
+        up.name,
+        up.client.as_deref().unwrap_or("")
+    )
+}
+
+/// The `Content-Length` of an upstream answer, if it has a readable one.
+fn content_length(h: &actix_web::http::header::HeaderMap) -> Option<u64> {
+    h.get(actix_web::http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// Where a reply's bytes came from, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {

@@ -25,19 +25,123 @@ pub(in crate::services) use stream::{Avail, OpenRelay, Relay};
 
 use std::sync::Arc;
 
+use actix_web::http::Method;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
 use super::blob_reply::{BlobReply, ByteRange};
 use super::flight::{Join, Lead};
-use super::{ServiceError, Services, Source};
+use super::{content_length, repo_digest_key, ServiceError, Services, Source};
 use crate::names::Digest;
 use crate::store::{BlobWriter, StoreError};
-use crate::upstream::Upstream;
+use crate::upstream::{UpRequest, Upstream};
 use state::no_space;
 use stream::Reading;
 
 impl Services {
+    /// Verifies, stores and links a fill's bytes; with `to_bucket`, this replica fetched
+    /// them from the upstream and also copies them to the bucket (from the local file,
+    /// once verified: clients and the local tier go at the upstream's speed).
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::services) async fn finish_fill(
+        &self,
+        lead: &Lead<Digest, Fill>,
+        up: &Upstream,
+        repo: &str,
+        d: &Digest,
+        w: BlobWriter,
+        size: Option<u64>,
+        to_bucket: bool,
+    ) -> Result<(), ServiceError> {
+        let verified = w.digest() == *d && size.is_none_or(|s| s == w.written());
+        if verified {
+            // Clients need not wait for the fsync: release them once the bytes check out.
+            lead.tx.send_modify(Fill::verify);
+        }
+        if to_bucket {
+            let (rx, store, d) = (lead.subscribe(), self.mirror.store.clone(), d.clone());
+            actix_web::rt::spawn(super::fill::copy_to_bucket(rx, store, d));
+        }
+        let total = w.written();
+        self.commit(w, size, up, repo, d).await?;
+        self.store().link_blob(&up.name, repo, d).await?;
+        self.mirror.list_repo(&up.name, repo).await?;
+        lead.tx.send_modify(|f| f.commit(total));
+        Ok(())
+    }
+
+    /// Upstream bytes of `d` from offset `pos` on (a `Range` request; a server that
+    /// ignores it has the skipped bytes dropped here), with the blob's full size when the
+    /// upstream sent it whole (a `206` does not say it in `Content-Length`).
+    pub(in crate::services) async fn relay_from(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        d: &Digest,
+        pos: u64,
+    ) -> Result<(Option<u64>, super::fill::Relay), ServiceError> {
+        let what = format!("blobs/{d}");
+        let req = blob_request(Method::GET, repo, &what, Some(pos).filter(|p| *p > 0));
+        let resp = self
+            .upstream_ok(up, "blob", req, || ServiceError::BlobUnknown(d.to_string()))
+            .await?;
+        let status = resp.status();
+        let partial = status == actix_web::http::StatusCode::PARTIAL_CONTENT;
+        let total = (!partial).then(|| content_length(resp.headers())).flatten();
+        let mut skip = if partial { 0 } else { pos };
+        let name = up.name.clone();
+        let stream = resp.map(move |chunk| {
+            let mut chunk =
+                chunk.map_err(|e| ServiceError::Unavailable(format!("upstream {name}: {e}")))?;
+            let drop = skip.min(chunk.len() as u64) as usize;
+            skip -= drop as u64;
+            Ok(chunk.split_off(drop))
+        });
+        Ok((total, stream.boxed_local()))
+    }
+
+    /// Verifies and stores a finished download; a mismatch is counted and logged with the
+    /// upstream that sent it.
+    async fn commit(
+        &self,
+        w: BlobWriter,
+        size: Option<u64>,
+        up: &Upstream,
+        repo: &str,
+        d: &Digest,
+    ) -> Result<(), ServiceError> {
+        let (expected, store) = (d.clone(), self.mirror.store.clone());
+        let committed = super::offload(async move { store.commit(w, &expected, size) }).await;
+        match committed.map_err(ServiceError::from) {
+            Ok(_) => {
+                self.metrics().store_bytes.set(self.store().size() as i64);
+                self.mirror.keep_local_tier();
+                Ok(())
+            }
+            Err(ServiceError::Store(StoreError::DigestMismatch { expected, actual })) => {
+                self.metrics()
+                    .digest_mismatches
+                    .with_label_values(&[&up.name])
+                    .inc();
+                tracing::error!(upstream = %up.name, repo, %expected, %actual, "upstream sent a corrupt blob; not stored");
+                self.mirror.corrupt.remember(repo_digest_key(up, repo, d));
+                Err(ServiceError::DigestMismatch {
+                    upstream: up.name.clone(),
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                })
+            }
+            Err(ServiceError::Store(StoreError::SizeMismatch { expected, actual })) => {
+                Err(ServiceError::BadUpstream {
+                    upstream: up.name.clone(),
+                    msg: format!("blob {d}: announced {expected} bytes, sent {actual}"),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A committed blob from the local tier (`range` resolved against its size).
     pub(in crate::services) fn cached(
         &self,
         d: &Digest,
@@ -237,5 +341,22 @@ pub(in crate::services) async fn copy_to_bucket(
     };
     if let Err(e) = store.copy_to_shared(&d, file, size).await {
         tracing::warn!(digest = %d, error = %e, "bucket copy failed; the blob stays local only");
+    }
+}
+
+/// An upstream request for `blobs/<digest>` (`what`).
+pub(in crate::services) fn blob_request<'a>(
+    method: Method,
+    repo: &'a str,
+    what: &'a str,
+    range_from: Option<u64>,
+) -> UpRequest<'a> {
+    UpRequest {
+        method,
+        repo,
+        what,
+        accept: None,
+        range_from,
+        primary_only: false,
     }
 }
