@@ -868,7 +868,8 @@ fn a_burst_of_wrong_passwords_gets_at_most_the_limit_checked() {
     let open = login_mirror(&tmp2, true);
     let ping2 = format!("{}/v2/", open.url());
     let got = burst(&ping2, 30, |i| (format!("stranger{i}"), "pw".into()), &[]);
-    assert_eq!(got.get(&429).copied().unwrap_or(0), 20, "{got:?}");
+    let checked: usize = got.iter().filter(|(s, _)| **s != 429).map(|(_, n)| n).sum();
+    assert!(checked <= 10, "at most 10 checked: {got:?}");
     // A real user from another address is not held up by them.
     let start = Instant::now();
     assert_eq!(curl_as("127.0.0.2", &ping2, "bob", "right").0, 200);

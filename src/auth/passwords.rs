@@ -153,12 +153,16 @@ impl Passwords {
             return Err(AccessError::BadCredentials);
         }
         let digest = sha256(&[pass.as_bytes()]);
-        if self.is_verified(user, &digest) {
-            return Ok(Verdict::User);
-        }
         let pair = sha256(&[user.as_bytes(), &[0], pass.as_bytes()]);
-        if self.accept_foreign && self.not_users.contains_key(&pair) {
-            return Ok(Verdict::NotAUser);
+        // A verified password, or a pair already found to be no user, costs nothing.
+        let remembered = || {
+            if self.is_verified(user, &digest) {
+                return Some(Verdict::User);
+            }
+            (self.accept_foreign && self.not_users.contains_key(&pair)).then_some(Verdict::NotAUser)
+        };
+        if let Some(v) = remembered() {
+            return Ok(v);
         }
         let known = self.users.contains_key(user);
         if !known && self.accept_foreign && self.dummy.is_none() {
@@ -170,11 +174,10 @@ impl Passwords {
         } else {
             Key::Unknown(peer)
         };
-        let mut admitted = self.wait_admitted(key).await?;
-        // Checks that ran while this one waited may have verified this very password.
-        if self.is_verified(user, &digest) {
-            return Ok(Verdict::User);
-        }
+        let Some(mut admitted) = self.wait_admitted(key, || remembered().is_some()).await? else {
+            // A check that ran while this one waited settled this very pair.
+            return remembered().ok_or(AccessError::BadCredentials);
+        };
         let hash = self.users.get(user).or(self.dummy.as_ref()).cloned();
         let ok = match hash {
             Some(h) => self.bcrypt(pass, h).await && known,
@@ -205,19 +208,27 @@ impl Passwords {
 
     /// Reserves an attempt for `key`, waiting (bounded) while checks in flight could use
     /// up its limit; `429` with the time left once they did.
-    async fn wait_admitted(&self, key: Key) -> Result<Admitted<'_>, AccessError> {
+    /// `None` as soon as `remembered` says another check settled the answer meanwhile.
+    async fn wait_admitted(
+        &self,
+        key: Key,
+        remembered: impl Fn() -> bool,
+    ) -> Result<Option<Admitted<'_>>, AccessError> {
         let deadline = tokio::time::Instant::now() + MAX_WAIT;
         loop {
             let notified = self.settled.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if remembered() {
+                return Ok(None);
+            }
             match self.admit(key) {
                 Admit::Go => {
-                    return Ok(Admitted {
+                    return Ok(Some(Admitted {
                         passwords: self,
                         key,
                         failed: true,
-                    })
+                    }))
                 }
                 Admit::Throttled(left) => {
                     self.metrics.auth_throttled.inc();
@@ -236,9 +247,11 @@ impl Passwords {
     /// The one place attempts are counted: a check is admitted only while the failures
     /// so far plus the checks in flight stay under the key's limit.
     fn admit(&self, key: Key) -> Admit {
-        let limit = match key {
-            Key::User(..) => MAX_FAILURES,
-            Key::Unknown(_) => MAX_UNKNOWN,
+        // Unknown names from one address are checked one at a time: the same pair sent
+        // at once is checked once, the rest find it remembered.
+        let (limit, max_in_flight) = match key {
+            Key::User(..) => (MAX_FAILURES, MAX_FAILURES),
+            Key::Unknown(_) => (MAX_UNKNOWN, 1),
         };
         if !self.attempts.contains_key(&key) && self.attempts.len() >= MAX_TRACKED {
             self.attempts
@@ -260,7 +273,7 @@ impl Passwords {
         if a.failures >= limit {
             return Admit::Throttled(FAILURE_WINDOW.saturating_sub(a.since.elapsed()));
         }
-        if a.failures + a.in_flight >= limit {
+        if a.failures + a.in_flight >= limit || a.in_flight >= max_in_flight {
             return Admit::Wait;
         }
         a.in_flight += 1;
@@ -291,5 +304,96 @@ impl Passwords {
         tokio::task::spawn_blocking(move || bcrypt::verify(pass, &hash).unwrap_or(false))
             .await
             .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passwords(accept_foreign: bool) -> Arc<Passwords> {
+        let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).expect("metrics"));
+        let hash = bcrypt::hash("right", 4).expect("bcrypt");
+        let users = HashMap::from([("alice".to_string(), hash)]);
+        Arc::new(Passwords::new(users, accept_foreign, metrics))
+    }
+
+    async fn burst(
+        p: &Arc<Passwords>,
+        n: usize,
+        user: &str,
+        pass: impl Fn(usize) -> String,
+    ) -> Vec<Result<Verdict, AccessError>> {
+        let peer = Some(IpAddr::from([10, 0, 0, 1]));
+        let checks = (0..n).map(|i| {
+            let (p, user, pass) = (p.clone(), user.to_string(), pass(i));
+            async move { p.check(&user, &pass, peer).await }
+        });
+        futures_util::future::join_all(checks).await
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_wrong_passwords_gets_the_limit_checked_and_the_rest_throttled() {
+        let p = passwords(false);
+        let got = burst(&p, 40, "alice", |i| format!("wrong{i}")).await;
+        let bad = got
+            .iter()
+            .filter(|r| matches!(r, Err(AccessError::BadCredentials)))
+            .count();
+        let held = got
+            .iter()
+            .filter(|r| matches!(r, Err(AccessError::Throttled(_))))
+            .count();
+        assert_eq!((bad, held), (5, 35));
+    }
+
+    #[tokio::test]
+    async fn concurrent_correct_logins_all_pass_and_count_no_failure() {
+        let p = passwords(false);
+        let got = burst(&p, 8, "alice", |_| "right".into()).await;
+        assert!(got.iter().all(|r| r == &Ok(Verdict::User)), "{got:?}");
+        assert!(p.attempts.is_empty(), "nothing counted against alice");
+        // And five wrong ones afterwards are still five checks.
+        let got = burst(&p, 6, "alice", |i| format!("wrong{i}")).await;
+        assert_eq!(
+            got.iter()
+                .filter(|r| matches!(r, Err(AccessError::BadCredentials)))
+                .count(),
+            5
+        );
+    }
+
+    #[tokio::test]
+    async fn long_names_and_passwords_are_refused_before_anything_is_kept() {
+        let p = passwords(true);
+        let long = "n".repeat(MAX_USER_LEN + 1);
+        assert_eq!(
+            p.check(&long, "x", None).await,
+            Err(AccessError::BadCredentials)
+        );
+        let huge = "p".repeat(MAX_PASS_LEN + 1);
+        assert_eq!(
+            p.check("alice", &huge, None).await,
+            Err(AccessError::BadCredentials)
+        );
+        assert!(p.attempts.is_empty() && p.not_users.is_empty());
+    }
+
+    #[tokio::test]
+    async fn unknown_names_from_one_address_are_checked_ten_a_minute() {
+        let p = passwords(true);
+        let got = burst(&p, 30, "", |_| "pw".into()).await;
+        // All with the same (empty) name and password: one check, the rest remembered.
+        assert!(got.iter().all(|r| r == &Ok(Verdict::NotAUser)), "{got:?}");
+        let peer = Some(IpAddr::from([10, 0, 0, 2]));
+        let mut held = 0;
+        for i in 0..30 {
+            if let Err(AccessError::Throttled(_)) =
+                p.check(&format!("stranger{i}"), "pw", peer).await
+            {
+                held += 1;
+            }
+        }
+        assert_eq!(held, 20);
     }
 }
