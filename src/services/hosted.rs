@@ -6,7 +6,8 @@ use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 use serde_json::json;
 
 use super::blob_reply::{BlobReply, ByteRange};
-use super::manifests::{negotiate, ManifestReply, MAX_MANIFEST_SIZE};
+use super::manifest_fetch::MAX_MANIFEST_SIZE;
+use super::manifests::{negotiate, ManifestReply};
 use super::page::{paginate, Page};
 use super::uploads::{UploadLimits, Uploads};
 use super::{ServiceError, Services, Source};

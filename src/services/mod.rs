@@ -12,6 +12,7 @@ pub mod gc;
 
 mod blob_reply;
 mod hosted;
+mod manifest_fetch;
 mod manifests;
 mod memo;
 mod page;
@@ -28,7 +29,8 @@ use actix_web::http::StatusCode;
 pub use blob_reply::{BlobReply, ByteRange};
 pub use fill::{backlog, memory, BodyStream};
 pub use hosted::Hosted;
-pub use manifests::{ManifestReply, MAX_MANIFEST_SIZE};
+pub use manifest_fetch::MAX_MANIFEST_SIZE;
+pub use manifests::ManifestReply;
 pub use page::Page;
 pub use tags::{TagList, TagsReply};
 pub use uploads::{UploadLimits, UploadStatus, Uploads};
@@ -211,7 +213,7 @@ pub struct Mirror {
     /// Committed objects being streamed to clients right now (eviction skips them).
     readers: Arc<dashmap::DashMap<Digest, usize>>,
     blob_flights: Arc<flight::Flights<Digest, fill::Fill>>,
-    manifest_flights: Arc<flight::Flights<String, manifests::Pending>>,
+    manifest_flights: Arc<flight::Flights<String, manifest_fetch::Pending>>,
     /// `_catalog`'s listing.
     catalog: catalog::Catalog,
     /// Blobs an upstream said it does not have, per upstream, credential and repository.

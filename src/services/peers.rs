@@ -4,16 +4,11 @@
 
 use futures_util::StreamExt;
 
-use std::sync::Arc;
-
 use super::fill::Fill;
 use super::fill::Pumped;
 use super::flight::Lead;
-use super::manifests::{body_media_type, Fetched};
 use super::{ServiceError, Services};
-use crate::auth::Caller;
-use crate::cluster::PeerManifest;
-use crate::names::{Digest, Reference};
+use crate::names::Digest;
 use crate::store::BlobWriter;
 use crate::upstream::Upstream;
 
@@ -24,84 +19,9 @@ type Source = (
 );
 
 impl Services {
-    /// A manifest for another replica: fetched here (coalesced), never forwarded again.
-    pub async fn peer_manifest(
-        &self,
-        up: &Arc<Upstream>,
-        repo: &str,
-        reference: &Reference,
-    ) -> Result<Arc<Fetched>, ServiceError> {
-        let r = self.peer_manifest_for_anyone(up, repo, reference).await;
-        let result = if r.is_ok() { "ok" } else { "error" };
-        self.metrics()
-            .peer_requests
-            .with_label_values(&["in", result])
-            .inc();
-        r
-    }
-
-    /// As for an anonymous caller (the asking replica sends no client's credentials): a
-    /// private repository's manifest only after the upstream confirmed the mirror may read
-    /// it, as for blobs.
-    async fn peer_manifest_for_anyone(
-        &self,
-        up: &Arc<Upstream>,
-        repo: &str,
-        reference: &Reference,
-    ) -> Result<Arc<Fetched>, ServiceError> {
-        let probe = format!("manifests/{reference}");
-        let up = self
-            .upstream_for(up, repo, &Caller::Anonymous, &probe)
-            .await?;
-        self.fetch_coalesced(&up, repo, reference, false).await
-    }
-
-    /// A manifest from the reference's owner (which fetches it once for the cluster and
-    /// stores it in the bucket), verified here; from the upstream when this replica is
-    /// the owner, or when no peer above it in rank answers.
-    pub(super) async fn fetch_routed(
-        &self,
-        up: &Upstream,
-        repo: &str,
-        reference: &Reference,
-        forward: bool,
-    ) -> Result<Fetched, ServiceError> {
-        if let Some(f) = self.just_stored(up, repo, reference).await? {
-            return Ok(f);
-        }
-        let key = format!("manifest {}/{repo}:{reference}", up.name);
-        let ranked = self.ranked_elsewhere(up, &key).filter(|_| forward);
-        for peer in ranked.unwrap_or_default() {
-            let Some(cluster) = &self.mirror.cluster else {
-                break;
-            };
-            if cluster.is_me(&peer) {
-                break;
-            }
-            match cluster
-                .fetch_manifest(&peer, &up.name, repo, &reference.to_string())
-                .await
-            {
-                Ok(m) => match verify_fetched(reference, m) {
-                    Some(f) => {
-                        self.mirror.list_repo(&up.name, repo).await?;
-                        return Ok(f);
-                    }
-                    None => {
-                        tracing::warn!(%peer, %reference, "peer sent a manifest that does not match; asking the next")
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(%peer, %reference, error = %e, "peer did not serve the manifest; trying the next")
-                }
-            }
-        }
-        self.fetch_manifest(up, repo, reference).await
-    }
-
     /// The ranked peers for `key` when another replica owns it and a request may be sent
     /// there (not with a client's own credentials: the owner fetches with the mirror's).
-    fn ranked_elsewhere(&self, up: &Upstream, key: &str) -> Option<Vec<String>> {
+    pub(super) fn ranked_elsewhere(&self, up: &Upstream, key: &str) -> Option<Vec<String>> {
         let cluster = self.mirror.cluster.as_ref()?;
         if up.client.is_some() {
             return None;
@@ -226,25 +146,4 @@ impl Services {
             body.map(|c| c.map_err(|e| e.to_string())).boxed_local(),
         ))
     }
-}
-
-/// A peer's manifest, if its bytes match the digest asked for (or the one it announced).
-fn verify_fetched(reference: &Reference, m: PeerManifest) -> Option<Fetched> {
-    let digest = Digest::of(&m.bytes);
-    let expected = match reference {
-        Reference::Digest(d) => Some(d.clone()),
-        Reference::Tag(_) => m.digest,
-    };
-    if expected.is_some_and(|e| e != digest) {
-        return None;
-    }
-    let media_type = m
-        .media_type
-        .or_else(|| body_media_type(&m.bytes))
-        .unwrap_or_else(|| crate::media::OCI_MANIFEST.into());
-    Some(Fetched {
-        digest,
-        media_type,
-        bytes: m.bytes,
-    })
 }

@@ -11,7 +11,7 @@ use actix_web::http::{header, Method, StatusCode};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::manifests::MAX_MANIFEST_SIZE;
+use super::manifest_fetch::MAX_MANIFEST_SIZE;
 use super::{ServiceError, Services};
 use crate::auth::Caller;
 use crate::media::{OCI_INDEX, UPSTREAM_ACCEPT};
