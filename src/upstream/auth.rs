@@ -3,8 +3,14 @@
 //! Docker Hub, Quay and GHCR answer an anonymous request with
 //! `401 WWW-Authenticate: Bearer realm=..,service=..,scope=..`; the client fetches a token
 //! from `realm` (with Basic credentials, if it has any) and retries. Tokens are cached per
-//! (upstream, scope) until shortly before they expire, and the challenge is remembered per
-//! upstream so that later requests fetch a token up front instead of eating a 401 first.
+//! (upstream, scope, credential) until shortly before they expire, and the challenge is
+//! remembered per upstream so that later requests fetch a token up front instead of eating
+//! a 401 first.
+//!
+//! Credentials go only where they belong: only a challenge the upstream's own origin
+//! issued is answered with them and remembered (the client checks the origin), and every
+//! realm is fetched at an address the redirect policy allows ([`super::network`]), the
+//! connection pinned to it.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
