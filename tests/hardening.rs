@@ -982,6 +982,10 @@ fn forwarded_headers_count_only_from_trusted_proxies() {
         mirror.log().contains("client=10.9.9.1"),
         "the access log names the client"
     );
+    assert!(
+        mirror.log().contains("client=10.9.9.2 user=bob"),
+        "and the user once authenticated"
+    );
 
     // A forwarded host with a quote (even from the trusted proxy) cannot break the
     // realm out of its quotes.

@@ -318,7 +318,9 @@ pub async fn log_request(
         .request()
         .extensions()
         .get::<User>()
-        .map_or_else(String::new, |u| u.0.clone());
+        .map(|u| u.0.clone())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "-".to_string());
     let info = res.request().extensions().get::<RequestInfo>().cloned();
     let (upstream, endpoint, cache) = info.as_ref().map_or(("-", "other", "-"), |i| {
         (i.upstream.as_str(), i.endpoint, i.cache)
