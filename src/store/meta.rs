@@ -3,15 +3,11 @@
 //! Metadata is written with write-to-temp + rename, so a reader sees the old or the new
 //! record, never half of one.
 
-use std::fs;
-
-use std::path::{Path, PathBuf};
-
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::{not_found_is_none, Store, StoreError};
+use super::{Store, StoreError};
 use crate::names::Digest;
 
 /// What a tag pointed to when it was last fetched or revalidated upstream.
@@ -63,7 +59,7 @@ impl Store {
         &self,
         key: String,
     ) -> Result<Option<T>, StoreError> {
-        let Some(bytes) = self.kv_get(&key).await? else {
+        let Some(bytes) = self.tier().get(&key).await? else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)
@@ -73,7 +69,7 @@ impl Store {
 
     async fn write_json<T: Serialize>(&self, key: String, v: &T) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(v).map_err(|e| StoreError::Meta(e.to_string()))?;
-        self.kv_put(&key, bytes).await
+        self.tier().put(&key, bytes).await
     }
 
     pub async fn get_tag(
@@ -99,7 +95,8 @@ impl Store {
 
     /// Tags cached for a repository, sorted.
     pub async fn list_tags(&self, ns: &str, repo: &str) -> Result<Vec<String>, StoreError> {
-        self.kv_list(&format!("{}/_tags", Self::repo_key(ns, repo)))
+        self.tier()
+            .list(&format!("{}/_tags", Self::repo_key(ns, repo)))
             .await
     }
 
@@ -128,16 +125,17 @@ impl Store {
     /// store under that repository without asking upstream).
     pub async fn blob_linked(&self, ns: &str, repo: &str, d: &Digest) -> Result<bool, StoreError> {
         let key = format!("{}/_blobs/{}", Self::repo_key(ns, repo), d.hex());
-        self.kv_exists(&key).await
+        self.tier().exists(&key).await
     }
 
     pub async fn link_blob(&self, ns: &str, repo: &str, d: &Digest) -> Result<(), StoreError> {
         let key = format!("{}/_blobs/{}", Self::repo_key(ns, repo), d.hex());
-        self.kv_put(&key, Vec::new()).await
+        self.tier().put(&key, Vec::new()).await
     }
 
     pub async fn delete_tag(&self, ns: &str, repo: &str, tag: &str) -> Result<bool, StoreError> {
-        self.kv_delete(&format!("{}/_tags/{tag}", Self::repo_key(ns, repo)))
+        self.tier()
+            .delete(&format!("{}/_tags/{tag}", Self::repo_key(ns, repo)))
             .await
     }
 
@@ -148,12 +146,12 @@ impl Store {
         d: &Digest,
     ) -> Result<bool, StoreError> {
         let key = format!("{}/_manifests/{}", Self::repo_key(ns, repo), d.hex());
-        self.kv_delete(&key).await
+        self.tier().delete(&key).await
     }
 
     pub async fn unlink_blob(&self, ns: &str, repo: &str, d: &Digest) -> Result<bool, StoreError> {
         let key = format!("{}/_blobs/{}", Self::repo_key(ns, repo), d.hex());
-        self.kv_delete(&key).await
+        self.tier().delete(&key).await
     }
 
     fn referrers_key(ns: &str, repo: &str, subject: &Digest) -> String {
@@ -189,7 +187,7 @@ impl Store {
             Self::referrers_key(ns, repo, subject),
             referrer.hex()
         );
-        self.kv_delete(&key).await
+        self.tier().delete(&key).await
     }
 
     /// Descriptors of the manifests that refer to `subject`, in digest order.
@@ -201,7 +199,7 @@ impl Store {
     ) -> Result<Vec<serde_json::Value>, StoreError> {
         let dir = Self::referrers_key(ns, repo, subject);
         let mut out = Vec::new();
-        for n in self.kv_list(&dir).await? {
+        for n in self.tier().list(&dir).await? {
             if let Some(v) = self.read_json(format!("{dir}/{n}")).await? {
                 out.push(v);
             }
@@ -243,16 +241,17 @@ impl Store {
     /// Whether a repository's content came through someone's own upstream credentials
     /// (callers must then prove upstream access before it is served).
     pub async fn is_private(&self, ns: &str, repo: &str) -> Result<bool, StoreError> {
-        self.kv_exists(&format!("{}/_private", Self::repo_key(ns, repo)))
+        self.tier()
+            .exists(&format!("{}/_private", Self::repo_key(ns, repo)))
             .await
     }
 
     pub async fn set_private(&self, ns: &str, repo: &str, private: bool) -> Result<(), StoreError> {
         let key = format!("{}/_private", Self::repo_key(ns, repo));
         if private {
-            self.kv_put(&key, Vec::new()).await
+            self.tier().put(&key, Vec::new()).await
         } else {
-            self.kv_delete(&key).await.map(|_| ())
+            self.tier().delete(&key).await.map(|_| ())
         }
     }
 
@@ -264,7 +263,7 @@ impl Store {
     ) -> Result<Vec<(Digest, ManifestLink)>, StoreError> {
         let dir = format!("{}/_manifests", Self::repo_key(ns, repo));
         let mut out = Vec::new();
-        for name in self.kv_list(&dir).await? {
+        for name in self.tier().list(&dir).await? {
             let Ok(d) = format!("sha256:{name}").parse::<Digest>() else {
                 continue;
             };
@@ -278,7 +277,8 @@ impl Store {
     /// Blobs linked to a repository.
     pub async fn list_blob_links(&self, ns: &str, repo: &str) -> Result<Vec<Digest>, StoreError> {
         let names = self
-            .kv_list(&format!("{}/_blobs", Self::repo_key(ns, repo)))
+            .tier()
+            .list(&format!("{}/_blobs", Self::repo_key(ns, repo)))
             .await?;
         Ok(names
             .iter()
@@ -291,7 +291,8 @@ impl Store {
     /// of deeper repositories).
     pub async fn repo_exists(&self, ns: &str, repo: &str) -> Result<bool, StoreError> {
         Ok(self
-            .kv_list(&Self::repo_key(ns, repo))
+            .tier()
+            .list(&Self::repo_key(ns, repo))
             .await?
             .iter()
             .any(|n| n.starts_with('_')))
@@ -299,159 +300,11 @@ impl Store {
 
     /// Namespaces (upstream keys and the hosted prefix) that have repositories.
     pub async fn list_namespaces(&self) -> Result<Vec<String>, StoreError> {
-        if let Some(sh) = &self.shared {
-            return sh.bucket.list_dir("repos/").await;
-        }
-        let mut out = Vec::new();
-        for e in fs::read_dir(self.root.join("repos"))? {
-            let e = e?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if e.file_type()?.is_dir() && !name.starts_with('.') {
-                out.push(name);
-            }
-        }
-        out.sort();
-        Ok(out)
+        self.tier().namespaces().await
     }
 
     /// Repositories under a namespace (those with any metadata), sorted.
     pub async fn list_repos(&self, ns: &str) -> Result<Vec<String>, StoreError> {
-        let mut out = Vec::new();
-        if let Some(sh) = &self.shared {
-            // One recursive listing: a repository is the path before its first `_` entry.
-            let dir = format!("repos/{ns}/");
-            let mut set = std::collections::BTreeSet::new();
-            for o in sh.bucket.list_all(&dir).await? {
-                let rest = o.key.strip_prefix(&dir).unwrap_or_default();
-                let parts: Vec<&str> = rest.split('/').collect();
-                if let Some(i) = parts.iter().position(|p| p.starts_with('_')) {
-                    if i > 0 {
-                        set.insert(parts[..i].join("/"));
-                    }
-                }
-            }
-            return Ok(set.into_iter().collect());
-        }
-        collect_repos(&self.root.join("repos").join(ns), "", &mut out)?;
-        out.sort();
-        Ok(out)
+        self.tier().repos(ns).await
     }
-
-    /// A metadata object, from the bucket when there is one, else under the root.
-    async fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        match &self.shared {
-            Some(sh) => Ok(sh.bucket.get(key).await?.map(|b| b.to_vec())),
-            None => not_found_is_none(fs::read(self.root.join(key))),
-        }
-    }
-
-    async fn kv_put(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
-        match &self.shared {
-            Some(sh) => {
-                sh.bucket.put(key, bytes.into()).await?;
-                sh.remember(key, true);
-                Ok(())
-            }
-            None => write_atomic(self.root.join(key), &bytes),
-        }
-    }
-
-    async fn kv_exists(&self, key: &str) -> Result<bool, StoreError> {
-        match &self.shared {
-            Some(sh) => {
-                if let Some(exists) = sh.seen(key) {
-                    return Ok(exists);
-                }
-                let exists = sh.bucket.head(key).await?.is_some();
-                sh.remember(key, exists);
-                Ok(exists)
-            }
-            None => Ok(not_found_is_none(fs::metadata(self.root.join(key)))?.is_some()),
-        }
-    }
-
-    /// Removes a metadata object; whether it existed.
-    async fn kv_delete(&self, key: &str) -> Result<bool, StoreError> {
-        match &self.shared {
-            Some(sh) => {
-                let existed = sh.bucket.head(key).await?.is_some();
-                sh.bucket.delete(key).await?;
-                sh.remember(key, false);
-                Ok(existed)
-            }
-            None => remove(self.root.join(key)),
-        }
-    }
-
-    /// Names directly under a metadata "directory", sorted.
-    async fn kv_list(&self, dir: &str) -> Result<Vec<String>, StoreError> {
-        match &self.shared {
-            Some(sh) => sh.bucket.list_dir(&format!("{dir}/")).await,
-            None => list_names(&self.root.join(dir)),
-        }
-    }
-}
-
-fn collect_repos(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), StoreError> {
-    let Some(entries) = not_found_is_none(fs::read_dir(dir))? else {
-        return Ok(());
-    };
-    let mut is_repo = false;
-    for e in entries {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('_') {
-            is_repo = true;
-        } else if e.file_type()?.is_dir() && !name.starts_with('.') {
-            let child = if prefix.is_empty() {
-                name.clone()
-            } else {
-                format!("{prefix}/{name}")
-            };
-            collect_repos(&e.path(), &child, out)?;
-        }
-    }
-    if is_repo && !prefix.is_empty() {
-        out.push(prefix.to_string());
-    }
-    Ok(())
-}
-
-/// File names in `dir` (none if it does not exist), without in-progress dot files.
-fn list_names(dir: &Path) -> Result<Vec<String>, StoreError> {
-    let Some(entries) = not_found_is_none(fs::read_dir(dir))? else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
-    for e in entries {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        if !name.starts_with('.') {
-            out.push(name);
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// Removes a file; whether it existed.
-fn remove(p: PathBuf) -> Result<bool, StoreError> {
-    Ok(not_found_is_none(fs::remove_file(p))?.is_some())
-}
-
-/// Writes `bytes` to a dot-prefixed sibling, then renames it over `p`.
-fn write_atomic(p: PathBuf, bytes: &[u8]) -> Result<(), StoreError> {
-    let dir = p
-        .parent()
-        .ok_or_else(|| StoreError::Meta(format!("{} has no parent", p.display())))?;
-    fs::create_dir_all(dir)?;
-    let name = p
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{:08x}", rand::random::<u32>()));
-    fs::write(&tmp, bytes)?;
-    fs::rename(&tmp, &p).inspect_err(|_| {
-        let _ = fs::remove_file(&tmp);
-    })?;
-    Ok(())
 }

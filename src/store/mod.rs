@@ -14,7 +14,8 @@
 //! write, delete, list, and metadata get/put) so that an object-store backend can follow
 //! without touching the services.
 
-pub mod bucket;
+mod backend;
+mod bucket;
 mod direct;
 pub mod layout;
 mod meta;
