@@ -1,8 +1,9 @@
 //! The one place the store's backend is chosen: the local filesystem under the root, or
 //! the S3 bucket shared by replicas (the local disk then being its tier). [`Tier`] is that
-//! choice, matched only here; metadata objects (tags, links, private markers, referrers)
+//! choice, matched only here. Metadata objects (tags, links, private markers, referrers),
 //! upload sessions (see `sessions.rs` for their layout) and blob bytes across the two
-//! tiers go through it; `shared.rs` keeps the bucket side's own state.
+//! tiers all go through it; `shared.rs` keeps the bucket side's own state, and nothing
+//! outside `store/` knows which backend runs.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
