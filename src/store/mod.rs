@@ -1,4 +1,4 @@
-//! The store: the only code that touches files.
+//! The store: the only code that touches files or the bucket.
 //!
 //! Content lives once per digest under `blobs/sha256/<2>/<hex>`, whatever upstream or
 //! repository it came from. Writes go to `tmp/` and are renamed into place only after the
@@ -11,8 +11,9 @@
 //! collide with a repository name.
 //!
 //! The interface is narrow on purpose (stat, read at offset, begin/commit/abort a verified
-//! write, delete, list, and metadata get/put) so that an object-store backend can follow
-//! without touching the services.
+//! write, delete, list, and metadata get/put), and which backend runs (files, or an S3
+//! bucket with this disk as its local tier) is chosen and matched in one place,
+//! `backend.rs`: nothing outside `store/` knows.
 
 mod backend;
 mod bucket;
