@@ -31,6 +31,23 @@ pub struct Fetched {
 pub type Pending = Option<Result<Arc<Fetched>, Arc<ServiceError>>>;
 
 impl Services {
+    /// `manifests/<reference>` of `repo` upstream with `method`; a non-2xx as the error
+    /// it means (a 404: this reference is unknown).
+    pub(super) async fn ask_manifest(
+        &self,
+        up: &Upstream,
+        method: Method,
+        repo: &str,
+        reference: &str,
+    ) -> Result<awc::ClientResponse, ServiceError> {
+        let what = format!("manifests/{reference}");
+        let req = manifest_request(method, repo, &what);
+        self.upstream_ok(up, "manifest", req, || {
+            ServiceError::ManifestUnknown(reference.to_string())
+        })
+        .await
+    }
+
     /// A manifest for another replica: fetched here (coalesced), never forwarded again.
     pub async fn peer_manifest(
         &self,
@@ -186,14 +203,8 @@ impl Services {
         repo: &str,
         reference: &Reference,
     ) -> Result<Fetched, ServiceError> {
-        let what = format!("manifests/{reference}");
         let mut resp = self
-            .upstream_ok(
-                up,
-                "manifest",
-                manifest_request(Method::GET, repo, &what),
-                || ServiceError::ManifestUnknown(reference.to_string()),
-            )
+            .ask_manifest(up, Method::GET, repo, &reference.to_string())
             .await?;
         if content_length(resp.headers()).is_some_and(|n| n > MAX_MANIFEST_SIZE as u64) {
             return Err(ServiceError::ManifestTooLarge);
@@ -285,7 +296,7 @@ impl Services {
     }
 }
 
-pub(super) fn manifest_request<'a>(method: Method, repo: &'a str, what: &'a str) -> UpRequest<'a> {
+fn manifest_request<'a>(method: Method, repo: &'a str, what: &'a str) -> UpRequest<'a> {
     UpRequest {
         method,
         repo,

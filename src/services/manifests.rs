@@ -7,7 +7,7 @@ use std::sync::Arc;
 use actix_web::http::Method;
 use bytes::Bytes;
 
-use super::manifest_fetch::{content_type, header_digest, manifest_request};
+use super::manifest_fetch::{content_type, header_digest};
 use super::{content_length, ServiceError, Services, Source};
 use crate::auth::Caller;
 use crate::media::Accepted;
@@ -202,15 +202,7 @@ impl Services {
         tag: &str,
         d: &Digest,
     ) -> Result<bool, ServiceError> {
-        let what = format!("manifests/{tag}");
-        let resp = self
-            .upstream_ok(
-                up,
-                "manifest",
-                manifest_request(Method::HEAD, repo, &what),
-                || ServiceError::ManifestUnknown(tag.into()),
-            )
-            .await?;
+        let resp = self.ask_manifest(up, Method::HEAD, repo, tag).await?;
         Ok(header_digest(resp.headers()).as_ref() == Some(d))
     }
 
@@ -249,14 +241,8 @@ impl Services {
         repo: &str,
         reference: &Reference,
     ) -> Result<Option<ManifestReply>, ServiceError> {
-        let what = format!("manifests/{reference}");
         let resp = self
-            .upstream_ok(
-                up,
-                "manifest",
-                manifest_request(Method::HEAD, repo, &what),
-                || ServiceError::ManifestUnknown(reference.to_string()),
-            )
+            .ask_manifest(up, Method::HEAD, repo, &reference.to_string())
             .await?;
         let (Some(digest), Some(size), Some(media_type)) = (
             header_digest(resp.headers()),
