@@ -63,6 +63,10 @@ pub struct Store {
     /// Whether [`Store::measure`] ran (until then the size is unknown: 0).
     measured: std::sync::atomic::AtomicBool,
     shared: Option<shared::Shared>,
+    /// Test seam: bytes a fill may write before the disk reports full (see
+    /// [`Store::limit_room`]).
+    #[cfg(test)]
+    room: AtomicU64,
 }
 
 impl Store {
@@ -88,6 +92,8 @@ impl Store {
             size: AtomicU64::new(0),
             measured: Default::default(),
             shared: None,
+            #[cfg(test)]
+            room: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -210,7 +216,18 @@ impl Store {
     /// Starts a write; nothing is visible until [`Store::commit`], and dropping the
     /// writer aborts it.
     pub fn begin(&self) -> Result<BlobWriter, StoreError> {
-        BlobWriter::create(&self.root.join("tmp"))
+        let w = BlobWriter::create(&self.root.join("tmp"))?;
+        #[cfg(test)]
+        let w = w.with_room(self.room.load(Ordering::Relaxed));
+        Ok(w)
+    }
+
+    /// Test seam: every writer begun from now on reports the disk full
+    /// (`ErrorKind::StorageFull`) once it would hold more than `bytes`, as a full
+    /// filesystem does, so the fill's disk-full path runs without filling a disk.
+    #[cfg(test)]
+    pub fn limit_room(&self, bytes: u64) {
+        self.room.store(bytes, Ordering::Relaxed);
     }
 
     /// Verifies the written bytes against the expected digest (and size, when known),

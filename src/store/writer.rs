@@ -31,6 +31,9 @@ pub struct BlobWriter {
     /// Bytes whose writeback has been started (see [`BlobWriter::write`]).
     flushed: u64,
     done: bool,
+    /// Test seam: bytes this writer may take before it reports the disk full.
+    #[cfg(test)]
+    room: u64,
 }
 
 /// Writeback of a blob being written is started every this many bytes.
@@ -54,6 +57,8 @@ impl BlobWriter {
             in_file: 0,
             flushed: 0,
             done: false,
+            #[cfg(test)]
+            room: u64::MAX,
         })
     }
 
@@ -71,6 +76,10 @@ impl BlobWriter {
 
     /// Appends bytes that the caller hashes itself (see [`Self::take_hasher`]).
     pub fn write_unhashed(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        #[cfg(test)]
+        if self.written + bytes.len() as u64 > self.room {
+            return Err(io::ErrorKind::StorageFull.into());
+        }
         self.written += bytes.len() as u64;
         while let Some(direct) = self.direct.as_mut() {
             let took = direct.fill(bytes);
@@ -101,6 +110,12 @@ impl BlobWriter {
             self.start_writeback();
         }
         Ok(())
+    }
+
+    #[cfg(test)]
+    pub(super) fn with_room(mut self, room: u64) -> BlobWriter {
+        self.room = room;
+        self
     }
 
     /// Bytes in the file: a reader of a fill in progress may read this far.

@@ -11,7 +11,7 @@ use sha2::Digest as _;
 use tokio::sync::mpsc;
 
 use super::state::Fill;
-use super::stream::{Avail, BodyStream};
+use super::stream::{Avail, BodyStream, OpenRelay, Relay};
 use crate::metrics::Metrics;
 use crate::names::Digest;
 use crate::services::flight::{Join, Lead};
@@ -105,7 +105,26 @@ impl Bench {
         &self,
         rx: tokio::sync::watch::Receiver<Fill>,
     ) -> tokio::task::JoinHandle<Result<Vec<u8>, (usize, String)>> {
+        self.read_relaying(rx, None)
+    }
+
+    /// [`Self::read`], relaying from `origin` (as from the upstream) if the fill stops
+    /// caching.
+    fn read_relaying(
+        &self,
+        rx: tokio::sync::watch::Receiver<Fill>,
+        origin: Option<Arc<Vec<u8>>>,
+    ) -> tokio::task::JoinHandle<Result<Vec<u8>, (usize, String)>> {
         let metrics = self.svc.mirror.metrics.clone();
+        let relay = origin.map(|blob| -> OpenRelay {
+            Box::new(move |pos| {
+                let rest = Bytes::copy_from_slice(&blob[pos as usize..]);
+                let chunks: Vec<_> = rest.chunks(7_777).map(Bytes::copy_from_slice).collect();
+                let relay: Relay =
+                    futures_util::stream::iter(chunks.into_iter().map(Ok)).boxed_local();
+                Box::pin(async move { Ok(relay) })
+            })
+        });
         actix_web::rt::spawn(async move {
             let mut rx = rx;
             let (file, size) = super::state::wait_started(&mut rx)
@@ -113,7 +132,7 @@ impl Bench {
                 .map_err(|e| (0, e.to_string()))?;
             let end = size.unwrap_or(u64::MAX);
             let mut body =
-                BodyStream::new(file, 0, end, Avail::Fill(rx, None), metrics, "upstream");
+                BodyStream::new(file, 0, end, Avail::Fill(rx, relay), metrics, "upstream");
             let mut got = Vec::new();
             while let Some(chunk) = body.next().await {
                 got.extend_from_slice(&chunk.map_err(|e| (got.len(), e.to_string()))?);
@@ -313,4 +332,35 @@ async fn a_blob_of_unknown_size_is_held_back_until_verified() {
     }
     assert_eq!(digest_of(&got), d);
     assert_eq!(b.stored(rx, &d).await, Some(blob.len() as u64));
+}
+
+/// The disk fills up a third of the way: nothing is stored, no partial file stays, the
+/// refusal is counted, and every reader still gets the whole blob, the first part from
+/// the file and the rest relayed from the source.
+#[actix_web::test]
+async fn a_full_disk_stores_nothing_and_readers_relay_the_rest() {
+    let b = bench();
+    b.svc.store().limit_room(1 << 20);
+    let blob = Arc::new(noise(3 << 20, 7));
+    let d = digest_of(&blob);
+    let (feed, rx) = b.lead(&d, Some(blob.len() as u64));
+    let readers = [
+        b.read_relaying(rx.clone(), Some(blob.clone())),
+        b.read_relaying(rx.clone(), Some(blob.clone())),
+    ];
+    send_in(&feed, &blob, &[65_536]);
+    drop(feed);
+    for got in futures_util::future::join_all(readers).await {
+        assert_eq!(got.expect("reader").map(|g| digest_of(&g)), Ok(d.clone()));
+    }
+    assert_eq!(b.stored(rx.clone(), &d).await, None, "nothing stored");
+    assert!(rx.borrow().passthrough(), "the fill gave up caching");
+    let refused = b
+        .svc
+        .metrics()
+        .store_errors
+        .with_label_values(&["no_space"]);
+    assert_eq!(refused.get(), 1);
+    let tmp = std::fs::read_dir(b.svc.store().root().join("tmp")).expect("tmp dir");
+    assert_eq!(tmp.count(), 0, "the partial file is removed");
 }
