@@ -1,7 +1,7 @@
 //! What a blob request asks and gets back: the `Range` it names and the reply the routes
 //! shape (a leaf shared by blobs, fills and hosted repositories).
 
-use super::fill::BodyStream;
+use super::fill::stream::BodyStream;
 use super::{ServiceError, Source};
 
 /// A single `Range` request, as parsed from the header.

@@ -16,6 +16,7 @@ use super::flight::{Join, Lead};
 use super::{content_length, repo_digest_key, ServiceError, Services, Source};
 use crate::auth::Caller;
 use crate::names::Digest;
+use crate::services::{fill, peers, private};
 use crate::upstream::Upstream;
 
 /// How often a request re-joins after fills led through other repositories failed.
@@ -103,9 +104,7 @@ impl Services {
         caller: &Caller,
         forward: bool,
     ) -> Result<BlobReply, ServiceError> {
-        let up = &self
-            .upstream_for(up, repo, caller, &format!("blobs/{d}"))
-            .await?;
+        let up = &private::upstream_for(self, up, repo, caller, &format!("blobs/{d}")).await?;
         let head = method == Method::HEAD;
         if let Some(size) = self.store().stat(d).await? {
             if self.store().blob_linked(&up.name, repo, d).await?
@@ -114,7 +113,7 @@ impl Services {
                 self.count_cache(up, "hit");
                 // Eviction goes by last use; a failed touch only makes it less precise.
                 let _ = self.store().touch(d);
-                return self.stored(d, size, range, head).await;
+                return fill::stored(self, d, size, range, head).await;
             }
         }
         self.count_cache(up, "miss");
@@ -207,7 +206,7 @@ impl Services {
         let relay: OpenRelay = {
             let (this, up, repo, d) = (self.clone(), up.clone(), repo.to_string(), d.clone());
             Box::new(move |pos| {
-                Box::pin(async move { Ok(this.relay_from(&up, &repo, &d, pos).await?.1) })
+                Box::pin(async move { Ok(fill::relay_from(&this, &up, &repo, &d, pos).await?.1) })
             })
         };
         let body = BodyStream::new(
@@ -317,10 +316,10 @@ impl Services {
         }
         // Another replica may have filled the bucket since this request looked.
         if self.store().stat(d).await?.is_some() {
-            return self.copy_from_bucket(lead, d).await;
+            return fill::copy_from_bucket(self, lead, d).await;
         }
-        if let Some(ranked) = self.owners(up, d).filter(|_| forward) {
-            return self.fill_via_peers(lead, up, repo, d, ranked).await;
+        if let Some(ranked) = peers::owners(self, up, d).filter(|_| forward) {
+            return peers::fill_via_peers(self, lead, up, repo, d, ranked).await;
         }
         let what = format!("blobs/{d}");
         let req = blob_request(Method::GET, repo, &what, None);
@@ -329,9 +328,9 @@ impl Services {
             .await?;
         let size = content_length(resp.headers());
         let body = resp.map(|c| c.map_err(|e| e.to_string()));
-        let Some(w) = self.write_fill(lead, d, body, size, Some(up)).await? else {
+        let Some(w) = fill::write_fill(self, lead, d, body, size, Some(up)).await? else {
             return Ok(());
         };
-        self.finish_fill(lead, up, repo, d, w, size, true).await
+        fill::finish_fill(self, lead, up, repo, d, w, size, true).await
     }
 }

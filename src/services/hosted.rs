@@ -13,6 +13,7 @@ use super::uploads::{UploadLimits, Uploads};
 use super::{ServiceError, Services, Source};
 use crate::media::{Accepted, IMAGE_TYPES, INDEX_TYPES, OCI_INDEX};
 use crate::names::{Digest, Reference};
+use crate::services::{fill, manifests};
 use crate::store::{ManifestLink, TagRecord};
 
 /// The hosted prefix and its upload sessions.
@@ -46,12 +47,6 @@ impl Hosted {
 }
 
 impl Services {
-    pub(super) fn hosted(&self) -> Result<&Hosted, ServiceError> {
-        self.mirror
-            .hosted
-            .as_ref()
-            .ok_or_else(|| ServiceError::NameUnknown("no hosted repositories".into()))
-    }
 
     pub async fn hosted_manifest(
         &self,
@@ -62,11 +57,17 @@ impl Services {
     ) -> Result<ManifestReply, ServiceError> {
         let ns = &self.hosted()?.prefix;
         let found = match reference {
-            Reference::Digest(d) => self.cached_by_digest(ns, repo, d, head).await?,
+            Reference::Digest(d) => manifests::cached_by_digest(self, ns, repo, d, head).await?,
             Reference::Tag(t) => match self.store().get_tag(ns, repo, t).await? {
                 Some(rec) => {
-                    self.stored_reply(&rec.digest()?, &rec.media_type, head, Source::Cache)
-                        .await?
+                    manifests::stored_reply(
+                        self,
+                        &rec.digest()?,
+                        &rec.media_type,
+                        head,
+                        Source::Cache,
+                    )
+                    .await?
                 }
                 None => None,
             },
@@ -85,7 +86,7 @@ impl Services {
         let ns = &self.hosted()?.prefix;
         match self.store().stat(d).await? {
             Some(size) if self.store().blob_linked(ns, repo, d).await? => {
-                self.stored(d, size, range, head).await
+                fill::stored(self, d, size, range, head).await
             }
             _ => Err(ServiceError::BlobUnknown(d.to_string())),
         }

@@ -14,6 +14,7 @@ use crate::auth::Caller;
 use crate::cluster::PeerManifest;
 use crate::media::UPSTREAM_ACCEPT;
 use crate::names::{Digest, Reference};
+use crate::services::{peers, private};
 use crate::store::{ManifestLink, TagRecord};
 use crate::upstream::{UpRequest, Upstream};
 
@@ -31,23 +32,6 @@ pub struct Fetched {
 pub type Pending = Option<Result<Arc<Fetched>, Arc<ServiceError>>>;
 
 impl Services {
-    /// `manifests/<reference>` of `repo` upstream with `method`; a non-2xx as the error
-    /// it means (a 404: this reference is unknown).
-    pub(super) async fn ask_manifest(
-        &self,
-        up: &Upstream,
-        method: Method,
-        repo: &str,
-        reference: &str,
-    ) -> Result<awc::ClientResponse, ServiceError> {
-        let what = format!("manifests/{reference}");
-        let req = manifest_request(method, repo, &what);
-        self.upstream_ok(up, "manifest", req, || {
-            ServiceError::ManifestUnknown(reference.to_string())
-        })
-        .await
-    }
-
     /// A manifest for another replica: fetched here (coalesced), never forwarded again.
     pub async fn peer_manifest(
         &self,
@@ -74,10 +58,8 @@ impl Services {
         reference: &Reference,
     ) -> Result<Arc<Fetched>, ServiceError> {
         let probe = format!("manifests/{reference}");
-        let up = self
-            .upstream_for(up, repo, &Caller::Anonymous, &probe)
-            .await?;
-        self.fetch_coalesced(&up, repo, reference, false).await
+        let up = private::upstream_for(self, up, repo, &Caller::Anonymous, &probe).await?;
+        fetch_coalesced(self, &up, repo, reference, false).await
     }
 
     /// A manifest from the reference's owner (which fetches it once for the cluster and
@@ -94,7 +76,7 @@ impl Services {
             return Ok(f);
         }
         let key = format!("manifest {}/{repo}:{reference}", up.name);
-        let ranked = self.ranked_elsewhere(up, &key).filter(|_| forward);
+        let ranked = peers::ranked_elsewhere(self, up, &key).filter(|_| forward);
         for peer in ranked.unwrap_or_default() {
             let Some(cluster) = &self.mirror.cluster else {
                 break;
@@ -121,52 +103,6 @@ impl Services {
             }
         }
         self.fetch_manifest(up, repo, reference).await
-    }
-
-    /// One upstream GET per (upstream, repo, reference, credential), however many ask;
-    /// with `forward`, asked of the reference's owner in the cluster first.
-    pub(super) async fn fetch_coalesced(
-        &self,
-        up: &Arc<Upstream>,
-        repo: &str,
-        reference: &Reference,
-        forward: bool,
-    ) -> Result<Arc<Fetched>, ServiceError> {
-        let key = format!(
-            "{}\n{repo}\n{reference}\n{}",
-            up.name,
-            up.client.as_deref().unwrap_or("")
-        );
-        let mut rx = match self.mirror.manifest_flights.join(key, || None) {
-            Join::Leader(lead) => {
-                let rx = lead.subscribe();
-                let this = self.clone();
-                let (up, repo, reference) = (up.clone(), repo.to_string(), reference.clone());
-                actix_web::rt::spawn(async move {
-                    let r = this.fetch_routed(&up, &repo, &reference, forward).await;
-                    lead.tx
-                        .send_replace(Some(r.map(Arc::new).map_err(Arc::new)));
-                });
-                rx
-            }
-            Join::Follower(rx) => {
-                self.metrics()
-                    .coalesced
-                    .with_label_values(&["manifest"])
-                    .inc();
-                rx
-            }
-        };
-        let done = rx.wait_for(Option::is_some).await.map_err(|_| {
-            ServiceError::Unavailable("manifest fetch ended without a result".into())
-        })?;
-        match &*done {
-            Some(Ok(f)) => Ok(f.clone()),
-            Some(Err(e)) => Err(ServiceError::Shared(e.clone())),
-            None => Err(ServiceError::Unavailable(
-                "manifest fetch ended without a result".into(),
-            )),
-        }
     }
 
     /// The manifest a flight that ended between this request's cache lookup and its join
@@ -203,9 +139,7 @@ impl Services {
         repo: &str,
         reference: &Reference,
     ) -> Result<Fetched, ServiceError> {
-        let mut resp = self
-            .ask_manifest(up, Method::GET, repo, &reference.to_string())
-            .await?;
+        let mut resp = ask_manifest(self, up, Method::GET, repo, &reference.to_string()).await?;
         if content_length(resp.headers()).is_some_and(|n| n > MAX_MANIFEST_SIZE as u64) {
             return Err(ServiceError::ManifestTooLarge);
         }
@@ -349,6 +283,70 @@ fn verify_fetched(reference: &Reference, m: PeerManifest) -> Option<Fetched> {
         media_type,
         bytes: m.bytes,
     })
+}
+
+/// `manifests/<reference>` of `repo` upstream with `method`; a non-2xx as the error
+/// it means (a 404: this reference is unknown).
+pub(super) async fn ask_manifest(
+    svc: &Services,
+    up: &Upstream,
+    method: Method,
+    repo: &str,
+    reference: &str,
+) -> Result<awc::ClientResponse, ServiceError> {
+    let what = format!("manifests/{reference}");
+    let req = manifest_request(method, repo, &what);
+    svc.upstream_ok(up, "manifest", req, || {
+        ServiceError::ManifestUnknown(reference.to_string())
+    })
+    .await
+}
+
+/// One upstream GET per (upstream, repo, reference, credential), however many ask;
+/// with `forward`, asked of the reference's owner in the cluster first.
+pub(super) async fn fetch_coalesced(
+    svc: &Services,
+    up: &Arc<Upstream>,
+    repo: &str,
+    reference: &Reference,
+    forward: bool,
+) -> Result<Arc<Fetched>, ServiceError> {
+    let key = format!(
+        "{}\n{repo}\n{reference}\n{}",
+        up.name,
+        up.client.as_deref().unwrap_or("")
+    );
+    let mut rx = match svc.mirror.manifest_flights.join(key, || None) {
+        Join::Leader(lead) => {
+            let rx = lead.subscribe();
+            let this = svc.clone();
+            let (up, repo, reference) = (up.clone(), repo.to_string(), reference.clone());
+            actix_web::rt::spawn(async move {
+                let r = this.fetch_routed(&up, &repo, &reference, forward).await;
+                lead.tx
+                    .send_replace(Some(r.map(Arc::new).map_err(Arc::new)));
+            });
+            rx
+        }
+        Join::Follower(rx) => {
+            svc.metrics()
+                .coalesced
+                .with_label_values(&["manifest"])
+                .inc();
+            rx
+        }
+    };
+    let done = rx
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| ServiceError::Unavailable("manifest fetch ended without a result".into()))?;
+    match &*done {
+        Some(Ok(f)) => Ok(f.clone()),
+        Some(Err(e)) => Err(ServiceError::Shared(e.clone())),
+        None => Err(ServiceError::Unavailable(
+            "manifest fetch ended without a result".into(),
+        )),
+    }
 }
 
 #[cfg(test)]

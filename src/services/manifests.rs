@@ -12,6 +12,7 @@ use super::{content_length, ServiceError, Services, Source};
 use crate::auth::Caller;
 use crate::media::Accepted;
 use crate::names::{Digest, Reference};
+use crate::services::{manifest_fetch, private};
 use crate::store::TagRecord;
 use crate::upstream::Upstream;
 
@@ -48,14 +49,13 @@ impl Services {
         method: &Method,
         caller: &Caller,
     ) -> Result<ManifestReply, ServiceError> {
-        let up = &self
-            .upstream_for(up, repo, caller, &format!("manifests/{reference}"))
+        let up = &private::upstream_for(self, up, repo, caller, &format!("manifests/{reference}"))
             .await?;
         let head = method == Method::HEAD;
         let mut stale = None;
         match reference {
             Reference::Digest(d) => {
-                if let Some(r) = self.cached_by_digest(&up.name, repo, d, head).await? {
+                if let Some(r) = cached_by_digest(self, &up.name, repo, d, head).await? {
                     return Ok(self.count(up, r));
                 }
             }
@@ -111,7 +111,7 @@ impl Services {
                 return Ok(r);
             }
         }
-        let f = self.fetch_coalesced(up, repo, reference, true).await?;
+        let f = manifest_fetch::fetch_coalesced(self, up, repo, reference, true).await?;
         Ok(ManifestReply {
             digest: f.digest.clone(),
             media_type: f.media_type.clone(),
@@ -137,10 +137,7 @@ impl Services {
         head: bool,
         e: ServiceError,
     ) -> Result<ManifestReply, ServiceError> {
-        match self
-            .stored_reply(&rec.digest()?, &rec.media_type, head, Source::Stale)
-            .await?
-        {
+        match stored_reply(self, &rec.digest()?, &rec.media_type, head, Source::Stale).await? {
             Some(r) => {
                 self.metrics()
                     .stale_serves
@@ -150,22 +147,6 @@ impl Services {
                 Ok(r)
             }
             None => Err(e),
-        }
-    }
-
-    pub(super) async fn cached_by_digest(
-        &self,
-        ns: &str,
-        repo: &str,
-        d: &Digest,
-        head: bool,
-    ) -> Result<Option<ManifestReply>, ServiceError> {
-        match self.store().get_manifest_link(ns, repo, d).await? {
-            Some(link) => {
-                self.stored_reply(d, &link.media_type, head, Source::Cache)
-                    .await
-            }
-            None => Ok(None),
         }
     }
 
@@ -190,8 +171,7 @@ impl Services {
             };
             self.store().put_tag(&up.name, repo, tag, &fresh).await?;
         }
-        self.stored_reply(&d, &rec.media_type, head, Source::Cache)
-            .await
+        stored_reply(self, &d, &rec.media_type, head, Source::Cache).await
     }
 
     /// Whether the upstream still maps `tag` to `d` (HEAD only).
@@ -202,35 +182,8 @@ impl Services {
         tag: &str,
         d: &Digest,
     ) -> Result<bool, ServiceError> {
-        let resp = self.ask_manifest(up, Method::HEAD, repo, tag).await?;
+        let resp = manifest_fetch::ask_manifest(self, up, Method::HEAD, repo, tag).await?;
         Ok(header_digest(resp.headers()).as_ref() == Some(d))
-    }
-
-    pub(super) async fn stored_reply(
-        &self,
-        d: &Digest,
-        media_type: &str,
-        head: bool,
-        source: Source,
-    ) -> Result<Option<ManifestReply>, ServiceError> {
-        let (size, body) = if head {
-            match self.store().stat(d).await? {
-                Some(size) => (size, None),
-                None => return Ok(None),
-            }
-        } else {
-            match self.store().read_small(d).await? {
-                Some(b) => (b.len() as u64, Some(Bytes::from(b))),
-                None => return Ok(None),
-            }
-        };
-        Ok(Some(ManifestReply {
-            digest: d.clone(),
-            media_type: media_type.to_string(),
-            size,
-            body,
-            source,
-        }))
     }
 
     /// Answers a HEAD from an upstream HEAD; `None` if the upstream gave no digest (then
@@ -241,9 +194,9 @@ impl Services {
         repo: &str,
         reference: &Reference,
     ) -> Result<Option<ManifestReply>, ServiceError> {
-        let resp = self
-            .ask_manifest(up, Method::HEAD, repo, &reference.to_string())
-            .await?;
+        let resp =
+            manifest_fetch::ask_manifest(self, up, Method::HEAD, repo, &reference.to_string())
+                .await?;
         let (Some(digest), Some(size), Some(media_type)) = (
             header_digest(resp.headers()),
             content_length(resp.headers()),
@@ -286,4 +239,44 @@ pub(super) fn negotiate(
         "{reference} is a {}, which the request's Accept header does not list",
         r.media_type
     )))
+}
+
+pub(super) async fn cached_by_digest(
+    svc: &Services,
+    ns: &str,
+    repo: &str,
+    d: &Digest,
+    head: bool,
+) -> Result<Option<ManifestReply>, ServiceError> {
+    match svc.store().get_manifest_link(ns, repo, d).await? {
+        Some(link) => stored_reply(svc, d, &link.media_type, head, Source::Cache).await,
+        None => Ok(None),
+    }
+}
+
+pub(super) async fn stored_reply(
+    svc: &Services,
+    d: &Digest,
+    media_type: &str,
+    head: bool,
+    source: Source,
+) -> Result<Option<ManifestReply>, ServiceError> {
+    let (size, body) = if head {
+        match svc.store().stat(d).await? {
+            Some(size) => (size, None),
+            None => return Ok(None),
+        }
+    } else {
+        match svc.store().read_small(d).await? {
+            Some(b) => (b.len() as u64, Some(Bytes::from(b))),
+            None => return Ok(None),
+        }
+    };
+    Ok(Some(ManifestReply {
+        digest: d.clone(),
+        media_type: media_type.to_string(),
+        size,
+        body,
+        source,
+    }))
 }

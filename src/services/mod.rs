@@ -275,6 +275,14 @@ impl Services {
         &self.mirror.metrics
     }
 
+    /// The hosted repositories, or `NAME_UNKNOWN` when the config has none.
+    fn hosted(&self) -> Result<&Hosted, ServiceError> {
+        self.mirror
+            .hosted
+            .as_ref()
+            .ok_or_else(|| ServiceError::NameUnknown("no hosted repositories".into()))
+    }
+
     /// Sends a request upstream, counting it.
     async fn upstream(
         &self,

@@ -29,72 +29,6 @@ enum Probe {
 }
 
 impl Services {
-    /// The upstream (with the right credentials) to use for `repo` on behalf of `caller`:
-    /// `Denied` if the upstream's allow/deny filters exclude the repository (nothing is
-    /// asked upstream), `Unauthorized` if the caller may not read it. `probe` is the
-    /// request's own endpoint (e.g. `manifests/1`), asked with HEAD.
-    pub(super) async fn upstream_for(
-        &self,
-        up: &Arc<Upstream>,
-        repo: &str,
-        caller: &Caller,
-        probe: &str,
-    ) -> Result<Arc<Upstream>, ServiceError> {
-        up.filter.check(repo).map_err(ServiceError::Denied)?;
-        let client = match caller {
-            // Only where the upstream's configuration lets client credentials through.
-            Caller::Foreign { user, pass } if up.client_credentials => Some(Creds {
-                user: user.clone(),
-                pass: pass.clone(),
-            }),
-            _ => None,
-        };
-        let private = self.store().is_private(&up.name, repo).await?;
-        // Public content, or a caller with nothing to offer for unknown content. (Whether
-        // the repository is known is only asked when the answer matters: not for anonymous
-        // callers, which are most requests.)
-        if !private && (client.is_none() || self.store().repo_exists(&up.name, repo).await?) {
-            return Ok(up.clone());
-        }
-        if let Some(c) = &client {
-            if self.proven(&c.id(), up, repo) {
-                return Ok(up.with_client_creds(c));
-            }
-        }
-        if !private || client.is_none() {
-            match self.probe(up, repo, probe).await? {
-                Probe::Allowed => {
-                    if private {
-                        // The upstream now lets the mirror read it: it is public.
-                        self.store().set_private(&up.name, repo, false).await?;
-                        self.mirror.catalog.add(&up.name, repo);
-                    }
-                    return Ok(up.clone());
-                }
-                // Not private and not refused (e.g. 404): the request itself will say.
-                Probe::Unproven if !private => return Ok(up.clone()),
-                // Private content fails closed: only a 2xx proves access.
-                _ if private && client.is_none() => return Err(denied(up, repo)),
-                _ => {}
-            }
-        }
-        let Some(c) = client else {
-            return Ok(up.clone());
-        };
-        let mine = up.with_client_creds(&c);
-        match self.probe(&mine, repo, probe).await? {
-            Probe::Allowed => {
-                self.store().set_private(&up.name, repo, true).await?;
-                self.mirror.catalog.remove(&up.name, repo);
-                self.mirror
-                    .proofs
-                    .insert(proof_key(&c.id(), up, repo), Instant::now());
-                Ok(mine)
-            }
-            Probe::Refused | Probe::Unproven => Err(denied(up, repo)),
-        }
-    }
-
     fn proven(&self, id: &str, up: &Upstream, repo: &str) -> bool {
         self.mirror
             .proofs
@@ -140,4 +74,70 @@ fn denied(up: &Upstream, repo: &str) -> ServiceError {
         "{}/{repo} needs upstream credentials that can read it (send them with Basic auth)",
         up.name
     ))
+}
+
+/// The upstream (with the right credentials) to use for `repo` on behalf of `caller`:
+/// `Denied` if the upstream's allow/deny filters exclude the repository (nothing is
+/// asked upstream), `Unauthorized` if the caller may not read it. `probe` is the
+/// request's own endpoint (e.g. `manifests/1`), asked with HEAD.
+pub(super) async fn upstream_for(
+    svc: &Services,
+    up: &Arc<Upstream>,
+    repo: &str,
+    caller: &Caller,
+    probe: &str,
+) -> Result<Arc<Upstream>, ServiceError> {
+    up.filter.check(repo).map_err(ServiceError::Denied)?;
+    let client = match caller {
+        // Only where the upstream's configuration lets client credentials through.
+        Caller::Foreign { user, pass } if up.client_credentials => Some(Creds {
+            user: user.clone(),
+            pass: pass.clone(),
+        }),
+        _ => None,
+    };
+    let private = svc.store().is_private(&up.name, repo).await?;
+    // Public content, or a caller with nothing to offer for unknown content. (Whether
+    // the repository is known is only asked when the answer matters: not for anonymous
+    // callers, which are most requests.)
+    if !private && (client.is_none() || svc.store().repo_exists(&up.name, repo).await?) {
+        return Ok(up.clone());
+    }
+    if let Some(c) = &client {
+        if svc.proven(&c.id(), up, repo) {
+            return Ok(up.with_client_creds(c));
+        }
+    }
+    if !private || client.is_none() {
+        match svc.probe(up, repo, probe).await? {
+            Probe::Allowed => {
+                if private {
+                    // The upstream now lets the mirror read it: it is public.
+                    svc.store().set_private(&up.name, repo, false).await?;
+                    svc.mirror.catalog.add(&up.name, repo);
+                }
+                return Ok(up.clone());
+            }
+            // Not private and not refused (e.g. 404): the request itself will say.
+            Probe::Unproven if !private => return Ok(up.clone()),
+            // Private content fails closed: only a 2xx proves access.
+            _ if private && client.is_none() => return Err(denied(up, repo)),
+            _ => {}
+        }
+    }
+    let Some(c) = client else {
+        return Ok(up.clone());
+    };
+    let mine = up.with_client_creds(&c);
+    match svc.probe(&mine, repo, probe).await? {
+        Probe::Allowed => {
+            svc.store().set_private(&up.name, repo, true).await?;
+            svc.mirror.catalog.remove(&up.name, repo);
+            svc.mirror
+                .proofs
+                .insert(proof_key(&c.id(), up, repo), Instant::now());
+            Ok(mine)
+        }
+        Probe::Refused | Probe::Unproven => Err(denied(up, repo)),
+    }
 }

@@ -16,6 +16,7 @@ use super::{ServiceError, Services};
 use crate::auth::Caller;
 use crate::media::{OCI_INDEX, UPSTREAM_ACCEPT};
 use crate::names::Digest;
+use crate::services::private;
 use crate::store::TagRecord;
 use crate::upstream::{UpRequest, Upstream};
 
@@ -30,9 +31,8 @@ impl Services {
         artifact_type: Option<&str>,
         caller: &Caller,
     ) -> Result<Value, ServiceError> {
-        let up = &self
-            .upstream_for(up, repo, caller, &format!("manifests/{subject}"))
-            .await?;
+        let up =
+            &private::upstream_for(self, up, repo, caller, &format!("manifests/{subject}")).await?;
         let cached = self
             .store()
             .get_referrers_index(&up.name, repo, subject)

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ServiceError, Services, Source};
 use crate::auth::Caller;
+use crate::services::private;
 use crate::upstream::{UpRequest, Upstream};
 
 #[derive(Serialize, Deserialize)]
@@ -35,7 +36,7 @@ impl Services {
         query: &str,
         caller: &Caller,
     ) -> Result<TagsReply, ServiceError> {
-        let up = &self.upstream_for(up, repo, caller, "tags/list?n=1").await?;
+        let up = &private::upstream_for(self, up, repo, caller, "tags/list?n=1").await?;
         let what = if query.is_empty() {
             "tags/list".to_string()
         } else {

@@ -14,11 +14,11 @@ pub mod memory;
 mod pump;
 mod recent;
 mod state;
-mod stream;
+pub(in crate::services) mod stream;
 #[cfg(test)]
 mod tests;
 
-pub(in crate::services) use pump::Pumped;
+pub(in crate::services) use pump::{pump, Pumped};
 pub(in crate::services) use state::{wait_started, Fill};
 pub use stream::BodyStream;
 pub(in crate::services) use stream::{Avail, OpenRelay, Relay};
@@ -39,67 +39,6 @@ use state::no_space;
 use stream::Reading;
 
 impl Services {
-    /// Verifies, stores and links a fill's bytes; with `to_bucket`, this replica fetched
-    /// them from the upstream and also copies them to the bucket (from the local file,
-    /// once verified: clients and the local tier go at the upstream's speed).
-    #[allow(clippy::too_many_arguments)]
-    pub(in crate::services) async fn finish_fill(
-        &self,
-        lead: &Lead<Digest, Fill>,
-        up: &Upstream,
-        repo: &str,
-        d: &Digest,
-        w: BlobWriter,
-        size: Option<u64>,
-        to_bucket: bool,
-    ) -> Result<(), ServiceError> {
-        let verified = w.digest() == *d && size.is_none_or(|s| s == w.written());
-        if verified {
-            // Clients need not wait for the fsync: release them once the bytes check out.
-            lead.tx.send_modify(Fill::verify);
-        }
-        if to_bucket {
-            let (rx, store, d) = (lead.subscribe(), self.mirror.store.clone(), d.clone());
-            actix_web::rt::spawn(super::fill::copy_to_bucket(rx, store, d));
-        }
-        let total = w.written();
-        self.commit(w, size, up, repo, d).await?;
-        self.store().link_blob(&up.name, repo, d).await?;
-        self.mirror.list_repo(&up.name, repo).await?;
-        lead.tx.send_modify(|f| f.commit(total));
-        Ok(())
-    }
-
-    /// Upstream bytes of `d` from offset `pos` on (a `Range` request; a server that
-    /// ignores it has the skipped bytes dropped here), with the blob's full size when the
-    /// upstream sent it whole (a `206` does not say it in `Content-Length`).
-    pub(in crate::services) async fn relay_from(
-        &self,
-        up: &Upstream,
-        repo: &str,
-        d: &Digest,
-        pos: u64,
-    ) -> Result<(Option<u64>, super::fill::Relay), ServiceError> {
-        let what = format!("blobs/{d}");
-        let req = blob_request(Method::GET, repo, &what, Some(pos).filter(|p| *p > 0));
-        let resp = self
-            .upstream_ok(up, "blob", req, || ServiceError::BlobUnknown(d.to_string()))
-            .await?;
-        let status = resp.status();
-        let partial = status == actix_web::http::StatusCode::PARTIAL_CONTENT;
-        let total = (!partial).then(|| content_length(resp.headers())).flatten();
-        let mut skip = if partial { 0 } else { pos };
-        let name = up.name.clone();
-        let stream = resp.map(move |chunk| {
-            let mut chunk =
-                chunk.map_err(|e| ServiceError::Unavailable(format!("upstream {name}: {e}")))?;
-            let drop = skip.min(chunk.len() as u64) as usize;
-            skip -= drop as u64;
-            Ok(chunk.split_off(drop))
-        });
-        Ok((total, stream.boxed_local()))
-    }
-
     /// Verifies and stores a finished download; a mismatch is counted and logged with the
     /// upstream that sent it.
     async fn commit(
@@ -174,141 +113,6 @@ impl Services {
             source: Source::Cache,
         })
     }
-
-    /// A stored blob: from the local tier, or (held only by the bucket) copied into it
-    /// once, every request streaming the bytes as they arrive.
-    pub(in crate::services) async fn stored(
-        &self,
-        d: &Digest,
-        size: u64,
-        range: Option<ByteRange>,
-        head: bool,
-    ) -> Result<BlobReply, ServiceError> {
-        if head || self.store().local_size(d)?.is_some() {
-            return self.cached(d, size, range, head);
-        }
-        let init = Fill::default;
-        let mut rx = match self.mirror.blob_flights.join(d.clone(), init) {
-            Join::Leader(lead) => {
-                let rx = lead.subscribe();
-                let (this, d) = (self.clone(), d.clone());
-                actix_web::rt::spawn(async move {
-                    if let Err(e) = this.copy_from_bucket(&lead, &d).await {
-                        tracing::warn!(digest = %d, error = %e, "copy from the bucket failed");
-                        lead.tx.send_modify(|f| f.fail(Arc::new(e)));
-                    }
-                });
-                rx
-            }
-            Join::Follower(rx) => rx,
-        };
-        let (file, _) = state::wait_started(&mut rx).await?;
-        let range = range.map(|r| r.resolve(size)).transpose()?;
-        if range.is_some() {
-            // A range may end before the last byte, which alone waits for the digest: the
-            // bucket's bytes are served in part only once all of them checked out (an
-            // altered object then fails here, and is deleted, instead of being served).
-            state::wait_verified(&mut rx).await?;
-        }
-        let (start, end) = range.unwrap_or((0, size));
-        let body = BodyStream::new(
-            file,
-            start,
-            end,
-            Avail::Fill(rx, None),
-            self.mirror.metrics.clone(),
-            "bucket",
-        );
-        Ok(BlobReply {
-            size: Some(size),
-            range,
-            body: Some(body),
-            source: Source::Cache,
-        })
-    }
-
-    /// Leads the copy of `d` from the bucket into the local tier. Bytes that do not match
-    /// the digest are never kept: the bucket object is deleted (counted), so the next
-    /// request fetches the blob again.
-    pub(in crate::services) async fn copy_from_bucket(
-        &self,
-        lead: &Lead<Digest, Fill>,
-        d: &Digest,
-    ) -> Result<(), ServiceError> {
-        let read = self.store().read_shared_here(self.client.pool(), d).await?;
-        let Some((size, body)) = read else {
-            return Err(ServiceError::BlobUnknown(d.to_string()));
-        };
-        let body = body.map(|c| c.map_err(|e| e.to_string()));
-        let Some(w) = self.write_fill(lead, d, body, Some(size), None).await? else {
-            return Ok(());
-        };
-        if w.digest() != *d || w.written() != size {
-            self.metrics().bucket_corrupt.inc();
-            self.store().reject_shared(d).await?;
-            return Err(ServiceError::Unavailable(format!(
-                "the bucket's copy of {d} is corrupt (hashes to {}); deleted, ask again",
-                w.digest()
-            )));
-        }
-        lead.tx.send_modify(Fill::verify);
-        let (expected, store) = (d.clone(), self.mirror.store.clone());
-        super::offload(async move { store.commit(w, &expected, Some(size)) }).await?;
-        lead.tx.send_modify(|f| f.commit(size));
-        self.mirror.keep_local_tier();
-        Ok(())
-    }
-
-    /// Writes `body` into a new local file, telling the readers of `lead`
-    /// how far they may read. `None` when the local disk is full (readers relay from `up`).
-    pub(in crate::services) async fn write_fill<S>(
-        &self,
-        lead: &Lead<Digest, Fill>,
-        d: &Digest,
-        body: S,
-        size: Option<u64>,
-        up: Option<&Upstream>,
-    ) -> Result<Option<BlobWriter>, ServiceError>
-    where
-        S: Stream<Item = Result<Bytes, String>> + Unpin,
-    {
-        let Some(w) = self.begin_fill(lead, d, size, up)? else {
-            return Ok(None);
-        };
-        let source = up.map_or("the bucket".to_string(), |u| format!("upstream {}", u.name));
-        match self.pump(lead, d, w, body, &source, size, up).await? {
-            Pumped::Done(w) => Ok(Some(w)),
-            Pumped::Broke(_, e) => Err(ServiceError::Unavailable(e)),
-            Pumped::Full => Ok(None),
-        }
-    }
-
-    /// Opens the local file of a fill and tells its readers; `None` when the disk is full
-    /// (readers relay from `up`).
-    pub(in crate::services) fn begin_fill(
-        &self,
-        lead: &Lead<Digest, Fill>,
-        d: &Digest,
-        size: Option<u64>,
-        up: Option<&Upstream>,
-    ) -> Result<Option<BlobWriter>, ServiceError> {
-        let w = match self.store().begin() {
-            Ok(w) => w,
-            Err(StoreError::Io(e)) if no_space(&e) && up.is_some() => {
-                if let Some(up) = up {
-                    self.pass_through(lead, up, d, size, &e);
-                }
-                return Ok(None);
-            }
-            Err(e) => return Err(e.into()),
-        };
-        lead.tx.send_modify(|f| {
-            f.file = Some(w.reader());
-            f.size = size;
-            f.start();
-        });
-        Ok(Some(w))
-    }
 }
 
 /// Copies a fill's verified bytes from its local file into the bucket. It starts once the
@@ -359,4 +163,200 @@ pub(in crate::services) fn blob_request<'a>(
         range_from,
         primary_only: false,
     }
+}
+
+/// Verifies, stores and links a fill's bytes; with `to_bucket`, this replica fetched
+/// them from the upstream and also copies them to the bucket (from the local file,
+/// once verified: clients and the local tier go at the upstream's speed).
+#[allow(clippy::too_many_arguments)]
+pub(in crate::services) async fn finish_fill(
+    svc: &Services,
+    lead: &Lead<Digest, Fill>,
+    up: &Upstream,
+    repo: &str,
+    d: &Digest,
+    w: BlobWriter,
+    size: Option<u64>,
+    to_bucket: bool,
+) -> Result<(), ServiceError> {
+    let verified = w.digest() == *d && size.is_none_or(|s| s == w.written());
+    if verified {
+        // Clients need not wait for the fsync: release them once the bytes check out.
+        lead.tx.send_modify(Fill::verify);
+    }
+    if to_bucket {
+        let (rx, store, d) = (lead.subscribe(), svc.mirror.store.clone(), d.clone());
+        actix_web::rt::spawn(super::fill::copy_to_bucket(rx, store, d));
+    }
+    let total = w.written();
+    svc.commit(w, size, up, repo, d).await?;
+    svc.store().link_blob(&up.name, repo, d).await?;
+    svc.mirror.list_repo(&up.name, repo).await?;
+    lead.tx.send_modify(|f| f.commit(total));
+    Ok(())
+}
+
+/// Upstream bytes of `d` from offset `pos` on (a `Range` request; a server that
+/// ignores it has the skipped bytes dropped here), with the blob's full size when the
+/// upstream sent it whole (a `206` does not say it in `Content-Length`).
+pub(in crate::services) async fn relay_from(
+    svc: &Services,
+    up: &Upstream,
+    repo: &str,
+    d: &Digest,
+    pos: u64,
+) -> Result<(Option<u64>, super::fill::Relay), ServiceError> {
+    let what = format!("blobs/{d}");
+    let req = blob_request(Method::GET, repo, &what, Some(pos).filter(|p| *p > 0));
+    let resp = svc
+        .upstream_ok(up, "blob", req, || ServiceError::BlobUnknown(d.to_string()))
+        .await?;
+    let status = resp.status();
+    let partial = status == actix_web::http::StatusCode::PARTIAL_CONTENT;
+    let total = (!partial).then(|| content_length(resp.headers())).flatten();
+    let mut skip = if partial { 0 } else { pos };
+    let name = up.name.clone();
+    let stream = resp.map(move |chunk| {
+        let mut chunk =
+            chunk.map_err(|e| ServiceError::Unavailable(format!("upstream {name}: {e}")))?;
+        let drop = skip.min(chunk.len() as u64) as usize;
+        skip -= drop as u64;
+        Ok(chunk.split_off(drop))
+    });
+    Ok((total, stream.boxed_local()))
+}
+
+/// A stored blob: from the local tier, or (held only by the bucket) copied into it
+/// once, every request streaming the bytes as they arrive.
+pub(in crate::services) async fn stored(
+    svc: &Services,
+    d: &Digest,
+    size: u64,
+    range: Option<ByteRange>,
+    head: bool,
+) -> Result<BlobReply, ServiceError> {
+    if head || svc.store().local_size(d)?.is_some() {
+        return svc.cached(d, size, range, head);
+    }
+    let init = Fill::default;
+    let mut rx = match svc.mirror.blob_flights.join(d.clone(), init) {
+        Join::Leader(lead) => {
+            let rx = lead.subscribe();
+            let (this, d) = (svc.clone(), d.clone());
+            actix_web::rt::spawn(async move {
+                if let Err(e) = copy_from_bucket(&this, &lead, &d).await {
+                    tracing::warn!(digest = %d, error = %e, "copy from the bucket failed");
+                    lead.tx.send_modify(|f| f.fail(Arc::new(e)));
+                }
+            });
+            rx
+        }
+        Join::Follower(rx) => rx,
+    };
+    let (file, _) = state::wait_started(&mut rx).await?;
+    let range = range.map(|r| r.resolve(size)).transpose()?;
+    if range.is_some() {
+        // A range may end before the last byte, which alone waits for the digest: the
+        // bucket's bytes are served in part only once all of them checked out (an
+        // altered object then fails here, and is deleted, instead of being served).
+        state::wait_verified(&mut rx).await?;
+    }
+    let (start, end) = range.unwrap_or((0, size));
+    let body = BodyStream::new(
+        file,
+        start,
+        end,
+        Avail::Fill(rx, None),
+        svc.mirror.metrics.clone(),
+        "bucket",
+    );
+    Ok(BlobReply {
+        size: Some(size),
+        range,
+        body: Some(body),
+        source: Source::Cache,
+    })
+}
+
+/// Leads the copy of `d` from the bucket into the local tier. Bytes that do not match
+/// the digest are never kept: the bucket object is deleted (counted), so the next
+/// request fetches the blob again.
+pub(in crate::services) async fn copy_from_bucket(
+    svc: &Services,
+    lead: &Lead<Digest, Fill>,
+    d: &Digest,
+) -> Result<(), ServiceError> {
+    let read = svc.store().read_shared_here(svc.client.pool(), d).await?;
+    let Some((size, body)) = read else {
+        return Err(ServiceError::BlobUnknown(d.to_string()));
+    };
+    let body = body.map(|c| c.map_err(|e| e.to_string()));
+    let Some(w) = write_fill(svc, lead, d, body, Some(size), None).await? else {
+        return Ok(());
+    };
+    if w.digest() != *d || w.written() != size {
+        svc.metrics().bucket_corrupt.inc();
+        svc.store().reject_shared(d).await?;
+        return Err(ServiceError::Unavailable(format!(
+            "the bucket's copy of {d} is corrupt (hashes to {}); deleted, ask again",
+            w.digest()
+        )));
+    }
+    lead.tx.send_modify(Fill::verify);
+    let (expected, store) = (d.clone(), svc.mirror.store.clone());
+    super::offload(async move { store.commit(w, &expected, Some(size)) }).await?;
+    lead.tx.send_modify(|f| f.commit(size));
+    svc.mirror.keep_local_tier();
+    Ok(())
+}
+
+/// Writes `body` into a new local file, telling the readers of `lead`
+/// how far they may read. `None` when the local disk is full (readers relay from `up`).
+pub(in crate::services) async fn write_fill<S>(
+    svc: &Services,
+    lead: &Lead<Digest, Fill>,
+    d: &Digest,
+    body: S,
+    size: Option<u64>,
+    up: Option<&Upstream>,
+) -> Result<Option<BlobWriter>, ServiceError>
+where
+    S: Stream<Item = Result<Bytes, String>> + Unpin,
+{
+    let Some(w) = begin_fill(svc, lead, d, size, up)? else {
+        return Ok(None);
+    };
+    let source = up.map_or("the bucket".to_string(), |u| format!("upstream {}", u.name));
+    match pump(svc, lead, d, w, body, &source, size, up).await? {
+        Pumped::Done(w) => Ok(Some(w)),
+        Pumped::Broke(_, e) => Err(ServiceError::Unavailable(e)),
+        Pumped::Full => Ok(None),
+    }
+}
+
+/// Opens the local file of a fill and tells its readers; `None` when the disk is full
+/// (readers relay from `up`).
+pub(in crate::services) fn begin_fill(
+    svc: &Services,
+    lead: &Lead<Digest, Fill>,
+    d: &Digest,
+    size: Option<u64>,
+    up: Option<&Upstream>,
+) -> Result<Option<BlobWriter>, ServiceError> {
+    let w = match svc.store().begin() {
+        Ok(w) => w,
+        Err(StoreError::Io(e)) if no_space(&e) && up.is_some() => {
+            if let Some(up) = up {
+                pump::pass_through(svc, lead, up, d, size, &e);
+            }
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    lead.tx.send_modify(|f| {
+        f.file = Some(w.reader());
+        f.size = size;
+        f.start();
+    });
+    Ok(Some(w))
 }

@@ -128,166 +128,6 @@ impl<T: Send + 'static> Lane<T> {
     }
 }
 
-impl Services {
-    /// Gives up caching this blob: the store is full. Clients still get their bytes.
-    pub(in crate::services) fn pass_through(
-        &self,
-        lead: &Lead<Digest, Fill>,
-        up: &Upstream,
-        d: &Digest,
-        size: Option<u64>,
-        e: &std::io::Error,
-    ) {
-        self.metrics()
-            .store_errors
-            .with_label_values(&["no_space"])
-            .inc();
-        tracing::warn!(upstream = %up.name, digest = %d, error = %e, "store is full: passing the blob through uncached");
-        lead.tx.send_modify(|f| {
-            f.size = size;
-            f.pass_through();
-        });
-    }
-
-    /// Appends `body` (from `source`) to a fill's file. A source that breaks leaves the
-    /// writer intact (everything received before the break kept) for another source to
-    /// go on from where it stopped.
-    #[allow(clippy::too_many_arguments)]
-    pub(in crate::services) async fn pump<S>(
-        &self,
-        lead: &Lead<Digest, Fill>,
-        d: &Digest,
-        mut w: BlobWriter,
-        mut body: S,
-        source: &str,
-        size: Option<u64>,
-        up: Option<&Upstream>,
-    ) -> Result<Pumped, ServiceError>
-    where
-        S: Stream<Item = Result<Bytes, String>> + Unpin,
-    {
-        let bytes_metric = up
-            .filter(|_| source.starts_with("upstream"))
-            .map(|u| self.metrics().upstream_bytes.with_label_values(&[&u.name]));
-        let start = w.written();
-        let hasher = w.take_hasher();
-        let progress = Arc::new(Notify::new());
-        let in_file = Arc::new(AtomicU64::new(w.in_file()));
-        let shown = in_file.clone();
-        let mut writes = Lane::start(
-            w,
-            progress.clone(),
-            move |w: &mut BlobWriter, c| {
-                w.write_unhashed(c)?;
-                shown.store(w.in_file(), Ordering::Release);
-                Ok(())
-            },
-            |w, r| (w, r),
-        );
-        let mut hashes = Lane::start(
-            hasher,
-            progress.clone(),
-            |h: &mut Sha256, c| {
-                sha2::Digest::update(h, c);
-                Ok(())
-            },
-            |h, _| h,
-        );
-        let mut received = start;
-        let (mut ended, mut broke) = (false, None::<String>);
-        let readers = lead.tx.borrow().readers.clone();
-        // Chunks go to the lanes in batches: one wake-up of each lane thread per batch,
-        // not per network read (~23 KiB).
-        let (mut batch, mut batched) = (Vec::new(), 0usize);
-        let mut stalls = Stalls::new();
-        let mut loan = Loan::new(&self.mirror.backlog);
-        loop {
-            if let Some((w, Err(e))) = writes.result.take_if(|(_, r)| r.is_err()) {
-                if no_space(&e) && up.is_some() {
-                    // Dropping the writer removes the partial file; readers keep their
-                    // handle on the bytes already written and relay the rest.
-                    drop(w);
-                    if let Some(up) = up {
-                        self.pass_through(lead, up, d, size, &e);
-                    }
-                    return Ok(Pumped::Full);
-                }
-                return Err(StoreError::from(e).into());
-            }
-            if writes.result.is_some() && hashes.result.is_some() {
-                break;
-            }
-            let source_done = ended || broke.is_some();
-            let (wrote, hashed) = (writes.done(), hashes.done());
-            let lag = (received - start).saturating_sub(wrote.min(hashed));
-            let room = loan.covers((lag + 1).saturating_sub(MAX_PENDING));
-            let now = std::time::Instant::now();
-            let lagging = room && !source_done && readers.lagging(received, now);
-            let reading = !source_done && room && !lagging;
-            let wait = match () {
-                _ if source_done => None,
-                _ if !room && wrote <= hashed => Some(Wait::Disk),
-                _ if !room => Some(Wait::Hash),
-                _ if lagging => Some(Wait::Clients),
-                _ => None,
-            };
-            stalls.enter(now, wait);
-            tokio::select! {
-                biased;
-                _ = progress.notified() => show_in_file(lead, in_file.load(Ordering::Acquire)),
-                r = hashes.ended() => {
-                    r?;
-                    let ok = broke.is_none() && size.is_none_or(|s| s == received);
-                    if let Some(h) = hashes.result.as_ref().filter(|_| ok) {
-                        // Release the readers' last byte as soon as the blob checks out.
-                        if Digest::from_hasher(h.clone()) == *d {
-                            lead.tx.send_modify(Fill::verify);
-                        }
-                    }
-                }
-                r = writes.ended() => r?,
-                _ = tokio::time::sleep(PACE_STEP), if lagging => {}
-                next = tokio::time::timeout(IDLE_TIMEOUT, body.next()), if reading => {
-                    match next {
-                        Err(_) => broke = Some(format!("{source}: stalled")),
-                        Ok(None) => ended = true,
-                        Ok(Some(Err(e))) => broke = Some(format!("{source}: {e}")),
-                        Ok(Some(Ok(b))) => {
-                            received += b.len() as u64;
-                            if let Some(m) = &bytes_metric {
-                                m.inc_by(b.len() as u64);
-                            }
-                            lead.tx.send_modify(|f| f.recent.push(b.clone()));
-                            batched += b.len();
-                            batch.push(b);
-                        }
-                    }
-                    let last = ended || broke.is_some();
-                    if (batched >= LANE_BATCH || last) && !batch.is_empty() {
-                        hashes.send(batch.clone());
-                        writes.send(std::mem::take(&mut batch));
-                        batched = 0;
-                    }
-                    if last {
-                        writes.close();
-                        hashes.close();
-                    }
-                }
-            }
-        }
-        let lost = || ServiceError::Unavailable("fill lost its writer".into());
-        let (mut w, _) = writes.result.take().ok_or_else(lost)?;
-        w.put_hasher(hashes.result.take().ok_or_else(lost)?);
-        show_in_file(lead, w.in_file());
-        stalls.log(d, source, received - start);
-        self.mirror.filled(received - start);
-        Ok(match broke {
-            Some(e) => Pumped::Broke(w, e),
-            None => Pumped::Done(w),
-        })
-    }
-}
-
 /// What a fill that stopped reading its source waits for.
 #[derive(Clone, Copy)]
 enum Wait {
@@ -349,4 +189,162 @@ fn show_in_file(lead: &Lead<Digest, Fill>, in_file: u64) {
         f.written = in_file;
         f.recent.trim(in_file);
     });
+}
+
+/// Gives up caching this blob: the store is full. Clients still get their bytes.
+pub(in crate::services) fn pass_through(
+    svc: &Services,
+    lead: &Lead<Digest, Fill>,
+    up: &Upstream,
+    d: &Digest,
+    size: Option<u64>,
+    e: &std::io::Error,
+) {
+    svc.metrics()
+        .store_errors
+        .with_label_values(&["no_space"])
+        .inc();
+    tracing::warn!(upstream = %up.name, digest = %d, error = %e, "store is full: passing the blob through uncached");
+    lead.tx.send_modify(|f| {
+        f.size = size;
+        f.pass_through();
+    });
+}
+
+/// Appends `body` (from `source`) to a fill's file. A source that breaks leaves the
+/// writer intact (everything received before the break kept) for another source to
+/// go on from where it stopped.
+#[allow(clippy::too_many_arguments)]
+pub(in crate::services) async fn pump<S>(
+    svc: &Services,
+    lead: &Lead<Digest, Fill>,
+    d: &Digest,
+    mut w: BlobWriter,
+    mut body: S,
+    source: &str,
+    size: Option<u64>,
+    up: Option<&Upstream>,
+) -> Result<Pumped, ServiceError>
+where
+    S: Stream<Item = Result<Bytes, String>> + Unpin,
+{
+    let bytes_metric = up
+        .filter(|_| source.starts_with("upstream"))
+        .map(|u| svc.metrics().upstream_bytes.with_label_values(&[&u.name]));
+    let start = w.written();
+    let hasher = w.take_hasher();
+    let progress = Arc::new(Notify::new());
+    let in_file = Arc::new(AtomicU64::new(w.in_file()));
+    let shown = in_file.clone();
+    let mut writes = Lane::start(
+        w,
+        progress.clone(),
+        move |w: &mut BlobWriter, c| {
+            w.write_unhashed(c)?;
+            shown.store(w.in_file(), Ordering::Release);
+            Ok(())
+        },
+        |w, r| (w, r),
+    );
+    let mut hashes = Lane::start(
+        hasher,
+        progress.clone(),
+        |h: &mut Sha256, c| {
+            sha2::Digest::update(h, c);
+            Ok(())
+        },
+        |h, _| h,
+    );
+    let mut received = start;
+    let (mut ended, mut broke) = (false, None::<String>);
+    let readers = lead.tx.borrow().readers.clone();
+    // Chunks go to the lanes in batches: one wake-up of each lane thread per batch,
+    // not per network read (~23 KiB).
+    let (mut batch, mut batched) = (Vec::new(), 0usize);
+    let mut stalls = Stalls::new();
+    let mut loan = Loan::new(&svc.mirror.backlog);
+    loop {
+        if let Some((w, Err(e))) = writes.result.take_if(|(_, r)| r.is_err()) {
+            if no_space(&e) && up.is_some() {
+                // Dropping the writer removes the partial file; readers keep their
+                // handle on the bytes already written and relay the rest.
+                drop(w);
+                if let Some(up) = up {
+                    pass_through(svc, lead, up, d, size, &e);
+                }
+                return Ok(Pumped::Full);
+            }
+            return Err(StoreError::from(e).into());
+        }
+        if writes.result.is_some() && hashes.result.is_some() {
+            break;
+        }
+        let source_done = ended || broke.is_some();
+        let (wrote, hashed) = (writes.done(), hashes.done());
+        let lag = (received - start).saturating_sub(wrote.min(hashed));
+        let room = loan.covers((lag + 1).saturating_sub(MAX_PENDING));
+        let now = std::time::Instant::now();
+        let lagging = room && !source_done && readers.lagging(received, now);
+        let reading = !source_done && room && !lagging;
+        let wait = match () {
+            _ if source_done => None,
+            _ if !room && wrote <= hashed => Some(Wait::Disk),
+            _ if !room => Some(Wait::Hash),
+            _ if lagging => Some(Wait::Clients),
+            _ => None,
+        };
+        stalls.enter(now, wait);
+        tokio::select! {
+            biased;
+            _ = progress.notified() => show_in_file(lead, in_file.load(Ordering::Acquire)),
+            r = hashes.ended() => {
+                r?;
+                let ok = broke.is_none() && size.is_none_or(|s| s == received);
+                if let Some(h) = hashes.result.as_ref().filter(|_| ok) {
+                    // Release the readers' last byte as soon as the blob checks out.
+                    if Digest::from_hasher(h.clone()) == *d {
+                        lead.tx.send_modify(Fill::verify);
+                    }
+                }
+            }
+            r = writes.ended() => r?,
+            _ = tokio::time::sleep(PACE_STEP), if lagging => {}
+            next = tokio::time::timeout(IDLE_TIMEOUT, body.next()), if reading => {
+                match next {
+                    Err(_) => broke = Some(format!("{source}: stalled")),
+                    Ok(None) => ended = true,
+                    Ok(Some(Err(e))) => broke = Some(format!("{source}: {e}")),
+                    Ok(Some(Ok(b))) => {
+                        received += b.len() as u64;
+                        if let Some(m) = &bytes_metric {
+                            m.inc_by(b.len() as u64);
+                        }
+                        lead.tx.send_modify(|f| f.recent.push(b.clone()));
+                        batched += b.len();
+                        batch.push(b);
+                    }
+                }
+                let last = ended || broke.is_some();
+                if (batched >= LANE_BATCH || last) && !batch.is_empty() {
+                    hashes.send(batch.clone());
+                    writes.send(std::mem::take(&mut batch));
+                    batched = 0;
+                }
+                if last {
+                    writes.close();
+                    hashes.close();
+                }
+            }
+        }
+    }
+    let lost = || ServiceError::Unavailable("fill lost its writer".into());
+    let (mut w, _) = writes.result.take().ok_or_else(lost)?;
+    w.put_hasher(hashes.result.take().ok_or_else(lost)?);
+    show_in_file(lead, w.in_file());
+    stalls.log(d, source, received - start);
+    svc.mirror.filled(received - start);
+    Ok(match broke {
+        Some(e) => Pumped::Broke(w, e),
+        None => Pumped::Done(w),
+    })
 }

@@ -14,6 +14,7 @@ use super::state::Fill;
 use super::stream::{Avail, BodyStream, OpenRelay, Relay};
 use crate::metrics::Metrics;
 use crate::names::Digest;
+use crate::services::fill;
 use crate::services::flight::{Join, Lead};
 use crate::services::{Mirror, ServiceError, Services};
 use crate::store::Store;
@@ -158,11 +159,10 @@ async fn run(
     size: Option<u64>,
 ) {
     let r: Result<(), ServiceError> = async {
-        let Some(w) = svc.write_fill(&lead, &d, body, size, Some(&up)).await? else {
+        let Some(w) = fill::write_fill(&svc, &lead, &d, body, size, Some(&up)).await? else {
             return Ok(());
         };
-        svc.finish_fill(&lead, &up, "lib/app", &d, w, size, false)
-            .await
+        fill::finish_fill(&svc, &lead, &up, "lib/app", &d, w, size, false).await
     }
     .await;
     if let Err(e) = r {
