@@ -45,6 +45,9 @@ pub struct Config {
     /// Replicas that share one bucket and cooperate (one upstream fetch per blob).
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+    /// The file this was read from; `None`: the built-in defaults (and the environment).
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 /// `[cluster]`: how this replica reaches its peers.
@@ -481,6 +484,7 @@ impl Config {
             hosted: None,
             auth: AuthConfig::default(),
             cluster: None,
+            file: None,
         }));
         fig = match &file {
             Some(f) => fig.merge(Toml::file(f)),
@@ -489,10 +493,14 @@ impl Config {
                 .merge(Serialized::default("server.default_upstream", "docker.io")),
         };
         fig = fig.merge(Env::prefixed("ENTREPOT_").split("__"));
-        let cfg: Config = fig
-            .extract()
-            .map_err(|e| ConfigError::Parse(e.to_string().replace("\"default.", "\"")))?;
+        let mut cfg: Config = fig.extract().map_err(|e| ConfigError::Parse(explain(e)))?;
         cfg.validate()?;
+        // Every message names the store by its absolute path, whatever the working
+        // directory the command ran in.
+        if let Ok(abs) = std::path::absolute(&cfg.server.storage) {
+            cfg.server.storage = abs;
+        }
+        cfg.file = file.map(|f| std::path::absolute(&f).unwrap_or(f));
         Ok(cfg)
     }
 
@@ -522,9 +530,12 @@ impl Config {
                 return Err(err("a password is set but no username"));
             }
             for u in std::iter::once(&up.url).chain(&up.fallback_urls) {
-                let url = url::Url::parse(u).map_err(|e| err(&format!("url {u}: {e}")))?;
+                let scheme = || {
+                    format!("url {u:?} must be an absolute http:// or https:// URL, e.g. \"https://{}\"", u.trim_start_matches("//"))
+                };
+                let url = url::Url::parse(u).map_err(|e| err(&format!("{} ({e})", scheme())))?;
                 if !matches!(url.scheme(), "http" | "https") {
-                    return Err(err("url and fallback_urls must be http:// or https://"));
+                    return Err(err(&scheme()));
                 }
             }
         }
@@ -595,4 +606,41 @@ impl UpstreamConfig {
         }
         Ok(None)
     }
+}
+
+/// figment's errors, each with the key as written (no `default.` profile prefix) and, for
+/// the value kinds people get wrong (durations, sizes, addresses), an example of the form.
+fn explain(errors: figment::Error) -> String {
+    errors
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let text = e.to_string().replace("\"default.", "\"");
+            match hint(&key, &e.kind.to_string()) {
+                Some(h) => format!("{text}; {h}"),
+                None => text,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn hint(key: &str, kind: &str) -> Option<String> {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    let example = if kind.contains("duration")
+        || last.ends_with("timeout")
+        || last.ends_with("ttl")
+        || last == "max_age"
+    {
+        "a duration in quotes, e.g. \"30s\", \"5m\", \"2h\" or \"7d\""
+    } else if last.ends_with("_size") {
+        "a size in quotes, e.g. \"500MB\", \"20GiB\" or \"1TB\""
+    } else if last.contains("listen") || kind.contains("socket address") {
+        "an address and port in quotes, e.g. \"0.0.0.0:5000\" or \"127.0.0.1:9090\""
+    } else if kind.contains("path") {
+        "a path in quotes, e.g. \"/var/lib/entrepot\""
+    } else {
+        return None;
+    };
+    Some(format!("write {example}"))
 }

@@ -76,9 +76,14 @@ enum Command {
     Prefetch(Images),
     /// Write images as an OCI image layout (for air-gapped sites).
     Export {
-        /// Output directory.
+        /// Output directory: new, empty, or an earlier export (its references are kept;
+        /// one of the same name is replaced).
         #[arg(long)]
         out: PathBuf,
+        /// Copy objects instead of hard-linking them to the store's files (a hard link
+        /// takes no space, but the store's gc cannot free it while the export exists).
+        #[arg(long)]
+        copy: bool,
         #[command(flatten)]
         images: Images,
     },
@@ -163,7 +168,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Gc { dry_run } => cli::gc(&cfg, dry_run).map(|_| true),
         Command::Verify { repair } => cli::verify(&cfg, repair),
         Command::Prefetch(i) => cli::prefetch(&cfg, &i.into()).map(|_| true),
-        Command::Export { out, images } => cli::export(&cfg, &out, &images.into()).map(|_| true),
+        Command::Export { out, copy, images } => {
+            cli::export(&cfg, &out, copy, &images.into()).map(|_| true)
+        }
         Command::Import { dir } => cli::import(&cfg, &dir),
         Command::Hosts {
             mirror,

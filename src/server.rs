@@ -49,6 +49,7 @@ pub async fn open_store(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<S
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
     let store = Arc::new(open_store(&cfg, metrics.clone()).await?);
+    let _owner = store.own()?;
     let removed = store.clean_tmp()?;
     if removed > 0 {
         tracing::warn!(removed, "removed temp files left by an earlier process");
@@ -60,6 +61,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     metrics.cache_limit_bytes.set(limit as i64);
     let hosted_prefix = cfg.hosted.as_ref().map(|h| h.prefix.as_str());
     let upstreams = Upstream::all_from(&cfg)?;
+    let upstream_urls: Vec<String> = upstreams
+        .iter()
+        .map(|u| format!("{}={}", u.name, u.base))
+        .collect();
     let router = web::Data::new(Router::new(
         upstreams.clone(),
         cfg.server.default_upstream.as_deref(),
@@ -114,19 +119,29 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         None => server.bind(listen),
     };
     let server = bound.with_context(|| format!("server.listen {listen}: cannot listen there"))?;
+    if cfg.hosted.is_none() && !cfg.auth.push.is_empty() {
+        tracing::warn!(
+            "auth.push names users but there is no [hosted] section: nothing can be pushed to this mirror; add [hosted] (prefix = \"local\") to host repositories"
+        );
+    }
     if cfg.hosted.is_some() && cfg.auth.push.is_empty() {
         tracing::warn!(
             "hosted repositories are on but auth.push names no user: every push will be refused (401); set [auth] htpasswd and push"
         );
     }
+    let config = cfg
+        .file
+        .as_ref()
+        .map_or("built-in defaults".to_string(), |f| f.display().to_string());
     tracing::info!(
         listen = %listen,
         tls = cfg.server.tls.is_some(),
-        metrics_listen = ?cfg.server.metrics_listen,
+        metrics_listen = %cfg.server.metrics_listen.map_or("(on listen)".to_string(), |a| a.to_string()),
+        config = %config,
         storage = %store.root().display(),
-        upstreams = ?cfg.upstreams.keys().collect::<Vec<_>>(),
-        default = ?cfg.server.default_upstream,
-        hosted = ?hosted_prefix,
+        upstreams = %upstream_urls.join(" "),
+        default_upstream = %cfg.server.default_upstream.as_deref().unwrap_or("(none: prefixes only)"),
+        hosted = %hosted_prefix.unwrap_or("(none)"),
         "entrepot serving"
     );
     match separate_metrics {

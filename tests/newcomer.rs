@@ -134,26 +134,34 @@ fn prefetch_reports_each_failure_and_fails_at_the_end() {
             up.url()
         ),
     );
-    // A bad reference, an unknown registry and a good one: the good one is fetched (the
-    // upstream URL given with its /v2/ still works), the others are reported.
+    // An unknown registry is refused before anything is fetched (issue 26: every
+    // reference is checked first, and the message says nothing was done).
+    let (ok, out) = entrepot_cli(
+        d,
+        Some(&cfg),
+        &["prefetch", "ghcr.io/org/app:1", "docker.io/library/one:1"],
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("registry ghcr.io is not a configured upstream")
+            && out.contains("nothing was fetched or written"),
+        "{out}"
+    );
+    assert_eq!(up.count("GET", "/v2/library/one/manifests/1"), 0, "{out}");
+    // A missing image and a good one: the good one is fetched (the upstream URL given
+    // with its /v2/ still works), the other is reported.
     let (ok, out) = entrepot_cli(
         d,
         Some(&cfg),
         &[
             "prefetch",
             "docker.io/library/nothere:1",
-            "ghcr.io/org/app:1",
             "docker.io/library/one:1",
         ],
     );
     assert!(!ok, "{out}");
     assert!(out.contains("FAILED docker.io/library/nothere:1"), "{out}");
-    assert!(
-        out.contains("FAILED ghcr.io/org/app:1")
-            && out.contains("registry ghcr.io is not a configured upstream"),
-        "{out}"
-    );
-    assert!(out.contains("2 of 3 images failed"), "{out}");
+    assert!(out.contains("1 of 2 images failed"), "{out}");
     assert_eq!(up.count("GET", "/v2/library/one/manifests/1"), 1, "{out}");
     // A platform the index lacks is an error, not a silent index-only fetch.
     let (ok, out) = entrepot_cli(

@@ -100,6 +100,14 @@ impl Access {
             Some(p) => read_htpasswd(p)?,
             None => HashMap::new(),
         };
+        let missing: Vec<&String> = cfg
+            .push
+            .iter()
+            .filter(|u| !users.contains_key(*u))
+            .collect();
+        if !missing.is_empty() {
+            tracing::warn!(users = ?missing, htpasswd = ?cfg.htpasswd, "auth.push names users the htpasswd file does not have: they cannot log in, so they cannot push; add them with `htpasswd -B FILE USER`");
+        }
         Ok(Access {
             passwords: Passwords::new(users, cfg.anonymous_pull, metrics),
             anonymous_pull: cfg.anonymous_pull,
@@ -138,14 +146,27 @@ impl Access {
             if grants.iter().any(|g| g.allows(kind, name, action)) {
                 return Ok(());
             }
-            return Err(AccessError::InsufficientScope(
-                need.scope().unwrap_or_default(),
-            ));
+            // Say why, as the Basic path does: a user the ACL refuses gets the same
+            // "user may not push" whatever the client's way of sending credentials.
+            return match self.acl(&id.caller, need) {
+                Err(e @ AccessError::Denied(_)) => Err(e),
+                _ => Err(AccessError::InsufficientScope(
+                    need.scope().unwrap_or_default(),
+                )),
+            };
         }
         match need {
             Need::Ping => self.ping(&id.caller),
-            Need::Catalog | Need::Pull(_) => self.may_pull(&id.caller),
-            Need::Push(_) | Need::Delete(_) => self.may_push(&id.caller),
+            _ => self.acl(&id.caller, need),
+        }
+    }
+
+    /// What the ACL allows `c` for `need` (a ping needs nothing).
+    fn acl(&self, c: &Caller, need: Need<'_>) -> Result<(), AccessError> {
+        match need {
+            Need::Ping => Ok(()),
+            Need::Catalog | Need::Pull(_) => self.may_pull(c),
+            Need::Push(_) | Need::Delete(_) => self.may_push(c),
         }
     }
 
@@ -351,7 +372,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("htpasswd");
         let hash = bcrypt::hash("pw", 4).expect("hash");
-        std::fs::write(&file, format!("alice:{hash}\n")).expect("write");
+        std::fs::write(&file, format!("alice:{hash}\nbob:{hash}\n")).expect("write");
         let a = Access::load(
             &AuthConfig {
                 htpasswd: Some(file),
@@ -389,6 +410,19 @@ mod tests {
             .await
             .expect("verify");
         assert!(a.authorize(&id, Need::Push("local/app")).is_ok());
+        // A user outside auth.push hears why, as over Basic, not "the token does not grant".
+        let bob = a
+            .token(Some(&basic("bob", "pw")), None, &scopes)
+            .await
+            .expect("bob token");
+        let id = a
+            .identify(Some(&format!("Bearer {}", bob.token)), None)
+            .await
+            .expect("verify");
+        assert_eq!(
+            a.authorize(&id, Need::Push("local/app")),
+            Err(AccessError::Denied("user \"bob\" may not push".into()))
+        );
         assert_eq!(
             a.token(Some(&basic("alice", "bad")), None, &scopes)
                 .await

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use actix_web::http::Method;
 use anyhow::{anyhow, bail, Context};
 use futures_util::StreamExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::progress::Progress;
-use super::{mirror, router};
+use super::{mirror, router, Use};
 use crate::auth::Caller;
 use crate::config::Config;
 use crate::media::Accepted;
@@ -31,23 +31,80 @@ pub struct ImageArgs {
 }
 
 impl ImageArgs {
-    fn references(&self) -> anyhow::Result<Vec<String>> {
-        let mut out = self.images.clone();
+    /// The references, every one checked before anything is fetched or written: one bad
+    /// line refuses the whole list, naming every bad line, so nothing is half done.
+    fn references(&self, cfg: &Config) -> anyhow::Result<Vec<String>> {
+        let mut out: Vec<(String, String)> = self
+            .images
+            .iter()
+            .map(|i| (format!("argument {i:?}"), i.clone()))
+            .collect();
         if let Some(f) = &self.file {
             let text =
                 std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
-            out.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(String::from),
-            );
+            for (n, line) in text.lines().enumerate() {
+                // `#` starts a comment anywhere: no reference contains one.
+                let image = line.split('#').next().unwrap_or("").trim();
+                if !image.is_empty() {
+                    out.push((format!("{}:{}", f.display(), n + 1), image.to_string()));
+                }
+            }
         }
         if out.is_empty() {
             bail!("no images given (IMAGE... or --file LIST)");
         }
-        Ok(out)
+        let bad: Vec<String> = out
+            .iter()
+            .filter_map(|(at, image)| {
+                check_reference(cfg, image)
+                    .err()
+                    .map(|e| format!("  {at}: {e:#}"))
+            })
+            .collect();
+        if !bad.is_empty() {
+            bail!(
+                "{} of {} references are not valid; nothing was fetched or written:\n{}",
+                bad.len(),
+                out.len(),
+                bad.join("\n")
+            );
+        }
+        if let Some(p) = &self.platform {
+            check_platform(p)?;
+        }
+        Ok(out.into_iter().map(|(_, i)| i).collect())
     }
+}
+
+/// `os/arch[/variant]`, lowercase, as in an index's `platform` (`linux/arm64/v8`).
+fn check_platform(p: &str) -> anyhow::Result<()> {
+    let parts: Vec<&str> = p.split('/').collect();
+    let word = |w: &&str| {
+        !w.is_empty()
+            && w.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    if !(2..=3).contains(&parts.len()) || !parts.iter().all(word) {
+        bail!("--platform {p:?} must be os/arch[/variant], e.g. linux/amd64 or linux/arm64/v8");
+    }
+    Ok(())
+}
+
+/// A reference this config can serve: well-formed, and its registry (when it names
+/// one) is a configured upstream or the hosted prefix.
+fn check_reference(cfg: &Config, image: &str) -> anyhow::Result<()> {
+    let (name, _) = split_reference(image)?;
+    let first = name.split('/').next().unwrap_or("");
+    let hosted = cfg.hosted.as_ref().map_or("", |h| h.prefix.as_str());
+    if (first.contains('.') || first.contains(':'))
+        && name.contains('/')
+        && !cfg.upstreams.contains_key(first)
+        && first != hosted
+    {
+        let known: Vec<&String> = cfg.upstreams.keys().collect();
+        bail!("registry {first} is not a configured upstream (configured: {known:?}); add [upstreams.\"{first}\"] or use one of those prefixes");
+    }
+    Ok(())
 }
 
 /// An image reference split into the mirror's name (prefix included) and reference.
@@ -105,6 +162,36 @@ impl Source<'_> {
         })
     }
 
+    /// An image manifest (not an index) is one platform: the one its config names must
+    /// be the one asked for, or `--platform` would export something else silently.
+    async fn check_single_platform(&self, top: &[u8], p: &str) -> anyhow::Result<()> {
+        let doc: Value = serde_json::from_slice(top).context("manifest json")?;
+        if doc.get("manifests").is_some() {
+            return Ok(());
+        }
+        let Some(config) = doc["config"]["digest"]
+            .as_str()
+            .and_then(|d| d.parse().ok())
+        else {
+            return Ok(());
+        };
+        let bytes = self
+            .svc
+            .mirror
+            .store
+            .read_small(&config)
+            .await?
+            .unwrap_or_default();
+        let cfg: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let have = platform_of(&json!({ "platform": {
+            "os": cfg["os"], "architecture": cfg["architecture"], "variant": cfg["variant"],
+        }}));
+        if have != p && !have.starts_with(&format!("{p}/")) {
+            bail!("the image is {have}, not {p} (it is a single-platform image)");
+        }
+        Ok(())
+    }
+
     /// Reads a blob through (filling the store for an upstream's); its length.
     async fn blob(&self, d: &Digest) -> anyhow::Result<u64> {
         let r = match self.target {
@@ -142,6 +229,9 @@ async fn fetch_image(
         size: top.size,
     };
     let top_body = top.body.unwrap_or_default();
+    if let Some(p) = platform {
+        src.check_single_platform(&top_body, p).await?;
+    }
     let mut objects = vec![top.digest.clone()];
     let mut pending = vec![top_body.clone()];
     while let Some(body) = pending.pop() {
@@ -247,7 +337,7 @@ fn with_services<T>(
     let timeout = cfg.server.upstream_timeout;
     let upstreams = crate::upstream::Upstream::all_from(cfg)?;
     actix_web::rt::System::new().block_on(async move {
-        let m = mirror(cfg).await?;
+        let m = mirror(cfg, Use::Create).await?;
         let client =
             UpstreamClient::new(&ClientShared::new(m.metrics.clone()), timeout, &upstreams);
         let svc = Services::new(m, client);
@@ -265,7 +355,7 @@ async fn fetch_all(
 ) -> anyhow::Result<Vec<Fetched>> {
     let router = router(cfg)?;
     let (mut out, mut failed) = (Vec::new(), 0);
-    for image in args.references()? {
+    for image in args.references(cfg)? {
         match fetch_one(
             cfg,
             svc,
@@ -301,16 +391,7 @@ async fn fetch_one(
     progress: &mut Progress,
 ) -> anyhow::Result<Fetched> {
     let (name, reference) = split_reference(image)?;
-    let first = name.split('/').next().unwrap_or("");
     let hosted = cfg.hosted.as_ref().map_or("", |h| h.prefix.as_str());
-    if (first.contains('.') || first.contains(':'))
-        && name.contains('/')
-        && !cfg.upstreams.contains_key(first)
-        && first != hosted
-    {
-        let known: Vec<&String> = cfg.upstreams.keys().collect();
-        bail!("registry {first} is not a configured upstream (configured: {known:?}); add [upstreams.\"{first}\"] or use one of those prefixes");
-    }
     let target = router.resolve(&name, None)?;
     let src = Source {
         svc,
@@ -341,21 +422,25 @@ pub fn prefetch(cfg: &Config, args: &ImageArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `entrepot export --out DIR IMAGE...`: an OCI layout of the images (fetched first if
-/// they are not cached).
-pub fn export(cfg: &Config, out: &Path, args: &ImageArgs) -> anyhow::Result<()> {
+/// `entrepot export --out DIR [--copy] IMAGE...`: an OCI layout of the images (fetched
+/// first if they are not cached). Into an earlier export, the new references are added
+/// (one of the same name replaced) and the others kept.
+pub fn export(cfg: &Config, out: &Path, copy: bool, args: &ImageArgs) -> anyhow::Result<()> {
+    // Refused before any network: a bad reference or platform, a directory that is
+    // neither empty nor a layout.
+    args.references(cfg)?;
+    let mut layout = LayoutWriter::create(out, copy)?;
     let (images, store) = with_services(cfg, async |svc| {
         let mut progress = Progress::new("fetch");
         let r = fetch_all(cfg, svc, args, &mut progress).await;
         progress.finish();
-        let images = r?;
+        let images = r.map_err(|e| anyhow!("{e:#}; nothing was written to {}", out.display()))?;
         // With a bucket, what another replica fetched may not be on this disk yet.
         for d in images.iter().flat_map(|i| &i.objects) {
             svc.mirror.store.ensure_local(d).await?;
         }
         Ok((images, svc.mirror.store.clone()))
     })?;
-    let mut layout = LayoutWriter::create(out)?;
     let mut progress = Progress::new("export");
     for img in &images {
         for d in &img.objects {
@@ -367,14 +452,23 @@ pub fn export(cfg: &Config, out: &Path, args: &ImageArgs) -> anyhow::Result<()> 
         }
         layout.add_entry(&img.top);
     }
-    layout.finish()?;
+    let counts = layout.finish()?;
     let (items, bytes) = progress.finish();
     println!(
-        "exported {} images ({items} objects, {}) to {}",
+        "exported {} images ({items} objects, {}) to {}: {} references added, {} replaced, {} kept from before",
         images.len(),
         bytesize::ByteSize(bytes),
-        out.display()
+        out.display(),
+        counts.added,
+        counts.replaced,
+        counts.kept,
     );
+    if counts.linked > 0 {
+        println!(
+            "{} objects are hard links to the store's files: they take no extra space, and `entrepot gc` frees none of it while this export exists; use --copy for an independent copy",
+            counts.linked
+        );
+    }
     Ok(())
 }
 
@@ -382,7 +476,7 @@ pub fn export(cfg: &Config, out: &Path, args: &ImageArgs) -> anyhow::Result<()> 
 /// unreachable. Objects whose bytes do not match their digest are refused; returns
 /// whether everything was imported.
 pub fn import(cfg: &Config, dir: &Path) -> anyhow::Result<bool> {
-    super::on_runtime(cfg, async |m| import_into(&m.store, dir).await)
+    super::on_runtime(cfg, Use::Create, async |m| import_into(&m.store, dir).await)
 }
 
 async fn import_into(store: &Store, dir: &Path) -> anyhow::Result<bool> {
@@ -390,7 +484,7 @@ async fn import_into(store: &Store, dir: &Path) -> anyhow::Result<bool> {
     let layout = LayoutReader::open(dir)
         .with_context(|| format!("import {}: not an OCI image layout", dir.display()))?;
     let mut progress = Progress::new("import");
-    let mut refused = 0;
+    let (mut refused, mut imported) = (0, 0);
     let entries = layout.entries()?;
     for e in &entries {
         let (name, reference) = split_reference(&e.reference)?;
@@ -428,13 +522,20 @@ async fn import_into(store: &Store, dir: &Path) -> anyhow::Result<bool> {
             };
             store.put_tag(ns, &repo, t, &rec).await?;
         }
+        imported += 1;
         println!("imported {}", e.reference);
     }
     let (items, bytes) = progress.finish();
+    let skipped = entries.len() - imported;
     println!(
-        "imported {} references ({items} objects, {}); {refused} objects refused",
+        "imported {imported} of {} references ({items} objects, {}){}",
         entries.len(),
-        bytesize::ByteSize(bytes)
+        bytesize::ByteSize(bytes),
+        if skipped > 0 {
+            format!("; {skipped} NOT imported because {refused} of their objects were refused (see REFUSED lines)")
+        } else {
+            String::new()
+        }
     );
     Ok(refused == 0)
 }

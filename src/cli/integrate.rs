@@ -170,6 +170,7 @@ mod tests {
             hosted: None,
             auth: Default::default(),
             cluster: None,
+            file: None,
         };
         cfg.upstreams.insert(
             "quay.io".into(),

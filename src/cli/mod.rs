@@ -20,15 +20,21 @@ pub use images::{export, import, prefetch, ImageArgs};
 /// Temp files older than this are leftovers, not writes in progress.
 const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// The store of `cfg`, which must exist: a mistyped `server.storage` is an error here, not
-/// a new empty store that reports "0 bad".
-async fn mirror(cfg: &Config) -> anyhow::Result<Arc<Mirror>> {
-    let path = &cfg.server.storage;
-    if !path.join("blobs").is_dir() {
-        anyhow::bail!(
-            "no store at {} (server.storage); is the path right? `entrepot serve` creates it",
-            path.display()
-        );
+/// What a command does with the store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Reads or trims what is there (`verify`, `gc`): a missing store is a mistyped
+    /// `server.storage`, an error, not a new empty store that reports "0 bad".
+    Existing,
+    /// Adds content (`import`, `prefetch`, `export`): creates the store if needed, so a
+    /// fresh air-gapped host (or an init container) can load a bundle before `serve` ever ran.
+    Create,
+}
+
+/// The store of `cfg`.
+async fn mirror(cfg: &Config, what: Use) -> anyhow::Result<Arc<Mirror>> {
+    if what == Use::Existing {
+        existing(cfg)?;
     }
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
     let store = Arc::new(crate::server::open_store(cfg, metrics.clone()).await?);
@@ -36,13 +42,26 @@ async fn mirror(cfg: &Config) -> anyhow::Result<Arc<Mirror>> {
     Ok(Arc::new(Mirror::new(store, metrics, hosted)))
 }
 
+/// Refuses a store that does not exist (see [`Use::Existing`]).
+fn existing(cfg: &Config) -> anyhow::Result<()> {
+    let path = &cfg.server.storage;
+    if !path.join("blobs").is_dir() {
+        anyhow::bail!(
+            "no store at {} (server.storage); is the path right? `entrepot serve` or `entrepot import` creates it",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Runs `work` on an actix runtime (awc and the bucket client need one) with the store
 /// of `cfg`.
 fn on_runtime<T>(
     cfg: &Config,
+    what: Use,
     work: impl AsyncFnOnce(Arc<Mirror>) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    actix_web::rt::System::new().block_on(async move { work(mirror(cfg).await?).await })
+    actix_web::rt::System::new().block_on(async move { work(mirror(cfg, what).await?).await })
 }
 
 fn router(cfg: &Config) -> anyhow::Result<Router> {
@@ -61,13 +80,14 @@ pub fn gc(cfg: &Config, dry_run: bool) -> anyhow::Result<()> {
         dry_run,
         keep_recent: std::time::Duration::ZERO,
     };
+    existing(cfg)?;
     if policy.max_cache_size.is_none() && policy.max_age.is_none() {
         println!("no max_cache_size or max_age configured: nothing to evict");
         return Ok(());
     }
     // Beside a live server, eviction yields the cores to serving.
     crate::services::lower_priority();
-    let r = on_runtime(cfg, async |m| Ok(m.gc(&policy).await?))?;
+    let r = on_runtime(cfg, Use::Existing, async |m| Ok(m.gc(&policy).await?))?;
     let verb = if dry_run { "would evict" } else { "evicted" };
     for (d, size) in &r.evicted {
         println!("{verb} {d} ({})", bytesize::ByteSize(*size));
@@ -87,7 +107,9 @@ pub fn gc(cfg: &Config, dry_run: bool) -> anyhow::Result<()> {
 /// `entrepot verify [--repair]`: re-hashes every object. Exits non-zero if anything bad
 /// is left.
 pub fn verify(cfg: &Config, repair: bool) -> anyhow::Result<bool> {
-    on_runtime(cfg, async |m| verify_all(cfg, &m.store, repair).await)
+    on_runtime(cfg, Use::Existing, async |m| {
+        verify_all(cfg, &m.store, repair).await
+    })
 }
 
 async fn verify_all(cfg: &Config, store: &Store, repair: bool) -> anyhow::Result<bool> {

@@ -9,8 +9,12 @@ use crate::upstream::Upstream;
 pub enum RouteError {
     #[error("no upstream is configured for namespace {0:?}")]
     UnknownNamespace(String),
-    #[error("repository {0:?} names no configured upstream and there is no default upstream")]
-    NoUpstream(String),
+    #[error("repository {name:?} names no configured upstream and there is no default upstream (server.default_upstream); use one of the prefixes {configured} (/v2/<prefix>/<repository>), or set server.default_upstream")]
+    NoUpstream { name: String, configured: String },
+    /// A name on Docker Hub whose first component is a host name: Hub has no namespace
+    /// with a dot or a colon, so the client meant a registry that is not configured.
+    #[error("{host:?} is not a configured upstream (Docker Hub has no such namespace); configured prefixes: {configured}; add [upstreams.\"{host}\"] to the config to mirror it")]
+    UnconfiguredRegistry { host: String, configured: String },
     /// The name the upstream would get (`library/` added) is longer than names may be.
     #[error("repository name {0:?} is longer than 255 characters")]
     NameTooLong(String),
@@ -78,19 +82,47 @@ impl Router {
                 });
             }
             if let Some(up) = self.upstreams.get(first) {
-                return target(up, rest);
+                return self.checked(up, rest);
             }
         }
         if let Some(ns) = ns {
             return match self.upstreams.get(ns) {
-                Some(up) => target(up, name),
+                Some(up) => self.checked(up, name),
                 None => Err(RouteError::UnknownNamespace(ns.to_string())),
             };
         }
         match &self.default {
-            Some(up) => target(up, name),
-            None => Err(RouteError::NoUpstream(name.to_string())),
+            Some(up) => self.checked(up, name),
+            None => Err(RouteError::NoUpstream {
+                name: name.to_string(),
+                configured: self.prefixes(),
+            }),
         }
+    }
+
+    /// [`target`], refusing a name whose first component is a host name when the
+    /// upstream is Docker Hub (`/v2/foo.io/bar/...` with `foo.io` not configured): no
+    /// request goes out for a repository that cannot exist there.
+    fn checked(&self, up: &Arc<Upstream>, name: &str) -> Result<Target, RouteError> {
+        if let Some((first, _)) = name.split_once('/') {
+            if up.library_prefix && (first.contains('.') || first.contains(':')) {
+                return Err(RouteError::UnconfiguredRegistry {
+                    host: first.to_string(),
+                    configured: self.prefixes(),
+                });
+            }
+        }
+        target(up, name)
+    }
+
+    /// The configured prefixes, for messages: `docker.io, quay.io, local (hosted)`.
+    fn prefixes(&self) -> String {
+        let mut all: Vec<String> = self.upstreams.keys().cloned().collect();
+        all.extend(self.hosted.iter().map(|h| format!("{h} (hosted)")));
+        if all.is_empty() {
+            return "(none)".into();
+        }
+        all.join(", ")
     }
 }
 
@@ -163,10 +195,39 @@ mod tests {
             resolve(&r, "x", Some("evil.example.com")),
             Err(RouteError::UnknownNamespace("evil.example.com".into()))
         );
-        let r = Router::new(vec![up("quay.io")], None, None);
+        // A registry host that is not configured never reaches Docker Hub.
+        match resolve(&r, "foo.io/bar", None) {
+            Err(e @ RouteError::UnconfiguredRegistry { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("\"foo.io\"")
+                        && text.contains("docker.io, quay.io, local (hosted)"),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
-            resolve(&r, "a/b", None),
-            Err(RouteError::NoUpstream(_))
+            resolve(&r, "localhost:5000/bar", None),
+            Err(RouteError::UnconfiguredRegistry { .. })
         ));
+        assert_eq!(
+            resolve(&r, "my-org/app.v2", None),
+            pair("docker.io", "my-org/app.v2")
+        );
+        let r = Router::new(vec![up("quay.io")], None, None);
+        match resolve(&r, "a/b", None) {
+            Err(e @ RouteError::NoUpstream { .. }) => {
+                assert!(e.to_string().contains("server.default_upstream"), "{e}");
+                assert!(e.to_string().contains("quay.io"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another default upstream may have dotted namespaces.
+        let r = Router::new(vec![up("quay.io")], Some("quay.io"), None);
+        assert_eq!(
+            resolve(&r, "foo.io/bar", None),
+            pair("quay.io", "foo.io/bar")
+        );
     }
 }

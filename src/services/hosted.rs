@@ -47,7 +47,6 @@ impl Hosted {
 }
 
 impl Services {
-
     pub async fn hosted_manifest(
         &self,
         repo: &str,

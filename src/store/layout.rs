@@ -1,6 +1,7 @@
 //! OCI image layouts (`oci-layout`, `index.json`, `blobs/sha256/<hex>`): the format of
 //! `entrepot export` and `entrepot import`, readable by skopeo, umoci and containerd.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -19,30 +20,88 @@ pub struct LayoutEntry {
     pub size: u64,
 }
 
-/// Writes into an OCI layout directory.
+/// Writes into an OCI layout directory: a new one, or one that already holds images
+/// (its references are kept; an entry of the same name is replaced).
 pub struct LayoutWriter {
     dir: PathBuf,
     entries: Vec<Value>,
+    /// Copy objects instead of hard-linking them to the store's files.
+    copy: bool,
+    counts: LayoutCounts,
+    /// Reference names in the layout before this export.
+    before: HashSet<String>,
+    /// Reference names this export wrote.
+    added: HashSet<String>,
+}
+
+/// What an export did to the layout, for its summary.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LayoutCounts {
+    /// References that were there before and stay.
+    pub kept: usize,
+    /// References that were there before under the same name, now pointing at the new export.
+    pub replaced: usize,
+    pub added: usize,
+    /// Objects hard-linked to the store's files (they share their disk blocks).
+    pub linked: usize,
+}
+
+fn ref_name(entry: &Value) -> Option<&str> {
+    let ann = &entry["annotations"];
+    ann["io.containerd.image.name"]
+        .as_str()
+        .or(ann["org.opencontainers.image.ref.name"].as_str())
 }
 
 impl LayoutWriter {
-    pub fn create(dir: &Path) -> Result<LayoutWriter, StoreError> {
+    /// Opens `dir` for writing: created if missing; an existing layout keeps its
+    /// references; a directory with other things in it is refused (an export must never
+    /// scatter blobs over, say, a home directory).
+    pub fn create(dir: &Path, copy: bool) -> Result<LayoutWriter, StoreError> {
+        let mut entries = Vec::new();
+        let index = dir.join("index.json");
+        if index.is_file() {
+            let text = fs::read_to_string(&index)?;
+            let doc: Value = serde_json::from_str(&text).map_err(|e| {
+                StoreError::Meta(format!(
+                    "{}: not an OCI index ({e}); export into an empty directory or an OCI layout",
+                    index.display()
+                ))
+            })?;
+            entries = doc["manifests"].as_array().cloned().unwrap_or_default();
+        } else if fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+            return Err(StoreError::Meta(format!(
+                "{} is not empty and not an OCI image layout (no index.json); export into an empty or new directory, or an earlier export",
+                dir.display()
+            )));
+        }
         fs::create_dir_all(dir.join("blobs/sha256"))?;
         fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        let before = entries
+            .iter()
+            .filter_map(|m| ref_name(m).map(String::from))
+            .collect();
         Ok(LayoutWriter {
             dir: dir.to_path_buf(),
-            entries: Vec::new(),
+            entries,
+            copy,
+            counts: LayoutCounts::default(),
+            before,
+            added: HashSet::new(),
         })
     }
 
-    /// Copies a stored object into the layout (a hard link when on the same filesystem).
-    pub fn add_blob(&self, store: &Store, d: &Digest) -> Result<u64, StoreError> {
+    /// Puts a stored object into the layout: a hard link to the store's file when on the
+    /// same filesystem (unless copying was asked for), else a copy.
+    pub fn add_blob(&mut self, store: &Store, d: &Digest) -> Result<u64, StoreError> {
         let src = store.blob_path(d);
         let dst = self.dir.join("blobs/sha256").join(d.hex());
         if dst.exists() {
             return Ok(fs::metadata(&dst)?.len());
         }
-        if fs::hard_link(&src, &dst).is_err() {
+        if !self.copy && fs::hard_link(&src, &dst).is_ok() {
+            self.counts.linked += 1;
+        } else {
             fs::copy(&src, &dst)?;
         }
         Ok(fs::metadata(&dst)?.len())
@@ -55,7 +114,11 @@ impl LayoutWriter {
         Ok(d)
     }
 
+    /// Adds a reference, replacing one of the same name already in the layout.
     pub fn add_entry(&mut self, e: &LayoutEntry) {
+        self.entries
+            .retain(|m| ref_name(m) != Some(e.reference.as_str()));
+        self.added.insert(e.reference.clone());
         self.entries.push(json!({
             "mediaType": e.media_type,
             "digest": e.digest.to_string(),
@@ -67,14 +130,22 @@ impl LayoutWriter {
         }));
     }
 
-    pub fn finish(self) -> Result<(), StoreError> {
+    /// Writes `index.json` (through a temp file and a rename: a layout is never left
+    /// with half an index).
+    pub fn finish(mut self) -> Result<LayoutCounts, StoreError> {
+        let replaced = self.added.intersection(&self.before).count();
+        self.counts.replaced = replaced;
+        self.counts.added = self.added.len() - replaced;
+        self.counts.kept = self.before.len() - replaced;
         let index = json!({
             "schemaVersion": 2,
             "mediaType": crate::media::OCI_INDEX,
             "manifests": self.entries,
         });
-        fs::write(self.dir.join("index.json"), index.to_string())?;
-        Ok(())
+        let tmp = self.dir.join("index.json.tmp");
+        fs::write(&tmp, index.to_string())?;
+        fs::rename(&tmp, self.dir.join("index.json"))?;
+        Ok(self.counts)
     }
 }
 
@@ -103,11 +174,7 @@ impl LayoutReader {
             .map_err(|e| StoreError::Meta(format!("index.json: {e}")))?;
         let mut out = Vec::new();
         for m in index["manifests"].as_array().into_iter().flatten() {
-            let ann = &m["annotations"];
-            let reference = ann["io.containerd.image.name"]
-                .as_str()
-                .or(ann["org.opencontainers.image.ref.name"].as_str());
-            let (Some(reference), Some(digest)) = (reference, m["digest"].as_str()) else {
+            let (Some(reference), Some(digest)) = (ref_name(m), m["digest"].as_str()) else {
                 continue;
             };
             let Ok(digest) = digest.parse() else {

@@ -20,6 +20,7 @@ mod bucket;
 mod direct;
 pub mod layout;
 mod meta;
+mod owner;
 mod sessions;
 mod shared;
 mod writer;
@@ -32,6 +33,7 @@ use std::time::{Duration, SystemTime};
 
 pub use bucket::{Bucket, Upload};
 pub use meta::{now_secs, ManifestLink, TagRecord};
+pub use owner::Owner;
 pub use sessions::{SessionInfo, SessionWriter};
 pub use writer::BlobWriter;
 
@@ -39,8 +41,10 @@ use crate::names::Digest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// (Not a `#[source]`: the message already holds the I/O error, and `{:#}` chains
+    /// would print it twice.)
     #[error("store I/O: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error("digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("size mismatch: expected {expected} bytes, got {actual}")]
@@ -49,6 +53,14 @@ pub enum StoreError {
     Meta(String),
     #[error("{0}")]
     Bucket(String),
+    #[error("server.storage {path}: already served by another entrepot ({holder}); stop it, or give this server its own server.storage (replicas share a bucket, each with its own directory)", path = path.display())]
+    Owned { path: PathBuf, holder: String },
+}
+
+impl From<io::Error> for StoreError {
+    fn from(e: io::Error) -> Self {
+        StoreError::Io(e)
+    }
 }
 
 /// The store: a directory on local disk and, when configured, an S3 bucket shared by

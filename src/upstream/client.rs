@@ -66,6 +66,8 @@ pub struct UpstreamClient {
     backoff: Arc<Backoff>,
     metrics: Arc<Metrics>,
     net: Arc<dyn Network>,
+    /// `server.upstream_timeout`, for messages.
+    timeout: Duration,
 }
 
 fn build_client(timeout: Duration, tls: Option<&Arc<rustls::ClientConfig>>) -> awc::Client {
@@ -105,6 +107,7 @@ impl UpstreamClient {
             backoff: shared.backoff.clone(),
             metrics: shared.metrics.clone(),
             net: shared.net.clone(),
+            timeout,
         }
     }
 
@@ -420,11 +423,13 @@ impl UpstreamClient {
             match r.send().await {
                 Ok(resp) => return Ok(resp),
                 Err(e) if dead_connection(&e) => last = Some(e),
-                Err(e) => return Err(connect_error(up, e)),
+                Err(e) => return Err(connect_error(up, url, self.timeout, e)),
             }
         }
         Err(connect_error(
             up,
+            url,
+            self.timeout,
             last.unwrap_or(awc::error::SendRequestError::Timeout),
         ))
     }

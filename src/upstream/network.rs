@@ -112,9 +112,12 @@ pub(super) async fn kinds(
     up: &Upstream,
     base: &url::Url,
 ) -> Result<Vec<AddrKind>, UpstreamError> {
-    let addrs = addresses(net, base)
-        .await
-        .map_err(|e| connect_msg(up, format!("resolve {base}: {e}")))?;
+    let addrs = addresses(net, base).await.map_err(|e| {
+        connect_msg(
+            up,
+            format!("cannot resolve the host of {base}: {e}; check its url and this machine's DNS"),
+        )
+    })?;
     Ok(addrs.iter().map(|a| net.kind(a.ip())).collect())
 }
 
@@ -130,7 +133,7 @@ pub(super) async fn checked_addr(
 ) -> Result<std::net::SocketAddr, UpstreamError> {
     let addrs = addresses(net, url)
         .await
-        .map_err(|e| connect_msg(up, format!("resolve {url}: {e}")))?;
+        .map_err(|e| connect_msg(up, format!("cannot resolve the host of {url}: {e}")))?;
     if let Some(bad) = addrs.iter().find(|a| !allowed(net.kind(a.ip()), own)) {
         tracing::warn!(upstream = %up.name, what, target = %url.origin().ascii_serialization(), address = %bad.ip(), "refused a host in a network the upstream is not on");
         return Err(protocol(

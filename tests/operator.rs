@@ -1,0 +1,406 @@
+//! The operator's first hour (issue 26): air-gap bundles into a fresh host, one server
+//! per store, export into an earlier export, image lists with comments and typos, names
+//! no upstream can have, and errors that name the URL, the key and what to do.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use tempfile::TempDir;
+
+fn upstream_toml(key: &str, url: &str) -> String {
+    format!("[upstreams.\"{key}\"]\nurl = \"{url}\"\n")
+}
+
+/// (success, stdout + stderr) of `entrepot ARGS --config FILE`.
+fn cli_at(config: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_entrepot"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run entrepot");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("entrepot {args:?}:\n{text}");
+    (out.status.success(), text)
+}
+
+fn index_refs(layout: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(layout.join("index.json")).expect("index.json");
+    let doc: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let mut refs: Vec<String> = doc["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .filter_map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str())
+        .map(String::from)
+        .collect();
+    refs.sort();
+    refs
+}
+
+/// Export adds to an earlier export (and says hard links keep their space), import
+/// creates the store of a host where `serve` never ran, read-only commands still refuse
+/// a missing store, and the import summary counts what was really imported.
+#[test]
+fn a_fresh_host_imports_a_bundle_before_serve_ever_ran() {
+    if !require(PEERS) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let hello = layout.build("hello", &[("h", &noise(150_000, 261))]);
+    let two = layout.build("two", &[("t", &noise(120_000, 262))]);
+    layout.push("hello", &format!("{}/library/hello:1", up.host()), None);
+    layout.push("two", &format!("{}/tools/two:1", up.host()), None);
+    let online = Mirror::start("", &upstream_toml("docker.io", &up.url()));
+    let out = tmp.path().join("bundle");
+    let out_s = out.display().to_string();
+
+    let (ok, text) = online.cli(&["export", "--out", &out_s, "docker.io/library/hello:1"]);
+    assert!(
+        ok && text.contains("1 references added, 0 replaced, 0 kept"),
+        "{text}"
+    );
+    assert!(text.contains("hard links"), "{text}");
+    let (ok, text) = online.cli(&["export", "--out", &out_s, "docker.io/tools/two:1"]);
+    assert!(
+        ok && text.contains("1 references added, 0 replaced, 1 kept"),
+        "{text}"
+    );
+    let (ok, text) = online.cli(&[
+        "export",
+        "--copy",
+        "--out",
+        &out_s,
+        "docker.io/library/hello:1",
+    ]);
+    assert!(
+        ok && text.contains("0 references added, 1 replaced, 1 kept"),
+        "{text}"
+    );
+    assert_eq!(
+        index_refs(&out),
+        ["docker.io/library/hello:1", "docker.io/tools/two:1"]
+    );
+    // A directory that is neither empty nor a layout: refused before any network.
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("notes.txt"), "mine").unwrap();
+    let asked = up.count("GET", "/manifests/");
+    let (ok, text) = online.cli(&[
+        "export",
+        "--out",
+        &home.display().to_string(),
+        "docker.io/library/hello:1",
+    ]);
+    assert!(!ok, "{text}");
+    assert_eq!(up.count("GET", "/manifests/"), asked, "no upstream request");
+    assert!(!home.join("blobs").exists() && !home.join("index.json").exists());
+
+    // The fresh host: a config whose store does not exist, a relative path.
+    let host = tmp.path().join("host");
+    std::fs::create_dir_all(&host).unwrap();
+    let cfg = format!(
+        "[server]\nstorage = \"data\"\nlisten = \"127.0.0.1:{}\"\n{}",
+        free_port(),
+        upstream_toml("docker.io", "http://127.0.0.1:9")
+    );
+    let abs = host.join("data").display().to_string();
+    for args in [&["verify"][..], &["gc", "--dry-run"]] {
+        let (ok, text) = entrepot_cli(&host, Some(&cfg), args);
+        assert!(
+            !ok && text.contains(&format!("no store at {abs}")),
+            "{text}"
+        );
+        assert!(!host.join("data").exists(), "{args:?} created no store");
+    }
+    let (ok, text) = entrepot_cli(&host, Some(&cfg), &["import", &out_s]);
+    assert!(ok && text.contains("imported 2 of 2 references"), "{text}");
+    let served = Mirror::start_with_store(
+        Some(host.join("data")),
+        "",
+        &upstream_toml("docker.io", "http://127.0.0.1:9"),
+    );
+    for (repo, digest) in [("library/hello", &hello), ("tools/two", &two)] {
+        let r = http(
+            "GET",
+            &format!("{}/v2/docker.io/{repo}/manifests/1", served.url()),
+            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        );
+        assert_eq!(r.status, 200, "{repo}");
+        assert_eq!(format!("sha256:{}", sha256_hex(&r.body)), *digest);
+    }
+
+    // A bundle with one tampered layer: the summary says what was not imported.
+    let bad = tmp.path().join("bad");
+    run(Command::new("cp").arg("-r").arg(&out).arg(&bad));
+    let victim = layout.layers(&two)[0][7..].to_string();
+    std::fs::write(bad.join("blobs/sha256").join(&victim), b"tampered").unwrap();
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let (ok, text) = entrepot_cli(&other, Some(&cfg), &["import", &bad.display().to_string()]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("imported 1 of 2 references")
+            && text.contains("1 NOT imported because 1 of their objects were refused"),
+        "{text}"
+    );
+}
+
+/// A second `serve` on a store in use is refused, naming the first one's pid, and the
+/// first one's temp files are left alone.
+#[test]
+fn a_second_server_on_the_same_store_is_refused() {
+    let first = Mirror::start("", "");
+    let pending = first.store.join("tmp/in-flight.part");
+    std::fs::write(&pending, b"a fill in progress").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_entrepot"))
+        .arg("serve")
+        .arg("--config")
+        .arg(first.config_path())
+        .env(
+            "ENTREPOT_SERVER__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    let pid = first.pid().expect("pid");
+    assert!(
+        text.contains(&format!("pid {pid}")) && text.contains(&first.store.display().to_string()),
+        "{text}"
+    );
+    assert!(pending.exists(), "the refused server removed nothing");
+    assert_eq!(get(&format!("{}/healthz", first.url())).status, 200);
+}
+
+/// `--file` lists: comments and blank lines are skipped; every line is checked before
+/// any network, and a bad one refuses the list naming the line; `--platform` is checked.
+#[test]
+fn image_lists_and_platforms_are_checked_before_anything_is_done() {
+    if !require(PEERS) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    layout.build("one", &[("o", &noise(50_000, 263))]);
+    layout.push("one", &format!("{}/library/one:1", up.host()), None);
+    let m = Mirror::start("", &upstream_toml("docker.io", &up.url()));
+    let list = tmp.path().join("images.txt");
+    std::fs::write(
+        &list,
+        "# what the site needs\n\ndocker.io/library/one:1   # the greeting\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("o1").display().to_string();
+    let (ok, text) = m.cli(&[
+        "export",
+        "--out",
+        &out,
+        "--file",
+        &list.display().to_string(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(!up.log().contains("%20"), "the comment never went upstream");
+
+    let asked = up.count("GET", "/manifests/");
+    std::fs::write(
+        &list,
+        "docker.io/library/one:1\ndocker.io/Bad Name:1\nfoo.io/x/y:1\n",
+    )
+    .unwrap();
+    let out2 = tmp.path().join("o2");
+    let (ok, text) = cli_at(
+        &m.config_path(),
+        &[
+            "export",
+            "--out",
+            &out2.display().to_string(),
+            "--file",
+            &list.display().to_string(),
+        ],
+    );
+    let list_s = list.display().to_string();
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("2 of 3 references are not valid; nothing was fetched or written")
+            && text.contains(&format!("{list_s}:2"))
+            && text.contains(&format!("{list_s}:3"))
+            && text.contains("foo.io is not a configured upstream"),
+        "{text}"
+    );
+    assert_eq!(up.count("GET", "/manifests/"), asked, "no upstream request");
+    assert!(!out2.join("index.json").exists());
+
+    for (platform, says) in [
+        ("linux-amd64", "must be os/arch[/variant]"),
+        ("linux/s390x", "not linux/s390x"),
+    ] {
+        let out3 = tmp.path().join(format!("o-{}", platform.replace('/', "-")));
+        let (ok, text) = cli_at(
+            &m.config_path(),
+            &[
+                "export",
+                "--out",
+                &out3.display().to_string(),
+                "--platform",
+                platform,
+                "docker.io/library/one:1",
+            ],
+        );
+        assert!(!ok && text.contains(says), "{platform}: {text}");
+        assert!(!out3.join("index.json").exists(), "{platform}");
+    }
+}
+
+/// A name that begins with a registry host no upstream is configured for gets 404
+/// NAME_UNKNOWN naming the configured prefixes, through curl, skopeo and containerd,
+/// with no request to the default upstream (Docker Hub has no such namespace).
+#[test]
+fn an_unconfigured_registry_host_is_named_not_sent_to_docker_hub() {
+    if !require(PEERS) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let m = Mirror::start(
+        "default_upstream = \"docker.io\"",
+        &format!(
+            "{}{}",
+            upstream_toml("docker.io", &up.url()),
+            upstream_toml("quay.io", &up.url())
+        ),
+    );
+    let r = get(&format!("{}/v2/foo.io/bar/manifests/latest", m.url()));
+    assert_eq!((r.status, r.oci_code().as_str()), (404, "NAME_UNKNOWN"));
+    let msg = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(
+        msg.contains("foo.io") && msg.contains("docker.io, quay.io"),
+        "{msg}"
+    );
+    let skopeo = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(format!("docker://127.0.0.1:{}/foo.io/bar:latest", m.port))
+        .output()
+        .expect("skopeo");
+    let said = String::from_utf8_lossy(&skopeo.stderr);
+    assert!(
+        !skopeo.status.success() && said.contains("not a configured upstream"),
+        "{said}"
+    );
+    let ctr = Containerd::start();
+    let hosts = ctr.hosts_dir("h", "foo.io", &m.url(), Style::Prefix);
+    let pulled = ctr.pull("x", &hosts, "foo.io/bar:latest");
+    assert!(pulled.is_err(), "{pulled:?}");
+    assert!(
+        !up.log().contains("foo.io"),
+        "nothing went to the default upstream"
+    );
+    assert!(m
+        .log()
+        .contains("path=/v2/foo.io/bar/manifests/latest status=404"));
+}
+
+/// Upstream failures name the URL asked and, for a stalled upstream, the timeout key;
+/// the start line names the config file and every upstream's URL.
+#[test]
+fn upstream_errors_name_the_url_and_the_timeout() {
+    // Accepts connections and never answers.
+    let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stalled_url = format!("http://{}", stalled.local_addr().unwrap());
+    let refused = format!("http://127.0.0.1:{}", free_port());
+    let m = Mirror::start(
+        "upstream_timeout = \"1s\"\ndefault_upstream = \"slow\"",
+        &format!(
+            "{}{}",
+            upstream_toml("slow", &stalled_url),
+            upstream_toml("gone", &refused)
+        ),
+    );
+    let log = m.log();
+    let start = log
+        .lines()
+        .find(|l| l.contains("entrepot serving"))
+        .expect("start line");
+    assert!(
+        start.contains(&format!("config={}", m.config_path().display()))
+            && start.contains(&format!("slow={stalled_url}/"))
+            && start.contains(&format!("gone={refused}/"))
+            && start.contains("default_upstream=slow"),
+        "{start}"
+    );
+    let r = get(&format!("{}/v2/slow/app/manifests/1", m.url()));
+    let msg = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(
+        r.status >= 500
+            && msg.contains(&format!("{stalled_url}/v2/app/manifests/1"))
+            && msg.contains("server.upstream_timeout (1s)"),
+        "{} {msg}",
+        r.status
+    );
+    let r = get(&format!("{}/v2/gone/app/manifests/1", m.url()));
+    let msg = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(
+        r.status >= 500 && msg.contains(&format!("cannot connect to {refused}/v2/app/manifests/1")),
+        "{} {msg}",
+        r.status
+    );
+    drop(stalled);
+}
+
+/// A user outside `auth.push` hears "may not push" through a token client (skopeo) as
+/// through Basic; the start warns about push users the htpasswd file lacks.
+#[test]
+fn push_refusals_say_why_through_tokens_too() {
+    if !require(PEERS) {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let file = htpasswd(tmp.path(), &[("alice", "alice-pw"), ("bob", "bob-pw")]);
+    let m = Mirror::start(
+        "",
+        &format!(
+            "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\npush = [\"alice\", \"carol\"]\n",
+            file.display()
+        ),
+    );
+    assert!(
+        m.log()
+            .contains("auth.push names users the htpasswd file does not have")
+            && m.log().contains("carol"),
+        "{}",
+        m.log()
+    );
+    let layout = Layout::new(tmp.path());
+    layout.build("app", &[("a", &noise(10_000, 264))]);
+    let push = |creds: &str| {
+        Command::new("skopeo")
+            .args(["copy", "--dest-tls-verify=false", "--dest-creds", creds])
+            .arg(format!("oci:{}:app", layout.dir.display()))
+            .arg(format!("docker://127.0.0.1:{}/local/team/app:1", m.port))
+            .output()
+            .expect("skopeo")
+    };
+    let bob = push("bob:bob-pw");
+    let said = String::from_utf8_lossy(&bob.stderr);
+    assert!(
+        !bob.status.success() && said.contains("may not push") && said.contains("bob"),
+        "{said}"
+    );
+    let alice = push("alice:alice-pw");
+    assert!(
+        alice.status.success(),
+        "{}",
+        String::from_utf8_lossy(&alice.stderr)
+    );
+    assert!(m.log().contains("user=bob") && m.log().contains("user=alice"));
+}
