@@ -207,12 +207,17 @@ fn spawn_gc(mirror: Arc<Mirror>, cfg: &Config) {
             }
             let (m, p) = (mirror.clone(), policy.clone());
             match crate::services::offload_low(async move { m.gc(&p).await }).await {
-                Ok(r) if !r.evicted.is_empty() => tracing::info!(
-                    objects = r.evicted.len(),
-                    bytes = r.evicted_bytes(),
-                    cached_bytes = r.cached_bytes_after,
-                    "evicted"
-                ),
+                Ok(r) if !r.evicted.is_empty() => {
+                    tracing::info!(
+                        objects = r.evicted.len(),
+                        bytes = r.evicted_bytes(),
+                        cached_bytes = r.cached_bytes_after,
+                        images = %r.images_lost.join(" "),
+                        "evicted"
+                    );
+                    // Repositories left without an image leave `_catalog` now.
+                    mirror.refresh_catalog();
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "eviction failed"),
             }

@@ -404,3 +404,99 @@ fn push_refusals_say_why_through_tokens_too() {
     );
     assert!(m.log().contains("user=bob") && m.log().contains("user=alice"));
 }
+
+/// A tag containerd only ever HEADed (it had the manifest) still resolves from its record
+/// while the upstream is down.
+#[test]
+fn a_tag_only_ever_headed_is_served_stale() {
+    if !require(PEERS) {
+        return;
+    }
+    let mut up = Registry::start(Auth::Anonymous);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let digest = layout.build("app", &[("a", &noise(20_000, 265))]);
+    layout.push("app", &format!("{}/library/app:1", up.host()), None);
+    let m = Mirror::start(
+        "",
+        &format!(
+            "{}tag_ttl = \"1s\"\n",
+            upstream_toml("docker.io", &up.url())
+        ),
+    );
+    let url = format!("{}/v2/docker.io/library/app/manifests/1", m.url());
+    let accept = [("Accept", "application/vnd.oci.image.manifest.v1+json")];
+    let r = http("HEAD", &url, &accept);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+    up.stop();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let r = http("HEAD", &url, &accept);
+    assert_eq!(r.status, 200, "served from the tag record");
+    assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+    assert!(r.header("content-length").is_some_and(|l| l != "0"));
+    assert_eq!(
+        m.metric("entrepot_stale_serves_total", &[("upstream", "docker.io")]),
+        1.0
+    );
+}
+
+/// Eviction names the images that lost content (CLI and server log), and a repository
+/// left without any leaves `_catalog`.
+#[test]
+fn eviction_names_the_images_it_emptied_and_the_catalog_forgets_them() {
+    if !require(PEERS) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let digest = layout.build("app", &[("a", &noise(30_000, 266))]);
+    layout.push("app", &format!("{}/library/app:1", up.host()), None);
+    let pull = |m: &Mirror| {
+        let r = http(
+            "GET",
+            &format!("{}/v2/docker.io/library/app/manifests/1", m.url()),
+            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        );
+        assert_eq!(r.status, 200);
+        for layer in layout.layers(&digest) {
+            let b = get(&format!(
+                "{}/v2/docker.io/library/app/blobs/{layer}",
+                m.url()
+            ));
+            assert_eq!(format!("sha256:{}", sha256_hex(&b.body)), layer);
+        }
+    };
+    // The CLI names the image a gc would empty.
+    let m = Mirror::start("", &upstream_toml("docker.io", &up.url()));
+    pull(&m);
+    let out = Command::new(env!("CARGO_BIN_EXE_entrepot"))
+        .args(["gc", "--dry-run", "--config"])
+        .arg(m.config_path())
+        .env("ENTREPOT_SERVER__MAX_CACHE_SIZE", "1B")
+        .output()
+        .expect("gc");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("would lose docker.io/library/app:1"),
+        "{text}"
+    );
+    // A server evicting everything: its catalog forgets the repository.
+    let evicting = Mirror::start(
+        "max_cache_size = \"1B\"\ngc_interval = \"1s\"",
+        &upstream_toml("docker.io", &up.url()),
+    );
+    pull(&evicting);
+    let catalog = || get(&format!("{}/v2/_catalog", evicting.url())).json();
+    wait_until(
+        "the catalog forgets the evicted repository",
+        std::time::Duration::from_secs(15),
+        || {
+            evicting.log().contains("images=docker.io/library/app:1")
+                && catalog()["repositories"]
+                    .as_array()
+                    .is_some_and(|r| r.is_empty())
+        },
+    );
+}

@@ -92,6 +92,10 @@ pub fn gc(cfg: &Config, dry_run: bool) -> anyhow::Result<()> {
     for (d, size) in &r.evicted {
         println!("{verb} {d} ({})", bytesize::ByteSize(*size));
     }
+    let lost = if dry_run { "would lose" } else { "lost" };
+    for image in &r.images_lost {
+        println!("{lost} {image} (fetched again on its next pull)");
+    }
     println!(
         "{verb} {} objects, {}; cached content {} -> {}; {} manifests and {} tags dropped",
         r.evicted.len(),

@@ -95,12 +95,16 @@ fn apply(names: &mut Vec<String>, name: String, present: bool) {
     }
 }
 
-/// Every non-private repository in the store, sorted (a walk: see [`super::offload`]).
+/// Every non-private repository in the store that still holds an image (a manifest or
+/// a tag: eviction may have taken everything and left the directory), sorted (a walk:
+/// see [`super::offload`]).
 async fn walk(store: Arc<Store>) -> Result<Vec<String>, StoreError> {
     let mut names = Vec::new();
     for ns in store.list_namespaces().await? {
         for repo in store.list_repos(&ns).await? {
-            if !store.is_private(&ns, &repo).await? {
+            let holds = !store.list_manifest_links(&ns, &repo).await?.is_empty()
+                || !store.list_tags(&ns, &repo).await?.is_empty();
+            if holds && !store.is_private(&ns, &repo).await? {
                 names.push(format!("{ns}/{repo}"));
             }
         }

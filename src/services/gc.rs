@@ -34,6 +34,9 @@ pub struct GcReport {
     pub evicted: Vec<(Digest, u64)>,
     pub manifests_dropped: usize,
     pub tags_dropped: usize,
+    /// The images that lost content, as people name them: `docker.io/library/app:1`
+    /// for a tag, `<ns>/<repo>@<digest>` for a manifest no tag pointed to.
+    pub images_lost: Vec<String>,
 }
 
 impl GcReport {
@@ -135,6 +138,9 @@ async fn drop_dependents(
     dry_run: bool,
     report: &mut GcReport,
 ) -> Result<(), ServiceError> {
+    // Manifests dropped, to name the untagged ones once tags are known.
+    let mut dropped_in: Vec<(String, String, Digest)> = Vec::new();
+    let mut tagged: HashSet<(String, String, Digest)> = HashSet::new();
     // Links dropped so far (a dry run still sees them in the store).
     let mut unlinked: HashSet<(String, String, Digest)> = HashSet::new();
     let namespaces: Vec<String> = store
@@ -169,6 +175,7 @@ async fn drop_dependents(
                         if !dry_run {
                             store.delete_manifest_link(ns, &repo, &d).await?;
                         }
+                        dropped_in.push((ns.clone(), repo.clone(), d.clone()));
                         unlinked.insert((ns.clone(), repo.clone(), d.clone()));
                         report.manifests_dropped += 1;
                         dropped.insert(d);
@@ -201,19 +208,26 @@ async fn drop_dependents(
                 }
             }
             for t in store.list_tags(ns, &repo).await? {
-                let points_gone = store
+                let target = store
                     .get_tag(ns, &repo, &t)
                     .await?
-                    .and_then(|r| r.digest().ok())
-                    .is_some_and(|d| gone.contains(&d));
-                if points_gone {
+                    .and_then(|r| r.digest().ok());
+                if let Some(d) = target.filter(|d| gone.contains(d)) {
                     if !dry_run {
                         store.delete_tag(ns, &repo, &t).await?;
                     }
                     report.tags_dropped += 1;
+                    report.images_lost.push(format!("{ns}/{repo}:{t}"));
+                    tagged.insert((ns.clone(), repo.clone(), d));
                 }
             }
         }
     }
+    for (ns, repo, d) in dropped_in {
+        if !tagged.contains(&(ns.clone(), repo.clone(), d.clone())) {
+            report.images_lost.push(format!("{ns}/{repo}@{d}"));
+        }
+    }
+    report.images_lost.sort();
     Ok(())
 }

@@ -137,7 +137,9 @@ impl Services {
         head: bool,
         e: ServiceError,
     ) -> Result<ManifestReply, ServiceError> {
-        match stored_reply(self, &rec.digest()?, &rec.media_type, head, Source::Stale).await? {
+        let stored =
+            stored_reply(self, &rec.digest()?, &rec.media_type, head, Source::Stale).await?;
+        match stored.or_else(|| record_reply(rec, head, Source::Stale)) {
             Some(r) => {
                 self.metrics()
                     .stale_serves
@@ -171,7 +173,8 @@ impl Services {
             };
             self.store().put_tag(&up.name, repo, tag, &fresh).await?;
         }
-        stored_reply(self, &d, &rec.media_type, head, Source::Cache).await
+        let stored = stored_reply(self, &d, &rec.media_type, head, Source::Cache).await?;
+        Ok(stored.or_else(|| record_reply(rec, head, Source::Cache)))
     }
 
     /// Whether the upstream still maps `tag` to `d` (HEAD only).
@@ -239,6 +242,22 @@ pub(super) fn negotiate(
         "{reference} is a {}, which the request's Accept header does not list",
         r.media_type
     )))
+}
+
+/// A HEAD answered from the tag record alone (digest, type and size), for a tag whose
+/// manifest was only ever HEADed: containerd resolving an image it already holds sends
+/// nothing else, and must still resolve it while the upstream is down.
+fn record_reply(rec: &TagRecord, head: bool, source: Source) -> Option<ManifestReply> {
+    if !head || rec.size == 0 || rec.media_type.is_empty() {
+        return None;
+    }
+    Some(ManifestReply {
+        digest: rec.digest().ok()?,
+        media_type: rec.media_type.clone(),
+        size: rec.size,
+        body: None,
+        source,
+    })
 }
 
 pub(super) async fn cached_by_digest(
