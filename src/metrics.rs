@@ -9,7 +9,7 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Cache lookups by upstream, kind (manifest/blob) and result (hit/miss).
     pub cache: IntCounterVec,
-    /// Requests sent upstream by upstream, kind and method.
+    /// Requests sent upstream by upstream, kind, method and answer class.
     pub upstream_requests: IntCounterVec,
     /// Upstream answers used, by upstream and the URL (primary or fallback) that gave it.
     pub upstream_answers: IntCounterVec,
@@ -139,8 +139,8 @@ impl Metrics {
             upstream_requests: counter(
                 r,
                 "entrepot_upstream_requests_total",
-                "Requests sent to upstreams",
-                &["upstream", "kind", "method"],
+                "Requests sent to upstreams, by the class of their answer (2xx..5xx, error: none)",
+                &["upstream", "kind", "method", "status"],
             )?,
             upstream_answers: counter(
                 r,
@@ -302,9 +302,32 @@ impl Metrics {
     }
 
     /// Creates every series known in advance at zero, so dashboards and alerts see
-    /// `0`, not "no data", before the first event.
-    pub fn init_labels(&self, upstreams: &[&str]) {
+    /// `0`, not "no data", before the first event; the bucket's and the cluster's series
+    /// are only exposed when they are configured (no S3 panels full of zeros).
+    pub fn init_labels(&self, upstreams: &[&str], s3: bool, cluster: bool) {
+        if !s3 {
+            let _ = self.registry.unregister(Box::new(self.s3_requests.clone()));
+            let _ = self.registry.unregister(Box::new(self.s3_seconds.clone()));
+            let _ = self.registry.unregister(Box::new(self.s3_bytes.clone()));
+            let _ = self
+                .registry
+                .unregister(Box::new(self.bucket_corrupt.clone()));
+        }
+        if !cluster {
+            let _ = self
+                .registry
+                .unregister(Box::new(self.cluster_peers.clone()));
+            let _ = self
+                .registry
+                .unregister(Box::new(self.peer_requests.clone()));
+        }
         for up in upstreams {
+            for class in ["2xx", "4xx", "5xx", "error"] {
+                for (kind, method) in [("manifest", "GET"), ("blob", "GET")] {
+                    self.upstream_requests
+                        .with_label_values(&[up, kind, method, class]);
+                }
+            }
             for kind in ["manifest", "blob"] {
                 for result in ["hit", "miss"] {
                     self.cache.with_label_values(&[up, kind, result]);
@@ -326,12 +349,16 @@ impl Metrics {
             self.served_bytes.with_label_values(&[source]);
         }
         self.store_errors.with_label_values(&["no_space"]);
-        for d in ["in", "out"] {
-            self.s3_bytes.with_label_values(&[d]);
-        }
-        for r in ["ok", "error", "not_found", "unauthorized"] {
+        if s3 {
             for d in ["in", "out"] {
-                self.peer_requests.with_label_values(&[d, r]);
+                self.s3_bytes.with_label_values(&[d]);
+            }
+        }
+        if cluster {
+            for r in ["ok", "error", "not_found", "unauthorized"] {
+                for d in ["in", "out"] {
+                    self.peer_requests.with_label_values(&[d, r]);
+                }
             }
         }
     }

@@ -55,7 +55,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         tracing::warn!(removed, "removed temp files left by an earlier process");
     }
     let names: Vec<&str> = cfg.upstreams.keys().map(String::as_str).collect();
-    metrics.init_labels(&names);
+    metrics.init_labels(&names, cfg.server.s3.is_some(), cfg.cluster.is_some());
     spawn_measure(store.clone(), metrics.clone());
     let limit = cfg.server.max_cache_size.map_or(0, |s| s.as_u64());
     metrics.cache_limit_bytes.set(limit as i64);

@@ -500,3 +500,69 @@ fn eviction_names_the_images_it_emptied_and_the_catalog_forgets_them() {
         },
     );
 }
+
+/// Upstream requests are counted by the class of their answer; bucket and cluster series
+/// appear only when configured; the access line is written when the body ends, with the
+/// bytes really sent, or says the client left early.
+#[test]
+fn metrics_and_the_access_log_say_what_happened() {
+    if !require(PEERS) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let blob = noise(24 << 20, 267);
+    let d = up.push_blob("library/big", &blob);
+    let m = Mirror::start("", &upstream_toml("docker.io", &up.url()));
+    let url = format!("{}/v2/docker.io/library/big/blobs/{d}", m.url());
+    let r = get(&url);
+    assert_eq!(format!("sha256:{}", sha256_hex(&r.body)), d);
+    let r = get(&format!(
+        "{}/v2/docker.io/library/none/manifests/1",
+        m.url()
+    ));
+    assert_eq!(r.status, 404);
+    let count = |status: &str| {
+        m.metric(
+            "entrepot_upstream_requests_total",
+            &[("upstream", "docker.io"), ("status", status)],
+        )
+    };
+    assert!(
+        count("2xx") >= 1.0 && count("4xx") >= 1.0,
+        "{}",
+        count("4xx")
+    );
+    let text = String::from_utf8(get(&format!("{}/metrics", m.url())).body).unwrap();
+    assert!(
+        !text.contains("entrepot_s3_") && !text.contains("entrepot_peer_"),
+        "no bucket or cluster series without a bucket or cluster"
+    );
+    // A client that reads the headers and a little, then leaves.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", m.port)).unwrap();
+        let path = format!("/v2/docker.io/library/big/blobs/{d}");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).unwrap();
+    }
+    let size = blob.len().to_string();
+    wait_until(
+        "both access lines",
+        std::time::Duration::from_secs(10),
+        || {
+            let log = m.log();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("entrepot::access") && l.contains("/library/big/blobs/"))
+                .collect();
+            lines.len() == 2
+                && lines[0].contains(&format!("bytes={size} complete=true"))
+                && lines[1].contains("complete=false")
+                && !lines[1].contains(&format!("bytes={size} "))
+                && lines
+                    .iter()
+                    .all(|l| l.contains("headers_ms=") && l.contains(" ms="))
+        },
+    );
+}

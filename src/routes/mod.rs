@@ -4,6 +4,7 @@
 //! All of `/v2/` is one route whose path is parsed once ([`path::parse`]) rather than
 //! one route per name depth; [`v2`] dispatches on the parsed endpoint and the method.
 
+mod access_log;
 mod client;
 mod error;
 pub mod path;
@@ -17,7 +18,7 @@ mod token;
 
 use std::time::Instant;
 
-use actix_web::body::{BoxBody, MessageBody};
+use actix_web::body::BoxBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
@@ -326,22 +327,26 @@ pub async fn log_request(
         (i.upstream.as_str(), i.endpoint, i.cache)
     });
     let status = res.status().as_u16();
-    let bytes = match res.response().body().size() {
-        actix_web::body::BodySize::Sized(n) => n as i64,
-        _ => -1,
-    };
-    tracing::info!(
-        target: "entrepot::access",
-        %method, %path, status, upstream, cache, bytes, %client, %user,
-        ms = (start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
-    );
+    let headers_secs = start.elapsed().as_secs_f64();
     if let Some(m) = metrics {
         m.requests
             .with_label_values(&[upstream, endpoint, &status.to_string()])
             .inc();
         m.request_seconds
             .with_label_values(&[upstream, endpoint])
-            .observe(start.elapsed().as_secs_f64());
+            .observe(headers_secs);
     }
+    let line = access_log::Line {
+        method: method.to_string(),
+        path,
+        status,
+        upstream: upstream.to_string(),
+        cache,
+        client,
+        user,
+        start,
+        headers_ms: (headers_secs * 1e6).round() / 1e3,
+    };
+    let res = res.map_body(|_, body| access_log::Logged::wrap(body, line));
     Ok(res)
 }

@@ -283,23 +283,28 @@ impl Services {
             .ok_or_else(|| ServiceError::NameUnknown("no hosted repositories".into()))
     }
 
-    /// Sends a request upstream, counting it.
+    /// Sends a request upstream, counting it by the class of its answer (`2xx` ...
+    /// `5xx`, or `error` when none came), so failures do not look like successes.
     async fn upstream(
         &self,
         up: &Upstream,
         kind: &str,
         req: UpRequest<'_>,
     ) -> Result<awc::ClientResponse, ServiceError> {
-        self.metrics()
-            .upstream_requests
-            .with_label_values(&[&up.name, kind, req.method.as_str()])
-            .inc();
         let start = std::time::Instant::now();
         let resp = self.client.send(up, &req).await;
         self.metrics()
             .upstream_seconds
             .with_label_values(&[&up.name, kind])
             .observe(start.elapsed().as_secs_f64());
+        let class = match &resp {
+            Ok(r) => status_class(r.status()),
+            Err(_) => "error",
+        };
+        self.metrics()
+            .upstream_requests
+            .with_label_values(&[&up.name, kind, req.method.as_str(), class])
+            .inc();
         Ok(resp?)
     }
 
@@ -383,5 +388,16 @@ pub fn lower_priority() {
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
+/// `2xx`, `3xx`, `4xx` or `5xx` (anything else: `other`).
+fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() / 100 {
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "other",
     }
 }
