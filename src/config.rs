@@ -644,3 +644,69 @@ fn hint(key: &str, kind: &str) -> Option<String> {
     };
     Some(format!("write {example}"))
 }
+
+/// `--help`'s list of every config key with its environment form
+/// (`server.listen` -> `ENTREPOT_SERVER__LISTEN`), from the built-in defaults' structure,
+/// so it never misses a key the config has.
+pub fn env_help() -> String {
+    use serde_json::json;
+    let defaults = Config {
+        server: ServerConfig::default(),
+        upstreams: BTreeMap::from([("<key>".to_string(), UpstreamConfig::default())]),
+        hosted: None,
+        auth: AuthConfig::default(),
+        cluster: None,
+        file: None,
+    };
+    let mut keys = Vec::new();
+    if let Ok(mut v) = serde_json::to_value(&defaults) {
+        // The optional sections, filled so that their keys show too.
+        let section =
+            |doc: serde_json::Value, parse: fn(serde_json::Value) -> Option<serde_json::Value>| {
+                parse(doc).unwrap_or_default()
+            };
+        v["hosted"] = section(json!({"prefix": "local"}), |d| {
+            serde_json::from_value::<HostedConfig>(d)
+                .ok()
+                .and_then(|c| serde_json::to_value(c).ok())
+        });
+        v["cluster"] = section(json!({"self": ""}), |d| {
+            serde_json::from_value::<ClusterConfig>(d)
+                .ok()
+                .and_then(|c| serde_json::to_value(c).ok())
+        });
+        v["server"]["s3"] = section(json!({"bucket": ""}), |d| {
+            serde_json::from_value::<S3Config>(d)
+                .ok()
+                .and_then(|c| serde_json::to_value(c).ok())
+        });
+        v["server"]["tls"] = json!({"cert": "", "key": ""});
+        collect_keys(&v, "", &mut keys);
+    }
+    let mut out = String::from(
+        "Configuration: a TOML file (--config, default ./upstreams.toml), each key also settable \
+         from the environment, which wins over the file (nested keys joined by `__`):\n\n",
+    );
+    for k in keys {
+        let env = format!("ENTREPOT_{}", k.replace('.', "__").to_uppercase());
+        out.push_str(&format!("  {k:<40} {env}\n"));
+    }
+    out
+}
+
+fn collect_keys(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) if !m.is_empty() => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                collect_keys(v, &key, out);
+            }
+        }
+        _ if !prefix.is_empty() => out.push(prefix.to_string()),
+        _ => {}
+    }
+}

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use entrepot::cli::integrate::{self, Style};
@@ -124,6 +124,11 @@ enum Command {
         #[arg(long)]
         mirror: String,
     },
+    /// Print a shell completion script: `entrepot completions bash > /etc/bash_completion.d/entrepot`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Caps glibc's malloc arenas at two. glibc gives each thread that allocates an arena of
@@ -148,7 +153,14 @@ fn main() -> ExitCode {
         .with_env_filter(log_filter())
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match run(Cli::parse()) {
+    let matches = Cli::command()
+        .after_long_help(entrepot::config::env_help())
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -159,6 +171,15 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<bool> {
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "entrepot",
+            &mut std::io::stdout(),
+        );
+        return Ok(true);
+    }
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Serve => {
@@ -188,15 +209,27 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             hosts_dir,
             inline,
         } => {
+            if integrate::is_loopback(&mirror) {
+                eprintln!("warning: --mirror {mirror} names this machine: Kind nodes are containers and cannot reach it there; give an address they reach (on the `kind` network: http://entrepot:5000, or this host's LAN address)");
+            }
             print!(
                 "{}",
                 integrate::kind_config(&cfg, &mirror, &hosts_dir, inline)?
             );
+            if !inline {
+                eprintln!(
+                    "wrote containerd hosts files under {} (mounted into the nodes by this config)",
+                    std::path::absolute(&hosts_dir)
+                        .unwrap_or(hosts_dir)
+                        .display()
+                );
+            }
             Ok(true)
         }
         Command::RegistriesConf { mirror } => {
             print!("{}", integrate::registries_conf(&cfg, &mirror)?);
             Ok(true)
         }
+        Command::Completions { .. } => Ok(true),
     }
 }

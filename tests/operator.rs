@@ -566,3 +566,182 @@ fn metrics_and_the_access_log_say_what_happened() {
         },
     );
 }
+
+/// `prefetch` says what it downloaded and what was cached already, its progress lines
+/// name the image; `verify` that finds damage says how to repair it.
+#[test]
+fn prefetch_and_verify_say_what_they_did_and_what_to_do() {
+    if !require(PEERS) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let digest = layout.build("one", &[("o", &noise(40_000, 268))]);
+    layout.push("one", &format!("{}/library/one:1", up.host()), None);
+    let m = Mirror::start("", &upstream_toml("docker.io", &up.url()));
+    let (ok, text) = cli_at(&m.config_path(), &["prefetch", "docker.io/library/one:1"]);
+    assert!(
+        ok && text.contains("prefetched 1 images: 3 objects downloaded")
+            && text.contains("0 already cached"),
+        "{text}"
+    );
+    assert!(
+        text.contains("image=\"docker.io/library/one:1\""),
+        "progress names the image: {text}"
+    );
+    let (ok, text) = cli_at(&m.config_path(), &["prefetch", "docker.io/library/one:1"]);
+    assert!(
+        ok && text.contains("0 objects downloaded (0 B), 3 already cached"),
+        "{text}"
+    );
+    let layer = layout.layers(&digest)[0][7..].to_string();
+    let file = m.store_files(&layer).pop().expect("stored layer");
+    std::fs::write(&file, b"bit rot").unwrap();
+    let (ok, text) = cli_at(&m.config_path(), &["verify"]);
+    assert!(
+        !ok && text.contains("1 bad") && text.contains("entrepot verify --repair"),
+        "{text}"
+    );
+}
+
+/// `--help` lists every key's environment form; completions come from clap's generator;
+/// `kind-config` warns about a loopback mirror and says what it wrote; `hosts --ca` with
+/// an http:// mirror is refused.
+#[test]
+fn the_cli_explains_itself() {
+    let tmp = TempDir::new().unwrap();
+    let d = tmp.path();
+    let (ok, text) = entrepot_cli(d, None, &["--help"]);
+    assert!(
+        ok && text.contains("ENTREPOT_SERVER__LISTEN")
+            && text.contains("ENTREPOT_UPSTREAMS__<KEY>__URL")
+            && text.contains("ENTREPOT_SERVER__S3__BUCKET"),
+        "{text}"
+    );
+    for (shell, says) in [
+        ("bash", "_entrepot()"),
+        ("zsh", "#compdef entrepot"),
+        ("fish", "complete -c entrepot"),
+    ] {
+        let (ok, text) = entrepot_cli(d, None, &["completions", shell]);
+        assert!(
+            ok && text.contains(says) && text.contains("prefetch"),
+            "{shell}: {text}"
+        );
+    }
+    let hosts = d.join("kind-hosts").display().to_string();
+    let (ok, text) = entrepot_cli(
+        d,
+        None,
+        &[
+            "kind-config",
+            "--mirror",
+            "http://localhost:5000",
+            "--hosts-dir",
+            &hosts,
+        ],
+    );
+    assert!(
+        ok && text.contains("names this machine")
+            && text.contains(&format!("wrote containerd hosts files under {hosts}"))
+            && text.contains("kind: Cluster"),
+        "{text}"
+    );
+    let ca = d.join("ca.pem");
+    std::fs::write(&ca, "x").unwrap();
+    let (ok, text) = entrepot_cli(
+        d,
+        None,
+        &[
+            "hosts",
+            "--mirror",
+            "http://mirror:5000",
+            "--out",
+            &d.join("h").display().to_string(),
+            "--ca",
+            &ca.display().to_string(),
+        ],
+    );
+    assert!(
+        !ok && text.contains("--ca is for an https:// mirror"),
+        "{text}"
+    );
+}
+
+/// With hosted repositories, the generated registries.conf and hosts files cover the
+/// mirror's own name: podman logs in and pushes, and containerd pulls the pushed image,
+/// with no --tls-verify=false or --plain-http, the upstream pulls going through the
+/// mirror as before.
+#[test]
+fn generated_client_configs_reach_hosted_repositories_too() {
+    if !require(PEERS) || !require(&["podman"]) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let digest = layout.build("one", &[("o", &noise(30_000, 269))]);
+    layout.push("one", &format!("{}/library/one:1", up.host()), None);
+    let file = htpasswd(tmp.path(), &[("alice", "alice-pw")]);
+    let m = Mirror::start(
+        "",
+        &format!(
+            "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\npush = [\"alice\"]\n{}",
+            file.display(),
+            upstream_toml("docker.io", &up.url())
+        ),
+    );
+    let host = format!("127.0.0.1:{}", m.port);
+    let (ok, conf) = cli_at(&m.config_path(), &["registries-conf", "--mirror", &m.url()]);
+    assert!(
+        ok && conf.contains(&format!("location = \"{host}\"\ninsecure = true")),
+        "{conf}"
+    );
+    let conf: String = conf
+        .lines()
+        .filter(|l| !l.contains(" INFO ") && !l.contains(" WARN "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let podman = Podman::with_registries_conf(&conf);
+    podman
+        .pull("docker.io/library/one:1")
+        .expect("pull through the mirror entry");
+    assert!(up.count("GET", "/v2/library/one/manifests/1") >= 1);
+    podman
+        .login(&host, "alice", "alice-pw")
+        .expect("login without --tls-verify=false");
+    let pushed = format!("{host}/local/team/one:1");
+    podman.tag("docker.io/library/one:1", &pushed).expect("tag");
+    podman
+        .push(&pushed)
+        .expect("push without --tls-verify=false");
+
+    let dir = tmp.path().join("certs.d");
+    let (ok, text) = cli_at(
+        &m.config_path(),
+        &[
+            "hosts",
+            "--mirror",
+            &m.url(),
+            "--out",
+            &dir.display().to_string(),
+        ],
+    );
+    assert!(ok && text.contains(&format!("{host}/hosts.toml")), "{text}");
+    let ctr = Containerd::start();
+    let got = ctr
+        .pull("h", &dir, &pushed)
+        .expect("containerd pulls the hosted image");
+    // podman may convert what it pushes: the pulled digest is what the mirror holds.
+    let held = http(
+        "HEAD",
+        &format!("{}/v2/local/team/one/manifests/1", m.url()),
+        &[(
+            "Accept",
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+        )],
+    );
+    assert_eq!(Some(got.as_str()), held.header("docker-content-digest"));
+    assert!(!digest.is_empty());
+}

@@ -192,6 +192,13 @@ impl Source<'_> {
         Ok(())
     }
 
+    /// Reads a blob through (filling the store for an upstream's); its length and
+    /// whether the store had it already.
+    async fn blob_counted(&self, d: &Digest) -> anyhow::Result<(u64, bool)> {
+        let had = self.svc.mirror.store.stat(d).await?.is_some();
+        Ok((self.blob(d).await?, had))
+    }
+
     /// Reads a blob through (filling the store for an upstream's); its length.
     async fn blob(&self, d: &Digest) -> anyhow::Result<u64> {
         let r = match self.target {
@@ -217,11 +224,13 @@ impl Source<'_> {
 /// Walks an image through the services, filling the store; returns its objects.
 async fn fetch_image(
     src: &Source<'_>,
+    image: &str,
     reference: &Reference,
     platform: Option<&str>,
     progress: &mut Progress,
 ) -> anyhow::Result<Fetched> {
     let top = src.manifest(reference).await?;
+    let top_cached = !matches!(top.source, crate::services::Source::Upstream);
     let mut entry = LayoutEntry {
         reference: String::new(),
         media_type: top.media_type.clone(),
@@ -242,8 +251,10 @@ async fn fetch_image(
                 let m = src.manifest(&Reference::Digest(d.clone())).await?;
                 pending.push(m.body.unwrap_or_default());
             } else {
-                let n = src.blob(&d).await?;
-                progress.item(&d.to_string(), n);
+                match src.blob_counted(&d).await? {
+                    (n, true) => progress.cached(image, &d.to_string(), n),
+                    (n, false) => progress.item(image, &d.to_string(), n),
+                }
             }
             objects.push(d);
         }
@@ -257,7 +268,11 @@ async fn fetch_image(
         entry.digest = Digest::of(t);
         entry.size = t.len() as u64;
     }
-    progress.item(&entry.digest.to_string(), entry.size);
+    if top_cached {
+        progress.cached(image, &entry.digest.to_string(), entry.size);
+    } else {
+        progress.item(image, &entry.digest.to_string(), entry.size);
+    }
     Ok(Fetched {
         top: entry,
         objects,
@@ -397,7 +412,7 @@ async fn fetch_one(
         svc,
         target: &target,
     };
-    let mut img = fetch_image(&src, &reference, platform, progress).await?;
+    let mut img = fetch_image(&src, image, &reference, platform, progress).await?;
     let ns = target.namespace(hosted);
     img.top.reference = match &reference {
         Reference::Tag(t) => format!("{ns}/{}:{t}", target.repo()),
@@ -412,8 +427,15 @@ pub fn prefetch(cfg: &Config, args: &ImageArgs) -> anyhow::Result<()> {
     let images = with_services(cfg, async |svc| {
         let mut progress = Progress::new("prefetch");
         let r = fetch_all(cfg, svc, args, &mut progress).await;
+        let (cached_items, cached_bytes) = progress.cached_totals();
         let (items, bytes) = progress.finish();
-        println!("prefetched {items} objects, {}", bytesize::ByteSize(bytes));
+        println!(
+            "prefetched {} images: {} objects downloaded ({}), {cached_items} already cached ({})",
+            r.as_ref().map_or(0, Vec::len),
+            items - cached_items,
+            bytesize::ByteSize(bytes - cached_bytes),
+            bytesize::ByteSize(cached_bytes),
+        );
         r
     })?;
     for i in images {
@@ -445,7 +467,7 @@ pub fn export(cfg: &Config, out: &Path, copy: bool, args: &ImageArgs) -> anyhow:
     for img in &images {
         for d in &img.objects {
             let n = layout.add_blob(&store, d)?;
-            progress.item(&d.to_string(), n);
+            progress.item(&img.top.reference, &d.to_string(), n);
         }
         if let Some(t) = &img.trimmed {
             layout.add_bytes(t)?;
@@ -553,7 +575,12 @@ impl Importer<'_> {
     async fn object(&mut self, d: &Digest, progress: &mut Progress) -> anyhow::Result<bool> {
         match self.store.import_blob(self.layout, d).await {
             Ok(true) => {
-                progress.item(&d.to_string(), self.store.stat(d).await?.unwrap_or(0));
+                let image = format!("{}/{}", self.ns, self.repo);
+                progress.item(
+                    &image,
+                    &d.to_string(),
+                    self.store.stat(d).await?.unwrap_or(0),
+                );
                 Ok(true)
             }
             Ok(false) => Ok(false),

@@ -128,7 +128,7 @@ async fn verify_all(cfg: &Config, store: &Store, repair: bool) -> anyhow::Result
                 println!("removed {}", b.digest);
             }
         }
-        progress.item(&b.digest.to_string(), b.size);
+        progress.item("-", &b.digest.to_string(), b.size);
     }
     let (items, bytes) = progress.finish();
     let mut leftovers = 0;
@@ -161,5 +161,10 @@ async fn verify_all(cfg: &Config, store: &Store, repair: bool) -> anyhow::Result
             ""
         }
     );
+    if !repair && bad + leftovers > 0 {
+        println!(
+            "run `entrepot verify --repair` to remove them (safe beside a live server; a removed blob is fetched again on its next pull)"
+        );
+    }
     Ok(repair || bad + leftovers == 0)
 }

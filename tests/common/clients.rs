@@ -53,6 +53,8 @@ fn repo_digests(reference: &str, digests: &str) -> Result<Vec<String>, String> {
 /// podman with its own root, runroot, tmpdir, registries.conf and authfile.
 pub struct Podman {
     dir: TempDir,
+    /// Whether TLS settings come from registries.conf alone (no `--tls-verify=false`).
+    strict: bool,
 }
 
 impl Podman {
@@ -65,7 +67,16 @@ impl Podman {
         )
         .expect("registries.conf");
         std::fs::write(d.join("auth.json"), "{\"auths\":{}}").expect("authfile");
-        Podman { dir }
+        Podman { dir, strict: false }
+    }
+
+    /// podman with `conf` as its registries.conf, trusted as written: no
+    /// `--tls-verify=false` is added, so plain-http registries must be `insecure` there.
+    pub fn with_registries_conf(conf: &str) -> Podman {
+        let p = Podman::new();
+        let conf = format!("unqualified-search-registries = []\n{conf}");
+        std::fs::write(p.dir.path().join("registries.conf"), conf).expect("registries.conf");
+        Podman { strict: true, ..p }
     }
 
     fn cmd(&self, verb: &str) -> Command {
@@ -88,9 +99,10 @@ impl Podman {
                 verb,
             ]);
         if matches!(verb, "pull" | "push" | "login") {
-            cmd.arg("--tls-verify=false")
-                .arg("--authfile")
-                .arg(d.join("auth.json"));
+            if !self.strict {
+                cmd.arg("--tls-verify=false");
+            }
+            cmd.arg("--authfile").arg(d.join("auth.json"));
         }
         cmd
     }
