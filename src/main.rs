@@ -124,6 +124,11 @@ enum Command {
         #[arg(long)]
         mirror: String,
     },
+    /// List what the store holds: repositories with their tags, size and last pull.
+    Ls {
+        /// Only repositories whose name starts with this, e.g. docker.io/library
+        prefix: Option<String>,
+    },
     /// Print a shell completion script: `entrepot completions bash > /etc/bash_completion.d/entrepot`.
     Completions {
         #[arg(value_enum)]
@@ -231,5 +236,6 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Completions { .. } => Ok(true),
+        Command::Ls { prefix } => cli::ls(&cfg, prefix.as_deref()).map(|_| true),
     }
 }

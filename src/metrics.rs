@@ -370,3 +370,42 @@ impl Metrics {
             .unwrap_or_else(|e| format!("# encode error: {e}\n"))
     }
 }
+
+/// The registry's values at one moment, for pages that show a few of them (one gather,
+/// no series created by looking).
+pub struct Readings(Vec<prometheus::proto::MetricFamily>);
+
+impl Metrics {
+    pub fn read(&self) -> Readings {
+        Readings(self.registry.gather())
+    }
+}
+
+impl Readings {
+    /// The sum of `name`'s series (counter or gauge) whose labels include all of
+    /// `labels`; `None` when no series matches.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let family = self.0.iter().find(|f| f.get_name() == name)?;
+        let matching: Vec<f64> = family
+            .get_metric()
+            .iter()
+            .filter(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.get_name() == *k && l.get_value() == *v)
+                })
+            })
+            .map(|m| match family.get_field_type() {
+                prometheus::proto::MetricType::COUNTER => m.get_counter().get_value(),
+                _ => m.get_gauge().get_value(),
+            })
+            .collect();
+        (!matching.is_empty()).then(|| matching.iter().sum())
+    }
+
+    /// [`Readings::get`], 0 when absent.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels).unwrap_or(0.0)
+    }
+}

@@ -745,3 +745,190 @@ fn generated_client_configs_reach_hosted_repositories_too() {
     assert_eq!(Some(got.as_str()), held.header("docker-content-digest"));
     assert!(!digest.is_empty());
 }
+
+/// `GET /` shows each upstream (URL, state, pull limit, hit ratio), what the cache saved,
+/// fills, the largest and most pulled images, never a private repository; it follows
+/// `_catalog`'s access rule (Basic for browsers); a real headless Chromium renders it.
+#[test]
+fn the_status_page_shows_what_the_mirror_holds_and_hides_what_is_private() {
+    if !require(PEERS) || !require(&["chromium"]) {
+        return;
+    }
+    let public = Registry::start(Auth::Anonymous);
+    let hub = common::passthrough::Passthrough::start(&public.url());
+    let private = Registry::start(Auth::Basic("owner", "s3cret"));
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let app = layout.build("app", &[("a", &noise(200_000, 270))]);
+    layout.push("app", &format!("{}/library/app:1", public.host()), None);
+    let secret = layout.build("secret", &[("s", &noise(20_000, 271))]);
+    layout.push(
+        "secret",
+        &format!("{}/team/secret:1", private.host()),
+        Some("owner:s3cret"),
+    );
+    let m = Mirror::start(
+        "",
+        &format!(
+            "{}{}",
+            upstream_toml("docker.io", &hub.url()),
+            upstream_toml("priv.io", &private.url())
+        ),
+    );
+    let oci = [("Accept", "application/vnd.oci.image.manifest.v1+json")];
+    let pull = |repo: &str, digest: &str, auth: Option<&str>| {
+        let mut h = oci.to_vec();
+        if let Some(a) = auth {
+            h.push(("Authorization", a));
+        }
+        let r = http("GET", &format!("{}/v2/{repo}/manifests/1", m.url()), &h);
+        assert_eq!(r.status, 200, "{repo}");
+        for layer in layout.layers(digest) {
+            let b = http("GET", &format!("{}/v2/{repo}/blobs/{layer}", m.url()), &h);
+            assert_eq!(format!("sha256:{}", sha256_hex(&b.body)), layer);
+        }
+    };
+    pull("docker.io/library/app", &app, None);
+    pull("docker.io/library/app", &app, None);
+    pull(
+        "priv.io/team/secret",
+        &secret,
+        Some(&basic("owner", "s3cret")),
+    );
+    let page = || get(&format!("{}/", m.url()));
+    wait_until(
+        "the inventory is counted",
+        std::time::Duration::from_secs(10),
+        || String::from_utf8_lossy(&page().body).contains("Largest images"),
+    );
+    let r = page();
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/html")));
+    let html = String::from_utf8_lossy(&r.body).into_owned();
+    for says in [
+        "<code>docker.io</code>",
+        &hub.url(),
+        "answering",
+        "left</td>",
+        "docker.io/library/app",
+        "Fills in progress: 0",
+        "from the cache",
+    ] {
+        assert!(html.contains(says), "page lacks {says:?}:\n{html}");
+    }
+    assert!(
+        !html.contains("team/secret"),
+        "a private repository is never shown:\n{html}"
+    );
+    assert!(html.contains("Most pulled since start"));
+    let most = &html[html.find("Most pulled").unwrap()..];
+    assert!(
+        most.contains("docker.io/library/app") && most.contains("<td class=num>2</td>"),
+        "{most}"
+    );
+
+    // A real browser renders it.
+    let shot = std::env::var("STATUS_SCREENSHOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| tmp.path().join("status.png"));
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1280,900",
+        ])
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("{}/", m.url()))
+        .output()
+        .expect("chromium");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "{} bytes",
+        png.len()
+    );
+    let dom = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+        .arg(format!("{}/", m.url()))
+        .output()
+        .expect("chromium");
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        dom.contains("Upstreams") && dom.contains("docker.io/library/app"),
+        "{dom}"
+    );
+
+    // Without anonymous pulls, the page asks a browser for a login (Basic) and shows
+    // itself to an htpasswd user.
+    let file = htpasswd(tmp.path(), &[("alice", "alice-pw")]);
+    let closed = Mirror::start(
+        "",
+        &format!(
+            "[auth]\nhtpasswd = \"{}\"\nanonymous_pull = false\n{}",
+            file.display(),
+            upstream_toml("docker.io", &hub.url())
+        ),
+    );
+    let r = get(&format!("{}/", closed.url()));
+    assert_eq!(r.status, 401);
+    assert!(r
+        .header("www-authenticate")
+        .is_some_and(|h| h.starts_with("Basic")));
+    let r = http(
+        "GET",
+        &format!("{}/", closed.url()),
+        &[("Authorization", &basic("alice", "alice-pw"))],
+    );
+    assert_eq!(r.status, 200);
+}
+
+/// `entrepot ls [PREFIX]` lists repositories with tags, size and last pull, hosted ones
+/// marked, private ones left out, and refuses a missing store.
+#[test]
+fn ls_lists_what_the_store_holds() {
+    if !require(PEERS) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let digest = layout.build("app", &[("a", &noise(100_000, 272))]);
+    layout.push("app", &format!("{}/library/app:1", up.host()), None);
+    layout.push("app", &format!("{}/tools/other:2", up.host()), None);
+    let m = Mirror::start("", &upstream_toml("docker.io", &up.url()));
+    let (ok, text) = cli_at(
+        &m.config_path(),
+        &[
+            "prefetch",
+            "docker.io/library/app:1",
+            "docker.io/tools/other:2",
+        ],
+    );
+    assert!(ok, "{text}");
+    let (ok, text) = cli_at(&m.config_path(), &["ls"]);
+    assert!(ok, "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("docker.io/library/app "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains("cached") && line.contains(" 1") && line.contains("KiB"),
+        "{line}"
+    );
+    assert!(text.contains("2 repositories"), "{text}");
+    let (ok, text) = cli_at(&m.config_path(), &["ls", "docker.io/tools"]);
+    assert!(
+        ok && text.contains("docker.io/tools/other") && !text.contains("library/app"),
+        "{text}"
+    );
+    assert!(!digest.is_empty());
+}

@@ -168,3 +168,43 @@ async fn verify_all(cfg: &Config, store: &Store, repair: bool) -> anyhow::Result
     }
     Ok(repair || bad + leftovers == 0)
 }
+
+/// `entrepot ls [PREFIX]`: every repository that holds an image (private ones left out,
+/// as in `_catalog`), with its tags, size and last pull.
+pub fn ls(cfg: &Config, prefix: Option<&str>) -> anyhow::Result<()> {
+    let hosted = cfg.hosted.as_ref().map(|h| h.prefix.clone());
+    let repos = on_runtime(cfg, Use::Existing, async |m| {
+        Ok(crate::services::inventory_walk(&m.store, hosted.as_deref(), prefix).await?)
+    })?;
+    let width = repos
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(10)
+        .max(10);
+    println!(
+        "{:<width$}  {:<6}  {:>10}  {:<20}  TAGS",
+        "REPOSITORY", "KIND", "SIZE", "LAST PULLED (UTC)"
+    );
+    let mut total = 0;
+    for r in &repos {
+        total += r.bytes;
+        let last = r.last_pulled.map_or("-".to_string(), |t| {
+            humantime::format_rfc3339_seconds(t).to_string()
+        });
+        println!(
+            "{:<width$}  {:<6}  {:>10}  {:<20}  {}",
+            r.name,
+            if r.hosted { "hosted" } else { "cached" },
+            bytesize::ByteSize(r.bytes).to_string(),
+            last,
+            r.tags.join(" "),
+        );
+    }
+    println!(
+        "{} repositories, {} (a blob shared by several repositories counts in each)",
+        repos.len(),
+        bytesize::ByteSize(total)
+    );
+    Ok(())
+}

@@ -13,6 +13,7 @@ mod pull;
 mod push;
 mod range;
 mod reply;
+mod status_page;
 pub mod target;
 mod token;
 
@@ -52,6 +53,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, with_metrics: bool) {
         .route("/v2/{tail:.*}", web::to(v2))
         .route("/token", web::get().to(token::token))
         .route("/healthz", web::get().to(healthz))
+        .route("/", web::get().to(status_page::page))
         .route("/_entrepot/peer/health", web::get().to(peer::health))
         .route("/_entrepot/peer/manifest", web::get().to(peer::manifest))
         .route("/_entrepot/peer/blob", web::get().to(peer::blob))

@@ -100,6 +100,11 @@ impl Router {
         }
     }
 
+    /// Every configured upstream, by name.
+    pub fn upstreams(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        self.upstreams.values()
+    }
+
     /// [`target`], refusing a name whose first component is a host name when the
     /// upstream is Docker Hub (`/v2/foo.io/bar/...` with `foo.io` not configured): no
     /// request goes out for a repository that cannot exist there.

@@ -51,6 +51,12 @@ impl Catalog {
         apply(&mut g.names, name, present);
     }
 
+    /// Whether `<namespace>/<repo>` is listed (public, holding content).
+    pub fn contains(&self, name: &str) -> bool {
+        let g = self.state.read().unwrap_or_else(|e| e.into_inner());
+        g.names.binary_search_by(|n| n.as_str().cmp(name)).is_ok()
+    }
+
     fn page(&self, n: Option<usize>, last: Option<&str>) -> Page {
         let g = self.state.read().unwrap_or_else(|e| e.into_inner());
         paginate(&g.names, n, last)

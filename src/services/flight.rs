@@ -63,6 +63,18 @@ impl<K: Eq + Hash + Clone, V> Flights<K, V> {
     pub fn in_flight(&self) -> usize {
         self.map.len()
     }
+
+    /// How many flights run, and `view` of at most `limit` of them (for a status page).
+    pub fn sample<T>(&self, limit: usize, mut view: impl FnMut(&K, &V) -> T) -> (usize, Vec<T>) {
+        let total = self.map.len();
+        let shown = self
+            .map
+            .iter()
+            .take(limit)
+            .map(|e| view(e.key(), &e.value().borrow()))
+            .collect();
+        (total, shown)
+    }
 }
 
 impl<K: Eq + Hash + Clone, V> Lead<K, V> {

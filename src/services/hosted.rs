@@ -72,6 +72,9 @@ impl Services {
             },
         };
         let r = found.ok_or_else(|| ServiceError::ManifestUnknown(reference.to_string()))?;
+        if let Reference::Tag(_) = reference {
+            self.mirror.inventory.count_pull(ns, repo);
+        }
         negotiate(r, reference, accepted)
     }
 

@@ -38,6 +38,9 @@ impl Services {
         let r = self
             .upstream_manifest(up, repo, reference, method, caller)
             .await?;
+        if let Reference::Tag(_) = reference {
+            self.mirror.inventory.count_pull(&up.name, repo);
+        }
         negotiate(r, reference, accepted)
     }
 

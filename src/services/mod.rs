@@ -12,6 +12,7 @@ pub mod gc;
 
 mod blob_reply;
 mod hosted;
+mod inventory;
 mod manifest_fetch;
 mod manifests;
 mod memo;
@@ -19,6 +20,7 @@ mod page;
 mod peers;
 mod private;
 mod referrers;
+mod status;
 mod tags;
 mod uploads;
 
@@ -29,9 +31,11 @@ use actix_web::http::StatusCode;
 pub use blob_reply::{BlobReply, ByteRange};
 pub use fill::{backlog, memory, BodyStream};
 pub use hosted::Hosted;
+pub use inventory::{walk as inventory_walk, RepoSummary};
 pub use manifest_fetch::MAX_MANIFEST_SIZE;
 pub use manifests::ManifestReply;
 pub use page::Page;
+pub use status::{FillStatus, Status, UpstreamStatus};
 pub use tags::{TagList, TagsReply};
 pub use uploads::{UploadLimits, UploadStatus, Uploads};
 
@@ -226,6 +230,10 @@ pub struct Mirror {
     filled: std::sync::atomic::AtomicU64,
     /// Memory fills may borrow to keep going while the disk stalls.
     backlog: backlog::Backlog,
+    /// What the store holds, for the status page, and pulls counted per repository.
+    inventory: inventory::Inventory,
+    /// Each upstream's last answer (class, when), for the status page.
+    last_answer: status::LastAnswers,
 }
 
 impl Mirror {
@@ -245,6 +253,8 @@ impl Mirror {
             cluster: None,
             filled: Default::default(),
             backlog,
+            inventory: Default::default(),
+            last_answer: Default::default(),
         }
     }
 
@@ -301,6 +311,9 @@ impl Services {
             Ok(r) => status_class(r.status()),
             Err(_) => "error",
         };
+        self.mirror
+            .last_answer
+            .insert(up.name.clone(), (std::time::Instant::now(), class));
         self.metrics()
             .upstream_requests
             .with_label_values(&[&up.name, kind, req.method.as_str(), class])

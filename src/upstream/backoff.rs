@@ -98,6 +98,18 @@ impl Backoff {
             .map(|d| (d, Scope::Repository))
     }
 
+    /// What holds `url` for the mirror's own identity now, for the status page: the
+    /// whole URL or upstream (how long, which scope), and how many repositories are held.
+    pub fn summary(&self, url: &str) -> (Option<(Duration, Scope)>, usize) {
+        let whole = self.remaining(url, "", "");
+        let now = Instant::now();
+        let repos = self
+            .repos
+            .get(&ident(url, ""))
+            .map_or(0, |m| m.values().filter(|u| **u > now).count());
+        (whole, repos)
+    }
+
     /// Leaves `url` alone for everyone for `d` (at most [`FAILED_URL_BACKOFF`]); the time
     /// held.
     pub fn hold_url(&self, url: &str, d: Duration) -> Duration {

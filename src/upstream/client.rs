@@ -111,6 +111,12 @@ impl UpstreamClient {
         }
     }
 
+    /// Back-off now in force for `up`'s primary URL, for the mirror's own requests:
+    /// (a hold of the whole URL or upstream, repositories held).
+    pub fn holds(&self, up: &Upstream) -> (Option<(Duration, Scope)>, usize) {
+        self.backoff.summary(up.base.as_str())
+    }
+
     /// This worker's default connection pool (public CAs), which the shared bucket's
     /// presigned reads use as well.
     pub fn pool(&self) -> &awc::Client {

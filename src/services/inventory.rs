@@ -1,0 +1,155 @@
+//! What the mirror holds, per repository: tags, bytes, when it was last pulled, and how
+//! often it was resolved since start. `entrepot ls` walks the store for it; the status
+//! page reads a snapshot refreshed in the background (at most every [`REFRESH`]), so a
+//! page view never walks the store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use dashmap::DashMap;
+
+use super::{Mirror, ServiceError};
+use crate::store::Store;
+
+/// How old the snapshot may get before a page view starts a new walk.
+const REFRESH: Duration = Duration::from_secs(60);
+/// Repositories whose pulls are counted (names come from requests that were served: a
+/// bound all the same).
+const MAX_COUNTED: usize = 10_000;
+
+/// One repository of the store.
+#[derive(Debug, Clone)]
+pub struct RepoSummary {
+    /// `<upstream or hosted prefix>/<repository>`.
+    pub name: String,
+    pub hosted: bool,
+    pub tags: Vec<String>,
+    /// Bytes of the blobs linked to it (a blob shared by two repositories counts in both).
+    pub bytes: u64,
+    /// The last use of any of its blobs.
+    pub last_pulled: Option<SystemTime>,
+    /// Tag resolutions (`GET`/`HEAD .../manifests/<tag>`) since this process started.
+    pub pulls: u64,
+}
+
+/// The status page's view of the store, and the pull counter.
+#[derive(Default)]
+pub struct Inventory {
+    snapshot: RwLock<Option<(Instant, Arc<Vec<RepoSummary>>)>>,
+    walking: std::sync::atomic::AtomicBool,
+    pulls: DashMap<String, u64>,
+}
+
+impl Inventory {
+    /// Counts one resolution of a tag of `ns/repo`.
+    pub fn count_pull(&self, ns: &str, repo: &str) {
+        let key = format!("{ns}/{repo}");
+        if let Some(mut n) = self.pulls.get_mut(&key) {
+            *n += 1;
+        } else if self.pulls.len() < MAX_COUNTED {
+            *self.pulls.entry(key).or_insert(0) += 1;
+        }
+    }
+
+    fn pulls_of(&self, name: &str) -> u64 {
+        self.pulls.get(name).map_or(0, |n| *n)
+    }
+
+    /// The last snapshot (none before the first walk) and its age.
+    pub fn snapshot(&self) -> Option<(Duration, Arc<Vec<RepoSummary>>)> {
+        let g = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
+        let (at, repos) = g.as_ref()?;
+        let mut repos = (**repos).clone();
+        for r in &mut repos {
+            r.pulls = self.pulls_of(&r.name);
+        }
+        Some((at.elapsed(), Arc::new(repos)))
+    }
+}
+
+/// Every repository that holds an image (a tag or a manifest) and is not private,
+/// optionally only those whose name starts with `prefix`, sorted by name. Blocking
+/// enough to belong on a worker of its own (see [`super::offload_low`]).
+pub async fn walk(
+    store: &Store,
+    hosted: Option<&str>,
+    prefix: Option<&str>,
+) -> Result<Vec<RepoSummary>, ServiceError> {
+    let blobs: HashMap<_, _> = store
+        .list()
+        .await?
+        .into_iter()
+        .map(|b| (b.digest, (b.size, b.last_used)))
+        .collect();
+    let mut out = Vec::new();
+    for ns in store.list_namespaces().await? {
+        for repo in store.list_repos(&ns).await? {
+            let name = format!("{ns}/{repo}");
+            if prefix.is_some_and(|p| !name.starts_with(p)) {
+                continue;
+            }
+            let tags = store.list_tags(&ns, &repo).await?;
+            let manifests = store.list_manifest_links(&ns, &repo).await?;
+            if (tags.is_empty() && manifests.is_empty()) || store.is_private(&ns, &repo).await? {
+                continue;
+            }
+            let (mut bytes, mut last) = (0, None::<SystemTime>);
+            let linked = store.list_blob_links(&ns, &repo).await?;
+            for d in linked.iter().chain(manifests.iter().map(|(d, _)| d)) {
+                if let Some((size, used)) = blobs.get(d) {
+                    bytes += size;
+                    last = Some(last.map_or(*used, |l| l.max(*used)));
+                }
+            }
+            out.push(RepoSummary {
+                hosted: Some(ns.as_str()) == hosted,
+                name,
+                tags,
+                bytes,
+                last_pulled: last,
+                pulls: 0,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+impl Mirror {
+    /// Starts a background walk if the snapshot is missing or older than [`REFRESH`]
+    /// (one at a time); the page goes on with what it has.
+    pub fn refresh_inventory(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        let fresh = self
+            .inventory
+            .snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < REFRESH);
+        if fresh || self.inventory.walking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mirror = Arc::clone(self);
+        actix_web::rt::spawn(async move {
+            let m = mirror.clone();
+            let hosted = m.hosted.as_ref().map(|h| h.prefix.clone());
+            let walked =
+                super::offload_low(async move { walk(&m.store, hosted.as_deref(), None).await })
+                    .await;
+            match walked {
+                Ok(repos) => {
+                    *mirror
+                        .inventory
+                        .snapshot
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner()) =
+                        Some((Instant::now(), Arc::new(repos)));
+                }
+                Err(e) => tracing::warn!(error = %e, "inventory walk for the status page failed"),
+            }
+            mirror.inventory.walking.store(false, Ordering::Release);
+        });
+    }
+}
