@@ -264,11 +264,12 @@ fn image_lists_and_platforms_are_checked_before_anything_is_done() {
 }
 
 /// A name that begins with a registry host no upstream is configured for gets 404
-/// NAME_UNKNOWN naming the configured prefixes, through curl, skopeo and containerd,
+/// NAME_UNKNOWN naming the configured prefixes, through curl, skopeo, containerd, podman
+/// and Docker,
 /// with no request to the default upstream (Docker Hub has no such namespace).
 #[test]
 fn an_unconfigured_registry_host_is_named_not_sent_to_docker_hub() {
-    if !require(PEERS) {
+    if !require(PEERS) || !require(&["podman", "dockerd"]) {
         return;
     }
     let up = Registry::start(Auth::Anonymous);
@@ -301,6 +302,17 @@ fn an_unconfigured_registry_host_is_named_not_sent_to_docker_hub() {
     let hosts = ctr.hosts_dir("h", "foo.io", &m.url(), Style::Prefix);
     let pulled = ctr.pull("x", &hosts, "foo.io/bar:latest");
     assert!(pulled.is_err(), "{pulled:?}");
+    // podman and Docker name the mirror's reason too.
+    let host = format!("127.0.0.1:{}", m.port);
+    let said = Podman::new()
+        .pull(&format!("{host}/foo.io/bar:latest"))
+        .expect_err("podman pull");
+    assert!(said.contains("not a configured upstream"), "{said}");
+    let docker = Dockerd::start(&host);
+    let said = docker
+        .pull(&format!("{host}/foo.io/bar:latest"))
+        .expect_err("docker pull");
+    assert!(said.contains("not a configured upstream"), "{said}");
     assert!(
         !up.log().contains("foo.io"),
         "nothing went to the default upstream"
