@@ -11,7 +11,7 @@ use common::throttle::Throttle;
 use common::*;
 use sha2::Digest as _;
 
-const SECRET: &str = "cluster-secret-for-tests";
+use common::garage::CLUSTER_SECRET as SECRET;
 
 /// The Garage binary, with the other peers; `None` (skip) on a laptop without them.
 fn garage() -> Option<std::path::PathBuf> {
@@ -20,26 +20,7 @@ fn garage() -> Option<std::path::PathBuf> {
 
 /// Three replicas on ports chosen first, each naming all three as peers.
 fn replicas(g: &Garage, upstream_url: &str, extra: &str) -> Vec<Mirror> {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers: Vec<String> = ports
-        .iter()
-        .map(|p| format!("\"http://127.0.0.1:{p}\""))
-        .collect();
-    ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            Mirror::start_at(
-                *p,
-                &g.s3_section(i, ""),
-                &format!(
-                    "[cluster]\nself = \"http://127.0.0.1:{p}\"\npeers = [{}]\nsecret = \"{SECRET}\"\n\
-                     [upstreams.\"docker.io\"]\nurl = \"{upstream_url}\"\n{extra}\n",
-                    peers.join(", ")
-                ),
-            )
-        })
-        .collect()
+    common::garage::replicas(g, 3, upstream_url, extra)
 }
 
 /// The rendezvous ranking entrepot uses: peers by sha256(peer "\n" key), first 8 bytes.

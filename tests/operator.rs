@@ -465,21 +465,8 @@ fn eviction_names_the_images_it_emptied_and_the_catalog_forgets_them() {
     let layout = Layout::new(tmp.path());
     let digest = layout.build("app", &[("a", &noise(30_000, 266))]);
     layout.push("app", &format!("{}/library/app:1", up.host()), None);
-    let pull = |m: &Mirror| {
-        let r = http(
-            "GET",
-            &format!("{}/v2/docker.io/library/app/manifests/1", m.url()),
-            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
-        );
-        assert_eq!(r.status, 200);
-        for layer in layout.layers(&digest) {
-            let b = get(&format!(
-                "{}/v2/docker.io/library/app/blobs/{layer}",
-                m.url()
-            ));
-            assert_eq!(format!("sha256:{}", sha256_hex(&b.body)), layer);
-        }
-    };
+    let layers = layout.layers(&digest);
+    let pull = |m: &Mirror| pull_checked(&m.url(), "docker.io/library/app", "1", &layers, None);
     // The CLI names the image a gc would empty.
     let m = Mirror::start("", &upstream_toml("docker.io", &up.url()));
     pull(&m);
@@ -787,18 +774,8 @@ fn the_status_page_shows_what_the_mirror_holds_and_hides_what_is_private() {
             upstream_toml("priv.io", &private.url())
         ),
     );
-    let oci = [("Accept", "application/vnd.oci.image.manifest.v1+json")];
     let pull = |repo: &str, digest: &str, auth: Option<&str>| {
-        let mut h = oci.to_vec();
-        if let Some(a) = auth {
-            h.push(("Authorization", a));
-        }
-        let r = http("GET", &format!("{}/v2/{repo}/manifests/1", m.url()), &h);
-        assert_eq!(r.status, 200, "{repo}");
-        for layer in layout.layers(digest) {
-            let b = http("GET", &format!("{}/v2/{repo}/blobs/{layer}", m.url()), &h);
-            assert_eq!(format!("sha256:{}", sha256_hex(&b.body)), layer);
-        }
+        pull_checked(&m.url(), repo, "1", &layout.layers(digest), auth)
     };
     pull("docker.io/library/app", &app, None);
     pull("docker.io/library/app", &app, None);

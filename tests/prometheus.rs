@@ -203,50 +203,20 @@ fn a_real_prometheus_answers_every_dashboard_query_with_data() {
     let layout = Layout::new(tmp.path());
     let digest = layout.build("app", &[("a", &noise(300_000, 271))]);
     layout.push("app", &format!("{}/library/app:1", up.host()), None);
-    let ports = [free_port(), free_port()];
-    let peers: Vec<String> = ports
-        .iter()
-        .map(|p| format!("\"http://127.0.0.1:{p}\""))
-        .collect();
-    let replicas: Vec<Mirror> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            Mirror::start_at(
-                *p,
-                &g.s3_section(i, ""),
-                &format!(
-                    "[cluster]\nself = \"http://127.0.0.1:{p}\"\npeers = [{}]\nsecret = \"0123456789abcdef0123\"\n\
-                     [upstreams.\"docker.io\"]\nurl = \"{}\"\n",
-                    peers.join(", "),
-                    hub.url()
-                ),
-            )
-        })
-        .collect();
+    let replicas = common::garage::replicas(&g, 2, &hub.url(), "");
     for m in &replicas {
         wait_until("peers up", Duration::from_secs(20), || {
             m.metric("entrepot_cluster_peers", &[("state", "up")]) == 2.0
         });
     }
-    let targets: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let targets: Vec<String> = replicas
+        .iter()
+        .map(|m| format!("127.0.0.1:{}", m.port))
+        .collect();
     let prom = Prometheus::start(tmp.path(), &targets);
     // Pulls on both replicas for a while: cold (upstream, peers, bucket), then warm.
-    let pull = |m: &Mirror| {
-        let r = http(
-            "GET",
-            &format!("{}/v2/docker.io/library/app/manifests/1", m.url()),
-            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
-        );
-        assert_eq!(r.status, 200);
-        for layer in layout.layers(&digest) {
-            let b = get(&format!(
-                "{}/v2/docker.io/library/app/blobs/{layer}",
-                m.url()
-            ));
-            assert_eq!(format!("sha256:{}", sha256_hex(&b.body)), layer);
-        }
-    };
+    let layers = layout.layers(&digest);
+    let pull = |m: &Mirror| pull_checked(&m.url(), "docker.io/library/app", "1", &layers, None);
     let queries = dashboard_queries();
     let mut missing = queries.clone();
     for _ in 0..60 {

@@ -227,3 +227,32 @@ fn rand_bytes() -> [u8; 32] {
     let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());
     sha2::Sha256::digest(seed.as_bytes()).into()
 }
+
+/// The `[cluster]` secret the test replicas share.
+pub const CLUSTER_SECRET: &str = "cluster-secret-for-tests";
+
+/// `n` replicas on ports chosen first, each naming all of them as peers, each on its own
+/// key prefix-free share of `g`'s bucket (node `i % 3`), with `upstream_url` as
+/// `docker.io` and `extra` lines in that upstream's table.
+pub fn replicas(g: &Garage, n: usize, upstream_url: &str, extra: &str) -> Vec<super::Mirror> {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let peers: Vec<String> = ports
+        .iter()
+        .map(|p| format!("\"http://127.0.0.1:{p}\""))
+        .collect();
+    ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            super::Mirror::start_at(
+                *p,
+                &g.s3_section(i % 3, ""),
+                &format!(
+                    "[cluster]\nself = \"http://127.0.0.1:{p}\"\npeers = [{}]\nsecret = \"{CLUSTER_SECRET}\"\n\
+                     [upstreams.\"docker.io\"]\nurl = \"{upstream_url}\"\n{extra}\n",
+                    peers.join(", ")
+                ),
+            )
+        })
+        .collect()
+}

@@ -174,3 +174,23 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// Pulls `<repo>:<tag>` (an OCI image manifest) and its `layers` from the registry at
+/// `base` as a client would, with `auth` as the Authorization header if given, and checks
+/// every layer's bytes against its digest.
+pub fn pull_checked(base: &str, repo: &str, tag: &str, layers: &[String], auth: Option<&str>) {
+    let mut headers = vec![("Accept", "application/vnd.oci.image.manifest.v1+json")];
+    if let Some(a) = auth {
+        headers.push(("Authorization", a));
+    }
+    let r = super::http(
+        "GET",
+        &format!("{base}/v2/{repo}/manifests/{tag}"),
+        &headers,
+    );
+    assert_eq!(r.status, 200, "{repo}:{tag}");
+    for layer in layers {
+        let b = super::http("GET", &format!("{base}/v2/{repo}/blobs/{layer}"), &headers);
+        assert_eq!(format!("sha256:{}", sha256_hex(&b.body)), *layer, "{repo}");
+    }
+}
