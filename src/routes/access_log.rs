@@ -11,13 +11,15 @@ use actix_web::web::Bytes;
 
 /// What the line says about the request, known once the handler answered.
 pub struct Line {
-    pub method: String,
+    pub method: actix_web::http::Method,
     pub path: String,
     pub status: u16,
-    pub upstream: String,
+    /// `None`: no upstream (`-`).
+    pub upstream: Option<String>,
     pub cache: &'static str,
-    pub client: String,
-    pub user: String,
+    pub client: Option<std::net::IpAddr>,
+    /// `None`: anonymous (`-`).
+    pub user: Option<String>,
     pub start: Instant,
     /// Time to the response headers, in ms.
     pub headers_ms: f64,
@@ -36,7 +38,7 @@ impl Logged {
     pub fn wrap(inner: BoxBody, line: Line) -> BoxBody {
         // A HEAD's body is never sent (its size only sets Content-Length).
         let complete =
-            line.method == "HEAD" || matches!(inner.size(), BodySize::None | BodySize::Sized(0));
+            line.method == actix_web::http::Method::HEAD || matches!(inner.size(), BodySize::None | BodySize::Sized(0));
         BoxBody::new(Logged {
             inner,
             line,
@@ -70,11 +72,16 @@ impl MessageBody for Logged {
 impl Drop for Logged {
     fn drop(&mut self) {
         let l = &self.line;
+        let client: &dyn std::fmt::Display = match &l.client {
+            Some(ip) => ip,
+            None => &"-",
+        };
         tracing::info!(
             target: "entrepot::access",
-            method = %l.method, path = %l.path, status = l.status, upstream = %l.upstream,
+            method = %l.method, path = %l.path, status = l.status,
+            upstream = %l.upstream.as_deref().unwrap_or("-"),
             cache = l.cache, bytes = self.sent, complete = self.complete,
-            client = %l.client, user = %l.user,
+            client = %client, user = %l.user.as_deref().unwrap_or("-"),
             headers_ms = l.headers_ms,
             ms = (l.start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
         );

@@ -303,6 +303,18 @@ fn loggable(uri: &actix_web::http::Uri) -> String {
     format!("{}...[{} more bytes]", &p[..cut], p.len() - cut)
 }
 
+/// A status code as a label, without formatting the common ones.
+fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
+    match status {
+        200 => "200".into(),
+        206 => "206".into(),
+        304 => "304".into(),
+        401 => "401".into(),
+        404 => "404".into(),
+        _ => status.to_string().into(),
+    }
+}
+
 /// Access log (one line per request) and request metrics.
 pub async fn log_request(
     req: ServiceRequest,
@@ -314,35 +326,36 @@ pub async fn log_request(
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
     let client = req
         .app_data::<web::Data<Frontend>>()
-        .and_then(|f| f.client_ip(req.request()))
-        .map_or_else(|| "-".to_string(), |ip| ip.to_string());
+        .and_then(|f| f.client_ip(req.request()));
     let res = next.call(req).await?;
+    // Taken out of the request (not cloned): the line owns them until the body ends.
     let user = res
         .request()
-        .extensions()
-        .get::<User>()
-        .map(|u| u.0.clone())
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "-".to_string());
-    let info = res.request().extensions().get::<RequestInfo>().cloned();
-    let (upstream, endpoint, cache) = info.as_ref().map_or(("-", "other", "-"), |i| {
-        (i.upstream.as_str(), i.endpoint, i.cache)
-    });
+        .extensions_mut()
+        .remove::<User>()
+        .map(|u| u.0)
+        .filter(|u| !u.is_empty());
+    let info = res.request().extensions_mut().remove::<RequestInfo>();
+    let (upstream, endpoint, cache) = match info {
+        Some(i) => (Some(i.upstream), i.endpoint, i.cache),
+        None => (None, "other", "-"),
+    };
     let status = res.status().as_u16();
     let headers_secs = start.elapsed().as_secs_f64();
     if let Some(m) = metrics {
+        let up = upstream.as_deref().unwrap_or("-");
         m.requests
-            .with_label_values(&[upstream, endpoint, &status.to_string()])
+            .with_label_values(&[up, endpoint, &status_label(status)])
             .inc();
         m.request_seconds
-            .with_label_values(&[upstream, endpoint])
+            .with_label_values(&[up, endpoint])
             .observe(headers_secs);
     }
     let line = access_log::Line {
-        method: method.to_string(),
+        method,
         path,
         status,
-        upstream: upstream.to_string(),
+        upstream,
         cache,
         client,
         user,

@@ -38,22 +38,42 @@ pub struct RepoSummary {
 pub struct Inventory {
     snapshot: RwLock<Option<(Instant, Arc<Vec<RepoSummary>>)>>,
     walking: std::sync::atomic::AtomicBool,
-    pulls: DashMap<String, u64>,
+    /// Pulls per repository, keyed by a hash of its name (the name kept beside it).
+    pulls: DashMap<u64, (String, u64)>,
+    keys: std::collections::hash_map::RandomState,
+}
+
+/// The key of `<ns>/<repo>` in the pull counter (keyed per process).
+fn name_key(keys: &std::collections::hash_map::RandomState, ns: &str, repo: &str) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = keys.build_hasher();
+    h.write(ns.as_bytes());
+    h.write_u8(b'/');
+    h.write(repo.as_bytes());
+    h.finish()
 }
 
 impl Inventory {
-    /// Counts one resolution of a tag of `ns/repo`.
+    /// Counts one resolution of a tag of `ns/repo` (no allocation once the repository
+    /// is known: this runs on every tag request).
     pub fn count_pull(&self, ns: &str, repo: &str) {
-        let key = format!("{ns}/{repo}");
+        let key = name_key(&self.keys, ns, repo);
         if let Some(mut n) = self.pulls.get_mut(&key) {
-            *n += 1;
+            n.1 += 1;
         } else if self.pulls.len() < MAX_COUNTED {
-            *self.pulls.entry(key).or_insert(0) += 1;
+            self.pulls
+                .entry(key)
+                .or_insert_with(|| (format!("{ns}/{repo}"), 0))
+                .1 += 1;
         }
     }
 
     fn pulls_of(&self, name: &str) -> u64 {
-        self.pulls.get(name).map_or(0, |n| *n)
+        let (ns, repo) = name.split_once('/').unwrap_or((name, ""));
+        self.pulls
+            .get(&name_key(&self.keys, ns, repo))
+            .filter(|e| e.0 == name)
+            .map_or(0, |e| e.1)
     }
 
     /// The last snapshot (none before the first walk) and its age.

@@ -210,8 +210,11 @@ impl Registry {
 }
 
 /// The entrepot binary of this build.
+/// This build's binary, or `BENCH_BIN` (another build, to run a bench against it).
 fn this_build() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_entrepot"))
+    std::env::var_os("BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_entrepot")))
 }
 
 /// The mirror under test (`entrepot serve`), with its own store and config.
