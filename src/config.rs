@@ -438,6 +438,13 @@ pub struct UpstreamConfig {
     /// `allow`).
     #[serde(default)]
     pub deny: Vec<String>,
+    /// The egress proxy for this upstream, its token realms and redirect targets, instead
+    /// of the environment's (`HTTPS_PROXY`...): `http://[user@]proxy.corp:3128`, or
+    /// `none` to connect directly. `NO_PROXY` still applies.
+    pub proxy: Option<String>,
+    /// The proxy user's password, kept out of the URL (never logged).
+    pub proxy_password_file: Option<PathBuf>,
+    pub proxy_password_env: Option<String>,
 }
 
 /// Built-in upstreams used when no config file exists.
@@ -587,6 +594,45 @@ impl UpstreamConfig {
     }
 
     /// Resolves the password from `password`, `password_file` or `password_env`.
+    /// The `proxy` URL with its password from `proxy_password_file`/`_env`, if any.
+    pub fn resolve_proxy(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        let err = |msg: String| ConfigError::Upstream {
+            name: name.into(),
+            msg,
+        };
+        let Some(url) = &self.proxy else {
+            if self.proxy_password_file.is_some() || self.proxy_password_env.is_some() {
+                return Err(err(
+                    "proxy_password_file/_env is set but proxy is not".into()
+                ));
+            }
+            return Ok(None);
+        };
+        let password = match (&self.proxy_password_file, &self.proxy_password_env) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "give one of proxy_password_file and proxy_password_env, not both".into(),
+                ))
+            }
+            (Some(f), None) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| err(format!("proxy_password_file {}: {e}", f.display())))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+            ),
+            (None, Some(v)) => Some(
+                std::env::var(v).map_err(|_| err(format!("proxy_password_env {v} is not set")))?,
+            ),
+            (None, None) => None,
+        };
+        match password {
+            Some(p) if !url.eq_ignore_ascii_case("none") => crate::egress::with_password(url, &p)
+                .map(Some)
+                .map_err(|e| err(format!("proxy {e}"))),
+            _ => Ok(Some(url.clone())),
+        }
+    }
+
     pub fn resolve_password(&self, name: &str) -> Result<Option<String>, ConfigError> {
         let err = |msg: String| ConfigError::Upstream {
             name: name.into(),

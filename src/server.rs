@@ -11,6 +11,7 @@ use anyhow::Context;
 use crate::auth::Access;
 use crate::cluster::Cluster;
 use crate::config::{Config, TlsConfig};
+use crate::egress::Proxies;
 use crate::metrics::Metrics;
 use crate::routes::{self, target::Router};
 use crate::services::gc::GcPolicy;
@@ -28,7 +29,11 @@ const USES_EVERY: Duration = Duration::from_secs(30);
 /// The store of `cfg`: the directory `server.storage`, as the local tier of the bucket
 /// `[server.s3]` when there is one (reached once here, so a wrong endpoint, bucket or key
 /// stops the start with a clear message).
-pub async fn open_store(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Store> {
+pub async fn open_store(
+    cfg: &Config,
+    metrics: Arc<Metrics>,
+    egress: &Proxies,
+) -> anyhow::Result<Store> {
     let storage = &cfg.server.storage;
     let local = || {
         format!(
@@ -39,7 +44,7 @@ pub async fn open_store(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<S
     let Some(s3) = &cfg.server.s3 else {
         return Store::open(storage).with_context(local);
     };
-    let bucket = Bucket::new(s3, metrics)?;
+    let bucket = Bucket::new(s3, metrics, egress)?;
     let name = bucket.name.clone();
     Store::open_shared(storage, bucket, s3.local_cache_size.as_u64())
         .await
@@ -48,7 +53,8 @@ pub async fn open_store(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<S
 
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
-    let store = Arc::new(open_store(&cfg, metrics.clone()).await?);
+    let egress = Proxies::from_env().map_err(|e| anyhow::anyhow!("egress proxy {e}"))?;
+    let store = Arc::new(open_store(&cfg, metrics.clone(), &egress).await?);
     let _owner = store.own()?;
     let removed = store.clean_tmp()?;
     if removed > 0 {
@@ -82,6 +88,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             c,
             metrics.clone(),
             cfg.server.upstream_timeout,
+            egress.clone(),
         )?);
         actix_web::rt::spawn(cluster.clone().watch());
         mirror = mirror.with_cluster(cluster);
@@ -93,7 +100,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let evicts = cfg.server.max_cache_size.is_some() || cfg.server.max_age.is_some();
     spawn_local_tier(mirror.clone(), evicts);
     actix_web::rt::spawn(crate::services::memory::release_when_idle(mirror.clone()));
-    let shared = ClientShared::new(metrics.clone());
+    let shared = ClientShared::new(metrics.clone()).with_proxies(egress.clone());
     let timeout = cfg.server.upstream_timeout;
     let metrics_data = web::Data::from(metrics);
     let separate_metrics = cfg.server.metrics_listen;
@@ -142,6 +149,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         upstreams = %upstream_urls.join(" "),
         default_upstream = %cfg.server.default_upstream.as_deref().unwrap_or("(none: prefixes only)"),
         hosted = %hosted_prefix.unwrap_or("(none)"),
+        egress = %egress.describe(),
         "entrepot serving"
     );
     match separate_metrics {

@@ -353,8 +353,8 @@ fn with_services<T>(
     let upstreams = crate::upstream::Upstream::all_from(cfg)?;
     actix_web::rt::System::new().block_on(async move {
         let m = mirror(cfg, Use::Create).await?;
-        let client =
-            UpstreamClient::new(&ClientShared::new(m.metrics.clone()), timeout, &upstreams);
+        let shared = ClientShared::new(m.metrics.clone()).with_proxies(super::egress()?);
+        let client = UpstreamClient::new(&shared, timeout, &upstreams);
         let svc = Services::new(m, client);
         work(&svc).await
     })

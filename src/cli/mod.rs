@@ -37,9 +37,14 @@ async fn mirror(cfg: &Config, what: Use) -> anyhow::Result<Arc<Mirror>> {
         existing(cfg)?;
     }
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
-    let store = Arc::new(crate::server::open_store(cfg, metrics.clone()).await?);
+    let store = Arc::new(crate::server::open_store(cfg, metrics.clone(), &*egress()?).await?);
     let hosted = cfg.hosted.as_ref().map(Hosted::new);
     Ok(Arc::new(Mirror::new(store, metrics, hosted)))
+}
+
+/// The environment's egress proxies, as `serve` uses them.
+fn egress() -> anyhow::Result<Arc<crate::egress::Proxies>> {
+    crate::egress::Proxies::from_env().map_err(|e| anyhow::anyhow!("egress proxy {e}"))
 }
 
 /// Refuses a store that does not exist (see [`Use::Existing`]).

@@ -39,6 +39,8 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     /// Response-header timeout of a peer request (the owner may be waiting on its upstream).
     pub timeout: Duration,
+    /// How peer requests leave the machine (see [`crate::egress`]).
+    egress: Arc<crate::egress::Proxies>,
 }
 
 fn normal(url: &str) -> String {
@@ -50,6 +52,7 @@ impl Cluster {
         cfg: &ClusterConfig,
         metrics: Arc<Metrics>,
         timeout: Duration,
+        egress: Arc<crate::egress::Proxies>,
     ) -> Result<Cluster, crate::config::ConfigError> {
         let me = normal(&cfg.self_url);
         let mut known: Vec<String> = cfg.peers.iter().map(|p| normal(p)).collect();
@@ -66,6 +69,7 @@ impl Cluster {
             me,
             metrics,
             timeout,
+            egress,
         };
         c.publish();
         Ok(c)
@@ -146,10 +150,15 @@ impl Cluster {
         }
     }
 
+    /// A client for peer requests: through the egress proxy unless `NO_PROXY` lists the
+    /// peers (it usually should: replicas talk inside the cluster).
+    fn client(&self, timeout: Duration) -> awc::Client {
+        crate::egress::plain_client(self.egress.clone(), timeout)
+    }
+
     async fn healthy(&self, peer: &str) -> bool {
-        let req = awc::Client::builder()
-            .timeout(CHECK_TIMEOUT)
-            .finish()
+        let req = self
+            .client(CHECK_TIMEOUT)
             .get(format!("{peer}/_entrepot/peer/health"))
             .insert_header((PEER_SECRET_HEADER, self.secret.as_str()));
         matches!(req.send().await, Ok(r) if r.status().is_success())

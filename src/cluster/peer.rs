@@ -40,10 +40,8 @@ impl Cluster {
             .append_pair("repo", repo)
             .append_pair("reference", reference)
             .finish();
-        let sent = awc::Client::builder()
-            .timeout(self.timeout)
-            .disable_redirects()
-            .finish()
+        let sent = self
+            .client(self.timeout)
             .get(format!("{peer}/_entrepot/peer/manifest?{query}"))
             .insert_header((PEER_SECRET_HEADER, self.secret.as_str()))
             .send()
@@ -94,10 +92,8 @@ impl Cluster {
             .append_pair("repo", repo)
             .append_pair("digest", &d.to_string())
             .finish();
-        let mut req = awc::Client::builder()
-            .timeout(self.timeout)
-            .disable_redirects()
-            .finish()
+        let mut req = self
+            .client(self.timeout)
             .get(format!("{peer}/_entrepot/peer/blob?{query}"))
             .insert_header((PEER_SECRET_HEADER, self.secret.as_str()));
         if from > 0 {

@@ -37,8 +37,8 @@ pub struct Logged {
 impl Logged {
     pub fn wrap(inner: BoxBody, line: Line) -> BoxBody {
         // A HEAD's body is never sent (its size only sets Content-Length).
-        let complete =
-            line.method == actix_web::http::Method::HEAD || matches!(inner.size(), BodySize::None | BodySize::Sized(0));
+        let complete = line.method == actix_web::http::Method::HEAD
+            || matches!(inner.size(), BodySize::None | BodySize::Sized(0));
         BoxBody::new(Logged {
             inner,
             line,

@@ -164,6 +164,7 @@ mod tests {
             filter: Default::default(),
             client: None,
             tls: None,
+            proxy: None,
         })
     }
 

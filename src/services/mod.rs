@@ -109,7 +109,9 @@ pub enum ServiceError {
 impl From<UpstreamError> for ServiceError {
     fn from(e: UpstreamError) -> Self {
         match e {
-            UpstreamError::Connect { .. } => ServiceError::Unavailable(e.to_string()),
+            UpstreamError::Connect { .. } | UpstreamError::Proxy { .. } => {
+                ServiceError::Unavailable(e.to_string())
+            }
             UpstreamError::RateLimited {
                 upstream,
                 retry_after,

@@ -76,9 +76,41 @@ fn s3_err(what: &str, e: object_store::Error) -> StoreError {
     StoreError::Bucket(format!("{what}: {e}"))
 }
 
+/// The S3 client's proxy, decided as for every other request of the mirror (see
+/// [`crate::egress`]): reqwest reads the same environment, but not `NO_PROXY` entries with
+/// a port, so the decision for the endpoint is made here and given to it explicitly.
+fn proxied(opts: ClientOptions, cfg: &S3Config, egress: &crate::egress::Proxies) -> ClientOptions {
+    if !egress.any() {
+        return opts;
+    }
+    let endpoint = cfg
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| format!("https://{}.s3.{}.amazonaws.com", cfg.bucket, cfg.region));
+    let Ok(u) = url::Url::parse(&endpoint) else {
+        return opts;
+    };
+    let (Some(host), Some(port)) = (u.host_str(), u.port_or_known_default()) else {
+        return opts;
+    };
+    match egress.route(u.scheme(), host, port) {
+        Some(route) => opts.with_proxy_url(route.url),
+        // An explicit proxy that excludes everything (names, and every address: `*`
+        // alone does not cover IP hosts): direct, and the environment's proxies, which
+        // reqwest would read otherwise, are not used.
+        None => opts
+            .with_proxy_url("http://127.0.0.1:9")
+            .with_proxy_excludes("*,0.0.0.0/0,::/0"),
+    }
+}
+
 impl Bucket {
     /// Builds the client (no request yet: see [`Bucket::check`]).
-    pub fn new(cfg: &S3Config, metrics: Arc<Metrics>) -> Result<Bucket, StoreError> {
+    pub fn new(
+        cfg: &S3Config,
+        metrics: Arc<Metrics>,
+        egress: &crate::egress::Proxies,
+    ) -> Result<Bucket, StoreError> {
         // rustls needs a process-wide provider for reqwest; ring is already linked. An
         // error means one is installed already, which is as good.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -95,12 +127,14 @@ impl Bucket {
             // hashing pass over every cold blob, on the requesting worker, and entrepot
             // verifies every byte it reads back from the bucket against the digest anyway.
             .with_unsigned_payload(true)
-            .with_client_options(
+            .with_client_options(proxied(
                 ClientOptions::new()
                     .with_timeout(cfg.timeout)
                     .with_connect_timeout(Duration::from_secs(5))
                     .with_allow_http(true),
-            )
+                cfg,
+                egress,
+            ))
             .with_retry(RetryConfig {
                 max_retries: 3,
                 retry_timeout: Duration::from_secs(30),

@@ -170,6 +170,8 @@ pub(super) struct TokenSource<'a> {
     pub(super) http: &'a awc::Client,
     pub(super) net: &'a dyn Network,
     pub(super) tokens: &'a TokenCache,
+    /// Where the realm's request goes (directly, or through the upstream's proxy).
+    pub(super) proxies: &'a crate::egress::Proxies,
 }
 
 impl TokenSource<'_> {
@@ -223,9 +225,13 @@ impl TokenSource<'_> {
             }
             q.append_pair("scope", who.scope);
         }
-        let own = network::kinds(self.net, up, who.base).await?;
-        let addr = network::checked_addr(self.net, up, "token realm", &url, &own).await?;
-        let mut req = self.http.get(url.as_str()).address(addr);
+        let own = network::kinds(self.net, self.proxies, up, who.base).await?;
+        let addr =
+            network::checked_addr(self.net, self.proxies, up, "token realm", &url, &own).await?;
+        let mut req = self.http.get(url.as_str());
+        if let Some(a) = addr {
+            req = req.address(a);
+        }
         if let Some(b) = &who.basic {
             req = req.insert_header((header::AUTHORIZATION, b.as_str()));
         }

@@ -17,6 +17,7 @@ use super::backoff::{self, Backoff, Scope};
 use super::configured::Upstream;
 use super::error::{connect_error, protocol, rate_limited, UpstreamError};
 use super::network::{self, Network};
+use crate::egress::{client_connector, Proxies};
 use crate::metrics::Metrics;
 
 /// At most this many redirects are followed (Docker Hub uses one, to its CDN).
@@ -43,6 +44,8 @@ pub struct ClientShared {
     pub backoff: Arc<Backoff>,
     pub metrics: Arc<Metrics>,
     pub net: Arc<dyn Network>,
+    /// The environment's egress proxies (an upstream's own `proxy` wins).
+    pub proxies: Arc<Proxies>,
 }
 
 impl ClientShared {
@@ -52,7 +55,14 @@ impl ClientShared {
             backoff: Arc::default(),
             metrics,
             net: Arc::new(network::SystemNetwork),
+            proxies: Proxies::none(),
         }
+    }
+
+    /// The same, connecting through `proxies` (see [`crate::egress`]).
+    pub fn with_proxies(mut self, proxies: Arc<Proxies>) -> ClientShared {
+        self.proxies = proxies;
+        self
     }
 }
 
@@ -60,8 +70,10 @@ impl ClientShared {
 #[derive(Clone)]
 pub struct UpstreamClient {
     http: awc::Client,
-    /// Clients for upstreams with their own CA (`ca_file`), by upstream name.
+    /// Clients for upstreams with their own CA (`ca_file`) or proxy, by upstream name.
     custom: std::rc::Rc<std::collections::HashMap<String, awc::Client>>,
+    /// The environment's proxies.
+    proxies: Arc<Proxies>,
     tokens: Arc<TokenCache>,
     backoff: Arc<Backoff>,
     metrics: Arc<Metrics>,
@@ -70,8 +82,12 @@ pub struct UpstreamClient {
     timeout: Duration,
 }
 
-fn build_client(timeout: Duration, tls: Option<&Arc<rustls::ClientConfig>>) -> awc::Client {
-    let mut connector = awc::Connector::new().timeout(timeout);
+fn build_client(
+    timeout: Duration,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    proxies: Arc<Proxies>,
+) -> awc::Client {
+    let mut connector = client_connector(proxies).timeout(timeout);
     if let Some(cfg) = tls {
         connector = connector.rustls_0_23(cfg.clone());
     }
@@ -94,15 +110,19 @@ impl UpstreamClient {
     ) -> UpstreamClient {
         let custom = upstreams
             .iter()
-            .filter_map(|u| {
-                u.tls
-                    .as_ref()
-                    .map(|t| (u.name.clone(), build_client(timeout, Some(t))))
+            .filter(|u| u.tls.is_some() || u.proxy.is_some())
+            .map(|u| {
+                let proxies = u.proxy.clone().unwrap_or_else(|| shared.proxies.clone());
+                (
+                    u.name.clone(),
+                    build_client(timeout, u.tls.as_ref(), proxies),
+                )
             })
             .collect();
         UpstreamClient {
-            http: build_client(timeout, None),
+            http: build_client(timeout, None, shared.proxies.clone()),
             custom: std::rc::Rc::new(custom),
+            proxies: shared.proxies.clone(),
             tokens: shared.tokens.clone(),
             backoff: shared.backoff.clone(),
             metrics: shared.metrics.clone(),
@@ -123,17 +143,41 @@ impl UpstreamClient {
         &self.http
     }
 
+    /// The answer of the proxy itself, when `resp` came from one (see
+    /// [`super::error::proxy_answer`]).
+    fn proxy_answer(&self, at: &At<'_>, resp: &ClientResponse) -> Option<UpstreamError> {
+        let base = at.base;
+        let route = self.proxies(at.up).route(
+            base.scheme(),
+            base.host_str()?,
+            base.port_or_known_default()?,
+        )?;
+        super::error::proxy_answer(
+            at.up,
+            &route.shown,
+            shown(base),
+            resp.status(),
+            resp.headers(),
+        )
+    }
+
+    /// The proxies `up`'s requests go through (its own, or the environment's).
+    pub(super) fn proxies<'a>(&'a self, up: &'a Upstream) -> &'a Proxies {
+        up.proxy.as_deref().unwrap_or(&self.proxies)
+    }
+
     /// The connection pool for `up` (its own when it has its own CA).
     fn http(&self, up: &Upstream) -> &awc::Client {
         self.custom.get(&up.name).unwrap_or(&self.http)
     }
 
     /// Token fetching for `up`, on its connection pool.
-    fn token_source(&self, up: &Upstream) -> TokenSource<'_> {
+    fn token_source<'a>(&'a self, up: &'a Upstream) -> TokenSource<'a> {
         TokenSource {
             http: self.http(up),
             net: &*self.net,
             tokens: &self.tokens,
+            proxies: self.proxies(up),
         }
     }
 
@@ -216,6 +260,9 @@ impl UpstreamClient {
                 return Err(e);
             }
         };
+        if let Some(e) = self.proxy_answer(at, &resp) {
+            return Err(e);
+        }
         let exhausted = self.observe_ratelimit(up, &resp);
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
@@ -341,11 +388,13 @@ impl UpstreamClient {
             let resp = if from_origin {
                 self.send_once(up, req, &url, auth.as_deref(), None).await?
             } else {
+                let proxies = self.proxies(up);
                 let own = match &own {
                     Some(k) => k,
-                    None => own.insert(network::kinds(&*self.net, up, base).await?),
+                    None => own.insert(network::kinds(&*self.net, proxies, up, base).await?),
                 };
-                let addr = network::checked_addr(&*self.net, up, "redirect to", &url, own).await?;
+                let addr = network::checked_addr(&*self.net, proxies, up, "redirect to", &url, own)
+                    .await?;
                 self.send_elsewhere(up, base, req, &url, addr).await?
             };
             if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
@@ -371,7 +420,7 @@ impl UpstreamClient {
         base: &url::Url,
         req: &UpRequest<'_>,
         url: &url::Url,
-        addr: std::net::SocketAddr,
+        addr: Option<std::net::SocketAddr>,
     ) -> Result<ClientResponse, UpstreamError> {
         let site = url.origin().ascii_serialization();
         let scope = format!("repository:{}:pull", req.repo);
@@ -385,7 +434,7 @@ impl UpstreamClient {
         let cached = self.tokens.token(&site, &who.cache_key);
         let bearer = cached.map(|t| format!("Bearer {t}"));
         let resp = self
-            .send_once(up, req, url, bearer.as_deref(), Some(addr))
+            .send_once(up, req, url, bearer.as_deref(), addr)
             .await?;
         let Some(Challenge::Bearer { realm, service, .. }) = challenge_of(&resp) else {
             return Ok(resp);
@@ -395,8 +444,7 @@ impl UpstreamClient {
             .fetch(up, &who, &realm, service.as_deref())
             .await?;
         let bearer = format!("Bearer {token}");
-        self.send_once(up, req, url, Some(&bearer), Some(addr))
-            .await
+        self.send_once(up, req, url, Some(&bearer), addr).await
     }
 
     /// One request to `url`. A pooled connection that the upstream closed without saying
@@ -566,6 +614,7 @@ mod tests {
             filter: Default::default(),
             client: None,
             tls: None,
+            proxy: None,
         }
     }
 

@@ -30,6 +30,8 @@ pub struct Upstream {
     pub client: Option<String>,
     /// TLS settings when the upstream has its own CA (`ca_file`); none: public roots.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Its own egress proxy (`proxy`); none: the environment's.
+    pub proxy: Option<Arc<crate::egress::Proxies>>,
 }
 
 /// Never prints the password.
@@ -92,6 +94,14 @@ impl Upstream {
                     .as_deref()
                     .map(|f| tls_with_ca(name, f))
                     .transpose()?,
+                proxy: up
+                    .resolve_proxy(name)?
+                    .map(|p| crate::egress::Proxies::single(&p))
+                    .transpose()
+                    .map_err(|msg| ConfigError::Upstream {
+                        name: name.clone(),
+                        msg: format!("proxy {msg}"),
+                    })?,
             }));
         }
         Ok(out)
@@ -110,6 +120,7 @@ impl Upstream {
             filter: self.filter.clone(),
             client: Some(c.id()),
             tls: self.tls.clone(),
+            proxy: self.proxy.clone(),
         })
     }
 

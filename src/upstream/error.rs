@@ -11,6 +11,11 @@ pub enum UpstreamError {
     /// come within `server.upstream_timeout`. `msg` names the URL and which of these.
     #[error("upstream {upstream}: {msg}")]
     Connect { upstream: String, msg: String },
+    /// The egress proxy did not carry the request (refused, asked for a login, could not
+    /// be reached): an outage of the upstream as far as serving goes, but the fix is the
+    /// proxy's, which `msg` names with its answer.
+    #[error("upstream {upstream}: {msg}")]
+    Proxy { upstream: String, msg: String },
     #[error("upstream {upstream}: auth failed: {msg}")]
     Auth { upstream: String, msg: String },
     #[error("upstream {upstream}: {msg}")]
@@ -49,6 +54,17 @@ pub(super) fn connect_error(
 ) -> UpstreamError {
     use awc::error::{ConnectError, SendRequestError as E};
     let secs = timeout.as_secs_f64();
+    if let E::Connect(ConnectError::Io(io)) = &e {
+        if let Some(p) = io
+            .get_ref()
+            .and_then(|r| r.downcast_ref::<crate::egress::ProxyFailure>())
+        {
+            return UpstreamError::Proxy {
+                upstream: up.name.clone(),
+                msg: format!("{p} (asking {url})"),
+            };
+        }
+    }
     let msg = match e {
         E::Connect(ConnectError::Resolver(e)) => {
             format!("cannot resolve the host of {url}: {e}; check its url and this machine's DNS")
@@ -70,4 +86,30 @@ pub(super) fn connect_msg(up: &Upstream, msg: String) -> UpstreamError {
         upstream: up.name.clone(),
         msg,
     }
+}
+
+/// A proxy's own answer to a request it carried in absolute form (`http://` targets):
+/// `407`, or a gateway error it marks as its own (`Proxy-Status`, squid's `X-Squid-Error`).
+pub(super) fn proxy_answer(
+    up: &Upstream,
+    proxy: &str,
+    url: &str,
+    status: awc::http::StatusCode,
+    headers: &awc::http::header::HeaderMap,
+) -> Option<UpstreamError> {
+    let marked = headers.contains_key("proxy-status") || headers.contains_key("x-squid-error");
+    let own = status == awc::http::StatusCode::PROXY_AUTHENTICATION_REQUIRED
+        || (status.is_server_error() && marked);
+    if !own {
+        return None;
+    }
+    let hint = if status == awc::http::StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        "; check the proxy user and password (HTTP_PROXY, or the upstream's proxy and proxy_password_file)"
+    } else {
+        ""
+    };
+    Some(UpstreamError::Proxy {
+        upstream: up.name.clone(),
+        msg: format!("egress proxy {proxy} answered {status} for {url}{hint}"),
+    })
 }

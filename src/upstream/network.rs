@@ -14,6 +14,7 @@ use futures_util::future::BoxFuture;
 
 use super::configured::Upstream;
 use super::error::{connect_msg, protocol, UpstreamError};
+use crate::egress::Proxies;
 
 /// What kind of network an address belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,50 +107,103 @@ pub async fn addresses(net: &dyn Network, url: &url::Url) -> io::Result<Vec<Sock
     }
 }
 
-/// The kinds of network the upstream's own URL lives on.
+/// Whether `url` goes through an egress proxy.
+fn proxied(proxies: &Proxies, url: &url::Url) -> bool {
+    match (url.host_str(), url.port_or_known_default()) {
+        (Some(h), Some(p)) => proxies.route(url.scheme(), h, p).is_some(),
+        _ => false,
+    }
+}
+
+/// The kinds of network the upstream's own URL lives on. Behind a proxy the mirror may
+/// not resolve the name at all; the upstream then counts as public (the strictest for
+/// where its redirects may lead).
 pub(super) async fn kinds(
     net: &dyn Network,
+    proxies: &Proxies,
     up: &Upstream,
     base: &url::Url,
 ) -> Result<Vec<AddrKind>, UpstreamError> {
-    let addrs = addresses(net, base).await.map_err(|e| {
-        connect_msg(
+    match addresses(net, base).await {
+        Ok(addrs) => Ok(addrs.iter().map(|a| net.kind(a.ip())).collect()),
+        Err(_) if proxied(proxies, base) => Ok(vec![AddrKind::Public]),
+        Err(e) => Err(connect_msg(
             up,
             format!("cannot resolve the host of {base}: {e}; check its url and this machine's DNS"),
-        )
-    })?;
-    Ok(addrs.iter().map(|a| net.kind(a.ip())).collect())
+        )),
+    }
 }
 
 /// The address to connect to for `what` (a redirect, a token realm) at `url`: every
 /// address the name has must be allowed (else one answer of a rotating name could
-/// reach the inside).
+/// reach the inside). Through a proxy (`None`: the proxy connects, by name): the
+/// addresses this machine resolves are checked all the same; a name it cannot resolve
+/// is checked by its form only (`localhost` is loopback), as the proxy resolves it.
 pub(super) async fn checked_addr(
     net: &dyn Network,
+    proxies: &Proxies,
     up: &Upstream,
     what: &str,
     url: &url::Url,
     own: &[AddrKind],
-) -> Result<std::net::SocketAddr, UpstreamError> {
-    let addrs = addresses(net, url)
-        .await
-        .map_err(|e| connect_msg(up, format!("cannot resolve the host of {url}: {e}")))?;
+) -> Result<Option<std::net::SocketAddr>, UpstreamError> {
+    let via_proxy = proxied(proxies, url);
+    let addrs = match addresses(net, url).await {
+        Ok(a) => a,
+        Err(_) if via_proxy => {
+            let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+            if host == "localhost" || host.ends_with(".localhost") {
+                refuse(up, what, url, "localhost", AddrKind::Loopback, own)?;
+            }
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(connect_msg(
+                up,
+                format!("cannot resolve the host of {url}: {e}"),
+            ))
+        }
+    };
     if let Some(bad) = addrs.iter().find(|a| !allowed(net.kind(a.ip()), own)) {
-        tracing::warn!(upstream = %up.name, what, target = %url.origin().ascii_serialization(), address = %bad.ip(), "refused a host in a network the upstream is not on");
-        return Err(protocol(
+        refuse(
             up,
-            format!(
-                "{what} {} refused: it resolves to {} ({:?}), a network the upstream is not on",
-                url.origin().ascii_serialization(),
-                bad.ip(),
-                net.kind(bad.ip())
-            ),
-        ));
+            what,
+            url,
+            &bad.ip().to_string(),
+            net.kind(bad.ip()),
+            own,
+        )?;
+    }
+    if via_proxy {
+        return Ok(None);
     }
     addrs
         .first()
         .copied()
+        .map(Some)
         .ok_or_else(|| connect_msg(up, format!("{url}: no address")))
+}
+
+/// Refuses `url` whose address (or name) is of kind `kind`, unless allowed.
+fn refuse(
+    up: &Upstream,
+    what: &str,
+    url: &url::Url,
+    address: &str,
+    kind: AddrKind,
+    own: &[AddrKind],
+) -> Result<(), UpstreamError> {
+    if allowed(kind, own) {
+        return Ok(());
+    }
+    tracing::warn!(upstream = %up.name, what, target = %url.origin().ascii_serialization(), address, "refused a host in a network the upstream is not on");
+    Err(protocol(
+        up,
+        format!(
+            "{what} {} refused: it resolves to {address} ({kind:?}), a network the upstream is not on",
+            url.origin().ascii_serialization(),
+        ),
+    ))
 }
 
 #[cfg(test)]
@@ -192,5 +246,95 @@ mod tests {
         assert!(allowed(AddrKind::Private, &[AddrKind::Private]));
         assert!(!allowed(AddrKind::LinkLocal, &[AddrKind::Private]));
         assert!(allowed(AddrKind::Loopback, &[AddrKind::Loopback]));
+    }
+
+    /// A resolver that knows `cdn.example` (public) and `inside.example` (private) only.
+    struct Offline;
+
+    impl Network for Offline {
+        fn resolve<'a>(
+            &'a self,
+            host: &'a str,
+            port: u16,
+        ) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>> {
+            let ip: Option<IpAddr> = match host {
+                "cdn.example" => Some([34, 1, 1, 1].into()),
+                "inside.example" => Some([10, 0, 0, 5].into()),
+                _ => None,
+            };
+            Box::pin(async move {
+                ip.map(|ip| vec![SocketAddr::new(ip, port)])
+                    .ok_or_else(|| io::Error::other("no such host"))
+            })
+        }
+    }
+
+    fn hub() -> Upstream {
+        Upstream {
+            name: "hub".into(),
+            base: url::Url::parse("https://registry.corp.test").expect("url"),
+            fallbacks: Vec::new(),
+            credentials: None,
+            client_credentials: false,
+            tag_ttl: std::time::Duration::from_secs(1),
+            library_prefix: false,
+            filter: Default::default(),
+            client: None,
+            tls: None,
+            proxy: None,
+        }
+    }
+
+    /// Behind a proxy the mirror may not resolve names: what it cannot resolve is checked
+    /// by its form (and the proxy connects by name); what it resolves is checked as ever.
+    #[tokio::test]
+    async fn through_a_proxy_names_the_mirror_cannot_resolve_are_checked_by_form() {
+        let up = hub();
+        let proxies = crate::egress::Proxies::single("http://proxy.corp:3128").expect("proxy");
+        let direct = crate::egress::Proxies::none();
+        let url = |s: &str| url::Url::parse(s).expect("url");
+        let own = kinds(&Offline, &proxies, &up, &up.base)
+            .await
+            .expect("own kinds");
+        assert_eq!(
+            own,
+            vec![AddrKind::Public],
+            "unresolvable upstream counts as public"
+        );
+        assert!(kinds(&Offline, &direct, &up, &up.base).await.is_err());
+        let check = |p: &'static crate::egress::Proxies, u: &'static str| {
+            let (up, own) = (hub(), own.clone());
+            async move { checked_addr(&Offline, p, &up, "redirect to", &url(u), &own).await }
+        };
+        let p: &'static crate::egress::Proxies = Box::leak(Box::new(
+            crate::egress::Proxies::single("http://proxy.corp:3128").expect("proxy"),
+        ));
+        let d: &'static crate::egress::Proxies = Box::leak(Box::new(
+            crate::egress::Proxies::single("none").expect("none"),
+        ));
+        assert_eq!(
+            check(p, "https://unknown.cdn.test/x")
+                .await
+                .expect("by name"),
+            None
+        );
+        assert!(check(p, "https://metadata.localhost/x").await.is_err());
+        assert!(check(p, "http://169.254.169.254/latest").await.is_err());
+        assert!(
+            check(p, "https://inside.example/x").await.is_err(),
+            "a private address it resolves"
+        );
+        assert_eq!(
+            check(p, "https://cdn.example/x").await.expect("public"),
+            None
+        );
+        assert!(
+            check(d, "https://unknown.cdn.test/x").await.is_err(),
+            "direct needs an address"
+        );
+        assert!(check(d, "https://cdn.example/x")
+            .await
+            .expect("public")
+            .is_some());
     }
 }

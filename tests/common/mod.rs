@@ -12,6 +12,7 @@ pub mod garage;
 pub mod image;
 pub mod passthrough;
 pub mod peers;
+pub mod proxy;
 pub mod throttle;
 pub mod token;
 

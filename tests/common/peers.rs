@@ -226,6 +226,8 @@ pub struct Mirror {
     proc: Option<Proc>,
     /// The binary run: this build's, or another one for A/B benches.
     bin: PathBuf,
+    /// Extra environment of the server process (e.g. `HTTPS_PROXY`).
+    env: Vec<(String, String)>,
 }
 
 impl Mirror {
@@ -250,12 +252,28 @@ impl Mirror {
         Mirror::start_full(None, port, server_extra, rest, this_build())
     }
 
+    /// `start` with `env` in the server's environment (e.g. `HTTPS_PROXY`).
+    pub fn start_env(server_extra: &str, rest: &str, env: &[(&str, &str)]) -> Mirror {
+        Mirror::start_full_env(None, free_port(), server_extra, rest, this_build(), env)
+    }
+
     fn start_full(
         store: Option<PathBuf>,
         port: u16,
         server_extra: &str,
         rest: &str,
         bin: PathBuf,
+    ) -> Mirror {
+        Mirror::start_full_env(store, port, server_extra, rest, bin, &[])
+    }
+
+    fn start_full_env(
+        store: Option<PathBuf>,
+        port: u16,
+        server_extra: &str,
+        rest: &str,
+        bin: PathBuf,
+        env: &[(&str, &str)],
     ) -> Mirror {
         let dir = TempDir::new().expect("tempdir");
         let store = store.unwrap_or_else(|| dir.path().join("store"));
@@ -272,6 +290,10 @@ impl Mirror {
             log,
             proc: None,
             bin,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         m.restart();
         m
@@ -284,7 +306,8 @@ impl Mirror {
             .arg("--config")
             .arg(self.dir.path().join("upstreams.toml"))
             .env("RUST_LOG", "info")
-            .env_remove("ENTREPOT_SERVER__LISTEN");
+            .env_remove("ENTREPOT_SERVER__LISTEN")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.proc = Some(Proc::spawn("entrepot", cmd, &self.log));
         // Fail with the mirror's own words if it exits or never listens.
         let start = std::time::Instant::now();
@@ -308,6 +331,15 @@ impl Mirror {
         if let Some(mut p) = self.proc.take() {
             p.kill();
         }
+    }
+
+    /// Restarts the server with `env` added to its environment.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.restart();
     }
 
     /// The server's process id, while it runs.

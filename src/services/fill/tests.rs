@@ -39,6 +39,7 @@ fn upstream() -> Upstream {
         filter: Arc::default(),
         client: None,
         tls: None,
+        proxy: None,
     }
 }
 
