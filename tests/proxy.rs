@@ -283,3 +283,43 @@ fn the_bucket_is_reached_as_the_environment_says() {
         "NO_PROXY {endpoint} keeps the bucket off the proxy: {through:#?}"
     );
 }
+
+/// A token-auth upstream behind the proxy, its realm a name only the proxy resolves:
+/// the token is fetched through the proxy too (a realm the mirror cannot resolve is
+/// checked by its form and handed to the proxy by name).
+#[test]
+fn token_realms_go_through_the_proxy_too() {
+    if !require_squid() {
+        return;
+    }
+    const AUTH: &str = "auth.corp.test";
+    let up = Registry::start(Auth::TokenAt(AUTH));
+    let squid = Squid::start(&[(CORP, "127.0.0.1"), (AUTH, "127.0.0.1")], None);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let digest = layout.build("app", &[("a", &noise(40_000, 288))]);
+    // skopeo pushes through the same proxy (it cannot resolve the realm either).
+    let mut push = Command::new("skopeo");
+    push.args(["copy", "--dest-tls-verify=false"])
+        .env("HTTP_PROXY", squid.url())
+        .arg(format!("oci:{}:app", layout.dir.display()))
+        .arg(format!("docker://{}/library/app:1", up.host()));
+    run(&mut push);
+    let m = Mirror::start_env(
+        "",
+        &format!(
+            "[upstreams.\"docker.io\"]\nurl = \"http://{CORP}:{}\"\n",
+            up.port
+        ),
+        &[("HTTP_PROXY", &squid.url()), ("NO_PROXY", "")],
+    );
+    pull_checked(
+        &m.url(),
+        "docker.io/library/app",
+        "1",
+        &layout.layers(&digest),
+        None,
+    );
+    let port = up.token.as_ref().expect("issuer").port;
+    squid.wait_logged(&format!("GET http://{AUTH}:{port}/token?"));
+}

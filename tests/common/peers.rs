@@ -17,6 +17,9 @@ pub enum Auth {
     /// Docker Hub style Bearer tokens from an issuer in test code; the issuer demands
     /// these Basic credentials when given.
     Token(Option<(&'static str, &'static str)>),
+    /// Anonymous tokens from a realm named by this host (e.g. a name only a proxy can
+    /// resolve) instead of 127.0.0.1.
+    TokenAt(&'static str),
 }
 
 /// A CNCF Distribution registry (`docker-registry serve`) on a loopback port.
@@ -66,6 +69,15 @@ impl Registry {
                 auth_yaml = format!(
                     "auth:\n  token:\n    realm: {}\n    service: test-registry\n    issuer: test-issuer\n    rootcertbundle: {}\n",
                     issuer.realm(),
+                    issuer.cert.display()
+                );
+                token = Some(issuer);
+            }
+            Auth::TokenAt(host) => {
+                let issuer = TokenIssuer::start(dir.path(), None);
+                auth_yaml = format!(
+                    "auth:\n  token:\n    realm: {}\n    service: test-registry\n    issuer: test-issuer\n    rootcertbundle: {}\n",
+                    issuer.realm().replace("127.0.0.1", host),
                     issuer.cert.display()
                 );
                 token = Some(issuer);
