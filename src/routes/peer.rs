@@ -114,7 +114,12 @@ pub async fn blob(
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .map(range::parse)
-        .transpose()?;
+        .transpose()?
+        .and_then(|a| match a {
+            // Peers ask for one open range (where a broken source stopped).
+            range::Asked::One(r) => Some(r),
+            _ => None,
+        });
     req.extensions_mut().insert(RequestInfo {
         upstream: upstream.name.clone(),
         endpoint: "peer",

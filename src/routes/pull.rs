@@ -53,12 +53,46 @@ pub async fn manifest(
 }
 
 pub async fn blob(ctx: &Ctx<'_>, name: &str, digest: &Digest) -> Result<HttpResponse, OciError> {
-    let range = ctx.header(header::RANGE).map(range::parse).transpose()?;
-    let r = match ctx.resolve(name)? {
+    // Range is defined for GET only (RFC 9110 §14.2); an If-Range that is not this
+    // blob's ETag asks for the whole blob.
+    let asked = match ctx.header(header::RANGE) {
+        Some(v) if ctx.method == Method::GET && if_range_holds(ctx, digest) => range::parse(v)?,
+        _ => range::Asked::Whole,
+    };
+    let target = ctx.resolve(name)?;
+    let d = digest.to_string();
+    match asked {
+        range::Asked::Whole => Ok(reply::blob(
+            fetch(ctx, &target, digest, None, &ctx.method).await?,
+            &d,
+        )),
+        range::Asked::One(r) => Ok(reply::blob(
+            fetch(ctx, &target, digest, Some(r), &ctx.method).await?,
+            &d,
+        )),
+        range::Asked::Many(parts) => multipart(ctx, &target, digest, &parts).await,
+    }
+}
+
+/// `If-Range` absent, or naming this blob's ETag (the only validator a blob has).
+fn if_range_holds(ctx: &Ctx<'_>, digest: &Digest) -> bool {
+    ctx.header(header::IF_RANGE)
+        .is_none_or(|v| v.trim() == format!("\"{digest}\""))
+}
+
+/// One blob request through the services, for an upstream or a hosted repository.
+async fn fetch(
+    ctx: &Ctx<'_>,
+    target: &Target,
+    digest: &Digest,
+    range: Option<crate::services::ByteRange>,
+    method: &Method,
+) -> Result<crate::services::BlobReply, OciError> {
+    Ok(match target {
         Target::Upstream { upstream, repo } => {
             let r = ctx
                 .svc
-                .blob(&upstream, &repo, digest, range, &ctx.method, &ctx.caller)
+                .blob(upstream, repo, digest, range, method, &ctx.caller)
                 .await;
             ctx.note(
                 &upstream.name,
@@ -70,11 +104,49 @@ pub async fn blob(ctx: &Ctx<'_>, name: &str, digest: &Digest) -> Result<HttpResp
         Target::Hosted { repo } => {
             ctx.note(ctx.hosted_prefix(), "blob", Some("hosted"));
             ctx.svc
-                .hosted_blob(&repo, digest, range, ctx.method == Method::HEAD)
+                .hosted_blob(repo, digest, range, *method == Method::HEAD)
                 .await?
         }
+    })
+}
+
+/// Several ranges: `206 multipart/byteranges` with the satisfiable parts, in the order
+/// asked (one left: a plain 206). Each part is its own request to the services, so a
+/// cold blob's parts follow its fill like single ranges do.
+async fn multipart(
+    ctx: &Ctx<'_>,
+    target: &Target,
+    digest: &Digest,
+    asked: &[crate::services::ByteRange],
+) -> Result<HttpResponse, OciError> {
+    let d = digest.to_string();
+    let head = fetch(ctx, target, digest, None, &Method::HEAD).await?;
+    let Some(size) = head.size else {
+        return Ok(reply::blob(
+            fetch(ctx, target, digest, None, &ctx.method).await?,
+            &d,
+        ));
     };
-    Ok(reply::blob(r, &digest.to_string()))
+    let parts = range::satisfiable(asked, size);
+    match parts.as_slice() {
+        [] => Err(crate::services::ServiceError::RangeNotSatisfiable { size }.into()),
+        [(s, e)] => {
+            let one = crate::services::ByteRange::From(*s, Some(e - 1));
+            Ok(reply::blob(
+                fetch(ctx, target, digest, Some(one), &ctx.method).await?,
+                &d,
+            ))
+        }
+        _ => {
+            let mut bodies = Vec::with_capacity(parts.len());
+            for (s, e) in &parts {
+                let one = crate::services::ByteRange::From(*s, Some(e - 1));
+                let r = fetch(ctx, target, digest, Some(one), &ctx.method).await?;
+                bodies.push(r.body);
+            }
+            Ok(reply::multipart(&d, size, &parts, bodies))
+        }
+    }
 }
 
 fn page_params(ctx: &Ctx<'_>) -> Result<(Option<usize>, Option<String>), OciError> {

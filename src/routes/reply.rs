@@ -48,6 +48,39 @@ pub fn blob(r: BlobReply, digest: &str) -> HttpResponse {
     }
 }
 
+/// `206 multipart/byteranges` of `parts` (`[start, end)`) of a blob of `size` bytes,
+/// their bodies streamed one after the other between the part headers.
+pub fn multipart(
+    digest: &str,
+    size: u64,
+    parts: &[(u64, u64)],
+    bodies: Vec<Option<crate::services::BodyStream>>,
+) -> HttpResponse {
+    use futures_util::StreamExt;
+    let m = super::range::Multipart::new(parts, size);
+    let len = m.len(parts);
+    let text = |t: String| -> futures_util::stream::LocalBoxStream<
+        'static,
+        Result<bytes::Bytes, crate::services::ServiceError>,
+    > { stream::once(async move { Ok(bytes::Bytes::from(t)) }).boxed_local() };
+    let mut pieces = Vec::with_capacity(parts.len() * 2 + 1);
+    for (head, body) in m.heads.iter().zip(bodies) {
+        pieces.push(text(head.clone()));
+        if let Some(b) = body {
+            pieces.push(b.boxed_local());
+        }
+    }
+    pieces.push(text(m.tail.clone()));
+    let body = stream::iter(pieces).flatten();
+    HttpResponse::build(StatusCode::PARTIAL_CONTENT)
+        .insert_header(API_VERSION)
+        .insert_header(("Docker-Content-Digest", digest))
+        .insert_header((header::ETAG, format!("\"{digest}\"")))
+        .insert_header((header::ACCEPT_RANGES, "bytes"))
+        .insert_header((header::CONTENT_TYPE, m.content_type()))
+        .body(SizedStream::new(len, body))
+}
+
 /// A body that announces `len` bytes and has none: HEAD responses carry the real
 /// Content-Length this way (actix writes no body for HEAD).
 pub fn empty_sized(len: u64) -> BoxBody {
