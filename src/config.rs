@@ -445,6 +445,10 @@ pub struct UpstreamConfig {
     /// The proxy user's password, kept out of the URL (never logged).
     pub proxy_password_file: Option<PathBuf>,
     pub proxy_password_env: Option<String>,
+    /// `after` (default): a range of a cold blob the fill has not reached is fetched from
+    /// the upstream at once and checked against the blob once the fill verified it;
+    /// `before`: it waits for the verified fill.
+    pub verify_ranges: Option<String>,
 }
 
 /// Built-in upstreams used when no config file exists.
@@ -535,6 +539,13 @@ impl Config {
                 up.password.is_some() || up.password_file.is_some() || up.password_env.is_some();
             if has_password && up.username.is_none() {
                 return Err(err("a password is set but no username"));
+            }
+            if let Some(v) = &up.verify_ranges {
+                if v != "after" && v != "before" {
+                    return Err(err(&format!(
+                        "verify_ranges {v:?} must be \"after\" (serve ahead of the fill, check later) or \"before\" (wait for the verified fill)"
+                    )));
+                }
             }
             for u in std::iter::once(&up.url).chain(&up.fallback_urls) {
                 let scheme = || {

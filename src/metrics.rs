@@ -27,6 +27,10 @@ pub struct Metrics {
     pub digest_mismatches: IntCounterVec,
     /// Cached answers served because the upstream failed (stale-if-error).
     pub stale_serves: IntCounterVec,
+    /// Ranges of cold blobs fetched from the upstream ahead of their fill, by upstream.
+    pub ranges_ahead: IntCounterVec,
+    /// Ranges served ahead of a fill that differed from the verified blob, by upstream.
+    pub range_mismatches: IntCounterVec,
     /// Body bytes sent to clients by source (cache/upstream).
     pub served_bytes: IntCounterVec,
     pub store_bytes: IntGauge,
@@ -196,6 +200,18 @@ impl Metrics {
                 "Cached manifests served because the upstream failed",
                 &["upstream"],
             )?,
+            ranges_ahead: counter(
+                r,
+                "entrepot_ranges_ahead_total",
+                "Ranges of cold blobs fetched from the upstream ahead of their fill",
+                &["upstream"],
+            )?,
+            range_mismatches: counter(
+                r,
+                "entrepot_range_mismatches_total",
+                "Ranges served ahead of a fill that differed from the verified blob",
+                &["upstream"],
+            )?,
             served_bytes: counter(
                 r,
                 "entrepot_served_bytes_total",
@@ -334,6 +350,7 @@ impl Metrics {
                 }
             }
             for c in [
+                &self.range_mismatches,
                 &self.stale_serves,
                 &self.digest_mismatches,
                 &self.rate_limited,

@@ -127,3 +127,147 @@ fn several_ranges_come_back_as_multipart_from_stored_and_cold_blobs() {
     let r = http("GET", &url, &[("Range", &many)]);
     assert_eq!((r.status, r.body.len()), (200, size));
 }
+
+/// The fill of a 32 MiB blob runs at 8 MiB/s (a throttled upstream): a tail range and a
+/// middle range are answered before it could reach them (served ahead, the blob not yet
+/// stored), with the upstream's bytes; 8 clients asking one range cause one upstream
+/// range request; the fill completes once and nothing mismatches. With
+/// `verify_ranges = "before"` nothing goes ahead.
+#[test]
+fn ranges_ahead_of_a_slow_fill_are_answered_at_once() {
+    if !require(PEERS) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let blob = noise(32 << 20, 292);
+    let d = up.push_blob("library/lazy", &blob);
+    let other = noise(12 << 20, 293);
+    let d2 = up.push_blob("library/careful", &other);
+    let slow = common::throttle::Throttle::start(up.port, 8 << 20);
+    let base = format!("http://127.0.0.1:{}", slow.port);
+    let m = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"docker.io\"]\nurl = \"{base}\"\n[upstreams.careful]\nurl = \"{base}\"\nverify_ranges = \"before\"\n"
+        ),
+    );
+    let url = format!("{}/v2/docker.io/library/lazy/blobs/{d}", m.url());
+    let size = blob.len();
+    let ahead = |up: &str| m.metric("entrepot_ranges_ahead_total", &[("upstream", up)]);
+    // The footer first, as a snapshotter reads it.
+    let tail = http(
+        "GET",
+        &url,
+        &[("Range", &format!("bytes={}-{}", size - (1 << 20), size - 1))],
+    );
+    assert_eq!(tail.status, 206);
+    assert_eq!(tail.body, blob[size - (1 << 20)..]);
+    assert_eq!(ahead("docker.io"), 1.0, "served ahead of the fill");
+    assert!(
+        m.store_files(&d[7..]).is_empty(),
+        "the fill had not stored the blob yet"
+    );
+    // Eight nodes read the same table of contents at once.
+    let (a, b) = (20 << 20, (21 << 20) - 1);
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || http("GET", &url, &[("Range", &format!("bytes={a}-{b}"))]))
+        })
+        .collect();
+    for r in readers {
+        let r = r.join().unwrap();
+        assert_eq!((r.status, r.body.len()), (206, b - a + 1));
+        assert_eq!(r.body, blob[a..=b]);
+    }
+    // The whole blob: still one fill, verified.
+    let whole = get(&url);
+    assert_eq!(format!("sha256:{}", sha256_hex(&whole.body)), d);
+    m.settle();
+    assert_eq!(m.store_files(&d[7..]).len(), 1);
+    assert_eq!(
+        up.count("GET", &format!("/blobs/{d}")),
+        3,
+        "one fill, one tail range, one middle range for eight clients"
+    );
+    assert_eq!(m.metric("entrepot_range_mismatches_total", &[]), 0.0);
+    // verify_ranges = "before": the range waits for the verified fill.
+    let careful = format!("{}/v2/careful/library/careful/blobs/{d2}", m.url());
+    let r = http("GET", &careful, &[("Range", "bytes=11000000-11000099")]);
+    assert_eq!(r.body, other[11_000_000..11_000_100]);
+    assert_eq!(ahead("careful"), 0.0);
+}
+
+/// An upstream that answers ranges with wrong bytes: served ahead (nothing can check
+/// them then), found out once the fill verified the blob: counted, logged, and the
+/// repository's upstream treated as corrupt for that blob.
+#[test]
+fn wrong_bytes_served_ahead_are_caught_after_the_fill() {
+    if !require(PEERS) {
+        return;
+    }
+    let blob = std::sync::Arc::new(noise(24 << 20, 294));
+    let d = format!("sha256:{}", sha256_hex(&blob));
+    let served = blob.clone();
+    let fake = common::fake::FakeServer::start(move |req| {
+        let len = served.len().to_string();
+        if req.method == "GET" && req.path.contains("/blobs/") {
+            if let Some(range) = req.header("range") {
+                let (a, b) = range
+                    .trim_start_matches("bytes=")
+                    .split_once('-')
+                    .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
+                    .unwrap();
+                let cr = format!("bytes {a}-{b}/{len}");
+                return common::fake::Response::new(
+                    206,
+                    &[("Content-Range", cr.as_str())],
+                    vec![0x5a; b - a + 1],
+                );
+            }
+            return common::fake::Response::new(200, &[], served.to_vec());
+        }
+        common::fake::Response::new(404, &[], Vec::new())
+    });
+    let slow = common::throttle::Throttle::start(fake.port, 8 << 20);
+    let m = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:{}\"\n",
+            slow.port
+        ),
+    );
+    let url = format!("{}/v2/docker.io/library/liar/blobs/{d}", m.url());
+    let size = blob.len();
+    let tail = http(
+        "GET",
+        &url,
+        &[("Range", &format!("bytes={}-{}", size - 4096, size - 1))],
+    );
+    assert_eq!((tail.status, tail.body.len()), (206, 4096));
+    let whole = get(&url);
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(&whole.body)),
+        d,
+        "the fill is right"
+    );
+    wait_until(
+        "the mismatch is found",
+        std::time::Duration::from_secs(20),
+        || {
+            m.metric(
+                "entrepot_range_mismatches_total",
+                &[("upstream", "docker.io")],
+            ) == 1.0
+        },
+    );
+    assert!(m.log().contains("a range served ahead of the fill differs"));
+    assert!(
+        m.log().contains("repo=library/liar"),
+        "the log names the repository"
+    );
+    // The verified blob itself is served as stored.
+    m.settle();
+    let again = get(&url);
+    assert_eq!(format!("sha256:{}", sha256_hex(&again.body)), d);
+}

@@ -165,6 +165,7 @@ mod tests {
             client: None,
             tls: None,
             proxy: None,
+            ranges_ahead: true,
         })
     }
 

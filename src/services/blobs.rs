@@ -16,7 +16,7 @@ use super::flight::{Join, Lead};
 use super::{content_length, repo_digest_key, ServiceError, Services, Source};
 use crate::auth::Caller;
 use crate::names::Digest;
-use crate::services::{fill, peers, private};
+use crate::services::{ahead, fill, peers, private};
 use crate::upstream::Upstream;
 
 /// How often a request re-joins after fills led through other repositories failed.
@@ -202,6 +202,12 @@ impl Services {
             (Some(r), Some(size)) => Some(r.resolve(size)?),
             _ => None,
         };
+        // A range the fill has not reached: asked of the upstream at once.
+        if let Some((start, end)) = range.filter(|(s, e)| ahead::wanted(up, &rx, *s, *e)) {
+            if let Some(r) = ahead::serve(self, up, repo, d, (start, end), size).await? {
+                return Ok(r);
+            }
+        }
         let (start, end) = range.unwrap_or((0, size.unwrap_or(u64::MAX)));
         let relay: OpenRelay = {
             let (this, up, repo, d) = (self.clone(), up.clone(), repo.to_string(), d.clone());
@@ -331,6 +337,9 @@ impl Services {
         let Some(w) = fill::write_fill(self, lead, d, body, size, Some(up)).await? else {
             return Ok(());
         };
-        fill::finish_fill(self, lead, up, repo, d, w, size, true).await
+        fill::finish_fill(self, lead, up, repo, d, w, size, true).await?;
+        // Ranges served ahead of this fill are compared with the verified bytes now.
+        ahead::check(self, d).await;
+        Ok(())
     }
 }

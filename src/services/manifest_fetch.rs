@@ -237,6 +237,7 @@ fn manifest_request<'a>(method: Method, repo: &'a str, what: &'a str) -> UpReque
         what,
         accept: Some(UPSTREAM_ACCEPT),
         range_from: None,
+        range_to: None,
         primary_only: false,
     }
 }

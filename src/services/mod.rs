@@ -4,6 +4,7 @@
 //! [`Services`] adds one worker's upstream client. Routes call these methods with an
 //! already-resolved upstream and repository and never see the store or the client.
 
+mod ahead;
 mod blobs;
 mod catalog;
 mod fill;
@@ -236,6 +237,8 @@ pub struct Mirror {
     inventory: inventory::Inventory,
     /// Each upstream's last answer (class, when), for the status page.
     last_answer: status::LastAnswers,
+    /// Ranges fetched ahead of fills, and what was served that way (checked later).
+    ahead: ahead::Ahead,
 }
 
 impl Mirror {
@@ -257,6 +260,7 @@ impl Mirror {
             backlog,
             inventory: Default::default(),
             last_answer: Default::default(),
+            ahead: Default::default(),
         }
     }
 

@@ -9,7 +9,7 @@ use super::fill::Pumped;
 use super::flight::Lead;
 use super::{ServiceError, Services};
 use crate::names::Digest;
-use crate::services::fill;
+use crate::services::{ahead, fill};
 use crate::store::BlobWriter;
 use crate::upstream::Upstream;
 
@@ -129,7 +129,9 @@ pub(super) async fn fill_via_peers(
                 w = Some(short);
             }
             Pumped::Done(done) => {
-                return fill::finish_fill(svc, lead, up, repo, d, done, size, from_upstream).await;
+                fill::finish_fill(svc, lead, up, repo, d, done, size, from_upstream).await?;
+                ahead::check(svc, d).await;
+                return Ok(());
             }
             Pumped::Broke(kept, e) => {
                 tracing::warn!(%peer, digest = %d, at = kept.written(), error = %e, "source broke; going on from the next peer in rank");

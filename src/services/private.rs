@@ -48,6 +48,7 @@ impl Services {
             what,
             accept: Some(crate::media::UPSTREAM_ACCEPT),
             range_from: None,
+            range_to: None,
             primary_only: true,
         };
         let resp = self.upstream(up, "auth-check", req).await?;

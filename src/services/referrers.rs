@@ -116,6 +116,7 @@ impl Services {
             what,
             accept: Some(accept),
             range_from: None,
+            range_to: None,
             primary_only: false,
         };
         let mut resp = self.upstream(up, "referrers", req).await?;

@@ -48,6 +48,7 @@ impl Services {
             what: &what,
             accept: Some("application/json"),
             range_from: None,
+            range_to: None,
             primary_only: false,
         };
         match self.upstream_tags(up, repo, req).await {

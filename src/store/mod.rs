@@ -188,6 +188,19 @@ impl Store {
     }
 
     /// Size of a blob in the local tier, or `None` if it is not there (or not whole).
+    /// `len` bytes of the local copy of `d` from `start` (none when it is not local).
+    pub fn read_range(
+        &self,
+        d: &Digest,
+        start: u64,
+        len: u64,
+    ) -> Result<Option<bytes::Bytes>, StoreError> {
+        let Some(f) = not_found_is_none(File::open(self.blob_path(d)))? else {
+            return Ok(None);
+        };
+        Ok(Some(read_chunk(&f, start, len as usize)?))
+    }
+
     pub fn local_size(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
         let Some(len) = not_found_is_none(fs::metadata(self.blob_path(d)))?.map(|m| m.len()) else {
             return Ok(None);

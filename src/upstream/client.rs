@@ -32,6 +32,8 @@ pub struct UpRequest<'a> {
     pub accept: Option<&'a str>,
     /// Ask for the bytes from this offset on (`Range: bytes=N-`).
     pub range_from: Option<u64>,
+    /// ... up to this offset, inclusive (`Range: bytes=N-M`).
+    pub range_to: Option<u64>,
     /// Only the primary URL may answer (a credential check must not be answered by an
     /// anonymous fallback).
     pub primary_only: bool,
@@ -469,7 +471,8 @@ impl UpstreamClient {
                 r = r.insert_header((header::ACCEPT, a));
             }
             if let Some(from) = req.range_from {
-                r = r.insert_header((header::RANGE, format!("bytes={from}-")));
+                let to = req.range_to.map_or(String::new(), |t| t.to_string());
+                r = r.insert_header((header::RANGE, format!("bytes={from}-{to}")));
             }
             if let Some(a) = auth {
                 r = r.insert_header((header::AUTHORIZATION, a));
@@ -615,6 +618,7 @@ mod tests {
             client: None,
             tls: None,
             proxy: None,
+            ranges_ahead: true,
         }
     }
 
@@ -625,6 +629,7 @@ mod tests {
             what: "blobs/sha256:00",
             accept: None,
             range_from: None,
+            range_to: None,
             primary_only: true,
         }
     }

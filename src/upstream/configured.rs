@@ -32,6 +32,9 @@ pub struct Upstream {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Its own egress proxy (`proxy`); none: the environment's.
     pub proxy: Option<Arc<crate::egress::Proxies>>,
+    /// Ranges of cold blobs may be fetched ahead of the fill (`verify_ranges = "after"`,
+    /// the default); false: they wait for the verified fill.
+    pub ranges_ahead: bool,
 }
 
 /// Never prints the password.
@@ -94,6 +97,7 @@ impl Upstream {
                     .as_deref()
                     .map(|f| tls_with_ca(name, f))
                     .transpose()?,
+                ranges_ahead: up.verify_ranges.as_deref() != Some("before"),
                 proxy: up
                     .resolve_proxy(name)?
                     .map(|p| crate::egress::Proxies::single(&p))
@@ -121,6 +125,7 @@ impl Upstream {
             client: Some(c.id()),
             tls: self.tls.clone(),
             proxy: self.proxy.clone(),
+            ranges_ahead: self.ranges_ahead,
         })
     }
 

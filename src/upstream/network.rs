@@ -282,6 +282,7 @@ mod tests {
             client: None,
             tls: None,
             proxy: None,
+            ranges_ahead: true,
         }
     }
 

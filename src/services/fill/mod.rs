@@ -161,6 +161,7 @@ pub(in crate::services) fn blob_request<'a>(
         what,
         accept: None,
         range_from,
+        range_to: None,
         primary_only: false,
     }
 }

@@ -46,6 +46,20 @@ pub type Relay = LocalBoxStream<'static, Result<Bytes, ServiceError>>;
 /// Opens a [`Relay`] from the given offset.
 pub type OpenRelay = Box<dyn FnOnce(u64) -> LocalBoxFuture<'static, Result<Relay, ServiceError>>>;
 
+impl BodyStream {
+    /// A body already in memory (a range fetched ahead of a fill).
+    pub fn from_bytes(bytes: Bytes, metrics: Arc<Metrics>) -> BodyStream {
+        let n = bytes.len() as u64;
+        metrics
+            .served_bytes
+            .with_label_values(&["upstream"])
+            .inc_by(n);
+        BodyStream {
+            inner: futures_util::stream::once(async move { Ok(bytes) }).boxed_local(),
+        }
+    }
+}
+
 impl Stream for BodyStream {
     type Item = Result<Bytes, ServiceError>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {

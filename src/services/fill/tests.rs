@@ -40,6 +40,7 @@ fn upstream() -> Upstream {
         client: None,
         tls: None,
         proxy: None,
+        ranges_ahead: true,
     }
 }
 

@@ -1,0 +1,240 @@
+//! Ranges ahead of a fill, for lazy-pulling snapshotters (eStargz, SOCI, zstd:chunked):
+//! they read a layer's footer and table of contents first, then the chunks files need.
+//! A range the running fill has not reached (nor will within [`SLACK`] bytes) is asked
+//! of the upstream as that range, at once, instead of waiting for the fill. Identical
+//! ranges asked at once share one upstream request.
+//!
+//! Such bytes cannot be checked against the blob's digest when sent (lazy formats check
+//! their own chunks). Each range served ahead is remembered by its SHA-256; once the fill
+//! has verified and stored the blob, they are compared with the stored bytes: a mismatch
+//! is logged, counted (`entrepot_range_mismatches_total`) and the repository's upstream
+//! is treated as corrupt for that blob. `verify_ranges = "before"` on an upstream keeps
+//! ranges waiting for the fill instead.
+
+use std::sync::Arc;
+
+use actix_web::http::Method;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
+
+use super::blob_reply::BlobReply;
+use super::fill::{self, Fill};
+use super::flight::Join;
+use super::{repo_digest_key, ServiceError, Services, Source};
+use crate::names::Digest;
+use crate::upstream::Upstream;
+
+/// A range starting within this many bytes past what the fill received is left to the
+/// fill (it gets there in tens of milliseconds at the rates fills run).
+pub(super) const SLACK: u64 = 4 << 20;
+/// Largest range fetched ahead (bigger ones follow the fill): bytes held in memory
+/// while they are sent.
+pub(super) const MAX_RANGE: u64 = 8 << 20;
+/// Most ahead-of-fill fetches at once, for the whole mirror.
+const MAX_FLIGHTS: usize = 64;
+/// Ranges remembered per blob for the check after the fill, and blobs remembered.
+const MAX_REMEMBERED: usize = 256;
+const MAX_BLOBS: usize = 4096;
+
+/// An ahead-of-fill fetch, as its followers see it.
+#[derive(Clone, Default)]
+pub enum Fetch {
+    #[default]
+    Pending,
+    Done(Bytes),
+    /// The upstream did not serve the range (no 206): follow the fill instead.
+    Declined,
+    Failed(Arc<ServiceError>),
+}
+
+/// A range served ahead, to compare with the stored blob.
+#[derive(Clone)]
+pub struct Served {
+    start: u64,
+    len: u64,
+    sha256: [u8; 32],
+    upstream: String,
+    repo: String,
+    /// The key under which a mismatch marks the upstream corrupt for this repository.
+    corrupt_key: String,
+}
+
+/// The mirror's ahead-of-fill state.
+#[derive(Default)]
+pub struct Ahead {
+    flights: Arc<super::flight::Flights<String, Fetch>>,
+    served: dashmap::DashMap<Digest, Vec<Served>>,
+}
+
+/// Whether `[start, end)` should be fetched ahead of the fill `rx`.
+pub(super) fn wanted(up: &Upstream, rx: &watch::Receiver<Fill>, start: u64, end: u64) -> bool {
+    if !up.ranges_ahead || end - start > MAX_RANGE {
+        return false;
+    }
+    let f = rx.borrow();
+    if f.verified() || f.ended() {
+        return false;
+    }
+    start > f.recent.received().max(f.written) + SLACK
+}
+
+/// `[start, end)` of `d` from the upstream, shared by identical requests; `None` when
+/// the upstream does not serve ranges or too many run: the caller follows the fill.
+pub(super) async fn serve(
+    svc: &Services,
+    up: &Upstream,
+    repo: &str,
+    d: &Digest,
+    (start, end): (u64, u64),
+    size: Option<u64>,
+) -> Result<Option<BlobReply>, ServiceError> {
+    let ahead = &svc.mirror.ahead;
+    if ahead.flights.in_flight() >= MAX_FLIGHTS {
+        return Ok(None);
+    }
+    let key = format!("{d} {start}-{end}");
+    let mut rx = match ahead.flights.join(key, Fetch::default) {
+        Join::Leader(lead) => {
+            let fetched = fetch(svc, up, repo, d, start, end).await;
+            let outcome = match fetched {
+                Ok(Some(b)) => Fetch::Done(b),
+                Ok(None) => Fetch::Declined,
+                Err(e) => Fetch::Failed(Arc::new(e)),
+            };
+            let _ = lead.tx.send(outcome.clone());
+            return finish(svc, up, repo, d, start, size, outcome);
+        }
+        Join::Follower(rx) => rx,
+    };
+    let outcome = rx
+        .wait_for(|f| !matches!(f, Fetch::Pending))
+        .await
+        .map(|f| f.clone())
+        .unwrap_or(Fetch::Declined);
+    finish(svc, up, repo, d, start, size, outcome)
+}
+
+fn finish(
+    svc: &Services,
+    up: &Upstream,
+    repo: &str,
+    d: &Digest,
+    start: u64,
+    size: Option<u64>,
+    outcome: Fetch,
+) -> Result<Option<BlobReply>, ServiceError> {
+    let bytes = match outcome {
+        Fetch::Done(b) => b,
+        Fetch::Declined | Fetch::Pending => return Ok(None),
+        Fetch::Failed(e) => return Err(ServiceError::Shared(e)),
+    };
+    remember(svc, up, repo, d, start, &bytes);
+    svc.mirror
+        .metrics
+        .ranges_ahead
+        .with_label_values(&[&up.name])
+        .inc();
+    let end = start + bytes.len() as u64;
+    let body = fill::stream::BodyStream::from_bytes(bytes, svc.mirror.metrics.clone());
+    Ok(Some(BlobReply {
+        size,
+        range: Some((start, end)),
+        body: Some(body),
+        source: Source::Upstream,
+    }))
+}
+
+/// Asks the upstream for exactly `[start, end)`; `None` if it answers anything but a
+/// `206` of that length.
+async fn fetch(
+    svc: &Services,
+    up: &Upstream,
+    repo: &str,
+    d: &Digest,
+    start: u64,
+    end: u64,
+) -> Result<Option<Bytes>, ServiceError> {
+    let what = format!("blobs/{d}");
+    let mut req = fill::blob_request(Method::GET, repo, &what, Some(start));
+    req.range_to = Some(end - 1);
+    let resp = svc
+        .upstream_ok(up, "blob_range", req, || {
+            ServiceError::BlobUnknown(d.to_string())
+        })
+        .await?;
+    if resp.status() != actix_web::http::StatusCode::PARTIAL_CONTENT {
+        return Ok(None);
+    }
+    let want = (end - start) as usize;
+    let mut body = resp;
+    let mut got = bytes::BytesMut::with_capacity(want);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| {
+            ServiceError::Unavailable(format!("upstream {}: range of {d}: {e}", up.name))
+        })?;
+        if got.len() + chunk.len() > want {
+            return Ok(None);
+        }
+        got.extend_from_slice(&chunk);
+    }
+    Ok((got.len() == want).then(|| got.freeze()))
+}
+
+fn remember(svc: &Services, up: &Upstream, repo: &str, d: &Digest, start: u64, bytes: &Bytes) {
+    let served = &svc.mirror.ahead.served;
+    if served.len() >= MAX_BLOBS && !served.contains_key(d) {
+        return;
+    }
+    let mut list = served.entry(d.clone()).or_default();
+    if list.len() < MAX_REMEMBERED
+        && !list
+            .iter()
+            .any(|s| s.start == start && s.len == bytes.len() as u64)
+    {
+        list.push(Served {
+            start,
+            len: bytes.len() as u64,
+            sha256: Sha256::digest(bytes).into(),
+            upstream: up.name.clone(),
+            repo: repo.to_string(),
+            corrupt_key: repo_digest_key(up, repo, d),
+        });
+    }
+}
+
+/// After the fill stored `d`: compares every range served ahead with the stored bytes.
+pub(super) async fn check(svc: &Services, d: &Digest) {
+    let Some((_, served)) = svc.mirror.ahead.served.remove(d) else {
+        return;
+    };
+    let store = svc.mirror.store.clone();
+    let dd = d.clone();
+    let hashes = super::offload(async move {
+        let mut out = Vec::new();
+        for s in &served {
+            let bytes = store.read_range(&dd, s.start, s.len)?;
+            let same = bytes
+                .as_deref()
+                .map(|b| <[u8; 32]>::from(Sha256::digest(b)) == s.sha256);
+            out.push((s.clone(), same));
+        }
+        Ok::<_, ServiceError>(out)
+    })
+    .await;
+    let Ok(checked) = hashes else {
+        return;
+    };
+    for (s, same) in checked {
+        if same == Some(false) {
+            svc.mirror
+                .metrics
+                .range_mismatches
+                .with_label_values(&[&s.upstream])
+                .inc();
+            tracing::error!(upstream = %s.upstream, repo = %s.repo, digest = %d, start = s.start, len = s.len, "a range served ahead of the fill differs from the verified blob: the upstream sent wrong bytes for it");
+            svc.mirror.corrupt.remember(s.corrupt_key.clone());
+        }
+    }
+}
