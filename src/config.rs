@@ -449,6 +449,9 @@ pub struct UpstreamConfig {
     /// the upstream at once and checked against the blob once the fill verified it;
     /// `before`: it waits for the verified fill.
     pub verify_ranges: Option<String>,
+    /// Whether a range of a cold blob starts the fill of the whole blob (default true: the
+    /// next full pull is warm); false: ranges are served from the upstream alone.
+    pub range_fill: Option<bool>,
 }
 
 /// Built-in upstreams used when no config file exists.

@@ -271,3 +271,33 @@ fn wrong_bytes_served_ahead_are_caught_after_the_fill() {
     let again = get(&url);
     assert_eq!(format!("sha256:{}", sha256_hex(&again.body)), d);
 }
+
+/// `range_fill = false`: a range of a cold blob is served from the upstream alone (with
+/// the blob's size in `Content-Range`), and no fill downloads the whole blob.
+#[test]
+fn with_range_fill_off_a_range_starts_no_fill() {
+    if !require(PEERS) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let blob = noise(6 << 20, 295);
+    let d = up.push_blob("library/lazy", &blob);
+    let m = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"docker.io\"]\nurl = \"{}\"\nrange_fill = false\n",
+            up.url()
+        ),
+    );
+    let url = format!("{}/v2/docker.io/library/lazy/blobs/{d}", m.url());
+    let r = http("GET", &url, &[("Range", "bytes=100-4195")]);
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, blob[100..4196]);
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes 100-4195/{}", blob.len()).as_str())
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(up.count("GET", &format!("/blobs/{d}")), 1, "the range only");
+    assert!(m.store_files(&d[7..]).is_empty(), "nothing stored");
+}

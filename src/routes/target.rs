@@ -166,6 +166,7 @@ mod tests {
             tls: None,
             proxy: None,
             ranges_ahead: true,
+            range_fill: true,
         })
     }
 

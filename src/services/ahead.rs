@@ -43,7 +43,8 @@ const MAX_BLOBS: usize = 4096;
 pub enum Fetch {
     #[default]
     Pending,
-    Done(Bytes),
+    /// The bytes, and the blob's size from the upstream's `Content-Range`.
+    Done(Bytes, Option<u64>),
     /// The upstream did not serve the range (no 206): follow the fill instead.
     Declined,
     Failed(Arc<ServiceError>),
@@ -66,6 +67,20 @@ pub struct Served {
 pub struct Ahead {
     flights: Arc<super::flight::Flights<String, Fetch>>,
     served: dashmap::DashMap<Digest, Vec<Served>>,
+}
+
+/// A range asked while no fill runs, on an upstream with `range_fill = false`: served
+/// from the upstream alone, no fill started (a lazily pulled layer is never downloaded
+/// whole by the mirror). Only an explicit `bytes=a-b` range qualifies.
+pub(super) fn without_fill(up: &Upstream, range: Option<super::ByteRange>) -> Option<(u64, u64)> {
+    match range? {
+        super::ByteRange::From(a, Some(b))
+            if !up.range_fill && up.ranges_ahead && b - a < MAX_RANGE =>
+        {
+            Some((a, b + 1))
+        }
+        _ => None,
+    }
 }
 
 /// Whether `[start, end)` should be fetched ahead of the fill `rx`.
@@ -99,7 +114,7 @@ pub(super) async fn serve(
         Join::Leader(lead) => {
             let fetched = fetch(svc, up, repo, d, start, end).await;
             let outcome = match fetched {
-                Ok(Some(b)) => Fetch::Done(b),
+                Ok(Some((b, total))) => Fetch::Done(b, total),
                 Ok(None) => Fetch::Declined,
                 Err(e) => Fetch::Failed(Arc::new(e)),
             };
@@ -125,12 +140,16 @@ fn finish(
     size: Option<u64>,
     outcome: Fetch,
 ) -> Result<Option<BlobReply>, ServiceError> {
-    let bytes = match outcome {
-        Fetch::Done(b) => b,
+    let (bytes, total) = match outcome {
+        Fetch::Done(b, total) => (b, total),
         Fetch::Declined | Fetch::Pending => return Ok(None),
         Fetch::Failed(e) => return Err(ServiceError::Shared(e)),
     };
-    remember(svc, up, repo, d, start, &bytes);
+    // Checked once a fill verifies the blob; with no fill (range_fill = false) there is
+    // nothing to check against.
+    if svc.mirror.blob_flights.follow(d).is_some() {
+        remember(svc, up, repo, d, start, &bytes);
+    }
     svc.mirror
         .metrics
         .ranges_ahead
@@ -139,7 +158,7 @@ fn finish(
     let end = start + bytes.len() as u64;
     let body = fill::stream::BodyStream::from_bytes(bytes, svc.mirror.metrics.clone());
     Ok(Some(BlobReply {
-        size,
+        size: size.or(total),
         range: Some((start, end)),
         body: Some(body),
         source: Source::Upstream,
@@ -147,7 +166,7 @@ fn finish(
 }
 
 /// Asks the upstream for exactly `[start, end)`; `None` if it answers anything but a
-/// `206` of that length.
+/// `206` of that length. With the blob's size from `Content-Range`, when it says.
 async fn fetch(
     svc: &Services,
     up: &Upstream,
@@ -155,7 +174,7 @@ async fn fetch(
     d: &Digest,
     start: u64,
     end: u64,
-) -> Result<Option<Bytes>, ServiceError> {
+) -> Result<Option<(Bytes, Option<u64>)>, ServiceError> {
     let what = format!("blobs/{d}");
     let mut req = fill::blob_request(Method::GET, repo, &what, Some(start));
     req.range_to = Some(end - 1);
@@ -167,6 +186,12 @@ async fn fetch(
     if resp.status() != actix_web::http::StatusCode::PARTIAL_CONTENT {
         return Ok(None);
     }
+    let total = resp
+        .headers()
+        .get(actix_web::http::header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit('/').next())
+        .and_then(|t| t.trim().parse::<u64>().ok());
     let want = (end - start) as usize;
     let mut body = resp;
     let mut got = bytes::BytesMut::with_capacity(want);
@@ -179,7 +204,7 @@ async fn fetch(
         }
         got.extend_from_slice(&chunk);
     }
-    Ok((got.len() == want).then(|| got.freeze()))
+    Ok((got.len() == want).then(|| (got.freeze(), total)))
 }
 
 fn remember(svc: &Services, up: &Upstream, repo: &str, d: &Digest, start: u64, bytes: &Bytes) {

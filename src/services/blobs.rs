@@ -196,6 +196,13 @@ impl Services {
         range: Option<ByteRange>,
         forward: bool,
     ) -> Result<BlobReply, ServiceError> {
+        if let Some(r) = ahead::without_fill(up, range) {
+            if self.mirror.blob_flights.follow(d).is_none() {
+                if let Some(reply) = ahead::serve(self, up, repo, d, r, None).await? {
+                    return Ok(reply);
+                }
+            }
+        }
         let origin = format!("{}/{repo}", up.name);
         let (rx, file, size) = self.join_fill(up, repo, d, &origin, forward).await?;
         let range = match (range, size) {

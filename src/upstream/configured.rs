@@ -35,6 +35,8 @@ pub struct Upstream {
     /// Ranges of cold blobs may be fetched ahead of the fill (`verify_ranges = "after"`,
     /// the default); false: they wait for the verified fill.
     pub ranges_ahead: bool,
+    /// A range of a cold blob starts the blob's fill (`range_fill`, default true).
+    pub range_fill: bool,
 }
 
 /// Never prints the password.
@@ -98,6 +100,7 @@ impl Upstream {
                     .map(|f| tls_with_ca(name, f))
                     .transpose()?,
                 ranges_ahead: up.verify_ranges.as_deref() != Some("before"),
+                range_fill: up.range_fill.unwrap_or(true),
                 proxy: up
                     .resolve_proxy(name)?
                     .map(|p| crate::egress::Proxies::single(&p))
@@ -126,6 +129,7 @@ impl Upstream {
             tls: self.tls.clone(),
             proxy: self.proxy.clone(),
             ranges_ahead: self.ranges_ahead,
+            range_fill: self.range_fill,
         })
     }
 

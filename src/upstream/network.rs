@@ -283,6 +283,7 @@ mod tests {
             tls: None,
             proxy: None,
             ranges_ahead: true,
+            range_fill: true,
         }
     }
 

@@ -41,6 +41,7 @@ fn upstream() -> Upstream {
         tls: None,
         proxy: None,
         ranges_ahead: true,
+        range_fill: true,
     }
 }
 
