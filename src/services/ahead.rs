@@ -69,14 +69,11 @@ pub struct Ahead {
     served: dashmap::DashMap<Digest, Vec<Served>>,
 }
 
-/// A range asked while no fill runs, on an upstream with `range_fill = false`: served
-/// from the upstream alone, no fill started (a lazily pulled layer is never downloaded
-/// whole by the mirror). Only an explicit `bytes=a-b` range qualifies.
-pub(super) fn without_fill(up: &Upstream, range: Option<super::ByteRange>) -> Option<(u64, u64)> {
+/// An explicit `bytes=a-b` range (up to [`MAX_RANGE`]) that can go to the upstream
+/// before any fill has answered: `[a, b + 1)`.
+pub(super) fn explicit(up: &Upstream, range: Option<super::ByteRange>) -> Option<(u64, u64)> {
     match range? {
-        super::ByteRange::From(a, Some(b))
-            if !up.range_fill && up.ranges_ahead && b - a < MAX_RANGE =>
-        {
+        super::ByteRange::From(a, Some(b)) if up.ranges_ahead && b - a < MAX_RANGE => {
             Some((a, b + 1))
         }
         _ => None,
@@ -85,6 +82,7 @@ pub(super) fn without_fill(up: &Upstream, range: Option<super::ByteRange>) -> Op
 
 /// Whether `[start, end)` should be fetched ahead of the fill `rx`.
 pub(super) fn wanted(up: &Upstream, rx: &watch::Receiver<Fill>, start: u64, end: u64) -> bool {
+    // (`up` decides whether ranges may go ahead at all.)
     if !up.ranges_ahead || end - start > MAX_RANGE {
         return false;
     }
@@ -109,7 +107,9 @@ pub(super) async fn serve(
     if ahead.flights.in_flight() >= MAX_FLIGHTS {
         return Ok(None);
     }
-    let key = format!("{d} {start}-{end}");
+    // Per upstream, credential and repository: a range is only ever shared between
+    // requests the upstream would answer alike.
+    let key = format!("{} {start}-{end}", repo_digest_key(up, repo, d));
     let mut rx = match ahead.flights.join(key, Fetch::default) {
         Join::Leader(lead) => {
             let fetched = fetch(svc, up, repo, d, start, end).await;

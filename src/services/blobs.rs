@@ -196,14 +196,33 @@ impl Services {
         range: Option<ByteRange>,
         forward: bool,
     ) -> Result<BlobReply, ServiceError> {
-        if let Some(r) = ahead::without_fill(up, range) {
-            if self.mirror.blob_flights.follow(d).is_none() {
+        let origin = format!("{}/{repo}", up.name);
+        // An explicit range goes to the upstream at once, in parallel with the fill it
+        // starts (when `range_fill`): the footer a snapshotter asks first must not wait
+        // for the fill's headers.
+        if let Some(r) = ahead::explicit(up, range) {
+            let running = self.mirror.blob_flights.follow(d);
+            let ahead_of = running
+                .as_ref()
+                .is_none_or(|rx| ahead::wanted(up, rx, r.0, r.1));
+            if ahead_of {
+                if running.is_none() && up.range_fill {
+                    let (this, up2, repo2, d2, o) = (
+                        self.clone(),
+                        up.clone(),
+                        repo.to_string(),
+                        d.clone(),
+                        origin.clone(),
+                    );
+                    actix_web::rt::spawn(async move {
+                        let _ = this.join_fill(&up2, &repo2, &d2, &o, forward).await;
+                    });
+                }
                 if let Some(reply) = ahead::serve(self, up, repo, d, r, None).await? {
                     return Ok(reply);
                 }
             }
         }
-        let origin = format!("{}/{repo}", up.name);
         let (rx, file, size) = self.join_fill(up, repo, d, &origin, forward).await?;
         let range = match (range, size) {
             (Some(r), Some(size)) => Some(r.resolve(size)?),
