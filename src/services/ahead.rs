@@ -102,6 +102,7 @@ pub(super) async fn serve(
     d: &Digest,
     (start, end): (u64, u64),
     size: Option<u64>,
+    will_fill: bool,
 ) -> Result<Option<BlobReply>, ServiceError> {
     let ahead = &svc.mirror.ahead;
     if ahead.flights.in_flight() >= MAX_FLIGHTS {
@@ -119,7 +120,7 @@ pub(super) async fn serve(
                 Err(e) => Fetch::Failed(Arc::new(e)),
             };
             let _ = lead.tx.send(outcome.clone());
-            return finish(svc, up, repo, d, start, size, outcome);
+            return finish(svc, up, repo, d, start, size, outcome, will_fill);
         }
         Join::Follower(rx) => rx,
     };
@@ -128,9 +129,10 @@ pub(super) async fn serve(
         .await
         .map(|f| f.clone())
         .unwrap_or(Fetch::Declined);
-    finish(svc, up, repo, d, start, size, outcome)
+    finish(svc, up, repo, d, start, size, outcome, will_fill)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn finish(
     svc: &Services,
     up: &Upstream,
@@ -139,6 +141,7 @@ fn finish(
     start: u64,
     size: Option<u64>,
     outcome: Fetch,
+    will_fill: bool,
 ) -> Result<Option<BlobReply>, ServiceError> {
     let (bytes, total) = match outcome {
         Fetch::Done(b, total) => (b, total),
@@ -147,7 +150,7 @@ fn finish(
     };
     // Checked once a fill verifies the blob; with no fill (range_fill = false) there is
     // nothing to check against.
-    if svc.mirror.blob_flights.follow(d).is_some() {
+    if will_fill {
         remember(svc, up, repo, d, start, &bytes);
     }
     svc.mirror

@@ -197,28 +197,30 @@ impl Services {
         forward: bool,
     ) -> Result<BlobReply, ServiceError> {
         let origin = format!("{}/{repo}", up.name);
-        // An explicit range goes to the upstream at once, in parallel with the fill it
-        // starts (when `range_fill`): the footer a snapshotter asks first must not wait
-        // for the fill's headers.
+        // An explicit range goes to the upstream at once: the footer a snapshotter asks
+        // first must not wait for a fill's headers. The fill (when `range_fill`) starts
+        // once the range is on its way: on a fast link the two would compete for the
+        // same cores.
         if let Some(r) = ahead::explicit(up, range) {
             let running = self.mirror.blob_flights.follow(d);
             let ahead_of = running
                 .as_ref()
                 .is_none_or(|rx| ahead::wanted(up, rx, r.0, r.1));
+            let will_fill = running.is_some() || up.range_fill;
             if ahead_of {
-                if running.is_none() && up.range_fill {
-                    let (this, up2, repo2, d2, o) = (
-                        self.clone(),
-                        up.clone(),
-                        repo.to_string(),
-                        d.clone(),
-                        origin.clone(),
-                    );
-                    actix_web::rt::spawn(async move {
-                        let _ = this.join_fill(&up2, &repo2, &d2, &o, forward).await;
-                    });
-                }
-                if let Some(reply) = ahead::serve(self, up, repo, d, r, None).await? {
+                if let Some(reply) = ahead::serve(self, up, repo, d, r, None, will_fill).await? {
+                    if running.is_none() && up.range_fill {
+                        let (this, up2, repo2, d2, o) = (
+                            self.clone(),
+                            up.clone(),
+                            repo.to_string(),
+                            d.clone(),
+                            origin.clone(),
+                        );
+                        actix_web::rt::spawn(async move {
+                            let _ = this.join_fill(&up2, &repo2, &d2, &o, forward).await;
+                        });
+                    }
                     return Ok(reply);
                 }
             }
@@ -230,7 +232,7 @@ impl Services {
         };
         // A range the fill has not reached: asked of the upstream at once.
         if let Some((start, end)) = range.filter(|(s, e)| ahead::wanted(up, &rx, *s, *e)) {
-            if let Some(r) = ahead::serve(self, up, repo, d, (start, end), size).await? {
+            if let Some(r) = ahead::serve(self, up, repo, d, (start, end), size, true).await? {
                 return Ok(r);
             }
         }

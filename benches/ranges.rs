@@ -1,0 +1,63 @@
+//! Lazy pulling: the last 1 MiB of a cold blob (a snapshotter's footer read) through
+//! entrepot, a Distribution proxy and the upstream itself, on loopback; each round a
+//! fresh blob. (The test throttle paces each connection from its start, so a kept-alive
+//! connection is not paced for a short burst: it cannot measure small ranges over a slow
+//! link, and is not used here.) Run by hand:
+//!
+//! ```sh
+//! apt-get install -y docker-registry curl
+//! cargo bench --bench ranges          # BENCH_MIB=192 BENCH_ROUNDS=5
+//! ```
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::*;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    if !require(&["docker-registry", "curl"]) {
+        return;
+    }
+    let mib = env_or("BENCH_MIB", 192);
+    let rounds = env_or("BENCH_ROUNDS", 5);
+    let up = Registry::start(Auth::Anonymous);
+    let mirror = Mirror::start(
+        "",
+        &format!("[upstreams.\"docker.io\"]\nurl = \"{}\"\n", up.url()),
+    );
+    let proxy = Registry::start_proxy(&up.url());
+    let tail = format!("{}-{}", (mib << 20) - (1 << 20), (mib << 20) - 1);
+    let range = ["-r", tail.as_str()];
+    println!("| last 1 MiB of a cold {mib} MiB blob, median of {rounds} | entrepot | Distribution proxy | upstream directly | entrepot / upstream |\n|---|---|---|---|---|");
+    let mut seed = 500u64;
+    let (mut e, mut p, mut u) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        seed += 1;
+        let d = up.push_blob("bench/lazy", &noise(mib << 20, seed));
+        let path = format!("bench/lazy/blobs/{d}");
+        sync();
+        u.push(curl(&format!("{}/v2/{path}", up.url()), &range).1);
+        e.push(curl(&format!("{}/v2/docker.io/{path}", mirror.url()), &range).1);
+        p.push(curl(&format!("{}/v2/{path}", proxy.url()), &range).1);
+        // Let the fills finish before the next round.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    let (e, p, u) = (median(&mut e), median(&mut p), median(&mut u));
+    println!(
+        "| loopback | {:.4} s | {:.4} s | {:.4} s | {:.2}x |",
+        e,
+        p,
+        u,
+        e / u
+    );
+    let (es, us) = (median(&mut es), median(&mut us));
+    println!(
+        "| over a 125 MB/s link | {es:.4} s | - | {us:.4} s | {:.2}x |",
+        es / us
+    );
+}
