@@ -55,8 +55,4 @@ fn main() {
         u,
         e / u
     );
-    println!(
-        "| over a 125 MB/s link | {es:.4} s | - | {us:.4} s | {:.2}x |",
-        es / us
-    );
 }
