@@ -30,13 +30,15 @@ use crate::upstream::Upstream;
 /// fill (it gets there in tens of milliseconds at the rates fills run).
 pub(super) const SLACK: u64 = 4 << 20;
 /// Largest range fetched ahead (bigger ones follow the fill): bytes held in memory
-/// while they are sent.
-pub(super) const MAX_RANGE: u64 = 8 << 20;
-/// Most ahead-of-fill fetches at once, for the whole mirror.
-const MAX_FLIGHTS: usize = 64;
-/// Ranges remembered per blob for the check after the fill, and blobs remembered.
-const MAX_REMEMBERED: usize = 256;
-const MAX_BLOBS: usize = 4096;
+/// while they are sent. eStargz chunks and tables of contents fit.
+pub(super) const MAX_RANGE: u64 = 4 << 20;
+/// Most ahead-of-fill fetches at once, for the whole mirror: with [`MAX_RANGE`], at most
+/// 64 MiB held by them.
+const MAX_FLIGHTS: usize = 16;
+/// Ranges remembered per blob for the check after the fill, and blobs remembered (about
+/// 150 bytes each: under 10 MiB in all).
+const MAX_REMEMBERED: usize = 64;
+const MAX_BLOBS: usize = 1024;
 
 /// An ahead-of-fill fetch, as its followers see it.
 #[derive(Clone, Default)]
@@ -82,7 +84,6 @@ pub(super) fn explicit(up: &Upstream, range: Option<super::ByteRange>) -> Option
 
 /// Whether `[start, end)` should be fetched ahead of the fill `rx`.
 pub(super) fn wanted(up: &Upstream, rx: &watch::Receiver<Fill>, start: u64, end: u64) -> bool {
-    // (`up` decides whether ranges may go ahead at all.)
     if !up.ranges_ahead || end - start > MAX_RANGE {
         return false;
     }
