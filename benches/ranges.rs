@@ -1,4 +1,4 @@
-//! Lazy pulling: the last 1 MiB of a cold blob (a snapshotter's footer read) through
+//! Lazy pulling and small requests. The last 1 MiB of a cold blob (a snapshotter's footer read) through
 //! entrepot, a Distribution proxy and the upstream itself, on loopback; each round a
 //! fresh blob. (The test throttle paces each connection from its start, so a kept-alive
 //! connection is not paced for a short burst: it cannot measure small ranges over a slow
@@ -17,6 +17,49 @@ use common::*;
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// The same manifest by digest from entrepot and as a static file from nginx (wrk -t2
+/// -c64): issue 28's goal is 0.8x nginx.
+fn manifests_vs_static(up: &Registry, mirror: &Mirror) {
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let c = up.push_blob("bench/app", config);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{}}},"layers":[]}}"#,
+        config.len()
+    );
+    let r = send(
+        &format!("{}/v2/bench/app/manifests/1", up.url()),
+        "PUT",
+        manifest.as_bytes(),
+        &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+    );
+    assert_eq!(r.status, 201, "push manifest");
+    let d = format!("sha256:{}", sha256_hex(manifest.as_bytes()));
+    let oci = Some("application/vnd.oci.image.manifest.v1+json");
+    let url = format!("{}/v2/docker.io/bench/app/manifests/{d}", mirror.url());
+    assert_eq!(get(&url).status, 200);
+    let nginx = common::bench::Nginx::start(|dir, port| {
+        std::fs::write(dir.join("manifest"), &manifest).expect("manifest");
+        format!(
+            "server {{ listen 127.0.0.1:{port}; location = /manifest {{ alias {}/manifest; default_type application/vnd.oci.image.manifest.v1+json; }} }}",
+            dir.display()
+        )
+    });
+    let secs = env_or("BENCH_SECS", 5) as u32;
+    let (e, e99) = wrk(&url, "GET", oci, secs);
+    let (n, n99) = wrk(
+        &format!("http://127.0.0.1:{}/manifest", nginx.port),
+        "GET",
+        oci,
+        secs,
+    );
+    println!("\n| manifest by digest, wrk -t2 -c64 | entrepot | nginx static file | entrepot / nginx |\n|---|---|---|---|");
+    println!(
+        "| req/s (p99) | {e:.0} ({e99:.2} ms) | {n:.0} ({n99:.2} ms) | {:.2}x |",
+        e / n.max(1.0)
+    );
 }
 
 fn main() {
@@ -55,4 +98,5 @@ fn main() {
         u,
         e / u
     );
+    manifests_vs_static(&up, &mirror);
 }
