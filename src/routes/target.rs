@@ -154,19 +154,9 @@ mod tests {
 
     fn up(name: &str) -> Arc<Upstream> {
         Arc::new(Upstream {
-            name: name.into(),
-            base: url::Url::parse("http://127.0.0.1:9").expect("url"),
-            fallbacks: Vec::new(),
             client_credentials: true,
-            credentials: None,
-            tag_ttl: std::time::Duration::from_secs(1),
             library_prefix: name == "docker.io",
-            filter: Default::default(),
-            client: None,
-            tls: None,
-            proxy: None,
-            ranges_ahead: true,
-            range_fill: true,
+            ..Upstream::for_tests(name, "http://127.0.0.1:9")
         })
     }
 

@@ -607,19 +607,8 @@ mod tests {
 
     fn hub_at(port: u16) -> Upstream {
         Upstream {
-            name: "hub".into(),
-            base: url::Url::parse(&format!("http://127.0.0.1:{port}")).expect("url"),
-            fallbacks: Vec::new(),
             credentials: Some(("mirror".into(), "secret".into())),
-            client_credentials: false,
-            tag_ttl: Duration::from_secs(1),
-            library_prefix: false,
-            filter: Default::default(),
-            client: None,
-            tls: None,
-            proxy: None,
-            ranges_ahead: true,
-            range_fill: true,
+            ..Upstream::for_tests("hub", &format!("http://127.0.0.1:{port}"))
         }
     }
 

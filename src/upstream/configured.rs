@@ -133,6 +133,27 @@ impl Upstream {
         })
     }
 
+    /// An upstream for unit tests: `name` at `base`, no credentials, nothing special;
+    /// tests change what they need with struct update syntax.
+    #[cfg(test)]
+    pub fn for_tests(name: &str, base: &str) -> Upstream {
+        Upstream {
+            name: name.into(),
+            base: url::Url::parse(base).expect("test url"),
+            fallbacks: Vec::new(),
+            credentials: None,
+            client_credentials: false,
+            tag_ttl: Duration::from_secs(1),
+            library_prefix: false,
+            filter: Arc::default(),
+            client: None,
+            tls: None,
+            proxy: None,
+            ranges_ahead: true,
+            range_fill: true,
+        }
+    }
+
     pub(super) fn basic_header(&self) -> Option<String> {
         self.credentials.as_ref().map(|(u, p)| basic(u, p))
     }

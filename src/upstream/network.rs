@@ -270,21 +270,7 @@ mod tests {
     }
 
     fn hub() -> Upstream {
-        Upstream {
-            name: "hub".into(),
-            base: url::Url::parse("https://registry.corp.test").expect("url"),
-            fallbacks: Vec::new(),
-            credentials: None,
-            client_credentials: false,
-            tag_ttl: std::time::Duration::from_secs(1),
-            library_prefix: false,
-            filter: Default::default(),
-            client: None,
-            tls: None,
-            proxy: None,
-            ranges_ahead: true,
-            range_fill: true,
-        }
+        Upstream::for_tests("hub", "https://registry.corp.test")
     }
 
     /// Behind a proxy the mirror may not resolve names: what it cannot resolve is checked

@@ -29,19 +29,8 @@ struct Bench {
 /// The upstream the fills are for (never asked: the test is the source).
 fn upstream() -> Upstream {
     Upstream {
-        name: "hub".into(),
-        base: url::Url::parse("http://127.0.0.1:9").expect("url"),
-        fallbacks: Vec::new(),
-        credentials: None,
-        client_credentials: false,
         tag_ttl: Duration::from_secs(60),
-        library_prefix: false,
-        filter: Arc::default(),
-        client: None,
-        tls: None,
-        proxy: None,
-        ranges_ahead: true,
-        range_fill: true,
+        ..Upstream::for_tests("hub", "http://127.0.0.1:9")
     }
 }
 
