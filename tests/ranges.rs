@@ -303,3 +303,84 @@ fn with_range_fill_off_a_range_starts_no_fill() {
     assert_eq!(up.count("GET", &format!("/blobs/{d}")), 1, "the range only");
     assert!(m.store_files(&d[7..]).is_empty(), "nothing stored");
 }
+
+/// A lazy-pulling client as a snapshotter reads an eStargz-shaped layer: the footer (the
+/// last 51 bytes, naming where the table of contents starts), the table of contents, then
+/// the chunks the files it opens need, each checked against the digest the table gives
+/// (the format's own verification). The layer is cold and its fill slow; every read is
+/// answered, the chunks check out, and the fill later verifies the whole layer with no
+/// range mismatch.
+#[test]
+fn an_estargz_shaped_lazy_read_through_a_cold_layer() {
+    if !require(PEERS) {
+        return;
+    }
+    const FOOTER: usize = 51;
+    let chunks: Vec<Vec<u8>> = (0..24).map(|i| noise(1 << 20, 300 + i)).collect();
+    let mut blob = Vec::new();
+    let mut toc = Vec::new();
+    for c in &chunks {
+        toc.push(
+            serde_json::json!({"offset": blob.len(), "size": c.len(), "sha256": sha256_hex(c)}),
+        );
+        blob.extend_from_slice(c);
+    }
+    let toc_offset = blob.len();
+    blob.extend_from_slice(serde_json::json!({ "entries": toc }).to_string().as_bytes());
+    let mut footer = format!("ESTARGZ-TOC:{toc_offset:016x}").into_bytes();
+    footer.resize(FOOTER, b' ');
+    blob.extend_from_slice(&footer);
+    let up = Registry::start(Auth::Anonymous);
+    let d = up.push_blob("library/lazy", &blob);
+    let slow = common::throttle::Throttle::start(up.port, 8 << 20);
+    let m = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:{}\"\n",
+            slow.port
+        ),
+    );
+    let url = format!("{}/v2/docker.io/library/lazy/blobs/{d}", m.url());
+    let range = |a: usize, b: usize| {
+        let r = http("GET", &url, &[("Range", &format!("bytes={a}-{}", b - 1))]);
+        assert_eq!((r.status, r.body.len()), (206, b - a), "bytes {a}-{b}");
+        r.body
+    };
+    // The size comes with the layer's descriptor; a HEAD says the same.
+    let size: usize = http("HEAD", &url, &[])
+        .header("content-length")
+        .and_then(|l| l.parse().ok())
+        .expect("size");
+    assert_eq!(size, blob.len());
+    let footer = range(size - FOOTER, size);
+    let text = String::from_utf8_lossy(&footer);
+    let at = usize::from_str_radix(
+        text.trim().strip_prefix("ESTARGZ-TOC:").expect("footer"),
+        16,
+    )
+    .expect("offset");
+    let toc: serde_json::Value = serde_json::from_slice(&range(at, size - FOOTER)).expect("toc");
+    for i in [3, 17, 22, 9] {
+        let e = &toc["entries"][i];
+        let (off, len) = (
+            e["offset"].as_u64().unwrap() as usize,
+            e["size"].as_u64().unwrap() as usize,
+        );
+        let chunk = range(off, off + len);
+        assert_eq!(
+            sha256_hex(&chunk),
+            e["sha256"].as_str().unwrap(),
+            "chunk {i}"
+        );
+    }
+    assert!(
+        m.metric("entrepot_ranges_ahead_total", &[("upstream", "docker.io")]) >= 1.0,
+        "reads went ahead of the slow fill"
+    );
+    // The whole layer, later: one fill, verified; nothing served ahead differed.
+    let whole = get(&url);
+    assert_eq!(format!("sha256:{}", sha256_hex(&whole.body)), d);
+    m.settle();
+    assert_eq!(m.metric("entrepot_range_mismatches_total", &[]), 0.0);
+    assert_eq!(m.store_files(&d[7..]).len(), 1);
+}
