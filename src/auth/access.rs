@@ -310,22 +310,27 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn users_foreign_and_push_rights() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// Access with htpasswd users alice and bob (password `pw`), alice in `auth.push`.
+    fn alice_and_bob(dir: &tempfile::TempDir, anonymous_pull: bool) -> Access {
         let file = dir.path().join("htpasswd");
         let hash = bcrypt::hash("pw", 4).expect("hash");
         std::fs::write(&file, format!("alice:{hash}\nbob:{hash}\n")).expect("write");
-        let a = Access::load(
+        Access::load(
             &AuthConfig {
                 htpasswd: Some(file),
-                anonymous_pull: false,
+                anonymous_pull,
                 push: vec!["alice".into()],
                 ..Default::default()
             },
             test_metrics(),
         )
-        .expect("load");
+        .expect("load")
+    }
+
+    #[tokio::test]
+    async fn users_foreign_and_push_rights() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = alice_and_bob(&dir, false);
         let alice = a
             .identify_basic(Some(&basic("alice", "pw")), None)
             .await
@@ -370,18 +375,7 @@ mod tests {
     #[tokio::test]
     async fn tokens_carry_only_what_the_acl_allows() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("htpasswd");
-        let hash = bcrypt::hash("pw", 4).expect("hash");
-        std::fs::write(&file, format!("alice:{hash}\nbob:{hash}\n")).expect("write");
-        let a = Access::load(
-            &AuthConfig {
-                htpasswd: Some(file),
-                push: vec!["alice".into()],
-                ..Default::default()
-            },
-            test_metrics(),
-        )
-        .expect("load");
+        let a = alice_and_bob(&dir, AuthConfig::default().anonymous_pull);
         let scopes: Vec<Scope> = ["repository:local/app:pull,push", "registry:catalog:*"]
             .into_iter()
             .filter_map(Scope::parse)

@@ -365,22 +365,14 @@ fn with_services<T>(
 async fn fetch_all(
     cfg: &Config,
     svc: &Services,
-    args: &ImageArgs,
+    images: &[String],
+    platform: Option<&str>,
     progress: &mut Progress,
 ) -> anyhow::Result<Vec<Fetched>> {
     let router = router(cfg)?;
     let (mut out, mut failed) = (Vec::new(), 0);
-    for image in args.references(cfg)? {
-        match fetch_one(
-            cfg,
-            svc,
-            &router,
-            &image,
-            args.platform.as_deref(),
-            progress,
-        )
-        .await
-        {
+    for image in images {
+        match fetch_one(cfg, svc, &router, image, platform, progress).await {
             Ok(img) => out.push(img),
             Err(e) => {
                 failed += 1;
@@ -424,9 +416,11 @@ async fn fetch_one(
 
 /// `entrepot prefetch IMAGE... | --file LIST [--platform os/arch]`.
 pub fn prefetch(cfg: &Config, args: &ImageArgs) -> anyhow::Result<()> {
+    // Every reference (and the platform) checked before anything is fetched.
+    let asked = args.references(cfg)?;
     let images = with_services(cfg, async |svc| {
         let mut progress = Progress::new("prefetch");
-        let r = fetch_all(cfg, svc, args, &mut progress).await;
+        let r = fetch_all(cfg, svc, &asked, args.platform.as_deref(), &mut progress).await;
         let (cached_items, cached_bytes) = progress.cached_totals();
         let (items, bytes) = progress.finish();
         println!(
@@ -450,11 +444,11 @@ pub fn prefetch(cfg: &Config, args: &ImageArgs) -> anyhow::Result<()> {
 pub fn export(cfg: &Config, out: &Path, copy: bool, args: &ImageArgs) -> anyhow::Result<()> {
     // Refused before any network: a bad reference or platform, a directory that is
     // neither empty nor a layout.
-    args.references(cfg)?;
+    let asked = args.references(cfg)?;
     let mut layout = LayoutWriter::create(out, copy)?;
     let (images, store) = with_services(cfg, async |svc| {
         let mut progress = Progress::new("fetch");
-        let r = fetch_all(cfg, svc, args, &mut progress).await;
+        let r = fetch_all(cfg, svc, &asked, args.platform.as_deref(), &mut progress).await;
         progress.finish();
         let images = r.map_err(|e| anyhow!("{e:#}; nothing was written to {}", out.display()))?;
         // With a bucket, what another replica fetched may not be on this disk yet.

@@ -75,16 +75,19 @@ pub struct Ahead {
 /// before any fill has answered: `[a, b + 1)`.
 pub(super) fn explicit(up: &Upstream, range: Option<super::ByteRange>) -> Option<(u64, u64)> {
     match range? {
-        super::ByteRange::From(a, Some(b)) if up.ranges_ahead && b - a < MAX_RANGE => {
-            Some((a, b + 1))
-        }
+        super::ByteRange::From(a, Some(b)) => Some((a, b + 1)).filter(|r| may(up, *r)),
         _ => None,
     }
 }
 
+/// Whether `up` lets ranges go ahead of fills and `[start, end)` is small enough to.
+fn may(up: &Upstream, (start, end): (u64, u64)) -> bool {
+    up.ranges_ahead && end - start <= MAX_RANGE
+}
+
 /// Whether `[start, end)` should be fetched ahead of the fill `rx`.
 pub(super) fn wanted(up: &Upstream, rx: &watch::Receiver<Fill>, start: u64, end: u64) -> bool {
-    if !up.ranges_ahead || end - start > MAX_RANGE {
+    if !may(up, (start, end)) {
         return false;
     }
     let f = rx.borrow();

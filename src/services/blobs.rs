@@ -197,33 +197,11 @@ impl Services {
         forward: bool,
     ) -> Result<BlobReply, ServiceError> {
         let origin = format!("{}/{repo}", up.name);
-        // An explicit range goes to the upstream at once: the footer a snapshotter asks
-        // first must not wait for a fill's headers. The fill (when `range_fill`) starts
-        // once the range is on its way: on a fast link the two would compete for the
-        // same cores.
-        if let Some(r) = ahead::explicit(up, range) {
-            let running = self.mirror.blob_flights.follow(d);
-            let ahead_of = running
-                .as_ref()
-                .is_none_or(|rx| ahead::wanted(up, rx, r.0, r.1));
-            let will_fill = running.is_some() || up.range_fill;
-            if ahead_of {
-                if let Some(reply) = ahead::serve(self, up, repo, d, r, None, will_fill).await? {
-                    if running.is_none() && up.range_fill {
-                        let (this, up2, repo2, d2, o) = (
-                            self.clone(),
-                            up.clone(),
-                            repo.to_string(),
-                            d.clone(),
-                            origin.clone(),
-                        );
-                        actix_web::rt::spawn(async move {
-                            let _ = this.join_fill(&up2, &repo2, &d2, &o, forward).await;
-                        });
-                    }
-                    return Ok(reply);
-                }
-            }
+        if let Some(r) = self
+            .range_first(up, repo, d, range, &origin, forward)
+            .await?
+        {
+            return Ok(r);
         }
         let (rx, file, size) = self.join_fill(up, repo, d, &origin, forward).await?;
         let range = match (range, size) {
@@ -257,6 +235,49 @@ impl Services {
             body: Some(body),
             source: Source::Upstream,
         })
+    }
+
+    /// An explicit range goes to the upstream at once, when no fill runs or the running
+    /// one has not reached it: the footer a snapshotter asks first must not wait for a
+    /// fill's headers. The fill (when `range_fill`) starts once the range is on its way:
+    /// on a fast link the two would compete for the same cores. `None`: follow the fill.
+    async fn range_first(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &str,
+        d: &Digest,
+        range: Option<ByteRange>,
+        origin: &str,
+        forward: bool,
+    ) -> Result<Option<BlobReply>, ServiceError> {
+        let Some((start, end)) = ahead::explicit(up, range) else {
+            return Ok(None);
+        };
+        let running = self.mirror.blob_flights.follow(d);
+        if running
+            .as_ref()
+            .is_some_and(|rx| !ahead::wanted(up, rx, start, end))
+        {
+            return Ok(None);
+        }
+        let will_fill = running.is_some() || up.range_fill;
+        let Some(reply) = ahead::serve(self, up, repo, d, (start, end), None, will_fill).await?
+        else {
+            return Ok(None);
+        };
+        if running.is_none() && up.range_fill {
+            let (this, up, repo, d, origin) = (
+                self.clone(),
+                up.clone(),
+                repo.to_string(),
+                d.clone(),
+                origin.to_string(),
+            );
+            actix_web::rt::spawn(async move {
+                let _ = this.join_fill(&up, &repo, &d, &origin, forward).await;
+            });
+        }
+        Ok(Some(reply))
     }
 
     /// Joins (or starts) the fill of `d` for `origin` and waits for its upstream headers.

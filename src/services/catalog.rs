@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use super::page::{paginate, Page};
 use super::{ServiceError, Services};
-use crate::store::{Store, StoreError};
+use crate::names::Digest;
+use crate::store::{ManifestLink, Store, StoreError};
 
 /// How old the listing may get before a background walk refreshes it.
 const REFRESH: Duration = Duration::from_secs(60);
@@ -108,15 +109,29 @@ async fn walk(store: Arc<Store>) -> Result<Vec<String>, StoreError> {
     let mut names = Vec::new();
     for ns in store.list_namespaces().await? {
         for repo in store.list_repos(&ns).await? {
-            let holds = !store.list_manifest_links(&ns, &repo).await?.is_empty()
-                || !store.list_tags(&ns, &repo).await?.is_empty();
-            if holds && !store.is_private(&ns, &repo).await? {
+            if listed(&store, &ns, &repo).await?.is_some() {
                 names.push(format!("{ns}/{repo}"));
             }
         }
     }
     names.sort();
     Ok(names)
+}
+
+/// A repository `_catalog` (and the status page) may show: it holds an image (a tag or
+/// a manifest; eviction may have left only its directory) and is not private. Its tags
+/// and manifest links, for callers that go on with them.
+pub(super) async fn listed(
+    store: &Store,
+    ns: &str,
+    repo: &str,
+) -> Result<Option<(Vec<String>, Vec<(Digest, ManifestLink)>)>, StoreError> {
+    let tags = store.list_tags(ns, repo).await?;
+    let manifests = store.list_manifest_links(ns, repo).await?;
+    if (tags.is_empty() && manifests.is_empty()) || store.is_private(ns, repo).await? {
+        return Ok(None);
+    }
+    Ok(Some((tags, manifests)))
 }
 
 impl super::Mirror {

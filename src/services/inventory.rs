@@ -76,15 +76,37 @@ impl Inventory {
             .map_or(0, |e| e.1)
     }
 
-    /// The last snapshot (none before the first walk) and its age.
+    /// The last snapshot (none before the first walk) and its age. Its `pulls` are as
+    /// walked (0): [`Inventory::top`] adds them to what it picks.
     pub fn snapshot(&self) -> Option<(Duration, Arc<Vec<RepoSummary>>)> {
         let g = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
         let (at, repos) = g.as_ref()?;
-        let mut repos = (**repos).clone();
-        for r in &mut repos {
-            r.pulls = self.pulls_of(&r.name);
-        }
-        Some((at.elapsed(), Arc::new(repos)))
+        Some((at.elapsed(), repos.clone()))
+    }
+
+    /// The `n` largest of `repos`, and the `n` most pulled (those pulled at all), with
+    /// their pull counts; only those are copied.
+    pub fn top(&self, repos: &[RepoSummary], n: usize) -> (Vec<RepoSummary>, Vec<RepoSummary>) {
+        let counted = |r: &RepoSummary, pulls: u64| RepoSummary { pulls, ..r.clone() };
+        let mut by_size: Vec<&RepoSummary> = repos.iter().collect();
+        by_size.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name.cmp(&b.name)));
+        let largest = by_size
+            .into_iter()
+            .take(n)
+            .map(|r| counted(r, self.pulls_of(&r.name)))
+            .collect();
+        let mut by_pulls: Vec<(u64, &RepoSummary)> = repos
+            .iter()
+            .map(|r| (self.pulls_of(&r.name), r))
+            .filter(|(p, _)| *p > 0)
+            .collect();
+        by_pulls.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        let pulled = by_pulls
+            .into_iter()
+            .take(n)
+            .map(|(p, r)| counted(r, p))
+            .collect();
+        (largest, pulled)
     }
 }
 
@@ -109,11 +131,9 @@ pub async fn walk(
             if prefix.is_some_and(|p| !name.starts_with(p)) {
                 continue;
             }
-            let tags = store.list_tags(&ns, &repo).await?;
-            let manifests = store.list_manifest_links(&ns, &repo).await?;
-            if (tags.is_empty() && manifests.is_empty()) || store.is_private(&ns, &repo).await? {
+            let Some((tags, manifests)) = super::catalog::listed(store, &ns, &repo).await? else {
                 continue;
-            }
+            };
             let (mut bytes, mut last) = (0, None::<SystemTime>);
             let linked = store.list_blob_links(&ns, &repo).await?;
             for d in linked.iter().chain(manifests.iter().map(|(d, _)| d)) {

@@ -317,9 +317,16 @@ impl Services {
             Ok(r) => status_class(r.status()),
             Err(_) => "error",
         };
-        self.mirror
-            .last_answer
-            .insert(up.name.clone(), (std::time::Instant::now(), class));
+        // One entry per configured upstream: only the first answer allocates its key.
+        let now = std::time::Instant::now();
+        match self.mirror.last_answer.get_mut(&up.name) {
+            Some(mut last) => *last = (now, class),
+            None => {
+                self.mirror
+                    .last_answer
+                    .insert(up.name.clone(), (now, class));
+            }
+        }
         self.metrics()
             .upstream_requests
             .with_label_values(&[&up.name, kind, req.method.as_str(), class])

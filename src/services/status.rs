@@ -104,7 +104,7 @@ impl Services {
         });
         let snapshot = self.mirror.inventory.snapshot();
         let (largest, most_pulled) = match &snapshot {
-            Some((_, repos)) => top_repos(repos),
+            Some((_, repos)) => self.mirror.inventory.top(repos, TOP),
             None => (Vec::new(), Vec::new()),
         };
         Status {
@@ -121,17 +121,6 @@ impl Services {
             most_pulled,
         }
     }
-}
-
-/// The [`TOP`] largest repositories, and the [`TOP`] most pulled (those pulled at all).
-fn top_repos(repos: &[RepoSummary]) -> (Vec<RepoSummary>, Vec<RepoSummary>) {
-    let mut largest = repos.to_vec();
-    largest.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name.cmp(&b.name)));
-    largest.truncate(TOP);
-    let mut pulled: Vec<RepoSummary> = repos.iter().filter(|r| r.pulls > 0).cloned().collect();
-    pulled.sort_by(|a, b| b.pulls.cmp(&a.pulls).then_with(|| a.name.cmp(&b.name)));
-    pulled.truncate(TOP);
-    (largest, pulled)
 }
 
 /// The last answer of an upstream, kept per upstream name (one entry per configured

@@ -27,7 +27,8 @@ pub struct LayoutWriter {
     entries: Vec<Value>,
     /// Copy objects instead of hard-linking them to the store's files.
     copy: bool,
-    counts: LayoutCounts,
+    /// Objects hard-linked so far.
+    linked: usize,
     /// Reference names in the layout before this export.
     before: HashSet<String>,
     /// Reference names this export wrote.
@@ -85,7 +86,7 @@ impl LayoutWriter {
             dir: dir.to_path_buf(),
             entries,
             copy,
-            counts: LayoutCounts::default(),
+            linked: 0,
             before,
             added: HashSet::new(),
         })
@@ -100,7 +101,7 @@ impl LayoutWriter {
             return Ok(fs::metadata(&dst)?.len());
         }
         if !self.copy && fs::hard_link(&src, &dst).is_ok() {
-            self.counts.linked += 1;
+            self.linked += 1;
         } else {
             fs::copy(&src, &dst)?;
         }
@@ -132,11 +133,14 @@ impl LayoutWriter {
 
     /// Writes `index.json` (through a temp file and a rename: a layout is never left
     /// with half an index).
-    pub fn finish(mut self) -> Result<LayoutCounts, StoreError> {
+    pub fn finish(self) -> Result<LayoutCounts, StoreError> {
         let replaced = self.added.intersection(&self.before).count();
-        self.counts.replaced = replaced;
-        self.counts.added = self.added.len() - replaced;
-        self.counts.kept = self.before.len() - replaced;
+        let counts = LayoutCounts {
+            kept: self.before.len() - replaced,
+            replaced,
+            added: self.added.len() - replaced,
+            linked: self.linked,
+        };
         let index = json!({
             "schemaVersion": 2,
             "mediaType": crate::media::OCI_INDEX,
@@ -145,7 +149,7 @@ impl LayoutWriter {
         let tmp = self.dir.join("index.json.tmp");
         fs::write(&tmp, index.to_string())?;
         fs::rename(&tmp, self.dir.join("index.json"))?;
-        Ok(self.counts)
+        Ok(counts)
     }
 }
 

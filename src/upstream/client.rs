@@ -148,19 +148,23 @@ impl UpstreamClient {
     /// The answer of the proxy itself, when `resp` came from one (see
     /// [`super::error::proxy_answer`]).
     fn proxy_answer(&self, at: &At<'_>, resp: &ClientResponse) -> Option<UpstreamError> {
+        // The status first: every upstream answer passes here, and only a proxy's own
+        // needs the route looked up.
+        if !super::error::from_proxy(resp.status(), resp.headers()) {
+            return None;
+        }
         let base = at.base;
         let route = self.proxies(at.up).route(
             base.scheme(),
             base.host_str()?,
             base.port_or_known_default()?,
         )?;
-        super::error::proxy_answer(
+        Some(super::error::proxy_answer(
             at.up,
             &route.shown,
             shown(base),
             resp.status(),
-            resp.headers(),
-        )
+        ))
     }
 
     /// The proxies `up`'s requests go through (its own, or the environment's).

@@ -88,28 +88,33 @@ pub(super) fn connect_msg(up: &Upstream, msg: String) -> UpstreamError {
     }
 }
 
-/// A proxy's own answer to a request it carried in absolute form (`http://` targets):
-/// `407`, or a gateway error it marks as its own (`Proxy-Status`, squid's `X-Squid-Error`).
+/// Whether an answer is a proxy's own (to a request it carried in absolute form, for an
+/// `http://` target): `407`, or a gateway error it marks as its own (`Proxy-Status`,
+/// squid's `X-Squid-Error`).
+pub(super) fn from_proxy(
+    status: awc::http::StatusCode,
+    headers: &awc::http::header::HeaderMap,
+) -> bool {
+    let marked = headers.contains_key("proxy-status") || headers.contains_key("x-squid-error");
+    status == awc::http::StatusCode::PROXY_AUTHENTICATION_REQUIRED
+        || (status.is_server_error() && marked)
+}
+
+/// The error for a proxy's own answer `status` (see [`from_proxy`]) to a request for
+/// `url`, naming the proxy.
 pub(super) fn proxy_answer(
     up: &Upstream,
     proxy: &str,
     url: &str,
     status: awc::http::StatusCode,
-    headers: &awc::http::header::HeaderMap,
-) -> Option<UpstreamError> {
-    let marked = headers.contains_key("proxy-status") || headers.contains_key("x-squid-error");
-    let own = status == awc::http::StatusCode::PROXY_AUTHENTICATION_REQUIRED
-        || (status.is_server_error() && marked);
-    if !own {
-        return None;
-    }
+) -> UpstreamError {
     let hint = if status == awc::http::StatusCode::PROXY_AUTHENTICATION_REQUIRED {
         "; check the proxy user and password (HTTP_PROXY, or the upstream's proxy and proxy_password_file)"
     } else {
         ""
     };
-    Some(UpstreamError::Proxy {
+    UpstreamError::Proxy {
         upstream: up.name.clone(),
         msg: format!("egress proxy {proxy} answered {status} for {url}{hint}"),
-    })
+    }
 }
