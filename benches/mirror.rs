@@ -13,7 +13,7 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -45,53 +45,6 @@ fn sizes() -> Sizes {
             wrk_secs: 10,
         }
     }
-}
-
-/// A small keep-alive load generator for HEAD, which wrk cannot measure (it waits for a
-/// body after a HEAD response's Content-Length): 64 connections, (requests/s, p99 ms).
-fn head_load(port: u16, path: &str, secs: u32) -> (f64, f64) {
-    use std::io::{BufRead, BufReader, Write};
-    let deadline = Instant::now() + Duration::from_secs(secs as u64);
-    let threads: Vec<_> = (0..64)
-        .map(|_| {
-            let path = path.to_string();
-            std::thread::spawn(move || {
-                let mut lat = Vec::new();
-                let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-                    return lat;
-                };
-                let _ = s.set_nodelay(true);
-                let mut r = BufReader::new(s.try_clone().expect("clone"));
-                let req = format!("HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
-                while Instant::now() < deadline {
-                    let t = Instant::now();
-                    if (&s).write_all(req.as_bytes()).is_err() {
-                        break;
-                    }
-                    let mut line = String::new();
-                    loop {
-                        line.clear();
-                        match r.read_line(&mut line) {
-                            Ok(0) | Err(_) => return lat,
-                            Ok(_) if line == "\r\n" => break,
-                            Ok(_) => {}
-                        }
-                    }
-                    lat.push(t.elapsed());
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut all: Vec<Duration> = threads
-        .into_iter()
-        .flat_map(|t| t.join().unwrap_or_default())
-        .collect();
-    all.sort();
-    let p99 = all
-        .get(all.len() * 99 / 100)
-        .map_or(0.0, |d| d.as_secs_f64() * 1e3);
-    (all.len() as f64 / secs as f64, p99)
 }
 
 /// Peak resident memory of a process (VmHWM), MiB.

@@ -243,6 +243,10 @@ pub struct ServerConfig {
     /// How long to wait for an upstream's response headers.
     #[serde(with = "humantime_serde")]
     pub upstream_timeout: Duration,
+    /// Hot manifests, tag records and manifest links kept in memory (0: none). What
+    /// another process adds (`entrepot import`) is seen at once, what it changes or
+    /// removes (`entrepot gc`) within a second.
+    pub memory_cache: bytesize::ByteSize,
     /// Cap on upstream-cached content (hosted content never counts); none: unbounded.
     pub max_cache_size: Option<bytesize::ByteSize>,
     /// Cached content not pulled for this long is dropped; none: kept.
@@ -395,6 +399,7 @@ impl Default for ServerConfig {
             storage: PathBuf::from("./data"),
             default_upstream: None,
             upstream_timeout: Duration::from_secs(30),
+            memory_cache: bytesize::ByteSize::mib(32),
             max_cache_size: None,
             max_age: None,
             gc_interval: Duration::from_secs(600),

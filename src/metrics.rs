@@ -36,6 +36,10 @@ pub struct Metrics {
     pub store_bytes: IntGauge,
     /// The configured `max_cache_size` (0: none), for "near the cap" alerts.
     pub cache_limit_bytes: IntGauge,
+    /// Bytes held by the memory of hot manifests and metadata (`server.memory_cache`).
+    pub memory_cache_bytes: IntGauge,
+    /// Lookups in that memory, by `result` (`hit`, `miss`).
+    pub memory_cache_lookups: IntCounterVec,
     /// Writes the store refused, by reason (e.g. `no_space`: passed through uncached).
     pub store_errors: IntCounterVec,
     pub evicted_bytes: prometheus::IntCounter,
@@ -228,6 +232,17 @@ impl Metrics {
                 r,
                 "entrepot_fill_backlog_bytes",
                 "Bytes cold fills hold beyond their own 16 MiB while the disk stalls (pool: 80 MiB)",
+            )?,
+            memory_cache_bytes: gauge(
+                r,
+                "entrepot_memory_cache_bytes",
+                "Bytes of hot manifests and metadata held in memory (server.memory_cache)",
+            )?,
+            memory_cache_lookups: counter(
+                r,
+                "entrepot_memory_cache_lookups_total",
+                "Lookups in the memory of hot manifests and metadata, by result",
+                &["result"],
             )?,
             cache_limit_bytes: gauge(
                 r,

@@ -54,7 +54,10 @@ pub async fn open_store(
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
     let egress = Proxies::from_env().map_err(|e| anyhow::anyhow!("egress proxy {e}"))?;
-    let store = Arc::new(open_store(&cfg, metrics.clone(), &egress).await?);
+    let store = open_store(&cfg, metrics.clone(), &egress)
+        .await?
+        .keep_in_memory(cfg.server.memory_cache.as_u64());
+    let store = Arc::new(store);
     let _owner = store.own()?;
     let removed = store.clean_tmp()?;
     if removed > 0 {
@@ -63,6 +66,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let names: Vec<&str> = cfg.upstreams.keys().map(String::as_str).collect();
     metrics.init_labels(&names, cfg.server.s3.is_some(), cfg.cluster.is_some());
     spawn_measure(store.clone(), metrics.clone());
+    spawn_memory_metrics(store.clone(), metrics.clone());
     let limit = cfg.server.max_cache_size.map_or(0, |s| s.as_u64());
     metrics.cache_limit_bytes.set(limit as i64);
     let hosted_prefix = cfg.hosted.as_ref().map(|h| h.prefix.as_str());
@@ -228,6 +232,23 @@ fn spawn_gc(mirror: Arc<Mirror>, cfg: &Config) {
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "eviction failed"),
+            }
+        }
+    });
+}
+
+/// Copies the memory cache's counts into the metrics every few seconds (the store knows
+/// nothing of Prometheus; counting there is one atomic add per lookup).
+fn spawn_memory_metrics(store: Arc<Store>, metrics: Arc<Metrics>) {
+    actix_web::rt::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let s = store.memory_stats();
+            metrics.memory_cache_bytes.set(s.bytes as i64);
+            for (result, now) in [("hit", s.hits), ("miss", s.misses)] {
+                let c = metrics.memory_cache_lookups.with_label_values(&[result]);
+                c.inc_by(now.saturating_sub(c.get()));
             }
         }
     });

@@ -117,14 +117,34 @@ pub(super) async fn serve(
     let key = format!("{} {start}-{end}", repo_digest_key(up, repo, d));
     let mut rx = match ahead.flights.join(key, Fetch::default) {
         Join::Leader(lead) => {
-            let fetched = fetch(svc, up, repo, d, start, end).await;
-            let outcome = match fetched {
-                Ok(Some((b, total))) => Fetch::Done(b, total),
-                Ok(None) => Fetch::Declined,
-                Err(e) => Fetch::Failed(Arc::new(e)),
+            let opened = match open(svc, up, repo, d, start, end).await {
+                Ok(o) => o,
+                Err(e) => {
+                    let e = Arc::new(e);
+                    let _ = lead.tx.send(Fetch::Failed(e.clone()));
+                    return Err(ServiceError::Shared(e));
+                }
             };
-            let _ = lead.tx.send(outcome.clone());
-            return finish(svc, up, repo, d, start, size, outcome, will_fill);
+            let Some((body, total)) = opened else {
+                let _ = lead.tx.send(Fetch::Declined);
+                return Ok(None);
+            };
+            count(svc, up);
+            let relay = Relay {
+                body,
+                got: bytes::BytesMut::with_capacity((end - start) as usize),
+                want: (end - start) as usize,
+                total,
+                lead,
+                check: will_fill.then(|| Check::new(up, repo, d, start)),
+                svc: svc.clone(),
+            };
+            return Ok(Some(BlobReply {
+                size: size.or(total),
+                range: Some((start, end)),
+                body: Some(relay.stream()),
+                source: Source::Upstream,
+            }));
         }
         Join::Follower(rx) => rx,
     };
@@ -133,35 +153,13 @@ pub(super) async fn serve(
         .await
         .map(|f| f.clone())
         .unwrap_or(Fetch::Declined);
-    finish(svc, up, repo, d, start, size, outcome, will_fill)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn finish(
-    svc: &Services,
-    up: &Upstream,
-    repo: &str,
-    d: &Digest,
-    start: u64,
-    size: Option<u64>,
-    outcome: Fetch,
-    will_fill: bool,
-) -> Result<Option<BlobReply>, ServiceError> {
     let (bytes, total) = match outcome {
         Fetch::Done(b, total) => (b, total),
         Fetch::Declined | Fetch::Pending => return Ok(None),
         Fetch::Failed(e) => return Err(ServiceError::Shared(e)),
     };
-    // Checked once a fill verifies the blob; with no fill (range_fill = false) there is
-    // nothing to check against.
-    if will_fill {
-        remember(svc, up, repo, d, start, &bytes);
-    }
-    svc.mirror
-        .metrics
-        .ranges_ahead
-        .with_label_values(&[&up.name])
-        .inc();
+    // The leader remembered these bytes for the check after the fill.
+    count(svc, up);
     let end = start + bytes.len() as u64;
     let body = fill::stream::BodyStream::from_bytes(bytes, svc.mirror.metrics.clone());
     Ok(Some(BlobReply {
@@ -172,16 +170,83 @@ fn finish(
     }))
 }
 
+fn count(svc: &Services, up: &Upstream) {
+    svc.mirror
+        .metrics
+        .ranges_ahead
+        .with_label_values(&[&up.name])
+        .inc();
+}
+
+/// The leader's range, streamed to its client as it arrives from the upstream (reading
+/// it whole first was most of the wait on a fast link) and kept, so that followers get
+/// the same bytes and the fill can check them. A body longer or shorter than asked ends
+/// the client's response with an error (its headers are sent by then) and fails the
+/// followers; a leader whose client leaves drops the flight, and its followers follow
+/// the fill.
+struct Relay {
+    body: awc::ClientResponse,
+    got: bytes::BytesMut,
+    want: usize,
+    total: Option<u64>,
+    lead: super::flight::Lead<String, Fetch>,
+    /// `None` when no fill will run (`range_fill = false`): nothing to check against.
+    check: Option<Check>,
+    svc: Services,
+}
+
+impl Relay {
+    fn stream(self) -> fill::stream::BodyStream {
+        let metrics = self.svc.mirror.metrics.clone();
+        let s = futures_util::stream::unfold(Some(self), |relay| async move {
+            let mut r = relay?;
+            match r.body.next().await {
+                Some(Ok(chunk)) if r.got.len() + chunk.len() <= r.want => {
+                    r.got.extend_from_slice(&chunk);
+                    Some((Ok(chunk), Some(r)))
+                }
+                Some(Ok(_)) => Some((Err(r.fail("more bytes than the range asked")), None)),
+                Some(Err(e)) => Some((Err(r.fail(&e.to_string())), None)),
+                None if r.got.len() == r.want => {
+                    r.done();
+                    None
+                }
+                None => Some((Err(r.fail("fewer bytes than the range asked")), None)),
+            }
+        });
+        fill::stream::BodyStream::from_stream(s.boxed_local(), &metrics)
+    }
+
+    fn fail(&self, why: &str) -> ServiceError {
+        let msg = format!(
+            "upstream range ({} bytes asked, {} received): {why}",
+            self.want,
+            self.got.len()
+        );
+        let shared = Arc::new(ServiceError::Unavailable(msg.clone()));
+        let _ = self.lead.tx.send(Fetch::Failed(shared));
+        ServiceError::Unavailable(msg)
+    }
+
+    fn done(&mut self) {
+        let bytes = std::mem::take(&mut self.got).freeze();
+        if let Some(c) = &self.check {
+            c.record(&self.svc, &bytes);
+        }
+        let _ = self.lead.tx.send(Fetch::Done(bytes, self.total));
+    }
+}
+
 /// Asks the upstream for exactly `[start, end)`; `None` if it answers anything but a
-/// `206` of that length. With the blob's size from `Content-Range`, when it says.
-async fn fetch(
+/// `206` for that range. With the blob's size from `Content-Range`, when it says.
+async fn open(
     svc: &Services,
     up: &Upstream,
     repo: &str,
     d: &Digest,
     start: u64,
     end: u64,
-) -> Result<Option<(Bytes, Option<u64>)>, ServiceError> {
+) -> Result<Option<(awc::ClientResponse, Option<u64>)>, ServiceError> {
     let what = format!("blobs/{d}");
     let mut req = fill::blob_request(Method::GET, repo, &what, Some(start));
     req.range_to = Some(end - 1);
@@ -193,46 +258,63 @@ async fn fetch(
     if resp.status() != actix_web::http::StatusCode::PARTIAL_CONTENT {
         return Ok(None);
     }
-    let total = resp
+    // `bytes a-b/total`: anything but the range asked is left to the fill.
+    let Some((range, total)) = resp
         .headers()
         .get(actix_web::http::header::CONTENT_RANGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit('/').next())
-        .and_then(|t| t.trim().parse::<u64>().ok());
-    let want = (end - start) as usize;
-    let mut body = resp;
-    let mut got = bytes::BytesMut::with_capacity(want);
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| {
-            ServiceError::Unavailable(format!("upstream {}: range of {d}: {e}", up.name))
-        })?;
-        if got.len() + chunk.len() > want {
-            return Ok(None);
-        }
-        got.extend_from_slice(&chunk);
+        .and_then(|v| v.trim().strip_prefix("bytes "))
+        .and_then(|v| v.split_once('/'))
+    else {
+        return Ok(None);
+    };
+    if range.trim() != format!("{start}-{}", end - 1) {
+        return Ok(None);
     }
-    Ok((got.len() == want).then(|| (got.freeze(), total)))
+    let total = total.trim().parse::<u64>().ok();
+    Ok(Some((resp, total)))
 }
 
-fn remember(svc: &Services, up: &Upstream, repo: &str, d: &Digest, start: u64, bytes: &Bytes) {
-    let served = &svc.mirror.ahead.served;
-    if served.len() >= MAX_BLOBS && !served.contains_key(d) {
-        return;
-    }
-    let mut list = served.entry(d.clone()).or_default();
-    if list.len() < MAX_REMEMBERED
-        && !list
-            .iter()
-            .any(|s| s.start == start && s.len == bytes.len() as u64)
-    {
-        list.push(Served {
+/// What the leader keeps of a range served ahead, for the check after the fill.
+struct Check {
+    start: u64,
+    upstream: String,
+    repo: String,
+    digest: Digest,
+    corrupt_key: String,
+}
+
+impl Check {
+    fn new(up: &Upstream, repo: &str, d: &Digest, start: u64) -> Check {
+        Check {
             start,
-            len: bytes.len() as u64,
-            sha256: Sha256::digest(bytes).into(),
             upstream: up.name.clone(),
             repo: repo.to_string(),
+            digest: d.clone(),
             corrupt_key: repo_digest_key(up, repo, d),
-        });
+        }
+    }
+
+    fn record(&self, svc: &Services, bytes: &Bytes) {
+        let served = &svc.mirror.ahead.served;
+        let d = &self.digest;
+        if served.len() >= MAX_BLOBS && !served.contains_key(d) {
+            return;
+        }
+        let mut list = served.entry(d.clone()).or_default();
+        let len = bytes.len() as u64;
+        if list.len() < MAX_REMEMBERED
+            && !list.iter().any(|s| s.start == self.start && s.len == len)
+        {
+            list.push(Served {
+                start: self.start,
+                len,
+                sha256: Sha256::digest(bytes).into(),
+                upstream: self.upstream.clone(),
+                repo: self.repo.clone(),
+                corrupt_key: self.corrupt_key.clone(),
+            });
+        }
     }
 }
 

@@ -129,7 +129,7 @@ impl Services {
         Ok(self.store().read_small(&digest).await?.map(|b| Fetched {
             digest,
             media_type,
-            bytes: Bytes::from(b),
+            bytes: b,
         }))
     }
 

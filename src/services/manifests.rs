@@ -290,7 +290,7 @@ pub(super) async fn stored_reply(
         }
     } else {
         match svc.store().read_small(d).await? {
-            Some(b) => (b.len() as u64, Some(Bytes::from(b))),
+            Some(b) => (b.len() as u64, Some(b)),
             None => return Ok(None),
         }
     };

@@ -42,7 +42,7 @@ impl Services {
             None => None,
         };
         let index = match (&cached, stored) {
-            (Some(rec), Some(bytes)) if rec.age() < up.tag_ttl => bytes.into(),
+            (Some(rec), Some(bytes)) if rec.age() < up.tag_ttl => bytes,
             (_, stored) => match self.fetch_referrers(up, repo, subject).await {
                 Ok(bytes) => bytes,
                 Err(e) if e.allows_stale() && stored.is_some() => {
@@ -50,7 +50,7 @@ impl Services {
                         .stale_serves
                         .with_label_values(&[&up.name])
                         .inc();
-                    stored.map(Bytes::from).unwrap_or_default()
+                    stored.unwrap_or_default()
                 }
                 Err(e) => return Err(e),
             },

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use futures_util::stream::{BoxStream, StreamExt};
 
 use super::bucket::Upload;
+use super::hot::{Hot, Lookup};
 use super::sessions::{SessionInfo, SessionWriter, Sink};
 use super::shared::{blob_key, secs, Shared};
 use super::{not_found_is_none, BlobInfo, Store, StoreError};
@@ -27,8 +28,8 @@ use crate::names::Digest;
 
 /// Where metadata lives.
 pub(super) enum Tier<'a> {
-    /// Files under the store's root.
-    Files(&'a Path),
+    /// Files under the store's root, with the memory of hot ones.
+    Files(&'a Path, &'a Hot),
     /// Objects in the bucket, with the recent "exists" answers this replica keeps.
     Bucket(&'a Shared),
 }
@@ -37,7 +38,7 @@ impl Store {
     pub(super) fn tier(&self) -> Tier<'_> {
         match &self.shared {
             Some(sh) => Tier::Bucket(sh),
-            None => Tier::Files(&self.root),
+            None => Tier::Files(&self.root, &self.hot),
         }
     }
 }
@@ -47,7 +48,19 @@ impl Tier<'_> {
     pub(super) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Tier::Bucket(sh) => Ok(sh.bucket.get(key).await?.map(|b| b.to_vec())),
-            Tier::Files(root) => not_found_is_none(fs::read(root.join(key))),
+            Tier::Files(root, hot) => match hot.lookup(key, true) {
+                Lookup::Absent => Ok(None),
+                Lookup::Present(b) => Ok(b.map(|b| b.to_vec())),
+                Lookup::Unknown => {
+                    let read = not_found_is_none(fs::read(root.join(key)))?;
+                    // Only what exists is remembered: `entrepot import` beside `serve`
+                    // writes tags and links that must be served at once.
+                    if let Some(b) = &read {
+                        hot.remember(key, Some(b));
+                    }
+                    Ok(read)
+                }
+            },
         }
     }
 
@@ -58,8 +71,29 @@ impl Tier<'_> {
                 sh.remember(key, true);
                 Ok(())
             }
-            Tier::Files(root) => write_atomic(root.join(key), &bytes),
+            Tier::Files(root, hot) => {
+                hot.forget(key);
+                write_atomic(root.join(key), &bytes)?;
+                hot.remember(key, Some(&bytes));
+                Ok(())
+            }
         }
+    }
+
+    /// Whether a marker exists that only `serve` writes (the private marker): its absence
+    /// is remembered too, unlike other objects' (see [`Tier::get`]).
+    pub(super) async fn marker(&self, key: &str) -> Result<bool, StoreError> {
+        if let Tier::Files(_, hot) = self {
+            if let Lookup::Absent = hot.lookup(key, false) {
+                return Ok(false);
+            }
+            let exists = self.exists(key).await?;
+            if !exists {
+                hot.remember(key, None);
+            }
+            return Ok(exists);
+        }
+        self.exists(key).await
     }
 
     pub(super) async fn exists(&self, key: &str) -> Result<bool, StoreError> {
@@ -72,7 +106,17 @@ impl Tier<'_> {
                 sh.remember(key, exists);
                 Ok(exists)
             }
-            Tier::Files(root) => Ok(not_found_is_none(fs::metadata(root.join(key)))?.is_some()),
+            Tier::Files(root, hot) => match hot.lookup(key, false) {
+                Lookup::Absent => Ok(false),
+                Lookup::Present(_) => Ok(true),
+                Lookup::Unknown => {
+                    let exists = not_found_is_none(fs::metadata(root.join(key)))?.is_some();
+                    if exists {
+                        hot.remember_exists(key);
+                    }
+                    Ok(exists)
+                }
+            },
         }
     }
 
@@ -85,7 +129,10 @@ impl Tier<'_> {
                 sh.remember(key, false);
                 Ok(existed)
             }
-            Tier::Files(root) => Ok(not_found_is_none(fs::remove_file(root.join(key)))?.is_some()),
+            Tier::Files(root, hot) => {
+                hot.forget(key);
+                Ok(not_found_is_none(fs::remove_file(root.join(key)))?.is_some())
+            }
         }
     }
 
@@ -93,7 +140,7 @@ impl Tier<'_> {
     pub(super) async fn list(&self, dir: &str) -> Result<Vec<String>, StoreError> {
         match self {
             Tier::Bucket(sh) => sh.bucket.list_dir(&format!("{dir}/")).await,
-            Tier::Files(root) => list_names(&root.join(dir)),
+            Tier::Files(root, _) => list_names(&root.join(dir)),
         }
     }
 
@@ -101,7 +148,7 @@ impl Tier<'_> {
     pub(super) async fn namespaces(&self) -> Result<Vec<String>, StoreError> {
         let root = match self {
             Tier::Bucket(sh) => return sh.bucket.list_dir("repos/").await,
-            Tier::Files(root) => root,
+            Tier::Files(root, _) => root,
         };
         let mut out = Vec::new();
         for e in fs::read_dir(root.join("repos"))? {
@@ -119,7 +166,7 @@ impl Tier<'_> {
     pub(super) async fn repos(&self, ns: &str) -> Result<Vec<String>, StoreError> {
         let root = match self {
             Tier::Bucket(sh) => return bucket_repos(sh, ns).await,
-            Tier::Files(root) => root,
+            Tier::Files(root, _) => root,
         };
         let mut out = Vec::new();
         collect_repos(&root.join("repos").join(ns), "", &mut out)?;
@@ -142,7 +189,7 @@ impl Store {
                     .put(&format!("uploads/{id}/info"), json.into())
                     .await
             }
-            Tier::Files(_) => {
+            Tier::Files(..) => {
                 File::create(self.session_file(id))?;
                 fs::write(self.session_file(&format!("{id}.json")), json)?;
                 Ok(())
@@ -159,7 +206,7 @@ impl Store {
                 .get(&format!("uploads/{id}/info"))
                 .await?
                 .map(|b| b.to_vec()),
-            Tier::Files(_) => {
+            Tier::Files(..) => {
                 not_found_is_none(fs::read(self.session_file(&format!("{id}.json"))))?
             }
         };
@@ -170,7 +217,7 @@ impl Store {
             .map_err(|e| StoreError::Meta(format!("upload session {id}: {e}")))?;
         let offset = match self.tier() {
             Tier::Bucket(_) => self.session_chunks(id).await?.values().sum(),
-            Tier::Files(_) => match not_found_is_none(fs::metadata(self.session_file(id)))? {
+            Tier::Files(..) => match not_found_is_none(fs::metadata(self.session_file(id)))? {
                 Some(m) => m.len(),
                 None => return Ok(None),
             },
@@ -210,7 +257,7 @@ impl Store {
                     .upload(&format!("uploads/{id}/p{offset:020}"))
                     .await?,
             )),
-            Tier::Files(_) => {
+            Tier::Files(..) => {
                 let f = File::options().append(true).open(self.session_file(id))?;
                 if f.metadata()?.len() != offset {
                     return Err(StoreError::Meta(format!(
@@ -232,7 +279,7 @@ impl Store {
     pub async fn session_commit(&self, id: &str, expected: &Digest) -> Result<u64, StoreError> {
         let r = match self.tier() {
             Tier::Bucket(_) => self.session_commit_shared(id, expected).await,
-            Tier::Files(_) => self.session_commit_local(id, expected).await,
+            Tier::Files(..) => self.session_commit_local(id, expected).await,
         };
         self.session_delete(id).await?;
         r
@@ -305,7 +352,7 @@ impl Store {
                     sh.bucket.delete(&o.key).await?;
                 }
             }
-            Tier::Files(_) => {
+            Tier::Files(..) => {
                 not_found_is_none(fs::remove_file(self.session_file(id)))?;
                 not_found_is_none(fs::remove_file(self.session_file(&format!("{id}.json"))))?;
             }
@@ -331,7 +378,7 @@ impl Store {
                     }
                 }
             }
-            Tier::Files(_) => {
+            Tier::Files(..) => {
                 for (path, a) in self.temp_files(true)? {
                     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
                     let Some(name) = name else { continue };
@@ -351,12 +398,15 @@ impl Store {
     /// missing from the bucket is a miss, whatever was known before (another replica's
     /// eviction may have removed it).
     pub async fn stat(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
+        if let Lookup::Present(Some(b)) = self.hot.lookup(d.hex(), true) {
+            return Ok(Some(b.len() as u64));
+        }
         if let Some(size) = self.local_size(d)? {
             return Ok(Some(size));
         }
         match self.tier() {
             Tier::Bucket(sh) => Ok(sh.bucket.head(&blob_key(d)).await?.map(|o| o.size)),
-            Tier::Files(_) => Ok(None),
+            Tier::Files(..) => Ok(None),
         }
     }
 
@@ -368,7 +418,7 @@ impl Store {
     ) -> Result<Option<(u64, BoxStream<'static, Result<Bytes, StoreError>>)>, StoreError> {
         match self.tier() {
             Tier::Bucket(sh) => sh.bucket.read(&blob_key(d), from).await,
-            Tier::Files(_) => Ok(None),
+            Tier::Files(..) => Ok(None),
         }
     }
 
@@ -381,7 +431,7 @@ impl Store {
     ) -> Result<Option<(u64, super::bucket::LocalBody)>, StoreError> {
         match self.tier() {
             Tier::Bucket(sh) => sh.bucket.read_here(http, &blob_key(d)).await,
-            Tier::Files(_) => Ok(None),
+            Tier::Files(..) => Ok(None),
         }
     }
 
@@ -425,15 +475,21 @@ impl Store {
     pub async fn upload_shared(&self, d: &Digest) -> Result<Option<Upload>, StoreError> {
         match self.tier() {
             Tier::Bucket(sh) => Ok(Some(sh.bucket.upload(&blob_key(d)).await?)),
-            Tier::Files(_) => Ok(None),
+            Tier::Files(..) => Ok(None),
         }
     }
 
     /// A whole small blob (a manifest), from the local tier or else the bucket (verified,
     /// then kept locally); `None` if not stored.
-    pub async fn read_small(&self, d: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+    pub async fn read_small(&self, d: &Digest) -> Result<Option<Bytes>, StoreError> {
+        if let Lookup::Present(Some(b)) = self.hot.lookup(d.hex(), true) {
+            return Ok(Some(b));
+        }
         if let Some(bytes) = self.read_small_local(d)? {
-            return Ok(Some(bytes));
+            // Read from disk at most once a second while hot: the time to record a use.
+            self.touch_local(d)?;
+            self.hot.remember(d.hex(), Some(&bytes));
+            return Ok(Some(bytes.into()));
         }
         let Tier::Bucket(sh) = self.tier() else {
             return Ok(None);
@@ -446,7 +502,8 @@ impl Store {
             return Ok(None);
         }
         self.put_small_local(d, &bytes)?;
-        Ok(Some(bytes.to_vec()))
+        self.hot.remember(d.hex(), Some(&bytes));
+        Ok(Some(bytes))
     }
 
     /// Writes a small, already-verified object (a manifest) to both tiers.
@@ -461,6 +518,7 @@ impl Store {
 
     /// Removes a blob from both tiers; whether it existed.
     pub async fn delete(&self, d: &Digest) -> Result<bool, StoreError> {
+        self.hot.forget(d.hex());
         let local = self.delete_local(d)?;
         match self.tier() {
             Tier::Bucket(sh) => {
@@ -468,7 +526,7 @@ impl Store {
                 sh.bucket.delete(&blob_key(d)).await?;
                 Ok(local || there)
             }
-            Tier::Files(_) => Ok(local),
+            Tier::Files(..) => Ok(local),
         }
     }
 
@@ -504,6 +562,10 @@ impl Store {
             if let Ok(mut u) = sh.uses.lock() {
                 u.insert(d.hex().to_string(), super::now_secs());
             }
+        }
+        if let Lookup::Present(_) = self.hot.lookup(d.hex(), false) {
+            // Touched when it was read into memory, under a second ago.
+            return Ok(());
         }
         self.touch_local(d)
     }
@@ -611,7 +673,7 @@ impl Store {
     pub fn local_over_cap(&self) -> bool {
         match self.tier() {
             Tier::Bucket(sh) => self.size() > sh.local_cap,
-            Tier::Files(_) => false,
+            Tier::Files(..) => false,
         }
     }
 

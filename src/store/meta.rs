@@ -242,7 +242,7 @@ impl Store {
     /// (callers must then prove upstream access before it is served).
     pub async fn is_private(&self, ns: &str, repo: &str) -> Result<bool, StoreError> {
         self.tier()
-            .exists(&format!("{}/_private", Self::repo_key(ns, repo)))
+            .marker(&format!("{}/_private", Self::repo_key(ns, repo)))
             .await
     }
 

@@ -18,6 +18,7 @@
 mod backend;
 mod bucket;
 mod direct;
+mod hot;
 pub mod layout;
 mod meta;
 mod owner;
@@ -32,6 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 pub use bucket::{Bucket, Upload};
+pub use hot::HotStats;
 pub use meta::{now_secs, ManifestLink, TagRecord};
 pub use owner::Owner;
 pub use sessions::{SessionInfo, SessionWriter};
@@ -75,6 +77,8 @@ pub struct Store {
     /// Whether [`Store::measure`] ran (until then the size is unknown: 0).
     measured: std::sync::atomic::AtomicBool,
     shared: Option<shared::Shared>,
+    /// Hot manifests and metadata in memory (off until [`Store::keep_in_memory`]).
+    hot: hot::Hot,
     /// Test seam: bytes a fill may write before the disk reports full (see
     /// [`Store::limit_room`]).
     #[cfg(test)]
@@ -104,6 +108,7 @@ impl Store {
             size: AtomicU64::new(0),
             measured: Default::default(),
             shared: None,
+            hot: hot::Hot::new(0),
             #[cfg(test)]
             room: AtomicU64::new(u64::MAX),
         })
@@ -129,6 +134,17 @@ impl Store {
         let mut store = Store::open(root)?;
         store.shared = Some(shared::Shared::new(bucket, local_cap));
         Ok(store)
+    }
+
+    /// Keeps up to `bytes` of hot manifests and metadata in memory (`server.memory_cache`).
+    pub fn keep_in_memory(mut self, bytes: u64) -> Store {
+        self.hot = hot::Hot::new(bytes);
+        self
+    }
+
+    /// The memory's size and use, for the metrics.
+    pub fn memory_stats(&self) -> HotStats {
+        self.hot.stats()
     }
 
     pub fn root(&self) -> &Path {

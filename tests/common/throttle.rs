@@ -52,13 +52,15 @@ impl Drop for Throttle {
     }
 }
 
-/// Copies `from` to `to` at most `rate` bytes per second on average: after each read it
-/// sleeps until the bytes sent so far are due.
+/// Copies `from` to `to` at most `rate` bytes per second: each read is sent, then the
+/// pump sleeps until those bytes are due at `rate`. Time spent waiting for data earns
+/// no credit (a kept-alive connection idle between requests still paces its next
+/// response), so a short burst cannot pass unpaced.
 fn pump(mut from: TcpStream, mut to: TcpStream, rate: usize) {
     let slice = (rate / 100).clamp(1, 64 * 1024);
     let mut buf = vec![0u8; slice];
     let start = Instant::now();
-    let mut sent = 0u64;
+    let mut free_at = Instant::now();
     while start.elapsed() < LIFETIME {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -67,10 +69,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, rate: usize) {
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
-        sent += n as u64;
         if rate != usize::MAX {
-            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
+            free_at = free_at.max(Instant::now()) + Duration::from_secs_f64(n as f64 / rate as f64);
+            if let Some(wait) = free_at.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
         }

@@ -60,6 +60,23 @@ impl BodyStream {
     }
 }
 
+impl BodyStream {
+    /// A body relayed from the upstream as it arrives (a range fetched ahead of a fill,
+    /// to its first client), counted as served from the upstream.
+    pub fn from_stream(inner: Relay, metrics: &Metrics) -> BodyStream {
+        let served = metrics.served_bytes.with_label_values(&["upstream"]);
+        BodyStream {
+            inner: inner
+                .inspect(move |c| {
+                    if let Ok(b) = c {
+                        served.inc_by(b.len() as u64);
+                    }
+                })
+                .boxed_local(),
+        }
+    }
+}
+
 impl Stream for BodyStream {
     type Item = Result<Bytes, ServiceError>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {

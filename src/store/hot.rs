@@ -1,0 +1,228 @@
+//! The store's memory of hot small objects: manifests (by digest) and the metadata objects
+//! a manifest request reads (tag records, manifest links, private markers), bounded by
+//! bytes (`server.memory_cache`, 32 MiB by default).
+//!
+//! Why: a warm manifest request used to open and read four or five files (link, size
+//! record, manifest, its mtime for eviction order), and those system calls were most of
+//! its cost next to the socket's. Served from here it touches no file.
+//!
+//! Why an entry lives only [`FRESH`]: this process writes through the store, which
+//! updates or drops the entry, but another process may write the same files (`entrepot
+//! import` or `gc` run beside `serve`). Re-reading a hot object once a second costs
+//! nothing at thousands of requests a second, and bounds how long such a change goes
+//! unseen. Absence is remembered only for markers that `serve` alone writes (the private
+//! marker, asked on every request): a tag that `entrepot import` just wrote is served
+//! at once. Metadata in a bucket is not kept here (replicas write it; the bucket tier
+//! keeps its own short memory of what exists); manifest bytes are, since a digest's bytes
+//! never change.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quick_cache::sync::Cache;
+use quick_cache::Weighter;
+
+/// How long an entry is believed without looking at the disk again.
+pub const FRESH: Duration = Duration::from_secs(1);
+
+/// What is known of one key.
+#[derive(Clone)]
+enum Known {
+    /// No such object.
+    Absent,
+    /// The object exists; its bytes when they were read.
+    Present(Option<Bytes>),
+}
+
+#[derive(Clone)]
+struct Entry {
+    known: Known,
+    at: Instant,
+}
+
+/// Bytes an entry holds, with the key and bookkeeping (never 0: a weightless entry would
+/// never leave).
+#[derive(Clone)]
+struct ByBytes;
+
+impl Weighter<Box<str>, Entry> for ByBytes {
+    fn weight(&self, key: &Box<str>, e: &Entry) -> u64 {
+        let body = match &e.known {
+            Known::Present(Some(b)) => b.len(),
+            _ => 0,
+        };
+        (key.len() + body + 96) as u64
+    }
+}
+
+/// Counts for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HotStats {
+    pub bytes: u64,
+    pub entries: u64,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+pub struct Hot {
+    /// `None` when `server.memory_cache` is 0.
+    cache: Option<Cache<Box<str>, Entry, ByBytes>>,
+    /// The largest entry kept: a few so that one huge manifest cannot push out the rest.
+    max_entry: usize,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// The answer of a lookup.
+pub enum Lookup {
+    /// Known absent.
+    Absent,
+    /// Known present (bytes when asked for and known).
+    Present(Option<Bytes>),
+    /// Not known (or no longer fresh): ask the disk.
+    Unknown,
+}
+
+impl Hot {
+    pub fn new(capacity: u64) -> Hot {
+        let cache = (capacity > 0).then(|| {
+            // Estimated items: manifests of a few KB plus their metadata.
+            let items = (capacity / 2048).clamp(64, 1 << 20) as usize;
+            Cache::with_weighter(items, capacity, ByBytes)
+        });
+        Hot {
+            cache,
+            max_entry: (capacity / 16).min(4 << 20) as usize,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// What is fresh about `key`; `with_bytes`: presence alone is not enough.
+    pub fn lookup(&self, key: &str, with_bytes: bool) -> Lookup {
+        let found = self.cache.as_ref().and_then(|c| c.get(key));
+        let answer = match found {
+            Some(e) if e.at.elapsed() < FRESH => match e.known {
+                Known::Absent => Lookup::Absent,
+                Known::Present(Some(b)) => Lookup::Present(Some(b)),
+                Known::Present(None) if !with_bytes => Lookup::Present(None),
+                Known::Present(None) => Lookup::Unknown,
+            },
+            _ => Lookup::Unknown,
+        };
+        let counter = match answer {
+            Lookup::Unknown => &self.misses,
+            _ => &self.hits,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        answer
+    }
+
+    /// Remembers the object's bytes (`None`: absent).
+    pub fn remember(&self, key: &str, bytes: Option<&[u8]>) {
+        let known = match bytes {
+            Some(b) if b.len() > self.max_entry => {
+                return self.forget(key);
+            }
+            Some(b) => Known::Present(Some(Bytes::copy_from_slice(b))),
+            None => Known::Absent,
+        };
+        self.put(key, known);
+    }
+
+    /// Remembers that the object exists, without its bytes (kept if already known).
+    pub fn remember_exists(&self, key: &str) {
+        if let Lookup::Present(_) = self.peek(key) {
+            return;
+        }
+        self.put(key, Known::Present(None));
+    }
+
+    pub fn forget(&self, key: &str) {
+        if let Some(c) = &self.cache {
+            c.remove(key);
+        }
+    }
+
+    pub fn stats(&self) -> HotStats {
+        HotStats {
+            bytes: self.cache.as_ref().map_or(0, |c| c.weight()),
+            entries: self.cache.as_ref().map_or(0, |c| c.len() as u64),
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+        }
+    }
+
+    fn peek(&self, key: &str) -> Lookup {
+        match self.cache.as_ref().and_then(|c| c.get(key)) {
+            Some(e) if e.at.elapsed() < FRESH => match e.known {
+                Known::Absent => Lookup::Absent,
+                Known::Present(b) => Lookup::Present(b),
+            },
+            _ => Lookup::Unknown,
+        }
+    }
+
+    fn put(&self, key: &str, known: Known) {
+        if let Some(c) = &self.cache {
+            c.insert(
+                key.into(),
+                Entry {
+                    known,
+                    at: Instant::now(),
+                },
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(l: Lookup) -> Option<Vec<u8>> {
+        match l {
+            Lookup::Present(Some(b)) => Some(b.to_vec()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn remembers_bytes_absence_and_presence() {
+        let h = Hot::new(1 << 20);
+        assert!(matches!(h.lookup("a", true), Lookup::Unknown));
+        h.remember("a", Some(b"one"));
+        assert_eq!(bytes(h.lookup("a", true)), Some(b"one".to_vec()));
+        h.remember("b", None);
+        assert!(matches!(h.lookup("b", false), Lookup::Absent));
+        // Presence alone answers `exists`, not `get`.
+        h.remember_exists("c");
+        assert!(matches!(h.lookup("c", false), Lookup::Present(None)));
+        assert!(matches!(h.lookup("c", true), Lookup::Unknown));
+        // Presence does not drop known bytes.
+        h.remember_exists("a");
+        assert_eq!(bytes(h.lookup("a", true)), Some(b"one".to_vec()));
+        h.forget("a");
+        assert!(matches!(h.lookup("a", true), Lookup::Unknown));
+        let s = h.stats();
+        assert_eq!((s.hits, s.misses), (4, 3));
+        assert!(s.bytes > 0 && s.entries == 2, "{s:?}");
+    }
+
+    #[test]
+    fn bounded_by_bytes_and_off_at_zero() {
+        let h = Hot::new(64 << 10);
+        for i in 0..200 {
+            h.remember(&format!("k{i}"), Some(&[7u8; 1024]));
+        }
+        assert!(h.stats().bytes <= 64 << 10, "{:?}", h.stats());
+        // An entry over a sixteenth of the capacity is not kept.
+        h.remember("big", Some(&vec![0u8; 8 << 10]));
+        assert!(matches!(h.lookup("big", true), Lookup::Unknown));
+        let off = Hot::new(0);
+        off.remember("a", Some(b"x"));
+        assert!(matches!(off.lookup("a", true), Lookup::Unknown));
+        assert_eq!(off.stats().bytes, 0);
+    }
+}
