@@ -274,6 +274,91 @@ fn wrong_bytes_served_ahead_are_caught_after_the_fill() {
     assert_eq!(format!("sha256:{}", sha256_hex(&again.body)), d);
 }
 
+/// An upstream whose range answers do not match the range asked: a `Content-Range`
+/// naming other bytes is left to the fill (the client gets the right bytes), and a body
+/// shorter than its range ends that client's response early, never passing half a range
+/// off as whole; the blob still fills, verifies and then serves the range.
+#[test]
+fn range_answers_that_do_not_match_the_range_asked() {
+    if !require(PEERS) {
+        return;
+    }
+    let other = std::sync::Arc::new(noise(24 << 20, 295));
+    let short = std::sync::Arc::new(noise(24 << 20, 296));
+    let (d_other, d_short) = (
+        format!("sha256:{}", sha256_hex(&other)),
+        format!("sha256:{}", sha256_hex(&short)),
+    );
+    let (o, s, dd) = (other.clone(), short.clone(), d_other.clone());
+    let fake = common::fake::FakeServer::start(move |req| {
+        let blob = if req.path.ends_with(&dd) { &o } else { &s };
+        let len = blob.len();
+        if !req.path.contains("/blobs/") {
+            return common::fake::Response::new(404, &[], Vec::new());
+        }
+        let Some(range) = req.header("range").filter(|_| req.method == "GET") else {
+            return common::fake::Response::new(200, &[], blob.to_vec());
+        };
+        let (a, b) = range
+            .trim_start_matches("bytes=")
+            .split_once('-')
+            .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
+            .unwrap();
+        if req.path.ends_with(&dd) {
+            // The first bytes of the blob, whatever was asked.
+            let cr = format!("bytes 0-{}/{len}", b - a);
+            let body = blob[..=b - a].to_vec();
+            return common::fake::Response::new(206, &[("Content-Range", cr.as_str())], body);
+        }
+        // The range asked, cut short by half.
+        let cr = format!("bytes {a}-{b}/{len}");
+        let body = blob[a..a + (b - a + 1) / 2].to_vec();
+        common::fake::Response::new(206, &[("Content-Range", cr.as_str())], body)
+    });
+    let slow = common::throttle::Throttle::start(fake.port, 16 << 20);
+    let m = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:{}\"\n",
+            slow.port
+        ),
+    );
+    let size = other.len();
+    let (a, b) = (size - 8192, size - 1);
+    let range = format!("bytes={a}-{b}");
+    let url = |d: &str| format!("{}/v2/docker.io/library/app/blobs/{d}", m.url());
+    // Another range named: the right bytes anyway, from the fill.
+    let r = http("GET", &url(&d_other), &[("Range", &range)]);
+    assert_eq!(r.status, 206);
+    assert!(
+        r.body == other[a..=b],
+        "the bytes asked, not the ones named"
+    );
+    // Cut short: the connection ends before the range is whole (with or without the
+    // headers, which actix may not have flushed yet): a client sees an error.
+    let path = format!("/v2/docker.io/library/app/blobs/{d_short}");
+    let r = raw(m.port, "GET", &path, &[("Range", &range)]);
+    assert!(
+        r.body.len() < 8192,
+        "status {}, {} bytes passed off as the range",
+        r.status,
+        r.body.len()
+    );
+    // The fill goes on: the range then comes whole from verified bytes.
+    let hex = d_short.trim_start_matches("sha256:").to_string();
+    wait_until(
+        "the blob is stored",
+        std::time::Duration::from_secs(30),
+        || !m.store_files(&hex).is_empty(),
+    );
+    let r = http("GET", &url(&d_short), &[("Range", &range)]);
+    assert_eq!((r.status, r.body == short[a..=b]), (206, true));
+    assert!(
+        m.log().contains("fewer bytes than the range asked"),
+        "the log says why"
+    );
+}
+
 /// `range_fill = false`: a range of a cold blob is served from the upstream alone (with
 /// the blob's size in `Content-Range`), and no fill downloads the whole blob.
 #[test]

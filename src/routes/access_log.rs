@@ -71,19 +71,75 @@ impl MessageBody for Logged {
 
 impl Drop for Logged {
     fn drop(&mut self) {
+        if !tracing::enabled!(target: "entrepot::access", tracing::Level::INFO) {
+            return;
+        }
+        let line = self.render();
+        tracing::info!(target: "entrepot::access", "{line}");
+    }
+}
+
+impl Logged {
+    /// The line's `key=value` fields, written into one string: as separate tracing fields
+    /// each went through the subscriber's visitor and escaping, about 10% of the CPU of a
+    /// small request. The text is the same as tracing's own (`cache` quoted, the rest
+    /// bare).
+    fn render(&self) -> String {
+        use std::fmt::Write as _;
         let l = &self.line;
-        let client: &dyn std::fmt::Display = match &l.client {
-            Some(ip) => ip,
-            None => &"-",
+        let mut out = String::with_capacity(160 + l.path.len());
+        let _ = write!(
+            out,
+            "method={} path={} status={} upstream={} cache={:?} bytes={} complete={} client=",
+            l.method,
+            l.path,
+            l.status,
+            l.upstream.as_deref().unwrap_or("-"),
+            l.cache,
+            self.sent,
+            self.complete,
+        );
+        let _ = match &l.client {
+            Some(ip) => write!(out, "{ip}"),
+            None => write!(out, "-"),
         };
-        tracing::info!(
-            target: "entrepot::access",
-            method = %l.method, path = %l.path, status = l.status,
-            upstream = %l.upstream.as_deref().unwrap_or("-"),
-            cache = l.cache, bytes = self.sent, complete = self.complete,
-            client = %client, user = %l.user.as_deref().unwrap_or("-"),
-            headers_ms = l.headers_ms,
-            ms = (l.start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+        let ms = (l.start.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+        let _ = write!(
+            out,
+            " user={} headers_ms={} ms={ms}",
+            l.user.as_deref().unwrap_or("-"),
+            l.headers_ms,
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_line_reads_as_tracing_fields_did() {
+        let l = Logged {
+            inner: BoxBody::new(()),
+            line: Line {
+                method: actix_web::http::Method::GET,
+                path: "/v2/docker.io/library/alpine/manifests/3".into(),
+                status: 200,
+                upstream: Some("docker.io".into()),
+                cache: "hit",
+                client: Some([127, 0, 0, 1].into()),
+                user: None,
+                start: Instant::now(),
+                headers_ms: 0.25,
+            },
+            sent: 512,
+            complete: true,
+        };
+        let r = l.render();
+        assert!(
+            r.starts_with("method=GET path=/v2/docker.io/library/alpine/manifests/3 status=200 upstream=docker.io cache=\"hit\" bytes=512 complete=true client=127.0.0.1 user=- headers_ms=0.25 ms="),
+            "{r}"
         );
     }
 }

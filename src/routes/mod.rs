@@ -33,7 +33,11 @@ use target::{Router, Target};
 
 pub use client::Frontend;
 
-const API_VERSION: (&str, &str) = ("Docker-Distribution-API-Version", "registry/2.0");
+/// Sent on every registry answer; header name and value parsed at compile time.
+const API_VERSION: (header::HeaderName, header::HeaderValue) = (
+    header::HeaderName::from_static("docker-distribution-api-version"),
+    header::HeaderValue::from_static("registry/2.0"),
+);
 
 /// Who made a request (the user name, "" when anonymous), for the access log.
 #[derive(Clone)]

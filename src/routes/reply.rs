@@ -8,11 +8,16 @@ use futures_util::stream;
 use super::API_VERSION;
 use crate::services::{BlobReply, ManifestReply, Page};
 
+/// `Docker-Content-Digest`, parsed once.
+const DIGEST: header::HeaderName = header::HeaderName::from_static("docker-content-digest");
+
 pub fn manifest(r: ManifestReply) -> HttpResponse {
+    let digest = r.digest.to_string();
+    let etag = format!("\"{digest}\"");
     let mut resp = HttpResponse::Ok();
     resp.insert_header(API_VERSION)
-        .insert_header(("Docker-Content-Digest", r.digest.to_string()))
-        .insert_header((header::ETAG, format!("\"{}\"", r.digest)))
+        .insert_header((DIGEST, digest))
+        .insert_header((header::ETAG, etag))
         .insert_header((header::CONTENT_TYPE, r.media_type));
     match r.body {
         Some(b) => resp.body(b),
@@ -28,7 +33,7 @@ pub fn blob(r: BlobReply, digest: &str) -> HttpResponse {
     };
     let mut resp = HttpResponse::build(status);
     resp.insert_header(API_VERSION)
-        .insert_header(("Docker-Content-Digest", digest))
+        .insert_header((DIGEST, digest))
         .insert_header((header::ETAG, format!("\"{digest}\"")))
         .insert_header((header::CONTENT_TYPE, "application/octet-stream"));
     if r.size.is_some() {
@@ -74,7 +79,7 @@ pub fn multipart(
     let body = stream::iter(pieces).flatten();
     HttpResponse::build(StatusCode::PARTIAL_CONTENT)
         .insert_header(API_VERSION)
-        .insert_header(("Docker-Content-Digest", digest))
+        .insert_header((DIGEST, digest))
         .insert_header((header::ETAG, format!("\"{digest}\"")))
         .insert_header((header::ACCEPT_RANGES, "bytes"))
         .insert_header((header::CONTENT_TYPE, m.content_type()))

@@ -137,6 +137,7 @@ pub(super) async fn serve(
                 total,
                 lead,
                 check: will_fill.then(|| Check::new(up, repo, d, start)),
+                what: format!("{} {repo}@{d} bytes={start}-{}", up.name, end - 1),
                 svc: svc.clone(),
             };
             return Ok(Some(BlobReply {
@@ -192,6 +193,8 @@ struct Relay {
     lead: super::flight::Lead<String, Fetch>,
     /// `None` when no fill will run (`range_fill = false`): nothing to check against.
     check: Option<Check>,
+    /// `<upstream> <repo>@<digest> bytes=<a>-<b>`, for the log.
+    what: String,
     svc: Services,
 }
 
@@ -219,10 +222,12 @@ impl Relay {
 
     fn fail(&self, why: &str) -> ServiceError {
         let msg = format!(
-            "upstream range ({} bytes asked, {} received): {why}",
+            "upstream range {} ({} bytes asked, {} received): {why}",
+            self.what,
             self.want,
             self.got.len()
         );
+        tracing::warn!(error = %msg, "a range fetched ahead of the fill ended early: its client got part of it");
         let shared = Arc::new(ServiceError::Unavailable(msg.clone()));
         let _ = self.lead.tx.send(Fetch::Failed(shared));
         ServiceError::Unavailable(msg)

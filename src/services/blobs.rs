@@ -261,11 +261,14 @@ impl Services {
             return Ok(None);
         }
         let will_fill = running.is_some() || up.range_fill;
-        let Some(reply) = ahead::serve(self, up, repo, d, (start, end), None, will_fill).await?
+        let Some(mut reply) =
+            ahead::serve(self, up, repo, d, (start, end), None, will_fill).await?
         else {
             return Ok(None);
         };
         if running.is_none() && up.range_fill {
+            // Started once the range was sent (or its client left): on a fast link a fill
+            // hashes and writes at the speed of the cores the range needs.
             let (this, up, repo, d, origin) = (
                 self.clone(),
                 up.clone(),
@@ -273,9 +276,12 @@ impl Services {
                 d.clone(),
                 origin.to_string(),
             );
-            actix_web::rt::spawn(async move {
-                let _ = this.join_fill(&up, &repo, &d, &origin, forward).await;
-            });
+            let start_fill = move || {
+                actix_web::rt::spawn(async move {
+                    let _ = this.join_fill(&up, &repo, &d, &origin, forward).await;
+                });
+            };
+            reply.body = reply.body.take().map(|b| b.on_end(start_fill));
         }
         Ok(Some(reply))
     }

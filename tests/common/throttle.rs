@@ -18,19 +18,21 @@ impl Throttle {
     /// Proxies `127.0.0.1:port` -> `127.0.0.1:target`, sending at most `bytes_per_sec`
     /// back to each client.
     pub fn start(target: u16, bytes_per_sec: usize) -> Throttle {
+        // A blocking accept (a polling one added up to its poll interval to every new
+        // connection); `Drop` wakes it with a connection of its own.
         let l = TcpListener::bind(("127.0.0.1", super::free_port())).expect("bind throttle");
-        l.set_nonblocking(true).expect("nonblocking");
         let port = l.local_addr().expect("addr").port();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         std::thread::spawn(move || {
             let start = Instant::now();
-            while !stop2.load(Ordering::Relaxed) && start.elapsed() < LIFETIME {
+            while start.elapsed() < LIFETIME {
                 let Ok((client, _)) = l.accept() else {
-                    std::thread::sleep(Duration::from_millis(5));
                     continue;
                 };
-                let _ = client.set_nonblocking(false);
+                if stop2.load(Ordering::Relaxed) {
+                    break;
+                }
                 let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                     continue;
                 };
@@ -49,6 +51,7 @@ impl Throttle {
 impl Drop for Throttle {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 

@@ -77,6 +77,31 @@ impl BodyStream {
     }
 }
 
+impl BodyStream {
+    /// Runs `f` when this body is dropped: after its last byte was sent, or when the
+    /// client left.
+    pub fn on_end(self, f: impl FnOnce() + 'static) -> BodyStream {
+        struct Guard<F: FnOnce()>(Option<F>);
+        impl<F: FnOnce()> Drop for Guard<F> {
+            fn drop(&mut self) {
+                if let Some(f) = self.0.take() {
+                    f();
+                }
+            }
+        }
+        let guard = Guard(Some(f));
+        BodyStream {
+            inner: self
+                .inner
+                .map(move |chunk| {
+                    let _ = &guard;
+                    chunk
+                })
+                .boxed_local(),
+        }
+    }
+}
+
 impl Stream for BodyStream {
     type Item = Result<Bytes, ServiceError>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
