@@ -312,7 +312,7 @@ fn range_answers_that_do_not_match_the_range_asked() {
         }
         // The range asked, cut short by half.
         let cr = format!("bytes {a}-{b}/{len}");
-        let body = blob[a..a + (b - a + 1) / 2].to_vec();
+        let body = blob[a..a + (b - a + 1).div_euclid(2)].to_vec();
         common::fake::Response::new(206, &[("Content-Range", cr.as_str())], body)
     });
     let slow = common::throttle::Throttle::start(fake.port, 16 << 20);
