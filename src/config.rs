@@ -45,6 +45,9 @@ pub struct Config {
     /// Replicas that share one bucket and cooperate (one upstream fetch per blob).
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+    /// `[[policy]]`: repositories served only when a cosign signature verifies.
+    #[serde(default)]
+    pub policy: Vec<PolicyConfig>,
     /// The file this was read from; `None`: the built-in defaults (and the environment).
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -503,6 +506,7 @@ impl Config {
             hosted: None,
             auth: AuthConfig::default(),
             cluster: None,
+            policy: Vec::new(),
             file: None,
         }));
         fig = match &file {
@@ -721,6 +725,7 @@ pub fn env_help() -> String {
         hosted: None,
         auth: AuthConfig::default(),
         cluster: None,
+        policy: Vec::new(),
         file: None,
     };
     let mut keys = Vec::new();
@@ -774,4 +779,50 @@ fn collect_keys(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
         _ if !prefix.is_empty() => out.push(prefix.to_string()),
         _ => {}
     }
+}
+
+/// `[[policy]]`: signed-only pulls for the repositories it matches.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Named in refusals, logs and `entrepot_policy_decisions_total{policy}`.
+    pub name: String,
+    /// Globs over `<upstream key or hosted prefix>/<repository>` (`*` stays within one
+    /// path component): `["docker.io/myorg/*", "local/prod/*"]`.
+    #[serde(rename = "match")]
+    pub matches: Vec<String>,
+    /// The signature kind: `"sigstore"` (cosign-compatible).
+    #[serde(default = "sigstore")]
+    pub require: String,
+    /// PEM public keys (`cosign.pub`); a signature by any one admits.
+    pub keys: Vec<PathBuf>,
+    #[serde(default)]
+    pub mode: PolicyMode,
+    #[serde(default)]
+    pub identity: PolicyIdentity,
+}
+
+fn sigstore() -> String {
+    "sigstore".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    /// Refuse what does not verify (403 DENIED).
+    #[default]
+    Enforce,
+    /// Serve it, and log and count what would have been refused.
+    Audit,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyIdentity {
+    /// Any repository named in the payload.
+    #[default]
+    Any,
+    /// The payload's `docker-reference` must name this repository (at its upstream's
+    /// host, or the mirror's own address for hosted ones).
+    Repository,
 }

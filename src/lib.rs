@@ -14,6 +14,7 @@ pub mod egress;
 pub mod media;
 pub mod metrics;
 pub mod names;
+pub mod policy;
 pub mod routes;
 pub mod server;
 pub mod services;

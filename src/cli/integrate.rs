@@ -212,6 +212,7 @@ mod tests {
             hosted: None,
             auth: Default::default(),
             cluster: None,
+            policy: Vec::new(),
             file: None,
         };
         cfg.upstreams.insert(
