@@ -36,6 +36,8 @@ pub struct Metrics {
     pub store_bytes: IntGauge,
     /// The configured `max_cache_size` (0: none), for "near the cap" alerts.
     pub cache_limit_bytes: IntGauge,
+    /// `[[policy]]` verdicts, by policy and result (`admitted`, `denied`, `audit_denied`).
+    pub policy_decisions: IntCounterVec,
     /// Bytes held by the memory of hot manifests and metadata (`server.memory_cache`).
     pub memory_cache_bytes: IntGauge,
     /// Lookups in that memory, by `result` (`hit`, `miss`).
@@ -232,6 +234,12 @@ impl Metrics {
                 r,
                 "entrepot_fill_backlog_bytes",
                 "Bytes cold fills hold beyond their own 16 MiB while the disk stalls (pool: 80 MiB)",
+            )?,
+            policy_decisions: counter(
+                r,
+                "entrepot_policy_decisions_total",
+                "Signed-only policy verdicts on manifests and blobs, by policy and result",
+                &["policy", "result"],
             )?,
             memory_cache_bytes: gauge(
                 r,

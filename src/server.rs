@@ -86,7 +86,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.server.trusted_proxies()?,
     ));
     let hosted = cfg.hosted.as_ref().map(Hosted::new);
-    let mut mirror = Mirror::new(store.clone(), metrics.clone(), hosted);
+    let policies = crate::policy::Policies::load(&cfg.policy)?;
+    let mut mirror = Mirror::new(store.clone(), metrics.clone(), hosted).with_policies(policies);
     if let Some(c) = &cfg.cluster {
         let cluster = Arc::new(Cluster::new(
             c,

@@ -13,7 +13,7 @@ use super::blob_reply::{BlobReply, ByteRange};
 use super::fill::{blob_request, Avail, BodyStream, OpenRelay};
 use super::fill::{wait_started, Fill};
 use super::flight::{Join, Lead};
-use super::{content_length, repo_digest_key, ServiceError, Services, Source};
+use super::{content_length, policy, repo_digest_key, ServiceError, Services, Source};
 use crate::auth::Caller;
 use crate::names::Digest;
 use crate::services::{ahead, fill, peers, private};
@@ -48,6 +48,7 @@ impl Services {
         method: &Method,
         caller: &Caller,
     ) -> Result<BlobReply, ServiceError> {
+        policy::check_blob(self, up, repo, d)?;
         self.blob_from(up, repo, d, range, method, caller, true)
             .await
     }
@@ -397,4 +398,17 @@ impl Services {
         ahead::check(self, d).await;
         Ok(())
     }
+}
+
+/// A whole blob read for the mirror's own use (a signature's payload a policy checks),
+/// without the policy's gate.
+pub(super) async fn ungated(
+    svc: &Services,
+    up: &Arc<Upstream>,
+    repo: &str,
+    d: &Digest,
+    caller: &Caller,
+) -> Result<BlobReply, ServiceError> {
+    svc.blob_from(up, repo, d, None, &Method::GET, caller, true)
+        .await
 }

@@ -12,7 +12,7 @@ use super::{content_length, ServiceError, Services, Source};
 use crate::auth::Caller;
 use crate::media::Accepted;
 use crate::names::{Digest, Reference};
-use crate::services::{manifest_fetch, private};
+use crate::services::{manifest_fetch, policy, private};
 use crate::store::TagRecord;
 use crate::upstream::Upstream;
 
@@ -38,6 +38,7 @@ impl Services {
         let r = self
             .upstream_manifest(up, repo, reference, method, caller)
             .await?;
+        policy::check_manifest(self, up, repo, &r.digest, r.body.as_deref(), caller).await?;
         if let Reference::Tag(_) = reference {
             self.mirror.inventory.count_pull(&up.name, repo);
         }
@@ -229,6 +230,20 @@ impl Services {
             source: Source::Upstream,
         }))
     }
+}
+
+/// A manifest read for the mirror's own use (a signature a policy checks), without
+/// the policy's gate, pull counts or type negotiation.
+pub(super) async fn ungated(
+    svc: &Services,
+    up: &Arc<Upstream>,
+    repo: &str,
+    reference: &Reference,
+    method: &Method,
+    caller: &Caller,
+) -> Result<ManifestReply, ServiceError> {
+    svc.upstream_manifest(up, repo, reference, method, caller)
+        .await
 }
 
 /// The reply if the client accepts its type; otherwise `404 MANIFEST_UNKNOWN`, as

@@ -19,6 +19,7 @@ mod manifests;
 mod memo;
 mod page;
 mod peers;
+mod policy;
 mod private;
 mod referrers;
 mod status;
@@ -239,6 +240,8 @@ pub struct Mirror {
     last_answer: status::LastAnswers,
     /// Ranges fetched ahead of fills, and what was served that way (checked later).
     ahead: ahead::Ahead,
+    /// `[[policy]]`: signed-only repositories and what was decided about them.
+    gate: policy::Gate,
 }
 
 impl Mirror {
@@ -261,7 +264,14 @@ impl Mirror {
             inventory: Default::default(),
             last_answer: Default::default(),
             ahead: Default::default(),
+            gate: Default::default(),
         }
+    }
+
+    /// The same, with `[[policy]]` enforced.
+    pub fn with_policies(mut self, policies: crate::policy::Policies) -> Mirror {
+        self.gate = policy::Gate::new(policies);
+        self
     }
 
     /// The same, one replica of `cluster`.

@@ -1,0 +1,270 @@
+//! Signed-only pulls at the mirror (`[[policy]]`, see `src/policy/`): a manifest of a
+//! repository under a policy is served only when a cosign signature of its digest
+//! verifies; an admitted index admits its child manifests, an admitted image manifest
+//! its config and layers, and a blob is served only when an admitted manifest of that
+//! repository references it.
+//!
+//! Signatures are read through the mirror's own cache (the `sha256-<hex>.sig` tag and
+//! its payload blobs), so they share the tag TTL, stale serving and back-off. Verdicts
+//! are kept per (policy, digest) until the signature tag's TTL passes; admitted
+//! references per repository. Both are bounded caches (a client choosing digests cannot
+//! grow them past their capacity).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::http::Method;
+use futures_util::StreamExt;
+use quick_cache::sync::Cache;
+
+use super::{blobs, manifests, ServiceError, Services};
+use crate::auth::Caller;
+use crate::config::{PolicyIdentity, PolicyMode};
+use crate::names::{Digest, Reference};
+use crate::policy::{cosign, judge, Policies, Policy, Reason, Signed};
+use crate::upstream::Upstream;
+
+/// Verdicts remembered (policy and digest: about 200 bytes each).
+const VERDICTS: usize = 16 * 1024;
+/// References admitted (repository and digest: about 150 bytes each).
+const ADMITTED: usize = 128 * 1024;
+
+type Verdict = Result<(), Reason>;
+
+/// The policies and what they decided.
+pub struct Gate {
+    policies: Policies,
+    verdicts: Cache<(String, Digest), (Verdict, Instant)>,
+    admitted: Cache<String, ()>,
+}
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate::new(Policies::default())
+    }
+}
+
+impl Gate {
+    pub fn new(policies: Policies) -> Gate {
+        Gate {
+            policies,
+            verdicts: Cache::new(VERDICTS),
+            admitted: Cache::new(ADMITTED),
+        }
+    }
+
+    pub fn find(&self, ns: &str, repo: &str) -> Option<&Policy> {
+        self.policies.find(ns, repo)
+    }
+}
+
+fn admitted_key(ns: &str, repo: &str, d: &Digest) -> String {
+    format!("{ns}/{repo}@{}", d.hex())
+}
+
+/// Checks a manifest (`body`: its bytes for a GET, to admit what it references) of an
+/// upstream repository under a policy.
+pub(super) async fn check_manifest(
+    svc: &Services,
+    up: &Arc<Upstream>,
+    repo: &str,
+    d: &Digest,
+    body: Option<&[u8]>,
+    caller: &Caller,
+) -> Result<(), ServiceError> {
+    let gate = &svc.mirror.gate;
+    let Some(policy) = gate.find(&up.name, repo) else {
+        return Ok(());
+    };
+    let key = admitted_key(&up.name, repo, d);
+    let verdict = if gate.admitted.get(&key).is_some() {
+        Ok(())
+    } else {
+        verdict(svc, policy, up, repo, d, caller).await?
+    };
+    if verdict.is_ok() {
+        if let Some(b) = body {
+            admit_references(gate, &up.name, repo, b);
+        }
+        gate.admitted.insert(key, ());
+    }
+    decide(
+        svc,
+        policy,
+        &format!("{}/{repo}@{d}", up.name),
+        verdict.err(),
+    )
+}
+
+/// Checks a blob of an upstream repository under a policy: an admitted manifest of it
+/// must reference the blob.
+pub(super) fn check_blob(
+    svc: &Services,
+    up: &Upstream,
+    repo: &str,
+    d: &Digest,
+) -> Result<(), ServiceError> {
+    let gate = &svc.mirror.gate;
+    let Some(policy) = gate.find(&up.name, repo) else {
+        return Ok(());
+    };
+    if gate
+        .admitted
+        .get(&admitted_key(&up.name, repo, d))
+        .is_some()
+    {
+        return Ok(());
+    }
+    let what = format!("{}/{repo}@{d}", up.name);
+    let why = "no admitted manifest of this repository references this blob (pull the image by tag or digest first)";
+    refuse(svc, policy, &what, why, "no_admitted_manifest")
+}
+
+/// The verdict for `d` under `policy`, from memory while the signature tag is fresh.
+async fn verdict(
+    svc: &Services,
+    policy: &Policy,
+    up: &Arc<Upstream>,
+    repo: &str,
+    d: &Digest,
+    caller: &Caller,
+) -> Result<Verdict, ServiceError> {
+    let gate = &svc.mirror.gate;
+    let vkey = (policy.name.clone(), d.clone());
+    if let Some((v, at)) = gate.verdicts.get(&vkey) {
+        if at.elapsed() < up.tag_ttl {
+            return Ok(v);
+        }
+    }
+    let sigs = signatures(svc, up, repo, d, caller).await?;
+    let signed: Vec<Signed> = sigs
+        .iter()
+        .map(|(p, s)| Signed {
+            payload: p,
+            signature: s,
+        })
+        .collect();
+    let repos = (policy.identity == PolicyIdentity::Repository).then(|| identities(up, repo));
+    let v = judge(&policy.keys, &d.to_string(), repos.as_deref(), &signed).map(|key| {
+        tracing::debug!(policy = %policy.name, digest = %d, key = %key.file.display(), "signature verified");
+    });
+    gate.verdicts.insert(vkey, (v, Instant::now()));
+    Ok(v)
+}
+
+/// The (payload, signature) pairs stored for `d` under cosign's tag, read through the
+/// mirror's cache; none when the tag does not exist.
+async fn signatures(
+    svc: &Services,
+    up: &Arc<Upstream>,
+    repo: &str,
+    d: &Digest,
+    caller: &Caller,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ServiceError> {
+    let tag = Reference::Tag(cosign::signature_tag(d));
+    let m = match manifests::ungated(svc, up, repo, &tag, &Method::GET, caller).await {
+        Ok(m) => m,
+        Err(e) if matches!(e.root(), ServiceError::ManifestUnknown(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let layers = cosign::layers(m.body.as_deref().unwrap_or_default()).unwrap_or_default();
+    let mut out = Vec::new();
+    for l in layers {
+        let reply = blobs::ungated(svc, up, repo, &l.payload, caller).await?;
+        let Some(mut body) = reply.body else { continue };
+        let mut payload = Vec::new();
+        while let Some(chunk) = body.next().await {
+            payload.extend_from_slice(&chunk?);
+            if payload.len() as u64 > cosign::MAX_PAYLOAD {
+                break;
+            }
+        }
+        if payload.len() as u64 <= cosign::MAX_PAYLOAD {
+            out.push((payload, l.signature));
+        }
+    }
+    Ok(out)
+}
+
+/// The names a signature's `docker-reference` may give this repository: at the
+/// upstream's host and under its key (for Docker Hub, also its other names).
+fn identities(up: &Upstream, repo: &str) -> Vec<String> {
+    let mut hosts = vec![up.name.clone()];
+    if let Some(h) = up.base.host_str() {
+        hosts.push(match up.base.port() {
+            Some(p) => format!("{h}:{p}"),
+            None => h.to_string(),
+        });
+    }
+    if up.name == "docker.io" {
+        hosts.extend(["index.docker.io".into(), "registry-1.docker.io".into()]);
+    }
+    hosts.into_iter().map(|h| format!("{h}/{repo}")).collect()
+}
+
+/// Admits the digests a manifest references (an index's manifests, an image's config
+/// and layers) in its repository.
+fn admit_references(gate: &Gate, ns: &str, repo: &str, manifest: &[u8]) {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(manifest) else {
+        return;
+    };
+    let children = doc["manifests"].as_array().into_iter().flatten();
+    let layers = doc["layers"].as_array().into_iter().flatten();
+    for desc in children
+        .chain(layers)
+        .chain(std::iter::once(&doc["config"]))
+    {
+        if let Some(d) = desc["digest"]
+            .as_str()
+            .and_then(|d| d.parse::<Digest>().ok())
+        {
+            gate.admitted.insert(admitted_key(ns, repo, &d), ());
+        }
+    }
+}
+
+/// Counts and logs a verdict; a refusal in enforce mode is the request's error.
+fn decide(
+    svc: &Services,
+    policy: &Policy,
+    what: &str,
+    refused: Option<Reason>,
+) -> Result<(), ServiceError> {
+    let Some(reason) = refused else {
+        count(svc, policy, "admitted");
+        return Ok(());
+    };
+    refuse(svc, policy, what, reason.as_str(), reason.label())
+}
+
+fn refuse(
+    svc: &Services,
+    policy: &Policy,
+    what: &str,
+    why: &str,
+    label: &str,
+) -> Result<(), ServiceError> {
+    match policy.mode {
+        PolicyMode::Enforce => {
+            count(svc, policy, "denied");
+            tracing::warn!(policy = %policy.name, image = %what, reason = label, "refused by policy: {why}");
+            Err(ServiceError::Denied(format!(
+                "policy {:?} refuses {what}: {why}",
+                policy.name
+            )))
+        }
+        PolicyMode::Audit => {
+            count(svc, policy, "audit_denied");
+            tracing::warn!(policy = %policy.name, image = %what, reason = label, "policy (audit mode) would refuse: {why}; served");
+            Ok(())
+        }
+    }
+}
+
+fn count(svc: &Services, policy: &Policy, result: &str) {
+    svc.mirror
+        .metrics
+        .policy_decisions
+        .with_label_values(&[&policy.name, result])
+        .inc();
+}

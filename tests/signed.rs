@@ -1,0 +1,453 @@
+//! Signed-only pulls (`[[policy]]`): real cosign-format signatures made with the sigstore
+//! project's own Rust library (and, as a second signer the product shares nothing with,
+//! `openssl dgst -sign`), pushed to a real Distribution; pulled through the mirror by
+//! containerd, podman, skopeo, Docker and curl.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use base64::Engine as _;
+use common::*;
+use sigstore::crypto::{SigStoreSigner, SigningScheme};
+use tempfile::TempDir;
+
+const CLIENTS: &[&str] = &["podman", "dockerd"];
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// A cosign key pair from the sigstore crate; its public key written to `dir/name.pub`.
+fn key_pair(dir: &Path, name: &str) -> (SigStoreSigner, PathBuf) {
+    let signer = SigningScheme::ECDSA_P256_SHA256_ASN1
+        .create_signer()
+        .expect("sigstore signer");
+    let pem = signer
+        .to_sigstore_keypair()
+        .and_then(|k| k.public_key_to_pem())
+        .expect("public key pem");
+    let path = dir.join(format!("{name}.pub"));
+    std::fs::write(&path, pem).expect("write key");
+    (signer, path)
+}
+
+/// cosign's simple-signing payload for `digest` named `reference`.
+fn payload(digest: &str, reference: &str) -> Vec<u8> {
+    serde_json::json!({
+        "critical": {
+            "identity": {"docker-reference": reference},
+            "image": {"docker-manifest-digest": digest},
+            "type": "cosign container image signature"
+        },
+        "optional": null
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Stores `payload` signed with `signature` as cosign does: tag `sha256-<hex>.sig` of
+/// `repo` on `up`, an OCI manifest with the payload as its one layer.
+fn push_signature(up: &Registry, repo: &str, digest: &str, payload: &[u8], signature: &[u8]) {
+    let config = up.push_blob(repo, b"{}");
+    let layer = up.push_blob(repo, payload);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+        "layers": [{
+            "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+            "digest": layer,
+            "size": payload.len(),
+            "annotations": {
+                "dev.cosignproject.cosign/signature":
+                    base64::engine::general_purpose::STANDARD.encode(signature)
+            }
+        }]
+    });
+    let tag = format!("sha256-{}.sig", digest.trim_start_matches("sha256:"));
+    let r = send(
+        &format!("{}/v2/{repo}/manifests/{tag}", up.url()),
+        "PUT",
+        manifest.to_string().as_bytes(),
+        &[("Content-Type", OCI_MANIFEST)],
+    );
+    assert_eq!(r.status, 201, "push signature of {repo}@{digest}");
+}
+
+fn sign(up: &Registry, signer: &SigStoreSigner, repo: &str, digest: &str, claims: &str) {
+    let p = payload(claims, &format!("{}/{repo}", up.host()));
+    let sig = signer.sign(&p).expect("sign");
+    push_signature(up, repo, digest, &p, &sig);
+}
+
+struct World {
+    up: Registry,
+    tmp: TempDir,
+    mirror: Mirror,
+    good: String,
+    plain: String,
+    multi: (String, String),
+    release: SigStoreSigner,
+}
+
+fn world() -> World {
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let mut digests = Vec::new();
+    for (i, name) in ["good", "plain", "stranger", "liar", "imposter", "audited"]
+        .iter()
+        .enumerate()
+    {
+        let d = layout.build(name, &[("f.txt", &noise(60_000, 900 + i as u64))]);
+        let repo = if *name == "audited" {
+            "audit/app"
+        } else {
+            name
+        };
+        let repo = if repo.contains('/') {
+            repo.to_string()
+        } else {
+            format!("myorg/{repo}")
+        };
+        layout.push(name, &format!("{}/{repo}:1", up.host()), None);
+        digests.push(d);
+    }
+    let multi = layout.multiarch(100_000, 910);
+    layout.push("multi", &format!("{}/myorg/multi:1", up.host()), None);
+    let (release, release_pub) = key_pair(tmp.path(), "release");
+    let (other, _) = key_pair(tmp.path(), "other");
+    sign(&up, &release, "myorg/good", &digests[0], &digests[0]);
+    sign(&up, &other, "myorg/stranger", &digests[2], &digests[2]);
+    // A real signature of the good image, stored as the liar's.
+    sign(&up, &release, "myorg/liar", &digests[3], &digests[0]);
+    // Signed for another repository.
+    let p = payload(&digests[4], &format!("{}/myorg/other", up.host()));
+    push_signature(
+        &up,
+        "myorg/imposter",
+        &digests[4],
+        &p,
+        &release.sign(&p).unwrap(),
+    );
+    sign(&up, &release, "myorg/multi", &multi.0, &multi.0);
+    let keys = release_pub.display();
+    let mirror = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"docker.io\"]\nurl = \"{}\"\ntag_ttl = \"3s\"\n\n\
+             [[policy]]\nname = \"release\"\nmatch = [\"docker.io/myorg/*\"]\nkeys = [\"{keys}\"]\nidentity = \"repository\"\n\n\
+             [[policy]]\nname = \"watch\"\nmatch = [\"docker.io/audit/*\"]\nkeys = [\"{keys}\"]\nmode = \"audit\"\n",
+            up.url()
+        ),
+    );
+    World {
+        up,
+        tmp,
+        mirror,
+        good: digests[0].clone(),
+        plain: digests[1].clone(),
+        multi,
+        release,
+    }
+}
+
+fn manifest(w: &World, repo: &str, reference: &str) -> Reply {
+    http(
+        "GET",
+        &format!(
+            "{}/v2/docker.io/{repo}/manifests/{reference}",
+            w.mirror.url()
+        ),
+        &[("Accept", OCI_MANIFEST)],
+    )
+}
+
+/// Each refusal is a 403 DENIED naming the policy and the reason, the signed image is
+/// served, nothing of a refused image beyond its manifest and signature is fetched, and
+/// a verdict is reused (one signature fetch for many pulls).
+#[test]
+fn only_images_signed_by_the_release_key_are_served() {
+    if !require(PEERS) {
+        return;
+    }
+    let w = world();
+    let r = manifest(&w, "myorg/good", "1");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("docker-content-digest"), Some(w.good.as_str()));
+    for (repo, why) in [
+        ("myorg/plain", "no signature found"),
+        ("myorg/stranger", "signed by an unknown key"),
+        ("myorg/liar", "payload names another digest"),
+        ("myorg/imposter", "identity mismatch"),
+    ] {
+        let r = manifest(&w, repo, "1");
+        assert_eq!((r.status, r.oci_code().as_str()), (403, "DENIED"), "{repo}");
+        let msg = r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(
+            msg.contains("policy \"release\"") && msg.contains(why),
+            "{repo}: {msg}"
+        );
+        // HEAD is refused the same way.
+        let h = http(
+            "HEAD",
+            &format!("{}/v2/docker.io/{repo}/manifests/1", w.mirror.url()),
+            &[("Accept", OCI_MANIFEST)],
+        );
+        assert_eq!(h.status, 403, "HEAD {repo}");
+    }
+    // A blob of a refused image, asked for directly.
+    let layer = Layout {
+        dir: w.tmp.path().join("layout"),
+    }
+    .layers(&w.plain)[0]
+        .clone();
+    let r = get(&format!(
+        "{}/v2/docker.io/myorg/plain/blobs/{layer}",
+        w.mirror.url()
+    ));
+    assert_eq!(r.status, 403, "a blob no admitted manifest references");
+    assert!(String::from_utf8_lossy(&r.body).contains("no admitted manifest"));
+    assert_eq!(
+        w.up.count("GET", "/myorg/plain/blobs/"),
+        0,
+        "nothing of it fetched"
+    );
+
+    // The signed image, whole, many times: one signature fetch.
+    let good_layers = Layout {
+        dir: w.tmp.path().join("layout"),
+    }
+    .layers(&w.good);
+    for _ in 0..3 {
+        pull_checked(
+            &w.mirror.url(),
+            "docker.io/myorg/good",
+            "1",
+            &good_layers,
+            None,
+        );
+    }
+    let sig_tag = format!("sha256-{}.sig", w.good.trim_start_matches("sha256:"));
+    assert_eq!(w.up.count("GET", &sig_tag), 1, "the verdict is reused");
+    assert!(
+        w.mirror.metric(
+            "entrepot_policy_decisions_total",
+            &[("policy", "release"), ("result", "denied")]
+        ) >= 8.0
+    );
+
+    // Audit mode serves and counts.
+    let r = manifest(&w, "audit/app", "1");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        w.mirror.metric(
+            "entrepot_policy_decisions_total",
+            &[("policy", "watch"), ("result", "audit_denied")]
+        ),
+        1.0
+    );
+    assert!(w.mirror.log().contains("would refuse: no signature found"));
+
+    // A signature added upstream later is seen once the tag's TTL passed.
+    sign(&w.up, &w.release, "myorg/plain", &w.plain, &w.plain);
+    assert_eq!(
+        manifest(&w, "myorg/plain", "1").status,
+        403,
+        "the verdict holds for the TTL"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(3200));
+    assert_eq!(manifest(&w, "myorg/plain", "1").status, 200, "signed now");
+}
+
+/// Every client: the signed image (and the signed multi-arch index, its platform
+/// manifests and blobs admitted through it) pulls; an unsigned one fails with the
+/// reason in the client's own error.
+#[test]
+fn every_client_pulls_signed_images_and_is_refused_unsigned_ones() {
+    if !require(PEERS) || !require(CLIENTS) {
+        return;
+    }
+    let w = world();
+    let host = format!("127.0.0.1:{}", w.mirror.port);
+
+    let ctr = Containerd::start();
+    let hosts = ctr.hosts_dir("h", "docker.io", &w.mirror.url(), Style::Ns);
+    assert_eq!(
+        ctr.pull("a", &hosts, "docker.io/myorg/good:1")
+            .expect("containerd, signed"),
+        w.good
+    );
+    assert_eq!(
+        ctr.pull("b", &hosts, "docker.io/myorg/multi:1")
+            .expect("containerd, signed index"),
+        w.multi.0
+    );
+    let e = ctr
+        .pull("c", &hosts, "docker.io/myorg/plain:1")
+        .unwrap_err();
+    assert!(
+        e.contains("403") || e.contains("denied") || e.contains("no signature found"),
+        "containerd: {e}"
+    );
+
+    let podman = Podman::new();
+    podman
+        .pull(&format!("{host}/docker.io/myorg/good:1"))
+        .expect("podman, signed");
+    podman
+        .pull(&format!("{host}/docker.io/myorg/multi:1"))
+        .expect("podman, signed index");
+    let e = podman
+        .pull(&format!("{host}/docker.io/myorg/plain:1"))
+        .unwrap_err();
+    assert!(e.contains("no signature found"), "podman: {e}");
+
+    let out = TempDir::new().unwrap();
+    let skopeo = |repo: &str| {
+        Command::new("skopeo")
+            .args(["copy", "--src-tls-verify=false"])
+            .arg(format!("docker://{host}/docker.io/{repo}:1"))
+            .arg(format!(
+                "oci:{}:x",
+                out.path().join(repo.replace('/', "-")).display()
+            ))
+            .output()
+            .expect("skopeo")
+    };
+    assert!(skopeo("myorg/good").status.success(), "skopeo, signed");
+    let o = skopeo("myorg/stranger");
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("signed by an unknown key"),
+        "skopeo: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let docker = Dockerd::start(&host);
+    let got = docker
+        .pull(&format!("{host}/docker.io/myorg/good:1"))
+        .expect("docker, signed");
+    assert!(got.iter().any(|d| d.ends_with(&w.good)), "{got:?}");
+    let e = docker
+        .pull(&format!("{host}/docker.io/myorg/liar:1"))
+        .unwrap_err();
+    assert!(e.contains("payload names another digest"), "docker: {e}");
+
+    // Nothing of a refused image beyond its manifest and signature: none of its layers.
+    let layout = Layout {
+        dir: w.tmp.path().join("layout"),
+    };
+    for (repo, tag) in [
+        ("plain", "plain"),
+        ("stranger", "stranger"),
+        ("liar", "liar"),
+    ] {
+        let d = layout.digest(tag);
+        for layer in layout.layers(&d) {
+            assert_eq!(w.up.count("GET", &layer), 0, "a layer of {repo} fetched");
+        }
+    }
+}
+
+/// A second signer that shares nothing with the product: `openssl dgst -sha256 -sign`
+/// over the payload verifies; the same signature with one byte changed does not.
+#[test]
+fn a_signature_made_by_openssl_verifies_and_a_changed_byte_does_not() {
+    if !require(PEERS) || !require(&["openssl"]) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let a = layout.build("a", &[("a.txt", &noise(30_000, 920))]);
+    let b = layout.build("b", &[("b.txt", &noise(30_000, 921))]);
+    layout.push("a", &format!("{}/team/a:1", up.host()), None);
+    layout.push("b", &format!("{}/team/b:1", up.host()), None);
+    let key = tmp.path().join("k.pem");
+    let public = tmp.path().join("k.pub");
+    run(Command::new("openssl")
+        .args([
+            "ecparam",
+            "-genkey",
+            "-name",
+            "prime256v1",
+            "-noout",
+            "-out",
+        ])
+        .arg(&key));
+    run(Command::new("openssl")
+        .args(["ec", "-pubout", "-in"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&public));
+    for (repo, d, flip) in [("team/a", &a, false), ("team/b", &b, true)] {
+        let p = payload(d, &format!("{}/{repo}", up.host()));
+        let file = tmp.path().join("payload");
+        std::fs::write(&file, &p).unwrap();
+        let sig = tmp.path().join("sig");
+        run(Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&sig)
+            .arg(&file));
+        let mut s = std::fs::read(&sig).unwrap();
+        if flip {
+            let last = s.len() - 1;
+            s[last] ^= 1;
+        }
+        push_signature(&up, repo, d, &p, &s);
+    }
+    let m = Mirror::start(
+        "",
+        &format!(
+            "[upstreams.\"docker.io\"]\nurl = \"{}\"\n\n[[policy]]\nname = \"team\"\nmatch = [\"docker.io/team/*\"]\nkeys = [\"{}\"]\n",
+            up.url(),
+            public.display()
+        ),
+    );
+    let get = |repo: &str| {
+        http(
+            "GET",
+            &format!("{}/v2/docker.io/{repo}/manifests/1", m.url()),
+            &[("Accept", OCI_MANIFEST)],
+        )
+    };
+    assert_eq!(get("team/a").status, 200, "openssl's signature verifies");
+    let r = get("team/b");
+    assert_eq!(r.status, 403);
+    assert!(String::from_utf8_lossy(&r.body).contains("signed by an unknown key"));
+}
+
+/// Key files are checked at start, with the file named.
+#[test]
+fn a_bad_key_file_stops_the_start_with_its_name() {
+    let tmp = TempDir::new().unwrap();
+    let bad = tmp.path().join("bad.pub");
+    std::fs::write(&bad, "not a key").unwrap();
+    let cfg = tmp.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\nstorage = \"{}\"\n[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:9\"\n[[policy]]\nname = \"p\"\nmatch = [\"docker.io/x/*\"]\nkeys = [\"{}\"]\n",
+            free_port(),
+            tmp.path().join("s").display(),
+            bad.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_entrepot"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("bad.pub") && text.contains("not a PEM public key"),
+        "{text}"
+    );
+}
