@@ -451,3 +451,115 @@ fn a_bad_key_file_stops_the_start_with_its_name() {
         "{text}"
     );
 }
+
+/// Pushes `bytes` as a blob of `repo` at `base` (a monolithic upload with `auth`).
+fn push_blob_to(base: &str, repo: &str, bytes: &[u8], auth: &str) -> String {
+    let d = format!("sha256:{}", sha256_hex(bytes));
+    let start = send(
+        &format!("{base}/v2/{repo}/blobs/uploads/"),
+        "POST",
+        &[],
+        &[("Authorization", auth)],
+    );
+    assert_eq!(start.status, 202, "start upload");
+    let loc = start.header("location").expect("Location").to_string();
+    let loc = if loc.starts_with("http") {
+        loc
+    } else {
+        format!("{base}{loc}")
+    };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = send(
+        &format!("{loc}{sep}digest={d}"),
+        "PUT",
+        bytes,
+        &[
+            ("Authorization", auth),
+            ("Content-Type", "application/octet-stream"),
+        ],
+    );
+    assert_eq!(r.status, 201, "upload {d}");
+    d
+}
+
+/// Hosted repositories under a policy: a signed pushed image is served, an unsigned one
+/// refused, a signature pushed to the mirror itself counts, and a push (whose blob
+/// HEADs a policy leaves alone) still works.
+#[test]
+fn hosted_repositories_under_a_policy() {
+    if !require(PEERS) {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let signed = layout.build("s", &[("s.txt", &noise(50_000, 930))]);
+    let plain = layout.build("p", &[("p.txt", &noise(50_000, 931))]);
+    let (release, release_pub) = key_pair(tmp.path(), "release");
+    let users = htpasswd(tmp.path(), &[("alice", "alice-pw")]);
+    let m = Mirror::start(
+        "",
+        &format!(
+            "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\nanonymous_pull = true\npush = [\"alice\"]\n\
+             [[policy]]\nname = \"prod\"\nmatch = [\"local/prod/*\"]\nkeys = [\"{}\"]\nidentity = \"repository\"\n",
+            users.display(),
+            release_pub.display()
+        ),
+    );
+    let host = format!("127.0.0.1:{}", m.port);
+    layout.push(
+        "s",
+        &format!("{host}/local/prod/app:1"),
+        Some("alice:alice-pw"),
+    );
+    layout.push(
+        "p",
+        &format!("{host}/local/prod/other:1"),
+        Some("alice:alice-pw"),
+    );
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:alice-pw")
+    );
+    // The signature, pushed to the mirror as `cosign sign` would.
+    let p = payload(&signed, &format!("{host}/local/prod/app"));
+    let sig = release.sign(&p).unwrap();
+    let config = push_blob_to(&m.url(), "local/prod/app", b"{}", &auth);
+    let layer = push_blob_to(&m.url(), "local/prod/app", &p, &auth);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+        "layers": [{
+            "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+            "digest": layer,
+            "size": p.len(),
+            "annotations": {"dev.cosignproject.cosign/signature": base64::engine::general_purpose::STANDARD.encode(&sig)}
+        }]
+    });
+    let tag = format!("sha256-{}.sig", &signed[7..]);
+    let r = send(
+        &format!("{}/v2/local/prod/app/manifests/{tag}", m.url()),
+        "PUT",
+        manifest.to_string().as_bytes(),
+        &[("Content-Type", OCI_MANIFEST), ("Authorization", &auth)],
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+
+    let ctr = Containerd::start();
+    let hosts = ctr.hosts_dir("h", &host, &m.url(), Style::Ns);
+    let got = ctr
+        .pull("a", &hosts, &format!("{host}/local/prod/app:1"))
+        .expect("signed hosted image");
+    assert_eq!(got, signed);
+    let r = http(
+        "GET",
+        &format!("{}/v2/local/prod/other/manifests/1", m.url()),
+        &[("Accept", OCI_MANIFEST)],
+    );
+    assert_eq!(r.status, 403);
+    assert!(String::from_utf8_lossy(&r.body).contains("no signature found"));
+    let _ = plain;
+    assert!(ctr
+        .pull("b", &hosts, &format!("{host}/local/prod/other:1"))
+        .is_err());
+}

@@ -194,7 +194,7 @@ pub fn judge<'k>(
         }
         if let Some(repos) = repositories {
             let named = cosign::repository_of(&claims.reference);
-            if !repos.iter().any(|r| r == named) {
+            if !repos.iter().any(|r| names(r, named)) {
                 why = why.max(Reason::IdentityMismatch);
                 continue;
             }
@@ -202,6 +202,17 @@ pub fn judge<'k>(
         return Ok(key);
     }
     Err(why)
+}
+
+/// Whether an accepted repository name matches the one a signature names; `*/path`
+/// accepts `path` at any host.
+fn names(accepted: &str, named: &str) -> bool {
+    match accepted.strip_prefix("*/") {
+        Some(path) => named
+            .split_once('/')
+            .is_some_and(|(host, rest)| !host.is_empty() && rest == path),
+        None => accepted == named,
+    }
 }
 
 #[cfg(test)]

@@ -48,7 +48,10 @@ impl Services {
         method: &Method,
         caller: &Caller,
     ) -> Result<BlobReply, ServiceError> {
-        policy::check_blob(self, up, repo, d)?;
+        // A HEAD tells existence and size, nothing of the content (push clients ask it).
+        if method == Method::GET {
+            policy::check_blob(self, &up.name, repo, d)?;
+        }
         self.blob_from(up, repo, d, range, method, caller, true)
             .await
     }

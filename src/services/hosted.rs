@@ -13,7 +13,7 @@ use super::uploads::{UploadLimits, Uploads};
 use super::{ServiceError, Services, Source};
 use crate::media::{Accepted, IMAGE_TYPES, INDEX_TYPES, OCI_INDEX};
 use crate::names::{Digest, Reference};
-use crate::services::{fill, manifests};
+use crate::services::{fill, manifests, policy};
 use crate::store::{ManifestLink, TagRecord};
 
 /// The hosted prefix and its upload sessions.
@@ -72,6 +72,8 @@ impl Services {
             },
         };
         let r = found.ok_or_else(|| ServiceError::ManifestUnknown(reference.to_string()))?;
+        let origin = policy::Origin::Hosted;
+        policy::check_manifest(self, origin, repo, &r.digest, r.body.as_deref()).await?;
         if let Reference::Tag(_) = reference {
             self.mirror.inventory.count_pull(ns, repo);
         }
@@ -86,6 +88,9 @@ impl Services {
         head: bool,
     ) -> Result<BlobReply, ServiceError> {
         let ns = &self.hosted()?.prefix;
+        if !head {
+            policy::check_blob(self, ns, repo, d)?;
+        }
         match self.store().stat(d).await? {
             Some(size) if self.store().blob_linked(ns, repo, d).await? => {
                 fill::stored(self, d, size, range, head).await

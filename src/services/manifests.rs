@@ -38,7 +38,8 @@ impl Services {
         let r = self
             .upstream_manifest(up, repo, reference, method, caller)
             .await?;
-        policy::check_manifest(self, up, repo, &r.digest, r.body.as_deref(), caller).await?;
+        let origin = policy::Origin::Upstream { up, caller };
+        policy::check_manifest(self, origin, repo, &r.digest, r.body.as_deref()).await?;
         if let Reference::Tag(_) = reference {
             self.mirror.inventory.count_pull(&up.name, repo);
         }

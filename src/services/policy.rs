@@ -11,7 +11,7 @@
 //! grow them past their capacity).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_web::http::Method;
 use futures_util::StreamExt;
@@ -62,60 +62,83 @@ fn admitted_key(ns: &str, repo: &str, d: &Digest) -> String {
     format!("{ns}/{repo}@{}", d.hex())
 }
 
-/// Checks a manifest (`body`: its bytes for a GET, to admit what it references) of an
-/// upstream repository under a policy.
+/// Where a repository's manifests and signatures come from.
+pub(super) enum Origin<'a> {
+    /// An upstream, read through the cache on behalf of `caller`.
+    Upstream {
+        up: &'a Arc<Upstream>,
+        caller: &'a Caller,
+    },
+    /// The hosted prefix: read from the store.
+    Hosted,
+}
+
+impl Origin<'_> {
+    fn ns<'b>(&'b self, svc: &'b Services) -> &'b str {
+        match self {
+            Origin::Upstream { up, .. } => &up.name,
+            Origin::Hosted => svc.mirror.hosted.as_ref().map_or("", |h| h.prefix.as_str()),
+        }
+    }
+
+    /// How long a verdict holds: the upstream's tag TTL (the signature tag's), and for
+    /// hosted repositories [`HOSTED_TTL`].
+    fn ttl(&self) -> Duration {
+        match self {
+            Origin::Upstream { up, .. } => up.tag_ttl,
+            Origin::Hosted => HOSTED_TTL,
+        }
+    }
+}
+
+/// How long a verdict on a hosted image holds (a signature pushed later is seen after it).
+const HOSTED_TTL: Duration = Duration::from_secs(30);
+
+/// Checks a manifest (`body`: its bytes for a GET, to admit what it references) of a
+/// repository under a policy.
 pub(super) async fn check_manifest(
     svc: &Services,
-    up: &Arc<Upstream>,
+    origin: Origin<'_>,
     repo: &str,
     d: &Digest,
     body: Option<&[u8]>,
-    caller: &Caller,
 ) -> Result<(), ServiceError> {
     let gate = &svc.mirror.gate;
-    let Some(policy) = gate.find(&up.name, repo) else {
+    let ns = origin.ns(svc).to_string();
+    let Some(policy) = gate.find(&ns, repo) else {
         return Ok(());
     };
-    let key = admitted_key(&up.name, repo, d);
+    let key = admitted_key(&ns, repo, d);
     let verdict = if gate.admitted.get(&key).is_some() {
         Ok(())
     } else {
-        verdict(svc, policy, up, repo, d, caller).await?
+        verdict(svc, policy, &origin, repo, d).await?
     };
     if verdict.is_ok() {
         if let Some(b) = body {
-            admit_references(gate, &up.name, repo, b);
+            admit_references(gate, &ns, repo, b);
         }
         gate.admitted.insert(key, ());
     }
-    decide(
-        svc,
-        policy,
-        &format!("{}/{repo}@{d}", up.name),
-        verdict.err(),
-    )
+    decide(svc, policy, &format!("{ns}/{repo}@{d}"), verdict.err())
 }
 
-/// Checks a blob of an upstream repository under a policy: an admitted manifest of it
-/// must reference the blob.
+/// Checks a blob of a repository (of namespace `ns`) under a policy: an admitted
+/// manifest of it must reference the blob.
 pub(super) fn check_blob(
     svc: &Services,
-    up: &Upstream,
+    ns: &str,
     repo: &str,
     d: &Digest,
 ) -> Result<(), ServiceError> {
     let gate = &svc.mirror.gate;
-    let Some(policy) = gate.find(&up.name, repo) else {
+    let Some(policy) = gate.find(ns, repo) else {
         return Ok(());
     };
-    if gate
-        .admitted
-        .get(&admitted_key(&up.name, repo, d))
-        .is_some()
-    {
+    if gate.admitted.get(&admitted_key(ns, repo, d)).is_some() {
         return Ok(());
     }
-    let what = format!("{}/{repo}@{d}", up.name);
+    let what = format!("{ns}/{repo}@{d}");
     let why = "no admitted manifest of this repository references this blob (pull the image by tag or digest first)";
     refuse(svc, policy, &what, why, "no_admitted_manifest")
 }
@@ -124,19 +147,21 @@ pub(super) fn check_blob(
 async fn verdict(
     svc: &Services,
     policy: &Policy,
-    up: &Arc<Upstream>,
+    origin: &Origin<'_>,
     repo: &str,
     d: &Digest,
-    caller: &Caller,
 ) -> Result<Verdict, ServiceError> {
     let gate = &svc.mirror.gate;
     let vkey = (policy.name.clone(), d.clone());
     if let Some((v, at)) = gate.verdicts.get(&vkey) {
-        if at.elapsed() < up.tag_ttl {
+        if at.elapsed() < origin.ttl() {
             return Ok(v);
         }
     }
-    let sigs = signatures(svc, up, repo, d, caller).await?;
+    let sigs = match origin {
+        Origin::Upstream { up, caller } => upstream_signatures(svc, up, repo, d, caller).await?,
+        Origin::Hosted => hosted_signatures(svc, repo, d).await?,
+    };
     let signed: Vec<Signed> = sigs
         .iter()
         .map(|(p, s)| Signed {
@@ -144,7 +169,11 @@ async fn verdict(
             signature: s,
         })
         .collect();
-    let repos = (policy.identity == PolicyIdentity::Repository).then(|| identities(up, repo));
+    let repos = (policy.identity == PolicyIdentity::Repository).then(|| match origin {
+        Origin::Upstream { up, .. } => identities(up, repo),
+        // The mirror's own address is whatever clients call it: any host, this path.
+        Origin::Hosted => vec![format!("*/{}/{repo}", origin.ns(svc))],
+    });
     let v = judge(&policy.keys, &d.to_string(), repos.as_deref(), &signed).map(|key| {
         tracing::debug!(policy = %policy.name, digest = %d, key = %key.file.display(), "signature verified");
     });
@@ -154,7 +183,7 @@ async fn verdict(
 
 /// The (payload, signature) pairs stored for `d` under cosign's tag, read through the
 /// mirror's cache; none when the tag does not exist.
-async fn signatures(
+async fn upstream_signatures(
     svc: &Services,
     up: &Arc<Upstream>,
     repo: &str,
@@ -181,6 +210,32 @@ async fn signatures(
         }
         if payload.len() as u64 <= cosign::MAX_PAYLOAD {
             out.push((payload, l.signature));
+        }
+    }
+    Ok(out)
+}
+
+/// The same for a hosted repository, from the store.
+async fn hosted_signatures(
+    svc: &Services,
+    repo: &str,
+    d: &Digest,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ServiceError> {
+    let store = &svc.mirror.store;
+    let ns = Origin::Hosted.ns(svc).to_string();
+    let Some(rec) = store.get_tag(&ns, repo, &cosign::signature_tag(d)).await? else {
+        return Ok(Vec::new());
+    };
+    let Some(m) = store.read_small(&rec.digest()?).await? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for l in cosign::layers(&m).unwrap_or_default() {
+        if !store.blob_linked(&ns, repo, &l.payload).await? {
+            continue;
+        }
+        if let Some(p) = store.read_small(&l.payload).await? {
+            out.push((p.to_vec(), l.signature));
         }
     }
     Ok(out)
