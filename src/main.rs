@@ -129,10 +129,23 @@ enum Command {
         /// Only repositories whose name starts with this, e.g. docker.io/library
         prefix: Option<String>,
     },
+    /// Policies (`[[policy]]`): `entrepot policy check IMAGE` prints the verdict and why.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Print a shell completion script: `entrepot completions bash > /etc/bash_completion.d/entrepot`.
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Whether IMAGE (e.g. docker.io/myorg/app:1) would be served under its policy, and
+    /// why not; exits non-zero when it would be refused.
+    Check {
+        /// The image as clients name it through the mirror: <prefix>/<repository>[:tag|@digest].
+        image: String,
     },
 }
 
@@ -254,5 +267,6 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Completions { .. } => Ok(true),
         Command::Ls { prefix } => cli::ls(&cfg, prefix.as_deref()).map(|_| true),
+        Command::Policy(PolicyCommand::Check { image }) => cli::policy_check(&cfg, &image),
     }
 }

@@ -239,6 +239,27 @@ fn only_images_signed_by_the_release_key_are_served() {
         ) >= 8.0
     );
 
+    // The operator's view of the same verdicts.
+    let (ok, text) = w.mirror.cli(&["policy", "check", "docker.io/myorg/good:1"]);
+    assert!(
+        ok && text.contains(&format!("ADMITTED docker.io/myorg/good@{}", w.good)),
+        "{text}"
+    );
+    let (ok, text) = w
+        .mirror
+        .cli(&["policy", "check", "docker.io/myorg/stranger:1"]);
+    assert!(
+        !ok && text.contains("REFUSED") && text.contains("signed by an unknown key"),
+        "{text}"
+    );
+    let (ok, text) = w
+        .mirror
+        .cli(&["policy", "check", "docker.io/library/free:1"]);
+    assert!(
+        ok && text.contains("no policy covers docker.io/library/free"),
+        "{text}"
+    );
+
     // Audit mode serves and counts.
     let r = manifest(&w, "audit/app", "1");
     assert_eq!(r.status, 200);

@@ -630,3 +630,52 @@ impl Importer<'_> {
         Ok(())
     }
 }
+
+/// `entrepot policy check IMAGE`: the verdict of the `[[policy]]` covering IMAGE, as a
+/// pull through the mirror would get it (signatures read through the store and the
+/// upstream); true when it would be served.
+pub fn policy_check(cfg: &Config, image: &str) -> anyhow::Result<bool> {
+    check_reference(cfg, image)?;
+    let (name, reference) = split_reference(image)?;
+    let router = router(cfg)?;
+    let target = router.resolve(&name, None)?;
+    let hosted = cfg.hosted.as_ref().map_or("", |h| h.prefix.as_str());
+    let (ns, repo) = (
+        target.namespace(hosted).to_string(),
+        target.repo().to_string(),
+    );
+    with_services(cfg, async |svc| {
+        let Some(policy) = svc.policy_for(&ns, &repo) else {
+            println!("no policy covers {ns}/{repo}: served unchecked");
+            return Ok(true);
+        };
+        let r = match &target {
+            Target::Upstream { upstream, repo } => {
+                svc.manifest(
+                    upstream,
+                    repo,
+                    &reference,
+                    Accepted::ALL,
+                    &Method::GET,
+                    &Caller::Anonymous,
+                )
+                .await
+            }
+            Target::Hosted { repo } => {
+                svc.hosted_manifest(repo, &reference, Accepted::ALL, false)
+                    .await
+            }
+        };
+        match r {
+            Ok(m) => {
+                println!("ADMITTED {ns}/{repo}@{} by policy {policy:?}: a signature by one of its keys verifies", m.digest);
+                Ok(true)
+            }
+            Err(e @ crate::services::ServiceError::Denied(_)) => {
+                println!("REFUSED {e}");
+                Ok(false)
+            }
+            Err(e) => Err(anyhow!("{image}: {e}")),
+        }
+    })
+}

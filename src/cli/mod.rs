@@ -15,7 +15,7 @@ use crate::services::{Hosted, Mirror};
 use crate::store::Store;
 use crate::upstream::Upstream;
 
-pub use images::{export, import, prefetch, ImageArgs};
+pub use images::{export, import, policy_check, prefetch, ImageArgs};
 
 /// Temp files older than this are leftovers, not writes in progress.
 const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(600);
@@ -39,7 +39,10 @@ async fn mirror(cfg: &Config, what: Use) -> anyhow::Result<Arc<Mirror>> {
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
     let store = Arc::new(crate::server::open_store(cfg, metrics.clone(), &*egress()?).await?);
     let hosted = cfg.hosted.as_ref().map(Hosted::new);
-    Ok(Arc::new(Mirror::new(store, metrics, hosted)))
+    let policies = crate::policy::Policies::load(&cfg.policy)?;
+    Ok(Arc::new(
+        Mirror::new(store, metrics, hosted).with_policies(policies),
+    ))
 }
 
 /// The environment's egress proxies, as `serve` uses them.

@@ -297,6 +297,11 @@ impl Services {
         &self.mirror.store
     }
 
+    /// The name of the `[[policy]]` covering `<ns>/<repo>`, if one does.
+    pub fn policy_for(&self, ns: &str, repo: &str) -> Option<&str> {
+        self.mirror.gate.find(ns, repo).map(|p| p.name.as_str())
+    }
+
     fn metrics(&self) -> &Metrics {
         &self.mirror.metrics
     }
