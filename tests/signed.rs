@@ -584,3 +584,167 @@ fn hosted_repositories_under_a_policy() {
         .pull("b", &hosts, &format!("{host}/local/prod/other:1"))
         .is_err());
 }
+
+/// A cosign signature stored as an OCI 1.1 referrer of the image (cosign
+/// `--registry-referrers-mode=oci-1-1`): `base/repo` gets the payload, the referrer
+/// manifest (artifact type, subject) and, for a registry without the referrers API
+/// (Distribution 2.8), the referrers tag schema's index.
+fn push_referrer_signature(
+    base: &str,
+    repo: &str,
+    subject: &str,
+    payload: &[u8],
+    sig: &[u8],
+    auth: &str,
+    tag_index: bool,
+) {
+    let empty = push_blob_to(base, repo, b"{}", auth);
+    let layer = push_blob_to(base, repo, payload, auth);
+    let subject_size = http(
+        "HEAD",
+        &format!("{base}/v2/{repo}/manifests/{subject}"),
+        &[("Accept", OCI_MANIFEST), ("Authorization", auth)],
+    )
+    .header("content-length")
+    .and_then(|l| l.parse::<u64>().ok())
+    .expect("subject size");
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+        "layers": [{
+            "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+            "digest": layer,
+            "size": payload.len(),
+            "annotations": {"dev.cosignproject.cosign/signature": base64::engine::general_purpose::STANDARD.encode(sig)}
+        }],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": subject_size}
+    })
+    .to_string();
+    let d = format!("sha256:{}", sha256_hex(manifest.as_bytes()));
+    let r = send(
+        &format!("{base}/v2/{repo}/manifests/{d}"),
+        "PUT",
+        manifest.as_bytes(),
+        &[("Content-Type", OCI_MANIFEST), ("Authorization", auth)],
+    );
+    assert_eq!(
+        r.status,
+        201,
+        "referrer: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    if tag_index {
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{
+                "mediaType": OCI_MANIFEST, "digest": d, "size": manifest.len(),
+                "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json"
+            }]
+        })
+        .to_string();
+        let r = send(
+            &format!("{base}/v2/{repo}/manifests/sha256-{}", &subject[7..]),
+            "PUT",
+            index.as_bytes(),
+            &[
+                ("Content-Type", "application/vnd.oci.image.index.v1+json"),
+                ("Authorization", auth),
+            ],
+        );
+        assert_eq!(
+            r.status,
+            201,
+            "referrers tag: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+}
+
+/// Signatures stored only as OCI 1.1 referrers admit the image, on an upstream (through
+/// the referrers tag schema of a registry without the API) and on a hosted repository
+/// (pushed with a subject); a referrer signed by another key does not.
+#[test]
+fn signatures_stored_as_oci_referrers_count_too() {
+    if !require(PEERS) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let a = layout.build("a", &[("a.txt", &noise(40_000, 940))]);
+    let b = layout.build("b", &[("b.txt", &noise(40_000, 941))]);
+    layout.push("a", &format!("{}/team/a:1", up.host()), None);
+    layout.push("b", &format!("{}/team/b:1", up.host()), None);
+    let (release, release_pub) = key_pair(tmp.path(), "release");
+    let (other, _) = key_pair(tmp.path(), "other");
+    let none = "Basic Og=="; // ignored by an anonymous registry
+    for (repo, d, signer) in [("team/a", &a, &release), ("team/b", &b, &other)] {
+        let p = payload(d, &format!("{}/{repo}", up.host()));
+        push_referrer_signature(
+            &up.url(),
+            repo,
+            d,
+            &p,
+            &signer.sign(&p).unwrap(),
+            none,
+            true,
+        );
+    }
+    let users = htpasswd(tmp.path(), &[("alice", "alice-pw")]);
+    let m = Mirror::start(
+        "",
+        &format!(
+            "[hosted]\nprefix = \"local\"\n[auth]\nhtpasswd = \"{}\"\nanonymous_pull = true\npush = [\"alice\"]\n\
+             [upstreams.\"docker.io\"]\nurl = \"{}\"\n\n\
+             [[policy]]\nname = \"team\"\nmatch = [\"docker.io/team/*\", \"local/team/*\"]\nkeys = [\"{}\"]\n",
+            users.display(),
+            up.url(),
+            release_pub.display()
+        ),
+    );
+    let get = |path: &str| {
+        http(
+            "GET",
+            &format!("{}/v2/{path}", m.url()),
+            &[("Accept", OCI_MANIFEST)],
+        )
+    };
+    let r = get("docker.io/team/a/manifests/1");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = get("docker.io/team/b/manifests/1");
+    assert_eq!(r.status, 403);
+    assert!(String::from_utf8_lossy(&r.body).contains("signed by an unknown key"));
+
+    // Hosted: the image pushed, then its signature as a referrer (the mirror has the API).
+    let host = format!("127.0.0.1:{}", m.port);
+    layout.push(
+        "a",
+        &format!("{host}/local/team/a:1"),
+        Some("alice:alice-pw"),
+    );
+    assert_eq!(
+        get("local/team/a/manifests/1").status,
+        403,
+        "not signed yet"
+    );
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:alice-pw")
+    );
+    let p = payload(&a, &format!("{host}/local/team/a"));
+    push_referrer_signature(
+        &m.url(),
+        "local/team/a",
+        &a,
+        &p,
+        &release.sign(&p).unwrap(),
+        &auth,
+        false,
+    );
+    // A signature pushed to the mirror counts at once (its verdict is asked again).
+    let r = get("local/team/a/manifests/1");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}

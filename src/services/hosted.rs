@@ -187,6 +187,15 @@ impl Services {
             Ok::<_, ServiceError>(())
         })
         .await?;
+        // A signature pushed here (cosign's tag, or a referrer) counts at once.
+        if let Some(s) = &subject {
+            policy::signature_added(self, &listed, s);
+        }
+        if let Reference::Tag(t) = reference {
+            if let Some(signed) = policy::signed_by_tag(t) {
+                policy::signature_added(self, &listed, &signed);
+            }
+        }
         self.mirror.catalog.add(&self.hosted()?.prefix, &listed);
         self.metrics().store_bytes.set(self.store().size() as i64);
         Ok((digest, subject))

@@ -6,7 +6,7 @@
 //!
 //! Signatures are read through the mirror's own cache (the `sha256-<hex>.sig` tag and
 //! its payload blobs), so they share the tag TTL, stale serving and back-off. Verdicts
-//! are kept per (policy, digest) until the signature tag's TTL passes; admitted
+//! are kept per (policy, image) until the signature tag's TTL passes; admitted
 //! references per repository. Both are bounded caches (a client choosing digests cannot
 //! grow them past their capacity).
 
@@ -17,14 +17,14 @@ use actix_web::http::Method;
 use futures_util::StreamExt;
 use quick_cache::sync::Cache;
 
-use super::{blobs, manifests, ServiceError, Services};
+use super::{blobs, manifests, referrers, ServiceError, Services};
 use crate::auth::Caller;
 use crate::config::{PolicyIdentity, PolicyMode};
 use crate::names::{Digest, Reference};
 use crate::policy::{cosign, judge, Policies, Policy, Reason, Signed};
 use crate::upstream::Upstream;
 
-/// Verdicts remembered (policy and digest: about 200 bytes each).
+/// Verdicts remembered (policy and image: about 250 bytes each).
 const VERDICTS: usize = 16 * 1024;
 /// References admitted (repository and digest: about 150 bytes each).
 const ADMITTED: usize = 128 * 1024;
@@ -34,7 +34,8 @@ type Verdict = Result<(), Reason>;
 /// The policies and what they decided.
 pub struct Gate {
     policies: Policies,
-    verdicts: Cache<(String, Digest), (Verdict, Instant)>,
+    /// By policy and `<ns>/<repo>@<digest>`: signatures live in the image's repository.
+    verdicts: Cache<(String, String), (Verdict, Instant)>,
     admitted: Cache<String, ()>,
 }
 
@@ -56,6 +57,21 @@ impl Gate {
     pub fn find(&self, ns: &str, repo: &str) -> Option<&Policy> {
         self.policies.find(ns, repo)
     }
+}
+
+/// A signature for `d` was pushed to hosted `repo`: the verdicts on it are asked again.
+pub(super) fn signature_added(svc: &Services, repo: &str, d: &Digest) {
+    let gate = &svc.mirror.gate;
+    let key = admitted_key(Origin::Hosted.ns(svc), repo, d);
+    for name in gate.policies.names() {
+        gate.verdicts.remove(&(name.to_string(), key.clone()));
+    }
+}
+
+/// The digest a cosign signature tag (`sha256-<hex>.sig`) is for.
+pub(super) fn signed_by_tag(tag: &str) -> Option<Digest> {
+    let hex = tag.strip_prefix("sha256-")?.strip_suffix(".sig")?;
+    format!("sha256:{hex}").parse().ok()
 }
 
 fn admitted_key(ns: &str, repo: &str, d: &Digest) -> String {
@@ -152,7 +168,7 @@ async fn verdict(
     d: &Digest,
 ) -> Result<Verdict, ServiceError> {
     let gate = &svc.mirror.gate;
-    let vkey = (policy.name.clone(), d.clone());
+    let vkey = (policy.name.clone(), admitted_key(origin.ns(svc), repo, d));
     if let Some((v, at)) = gate.verdicts.get(&vkey) {
         if at.elapsed() < origin.ttl() {
             return Ok(v);
@@ -181,8 +197,9 @@ async fn verdict(
     Ok(v)
 }
 
-/// The (payload, signature) pairs stored for `d` under cosign's tag, read through the
-/// mirror's cache; none when the tag does not exist.
+/// The (payload, signature) pairs stored for `d` where cosign puts them: under its
+/// `sha256-<hex>.sig` tag, and as OCI 1.1 referrers of cosign's signature artifact type
+/// (`--registry-referrers-mode=oci-1-1`), all read through the mirror's cache.
 async fn upstream_signatures(
     svc: &Services,
     up: &Arc<Upstream>,
@@ -190,13 +207,62 @@ async fn upstream_signatures(
     d: &Digest,
     caller: &Caller,
 ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ServiceError> {
+    let mut manifests = Vec::new();
     let tag = Reference::Tag(cosign::signature_tag(d));
-    let m = match manifests::ungated(svc, up, repo, &tag, &Method::GET, caller).await {
-        Ok(m) => m,
-        Err(e) if matches!(e.root(), ServiceError::ManifestUnknown(_)) => return Ok(Vec::new()),
+    if let Some(m) = signature_manifest(svc, up, repo, &tag, caller).await? {
+        manifests.push(m);
+    }
+    // Best effort once the tag gave a signature manifest: a registry whose referrers
+    // answer fails must not refuse an image signed under the tag.
+    let referrers = match referrers::of_type(svc, up, repo, d, cosign::ARTIFACT_TYPE, caller).await
+    {
+        Ok(r) => r,
+        Err(e) if !manifests.is_empty() => {
+            tracing::debug!(error = %e, digest = %d, "referrers of a signed image not read");
+            Vec::new()
+        }
         Err(e) => return Err(e),
     };
-    let layers = cosign::layers(m.body.as_deref().unwrap_or_default()).unwrap_or_default();
+    for r in referrers.into_iter().take(cosign::MAX_SIGNATURES) {
+        if let Some(m) = signature_manifest(svc, up, repo, &Reference::Digest(r), caller).await? {
+            manifests.push(m);
+        }
+    }
+    let mut out = Vec::new();
+    for m in manifests {
+        out.extend(payloads(svc, up, repo, &m, caller).await?);
+        if out.len() >= cosign::MAX_SIGNATURES {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// A signature manifest's bytes; `None` when there is none at `reference`.
+async fn signature_manifest(
+    svc: &Services,
+    up: &Arc<Upstream>,
+    repo: &str,
+    reference: &Reference,
+    caller: &Caller,
+) -> Result<Option<bytes::Bytes>, ServiceError> {
+    match manifests::ungated(svc, up, repo, reference, &Method::GET, caller).await {
+        Ok(m) => Ok(m.body),
+        Err(e) if matches!(e.root(), ServiceError::ManifestUnknown(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The (payload, signature) pairs of one signature manifest, payloads read through the
+/// cache (at most [`cosign::MAX_PAYLOAD`] bytes each).
+async fn payloads(
+    svc: &Services,
+    up: &Arc<Upstream>,
+    repo: &str,
+    manifest: &[u8],
+    caller: &Caller,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ServiceError> {
+    let layers = cosign::layers(manifest).unwrap_or_default();
     let mut out = Vec::new();
     for l in layers {
         let reply = blobs::ungated(svc, up, repo, &l.payload, caller).await?;
@@ -215,7 +281,8 @@ async fn upstream_signatures(
     Ok(out)
 }
 
-/// The same for a hosted repository, from the store.
+/// The same for a hosted repository, from the store (the tag, and referrers pushed
+/// with a `subject`).
 async fn hosted_signatures(
     svc: &Services,
     repo: &str,
@@ -223,21 +290,37 @@ async fn hosted_signatures(
 ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ServiceError> {
     let store = &svc.mirror.store;
     let ns = Origin::Hosted.ns(svc).to_string();
-    let Some(rec) = store.get_tag(&ns, repo, &cosign::signature_tag(d)).await? else {
-        return Ok(Vec::new());
-    };
-    let Some(m) = store.read_small(&rec.digest()?).await? else {
-        return Ok(Vec::new());
-    };
+    let mut manifests: Vec<Digest> = Vec::new();
+    if let Some(rec) = store.get_tag(&ns, repo, &cosign::signature_tag(d)).await? {
+        manifests.push(rec.digest()?);
+    }
+    let referrers = store.list_referrers(&ns, repo, d).await?;
+    manifests.extend(
+        referrers
+            .iter()
+            .filter(|r| r["artifactType"] == cosign::ARTIFACT_TYPE)
+            .filter_map(|r| r["digest"].as_str()?.parse().ok())
+            .take(cosign::MAX_SIGNATURES),
+    );
     let mut out = Vec::new();
-    for l in cosign::layers(&m).unwrap_or_default() {
-        if !store.blob_linked(&ns, repo, &l.payload).await? {
+    for m in manifests {
+        let Some(bytes) = store.read_small(&m).await? else {
             continue;
-        }
-        if let Some(p) = store.read_small(&l.payload).await? {
-            out.push((p.to_vec(), l.signature));
+        };
+        for l in cosign::layers(&bytes).unwrap_or_default() {
+            let small = store
+                .stat(&l.payload)
+                .await?
+                .is_some_and(|n| n <= cosign::MAX_PAYLOAD);
+            if !small || !store.blob_linked(&ns, repo, &l.payload).await? {
+                continue;
+            }
+            if let Some(p) = store.read_small(&l.payload).await? {
+                out.push((p.to_vec(), l.signature));
+            }
         }
     }
+    out.truncate(cosign::MAX_SIGNATURES);
     Ok(out)
 }
 

@@ -154,6 +154,27 @@ impl Services {
     }
 }
 
+/// The digests of `subject`'s referrers of `artifact_type` in an upstream repository
+/// (a policy looking for cosign's OCI 1.1 signatures), read as clients read them.
+pub(super) async fn of_type(
+    svc: &Services,
+    up: &Arc<Upstream>,
+    repo: &str,
+    subject: &Digest,
+    artifact_type: &str,
+    caller: &Caller,
+) -> Result<Vec<Digest>, ServiceError> {
+    let index = svc
+        .upstream_referrers(up, repo, subject, Some(artifact_type), caller)
+        .await?;
+    Ok(index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["digest"].as_str()?.parse().ok())
+        .collect())
+}
+
 fn empty_index() -> Value {
     json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []})
 }
