@@ -83,7 +83,7 @@ impl FakeServer {
         ip: &'static str,
         handler: impl Fn(&Request) -> Response + Send + Sync + 'static,
     ) -> FakeServer {
-        let l = TcpListener::bind((ip, super::free_port())).expect("bind fake");
+        let l = super::bind_free(ip);
         l.set_nonblocking(true).expect("nonblocking");
         let port = l.local_addr().expect("addr").port();
         let requests = Arc::new(Mutex::new(Vec::new()));

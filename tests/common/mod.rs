@@ -101,6 +101,20 @@ pub fn free_port() -> u16 {
     panic!("no loopback port left that this process did not hand out already");
 }
 
+/// A listener of the test's own on `ip`, on a port from [`free_port`]: one that another
+/// process took between the two (a registry or proxy of a test running at the same time)
+/// is skipped for the next.
+pub fn bind_free(ip: &str) -> TcpListener {
+    let mut last = None;
+    for _ in 0..20 {
+        match TcpListener::bind((ip, free_port())) {
+            Ok(l) => return l,
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("no free port on {ip}: {last:?}");
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct Proc {
     pub child: Child,

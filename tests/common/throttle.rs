@@ -20,7 +20,7 @@ impl Throttle {
     pub fn start(target: u16, bytes_per_sec: usize) -> Throttle {
         // A blocking accept (a polling one added up to its poll interval to every new
         // connection); `Drop` wakes it with a connection of its own.
-        let l = TcpListener::bind(("127.0.0.1", super::free_port())).expect("bind throttle");
+        let l = super::bind_free("127.0.0.1");
         let port = l.local_addr().expect("addr").port();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();

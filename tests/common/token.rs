@@ -63,7 +63,7 @@ impl TokenIssuer {
                 )
             }),
         };
-        let listener = TcpListener::bind(("127.0.0.1", super::free_port())).expect("bind issuer");
+        let listener = super::bind_free("127.0.0.1");
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("addr").port();
         let issued = Arc::new(AtomicUsize::new(0));
