@@ -182,8 +182,12 @@ fn main() -> ExitCode {
             64 << 10,
             std::io::stderr(),
         ));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if !ansi {
+        entrepot::routes::access_log::write_to(writer.clone());
+    }
     tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(ansi)
         .with_writer(writer)
         .with_env_filter(log_filter())
         .init();

@@ -4,7 +4,7 @@
 //! All of `/v2/` is one route whose path is parsed once ([`path::parse`]) rather than
 //! one route per name depth; [`v2`] dispatches on the parsed endpoint and the method.
 
-mod access_log;
+pub mod access_log;
 mod client;
 mod error;
 pub mod path;
