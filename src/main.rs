@@ -155,10 +155,6 @@ enum PolicyCommand {
 /// arenas: measured over 3 minutes of mixed load, RSS went 12 -> 26 MiB and stayed there
 /// at idle; capped, 12 -> 17 MiB (and 10% more requests served). Must run before any
 /// thread starts.
-/// Log lines queued for the log thread before a request waits for it (about 4 MiB of
-/// access lines).
-const LOG_LINES_QUEUED: usize = 16 * 1024;
-
 fn cap_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator parameter; called before other threads exist.
@@ -169,26 +165,14 @@ fn cap_malloc_arenas() {
 
 fn main() -> ExitCode {
     cap_malloc_arenas();
-    // Lines go to stderr from a thread of their own, through a buffer flushed whenever
-    // no line is waiting: under load many access lines leave in one write, and no worker
-    // waits on the stderr lock or a write(2). Not lossy: a stuck log pipe slows requests
-    // rather than dropping their lines. Lines still queued are written when `_log` drops
-    // at the end of main.
-    let (writer, _log) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(LOG_LINES_QUEUED)
-        .thread_name("entrepot-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 << 10,
-            std::io::stderr(),
-        ));
+    // Access lines skip tracing's per-event work (see access_log::write_direct).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     if !ansi {
-        entrepot::routes::access_log::write_to(writer.clone());
+        entrepot::routes::access_log::write_direct();
     }
     tracing_subscriber::fmt()
         .with_ansi(ansi)
-        .with_writer(writer)
+        .with_writer(std::io::stderr)
         .with_env_filter(log_filter())
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -120,12 +120,14 @@ pub(super) async fn check_manifest(
     body: Option<&[u8]>,
 ) -> Result<(), ServiceError> {
     let gate = &svc.mirror.gate;
-    let ns = origin.ns(svc).to_string();
-    let Some(policy) = gate.find(&ns, repo) else {
+    let Some(policy) = gate.find(origin.ns(svc), repo) else {
         return Ok(());
     };
-    let key = admitted_key(&ns, repo, d);
-    let verdict = if gate.admitted.get(&key).is_some() {
+    let ns = origin.ns(svc).to_string();
+    // Admitted through an admitted index (a platform manifest has no signature of its
+    // own); a manifest's own admission is not remembered here, so its signature is
+    // checked again once the verdict's time is up (a removed signature is noticed).
+    let verdict = if gate.admitted.get(&admitted_key(&ns, repo, d)).is_some() {
         Ok(())
     } else {
         verdict(svc, policy, &origin, repo, d).await?
@@ -134,7 +136,6 @@ pub(super) async fn check_manifest(
         if let Some(b) = body {
             admit_references(gate, &ns, repo, b);
         }
-        gate.admitted.insert(key, ());
     }
     decide(svc, policy, &format!("{ns}/{repo}@{d}"), verdict.err())
 }
