@@ -306,6 +306,24 @@ fn every_client_pulls_signed_images_and_is_refused_unsigned_ones() {
             .expect("containerd, signed index"),
         w.multi.0
     );
+    // Platform by platform: every child manifest and layer of the signed index.
+    ctr.pull_all_platforms("all", &hosts, "docker.io/myorg/multi:1")
+        .expect("containerd, every platform of the signed index");
+    let layout = Layout {
+        dir: w.tmp.path().join("layout"),
+    };
+    for platform in ["amd", "arm"] {
+        let child = layout.digest(platform);
+        let asked = format!("/myorg/multi/manifests/{child}");
+        assert!(w.mirror.log().contains(&asked), "{platform} asked");
+        for layer in layout.layers(&child) {
+            assert_eq!(
+                w.up.count("GET", &layer),
+                1,
+                "{platform}: one upstream fetch"
+            );
+        }
+    }
     let e = ctr
         .pull("c", &hosts, "docker.io/myorg/plain:1")
         .unwrap_err();
@@ -358,9 +376,6 @@ fn every_client_pulls_signed_images_and_is_refused_unsigned_ones() {
     assert!(e.contains("payload names another digest"), "docker: {e}");
 
     // Nothing of a refused image beyond its manifest and signature: none of its layers.
-    let layout = Layout {
-        dir: w.tmp.path().join("layout"),
-    };
     for (repo, tag) in [
         ("plain", "plain"),
         ("stranger", "stranger"),

@@ -537,6 +537,39 @@ impl Containerd {
         self.pull_as(namespace, hosts, reference, None)
     }
 
+    /// `ctr images pull --all-platforms`: every platform manifest of an index and every
+    /// layer of each (fetched, then unpacked for none).
+    pub fn pull_all_platforms(
+        &self,
+        namespace: &str,
+        hosts: &Path,
+        reference: &str,
+    ) -> Result<(), String> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.sock)
+            .args([
+                "-n",
+                namespace,
+                "images",
+                "pull",
+                "--all-platforms",
+                "--hosts-dir",
+            ])
+            .arg(hosts)
+            .arg(reference)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+
     /// `pull` with `--user user:pass` (sent after a 401 Basic challenge).
     pub fn pull_as(
         &self,
