@@ -388,6 +388,19 @@ fn every_client_pulls_signed_images_and_is_refused_unsigned_ones() {
     }
 }
 
+/// An upstream with two unsigned images, `team/a:1` and `team/b:1` (their digests), and
+/// the layout they were built in.
+fn team_images(seed: u64) -> (Registry, TempDir, Layout, String, String) {
+    let up = Registry::start(Auth::Anonymous);
+    let tmp = TempDir::new().unwrap();
+    let layout = Layout::new(tmp.path());
+    let a = layout.build("a", &[("a.txt", &noise(30_000, seed))]);
+    let b = layout.build("b", &[("b.txt", &noise(30_000, seed + 1))]);
+    layout.push("a", &format!("{}/team/a:1", up.host()), None);
+    layout.push("b", &format!("{}/team/b:1", up.host()), None);
+    (up, tmp, layout, a, b)
+}
+
 /// A second signer that shares nothing with the product: `openssl dgst -sha256 -sign`
 /// over the payload verifies; the same signature with one byte changed does not.
 #[test]
@@ -395,13 +408,7 @@ fn a_signature_made_by_openssl_verifies_and_a_changed_byte_does_not() {
     if !require(PEERS) || !require(&["openssl"]) {
         return;
     }
-    let up = Registry::start(Auth::Anonymous);
-    let tmp = TempDir::new().unwrap();
-    let layout = Layout::new(tmp.path());
-    let a = layout.build("a", &[("a.txt", &noise(30_000, 920))]);
-    let b = layout.build("b", &[("b.txt", &noise(30_000, 921))]);
-    layout.push("a", &format!("{}/team/a:1", up.host()), None);
-    layout.push("b", &format!("{}/team/b:1", up.host()), None);
+    let (up, tmp, _layout, a, b) = team_images(920);
     let key = tmp.path().join("k.pem");
     let public = tmp.path().join("k.pub");
     run(Command::new("openssl")
@@ -686,13 +693,7 @@ fn signatures_stored_as_oci_referrers_count_too() {
     if !require(PEERS) {
         return;
     }
-    let up = Registry::start(Auth::Anonymous);
-    let tmp = TempDir::new().unwrap();
-    let layout = Layout::new(tmp.path());
-    let a = layout.build("a", &[("a.txt", &noise(40_000, 940))]);
-    let b = layout.build("b", &[("b.txt", &noise(40_000, 941))]);
-    layout.push("a", &format!("{}/team/a:1", up.host()), None);
-    layout.push("b", &format!("{}/team/b:1", up.host()), None);
+    let (up, tmp, layout, a, b) = team_images(940);
     let (release, release_pub) = key_pair(tmp.path(), "release");
     let (other, _) = key_pair(tmp.path(), "other");
     let none = "Basic Og=="; // ignored by an anonymous registry
