@@ -239,6 +239,34 @@ fn only_images_signed_by_the_release_key_are_served() {
         ) >= 8.0
     );
 
+    // Signatures themselves are served (cosign verify reads them through the mirror),
+    // payload included; an image merely tagged like a signature is not.
+    let sig = manifest(&w, "myorg/good", &sig_tag);
+    assert_eq!(sig.status, 200, "{}", String::from_utf8_lossy(&sig.body));
+    let payload = sig.json()["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let p = get(&format!(
+        "{}/v2/docker.io/myorg/good/blobs/{payload}",
+        w.mirror.url()
+    ));
+    assert_eq!(
+        (p.status, format!("sha256:{}", sha256_hex(&p.body))),
+        (200, payload)
+    );
+    let layout = Layout {
+        dir: w.tmp.path().join("layout"),
+    };
+    let fake_tag = format!("sha256-{}.sig", "ab".repeat(32));
+    layout.push(
+        "plain",
+        &format!("{}/myorg/trojan:{fake_tag}", w.up.host()),
+        None,
+    );
+    let r = manifest(&w, "myorg/trojan", &fake_tag);
+    assert_eq!(r.status, 403, "an image tagged like a signature");
+
     // The operator's view of the same verdicts.
     let (ok, text) = w.mirror.cli(&["policy", "check", "docker.io/myorg/good:1"]);
     assert!(

@@ -73,7 +73,7 @@ impl Services {
         };
         let r = found.ok_or_else(|| ServiceError::ManifestUnknown(reference.to_string()))?;
         let origin = policy::Origin::Hosted;
-        policy::check_manifest(self, origin, repo, &r.digest, r.body.as_deref()).await?;
+        policy::check_manifest(self, origin, repo, reference, &r.digest, r.body.as_deref()).await?;
         if let Reference::Tag(_) = reference {
             self.mirror.inventory.count_pull(ns, repo);
         }

@@ -39,7 +39,7 @@ impl Services {
             .upstream_manifest(up, repo, reference, method, caller)
             .await?;
         let origin = policy::Origin::Upstream { up, caller };
-        policy::check_manifest(self, origin, repo, &r.digest, r.body.as_deref()).await?;
+        policy::check_manifest(self, origin, repo, reference, &r.digest, r.body.as_deref()).await?;
         if let Reference::Tag(_) = reference {
             self.mirror.inventory.count_pull(&up.name, repo);
         }

@@ -68,6 +68,22 @@ pub(super) fn signature_added(svc: &Services, repo: &str, d: &Digest) {
     }
 }
 
+/// The payload digests of a cosign signature manifest; `None` for anything else (one
+/// layer that is not a simple-signing payload of at most 64 KiB is enough).
+fn signature_payloads(manifest: &[u8]) -> Option<Vec<Digest>> {
+    let doc: serde_json::Value = serde_json::from_slice(manifest).ok()?;
+    let layers = doc["layers"].as_array().filter(|l| !l.is_empty())?;
+    layers
+        .iter()
+        .map(|l| {
+            let small = l["size"].as_u64().is_some_and(|n| n <= cosign::MAX_PAYLOAD);
+            (l["mediaType"] == cosign::PAYLOAD_TYPE && small)
+                .then(|| l["digest"].as_str()?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
 /// The digest a cosign signature tag (`sha256-<hex>.sig`) is for.
 pub(super) fn signed_by_tag(tag: &str) -> Option<Digest> {
     let hex = tag.strip_prefix("sha256-")?.strip_suffix(".sig")?;
@@ -111,11 +127,12 @@ impl Origin<'_> {
 const HOSTED_TTL: Duration = Duration::from_secs(30);
 
 /// Checks a manifest (`body`: its bytes for a GET, to admit what it references) of a
-/// repository under a policy.
+/// repository under a policy, asked for as `reference`.
 pub(super) async fn check_manifest(
     svc: &Services,
     origin: Origin<'_>,
     repo: &str,
+    reference: &Reference,
     d: &Digest,
     body: Option<&[u8]>,
 ) -> Result<(), ServiceError> {
@@ -124,6 +141,25 @@ pub(super) async fn check_manifest(
         return Ok(());
     };
     let ns = origin.ns(svc).to_string();
+    // Signatures themselves are served (cosign verify, podman's sigstore attachments
+    // and admission controllers read them through the mirror), with their payloads and
+    // nothing else: a manifest only passes as one when it is made of simple-signing
+    // layers alone (a tag named like a signature proves nothing).
+    match body {
+        Some(b) => {
+            if let Some(payloads) = signature_payloads(b) {
+                for p in payloads {
+                    gate.admitted.insert(admitted_key(&ns, repo, &p), ());
+                }
+                return Ok(());
+            }
+        }
+        // A HEAD of a signature tag tells a digest and admits nothing.
+        None if matches!(reference, Reference::Tag(t) if signed_by_tag(t).is_some()) => {
+            return Ok(());
+        }
+        None => {}
+    }
     // Admitted through an admitted index (a platform manifest has no signature of its
     // own); a manifest's own admission is not remembered here, so its signature is
     // checked again once the verdict's time is up (a removed signature is noticed).
