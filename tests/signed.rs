@@ -198,6 +198,21 @@ fn only_images_signed_by_the_release_key_are_served() {
         );
         assert_eq!(h.status, 403, "HEAD {repo}");
     }
+    // A platform manifest of the signed index, asked for before the index: no admitted
+    // parent, no signature of its own.
+    let r = manifest(&w, "myorg/multi", &w.multi.1);
+    assert_eq!(r.status, 403, "a child manifest without its admitted index");
+    let index = http(
+        "GET",
+        &format!("{}/v2/docker.io/myorg/multi/manifests/1", w.mirror.url()),
+        &[("Accept", "application/vnd.oci.image.index.v1+json")],
+    );
+    assert_eq!(index.status, 200, "the index");
+    assert_eq!(
+        manifest(&w, "myorg/multi", &w.multi.1).status,
+        200,
+        "admitted through it"
+    );
     // A blob of a refused image, asked for directly.
     let layer = Layout {
         dir: w.tmp.path().join("layout"),
