@@ -26,6 +26,25 @@ use super::shared::{blob_key, secs, Shared};
 use super::{not_found_is_none, BlobInfo, Store, StoreError};
 use crate::names::Digest;
 
+/// Whether the metadata file `key` exists, through the memory of hot objects: presence
+/// is remembered, absence only with `absence` (a marker only `serve` writes; another
+/// process may add any other object).
+fn file_exists(root: &Path, hot: &Hot, key: &str, absence: bool) -> Result<bool, StoreError> {
+    match hot.lookup(key, false) {
+        Lookup::Absent => Ok(false),
+        Lookup::Present(_) => Ok(true),
+        Lookup::Unknown => {
+            let exists = not_found_is_none(fs::metadata(root.join(key)))?.is_some();
+            if exists {
+                hot.remember_exists(key);
+            } else if absence {
+                hot.remember(key, None);
+            }
+            Ok(exists)
+        }
+    }
+}
+
 /// Where metadata lives.
 pub(super) enum Tier<'a> {
     /// Files under the store's root, with the memory of hot ones.
@@ -83,17 +102,10 @@ impl Tier<'_> {
     /// Whether a marker exists that only `serve` writes (the private marker): its absence
     /// is remembered too, unlike other objects' (see [`Tier::get`]).
     pub(super) async fn marker(&self, key: &str) -> Result<bool, StoreError> {
-        if let Tier::Files(_, hot) = self {
-            if let Lookup::Absent = hot.lookup(key, false) {
-                return Ok(false);
-            }
-            let exists = self.exists(key).await?;
-            if !exists {
-                hot.remember(key, None);
-            }
-            return Ok(exists);
+        match self {
+            Tier::Files(root, hot) => file_exists(root, hot, key, true),
+            Tier::Bucket(_) => self.exists(key).await,
         }
-        self.exists(key).await
     }
 
     pub(super) async fn exists(&self, key: &str) -> Result<bool, StoreError> {
@@ -106,17 +118,7 @@ impl Tier<'_> {
                 sh.remember(key, exists);
                 Ok(exists)
             }
-            Tier::Files(root, hot) => match hot.lookup(key, false) {
-                Lookup::Absent => Ok(false),
-                Lookup::Present(_) => Ok(true),
-                Lookup::Unknown => {
-                    let exists = not_found_is_none(fs::metadata(root.join(key)))?.is_some();
-                    if exists {
-                        hot.remember_exists(key);
-                    }
-                    Ok(exists)
-                }
-            },
+            Tier::Files(root, hot) => file_exists(root, hot, key, false),
         }
     }
 

@@ -101,15 +101,9 @@ impl Hot {
 
     /// What is fresh about `key`; `with_bytes`: presence alone is not enough.
     pub fn lookup(&self, key: &str, with_bytes: bool) -> Lookup {
-        let found = self.cache.as_ref().and_then(|c| c.get(key));
-        let answer = match found {
-            Some(e) if e.at.elapsed() < FRESH => match e.known {
-                Known::Absent => Lookup::Absent,
-                Known::Present(Some(b)) => Lookup::Present(Some(b)),
-                Known::Present(None) if !with_bytes => Lookup::Present(None),
-                Known::Present(None) => Lookup::Unknown,
-            },
-            _ => Lookup::Unknown,
+        let answer = match self.peek(key) {
+            Lookup::Present(None) if with_bytes => Lookup::Unknown,
+            known => known,
         };
         let counter = match answer {
             Lookup::Unknown => &self.misses,
@@ -154,6 +148,7 @@ impl Hot {
         }
     }
 
+    /// What is fresh about `key`, uncounted.
     fn peek(&self, key: &str) -> Lookup {
         match self.cache.as_ref().and_then(|c| c.get(key)) {
             Some(e) if e.at.elapsed() < FRESH => match e.known {

@@ -203,7 +203,6 @@ impl Store {
         }
     }
 
-    /// Size of a blob in the local tier, or `None` if it is not there (or not whole).
     /// `len` bytes of the local copy of `d` from `start` (none when it is not local).
     pub fn read_range(
         &self,
@@ -217,6 +216,7 @@ impl Store {
         Ok(Some(read_chunk(&f, start, len as usize)?))
     }
 
+    /// Size of a blob in the local tier, or `None` if it is not there (or not whole).
     pub fn local_size(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
         let Some(len) = not_found_is_none(fs::metadata(self.blob_path(d)))?.map(|m| m.len()) else {
             return Ok(None);

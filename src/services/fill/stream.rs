@@ -49,18 +49,10 @@ pub type OpenRelay = Box<dyn FnOnce(u64) -> LocalBoxFuture<'static, Result<Relay
 impl BodyStream {
     /// A body already in memory (a range fetched ahead of a fill).
     pub fn from_bytes(bytes: Bytes, metrics: Arc<Metrics>) -> BodyStream {
-        let n = bytes.len() as u64;
-        metrics
-            .served_bytes
-            .with_label_values(&["upstream"])
-            .inc_by(n);
-        BodyStream {
-            inner: futures_util::stream::once(async move { Ok(bytes) }).boxed_local(),
-        }
+        let once = futures_util::stream::once(async move { Ok(bytes) }).boxed_local();
+        BodyStream::from_stream(once, &metrics)
     }
-}
 
-impl BodyStream {
     /// A body relayed from the upstream as it arrives (a range fetched ahead of a fill,
     /// to its first client), counted as served from the upstream.
     pub fn from_stream(inner: Relay, metrics: &Metrics) -> BodyStream {
@@ -75,9 +67,7 @@ impl BodyStream {
                 .boxed_local(),
         }
     }
-}
 
-impl BodyStream {
     /// Runs `f` when this body is dropped: after its last byte was sent, or when the
     /// client left.
     pub fn on_end(self, f: impl FnOnce() + 'static) -> BodyStream {
