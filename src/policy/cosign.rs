@@ -23,6 +23,12 @@ pub fn signature_tag(d: &Digest) -> String {
     format!("sha256-{}.sig", d.hex())
 }
 
+/// The digest a signature tag (`sha256-<hex>.sig`) is for: [`signature_tag`] read back.
+pub fn signed_by_tag(tag: &str) -> Option<Digest> {
+    let hex = tag.strip_prefix("sha256-")?.strip_suffix(".sig")?;
+    format!("sha256:{hex}").parse().ok()
+}
+
 /// One signature layer: the payload blob's digest and the signature bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layer {
@@ -42,8 +48,7 @@ struct Descriptor {
     #[serde(rename = "mediaType", default)]
     media_type: String,
     digest: String,
-    #[serde(default)]
-    size: u64,
+    size: Option<u64>,
     #[serde(default)]
     annotations: std::collections::BTreeMap<String, String>,
 }
@@ -55,7 +60,7 @@ pub fn layers(manifest: &[u8]) -> Result<Vec<Layer>, String> {
         serde_json::from_slice(manifest).map_err(|e| format!("signature manifest: {e}"))?;
     Ok(m.layers
         .into_iter()
-        .filter(|l| l.media_type == PAYLOAD_TYPE && l.size <= MAX_PAYLOAD)
+        .filter(|l| l.media_type == PAYLOAD_TYPE && l.size.unwrap_or(0) <= MAX_PAYLOAD)
         .filter_map(|l| {
             let sig = l.annotations.get(SIGNATURE_ANNOTATION)?;
             let signature = base64::engine::general_purpose::STANDARD
@@ -63,12 +68,31 @@ pub fn layers(manifest: &[u8]) -> Result<Vec<Layer>, String> {
                 .ok()?;
             Some(Layer {
                 payload: l.digest.parse().ok()?,
-                size: l.size,
+                size: l.size.unwrap_or(0),
                 signature,
             })
         })
         .take(MAX_SIGNATURES)
         .collect())
+}
+
+/// The payload digests of a signature manifest made of simple-signing layers alone,
+/// each of a stated size of at most [`MAX_PAYLOAD`]; `None` for any other manifest
+/// (one other layer is enough).
+pub fn payloads_only(manifest: &[u8]) -> Option<Vec<Digest>> {
+    let m: Manifest = serde_json::from_slice(manifest).ok()?;
+    if m.layers.is_empty() {
+        return None;
+    }
+    m.layers
+        .iter()
+        .map(|l| {
+            let small = l.size.is_some_and(|n| n <= MAX_PAYLOAD);
+            (l.media_type == PAYLOAD_TYPE && small)
+                .then(|| l.digest.parse().ok())
+                .flatten()
+        })
+        .collect()
 }
 
 /// What a simple-signing payload claims.

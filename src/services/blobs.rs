@@ -13,7 +13,7 @@ use super::blob_reply::{BlobReply, ByteRange};
 use super::fill::{blob_request, Avail, BodyStream, OpenRelay};
 use super::fill::{wait_started, Fill};
 use super::flight::{Join, Lead};
-use super::{content_length, policy, repo_digest_key, ServiceError, Services, Source};
+use super::{content_length, repo_digest_key, ServiceError, Services, Source};
 use crate::auth::Caller;
 use crate::names::Digest;
 use crate::services::{ahead, fill, peers, private};
@@ -39,23 +39,6 @@ fn belongs_to_repo(e: &ServiceError) -> bool {
 }
 
 impl Services {
-    pub async fn blob(
-        &self,
-        up: &Arc<Upstream>,
-        repo: &str,
-        d: &Digest,
-        range: Option<ByteRange>,
-        method: &Method,
-        caller: &Caller,
-    ) -> Result<BlobReply, ServiceError> {
-        // A HEAD tells existence and size, nothing of the content (push clients ask it).
-        if method == Method::GET {
-            policy::check_blob(self, &up.name, repo, d)?;
-        }
-        self.blob_from(up, repo, d, range, method, caller, true)
-            .await
-    }
-
     /// Waits for the fill of `d`, if one runs, to end. A body's last byte reaches its
     /// reader as soon as the blob checked out, before the fill's fsync and rename: a
     /// caller that reads the store next (the CLI's `export`) waits for the commit here.
@@ -403,15 +386,18 @@ impl Services {
     }
 }
 
-/// A whole blob read for the mirror's own use (a signature's payload a policy checks),
-/// without the policy's gate.
+/// A blob through the cache (stored, or filled once from the upstream), before any
+/// policy: what a client's pull (`pull.rs`) and a policy reading a signature's payload
+/// start from.
 pub(super) async fn ungated(
     svc: &Services,
     up: &Arc<Upstream>,
     repo: &str,
     d: &Digest,
+    range: Option<ByteRange>,
+    method: &Method,
     caller: &Caller,
 ) -> Result<BlobReply, ServiceError> {
-    svc.blob_from(up, repo, d, None, &Method::GET, caller, true)
+    svc.blob_from(up, repo, d, range, method, caller, true)
         .await
 }

@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
-use super::hosted::parse_manifest;
+use super::manifest_refs::parse_manifest;
 use super::{Mirror, ServiceError};
 use crate::names::Digest;
 use crate::store::{BlobInfo, Store, StoreError};

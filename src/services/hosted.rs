@@ -2,16 +2,16 @@
 //! cache (a pushed layer equal to a cached one is stored once).
 
 use bytes::Bytes;
-use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 use serde_json::json;
 
 use super::blob_reply::{BlobReply, ByteRange};
 use super::manifest_fetch::MAX_MANIFEST_SIZE;
+use super::manifest_refs::parse_manifest;
 use super::manifests::{negotiate, ManifestReply};
 use super::page::{paginate, Page};
 use super::uploads::{UploadLimits, Uploads};
 use super::{ServiceError, Services, Source};
-use crate::media::{Accepted, IMAGE_TYPES, INDEX_TYPES, OCI_INDEX};
+use crate::media::{Accepted, OCI_INDEX};
 use crate::names::{Digest, Reference};
 use crate::services::{fill, manifests, policy};
 use crate::store::{ManifestLink, TagRecord};
@@ -20,16 +20,6 @@ use crate::store::{ManifestLink, TagRecord};
 pub struct Hosted {
     pub prefix: String,
     pub uploads: Uploads,
-}
-
-/// What a stored manifest refers to, for validation and the referrers API.
-pub(super) struct Parsed {
-    media_type: String,
-    pub(super) blobs: Vec<Digest>,
-    pub(super) manifests: Vec<Digest>,
-    subject: Option<Digest>,
-    artifact_type: Option<String>,
-    annotations: Option<std::collections::HashMap<String, String>>,
 }
 
 impl Hosted {
@@ -73,7 +63,7 @@ impl Services {
         };
         let r = found.ok_or_else(|| ServiceError::ManifestUnknown(reference.to_string()))?;
         let origin = policy::Origin::Hosted;
-        policy::check_manifest(self, origin, repo, reference, &r.digest, r.body.as_deref()).await?;
+        policy::check_manifest(self, origin, repo, reference, &r).await?;
         if let Reference::Tag(_) = reference {
             self.mirror.inventory.count_pull(ns, repo);
         }
@@ -192,7 +182,7 @@ impl Services {
             policy::signature_added(self, &listed, s);
         }
         if let Reference::Tag(t) = reference {
-            if let Some(signed) = policy::signed_by_tag(t) {
+            if let Some(signed) = crate::policy::cosign::signed_by_tag(t) {
                 policy::signature_added(self, &listed, &signed);
             }
         }
@@ -317,70 +307,4 @@ impl Services {
             }
         })
     }
-}
-
-fn digest_of(d: &Descriptor) -> Result<Digest, ServiceError> {
-    d.digest()
-        .to_string()
-        .parse()
-        .map_err(|e| ServiceError::ManifestInvalid(format!("descriptor digest: {e}")))
-}
-
-pub(super) fn parse_manifest(
-    content_type: Option<&str>,
-    body: &[u8],
-) -> Result<Parsed, ServiceError> {
-    let invalid = |e: String| ServiceError::ManifestInvalid(e);
-    let probe: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
-    let media_type = probe["mediaType"]
-        .as_str()
-        .or(content_type.map(|c| c.split(';').next().unwrap_or("").trim()))
-        .unwrap_or("")
-        .to_string();
-    let media_type = if media_type.is_empty() && probe.get("manifests").is_some() {
-        INDEX_TYPES[0].to_string()
-    } else if media_type.is_empty() {
-        IMAGE_TYPES[0].to_string()
-    } else {
-        media_type
-    };
-    if INDEX_TYPES.contains(&media_type.as_str()) {
-        let idx = ImageIndex::from_reader(body).map_err(|e| invalid(e.to_string()))?;
-        return Ok(Parsed {
-            manifests: idx
-                .manifests()
-                .iter()
-                .map(digest_of)
-                .collect::<Result<_, _>>()?,
-            blobs: Vec::new(),
-            subject: idx.subject().as_ref().map(digest_of).transpose()?,
-            artifact_type: idx.artifact_type().as_ref().map(|t| t.to_string()),
-            annotations: idx.annotations().clone(),
-            media_type,
-        });
-    }
-    if !IMAGE_TYPES.contains(&media_type.as_str()) {
-        return Err(invalid(format!(
-            "unsupported manifest media type {media_type:?}"
-        )));
-    }
-    let m = ImageManifest::from_reader(body).map_err(|e| invalid(e.to_string()))?;
-    let mut blobs = vec![digest_of(m.config())?];
-    for l in m.layers() {
-        blobs.push(digest_of(l)?);
-    }
-    let artifact_type = m
-        .artifact_type()
-        .as_ref()
-        .map(|t| t.to_string())
-        .or_else(|| Some(m.config().media_type().to_string()));
-    Ok(Parsed {
-        manifests: Vec::new(),
-        blobs,
-        subject: m.subject().as_ref().map(digest_of).transpose()?,
-        artifact_type,
-        annotations: m.annotations().clone(),
-        media_type,
-    })
 }

@@ -12,7 +12,7 @@ use super::{content_length, ServiceError, Services, Source};
 use crate::auth::Caller;
 use crate::media::Accepted;
 use crate::names::{Digest, Reference};
-use crate::services::{manifest_fetch, policy, private};
+use crate::services::{manifest_fetch, private};
 use crate::store::TagRecord;
 use crate::upstream::Upstream;
 
@@ -26,26 +26,6 @@ pub struct ManifestReply {
 }
 
 impl Services {
-    pub async fn manifest(
-        &self,
-        up: &Arc<Upstream>,
-        repo: &str,
-        reference: &Reference,
-        accepted: Accepted,
-        method: &Method,
-        caller: &Caller,
-    ) -> Result<ManifestReply, ServiceError> {
-        let r = self
-            .upstream_manifest(up, repo, reference, method, caller)
-            .await?;
-        let origin = policy::Origin::Upstream { up, caller };
-        policy::check_manifest(self, origin, repo, reference, &r.digest, r.body.as_deref()).await?;
-        if let Reference::Tag(_) = reference {
-            self.mirror.inventory.count_pull(&up.name, repo);
-        }
-        negotiate(r, reference, accepted)
-    }
-
     async fn upstream_manifest(
         &self,
         up: &Arc<Upstream>,
@@ -233,8 +213,9 @@ impl Services {
     }
 }
 
-/// A manifest read for the mirror's own use (a signature a policy checks), without
-/// the policy's gate, pull counts or type negotiation.
+/// A manifest through the cache (store, tag TTL, upstream, stale serving), before any
+/// policy, pull count or type negotiation: what a client's pull (`pull.rs`) and a
+/// policy reading a signature start from.
 pub(super) async fn ungated(
     svc: &Services,
     up: &Arc<Upstream>,

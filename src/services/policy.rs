@@ -17,7 +17,7 @@ use actix_web::http::Method;
 use futures_util::StreamExt;
 use quick_cache::sync::Cache;
 
-use super::{blobs, manifests, referrers, ServiceError, Services};
+use super::{blobs, manifest_refs, manifests, referrers, ManifestReply, ServiceError, Services};
 use crate::auth::Caller;
 use crate::config::{PolicyIdentity, PolicyMode};
 use crate::names::{Digest, Reference};
@@ -68,28 +68,6 @@ pub(super) fn signature_added(svc: &Services, repo: &str, d: &Digest) {
     }
 }
 
-/// The payload digests of a cosign signature manifest; `None` for anything else (one
-/// layer that is not a simple-signing payload of at most 64 KiB is enough).
-fn signature_payloads(manifest: &[u8]) -> Option<Vec<Digest>> {
-    let doc: serde_json::Value = serde_json::from_slice(manifest).ok()?;
-    let layers = doc["layers"].as_array().filter(|l| !l.is_empty())?;
-    layers
-        .iter()
-        .map(|l| {
-            let small = l["size"].as_u64().is_some_and(|n| n <= cosign::MAX_PAYLOAD);
-            (l["mediaType"] == cosign::PAYLOAD_TYPE && small)
-                .then(|| l["digest"].as_str()?.parse().ok())
-                .flatten()
-        })
-        .collect()
-}
-
-/// The digest a cosign signature tag (`sha256-<hex>.sig`) is for.
-pub(super) fn signed_by_tag(tag: &str) -> Option<Digest> {
-    let hex = tag.strip_prefix("sha256-")?.strip_suffix(".sig")?;
-    format!("sha256:{hex}").parse().ok()
-}
-
 fn admitted_key(ns: &str, repo: &str, d: &Digest) -> String {
     format!("{ns}/{repo}@{}", d.hex())
 }
@@ -133,9 +111,9 @@ pub(super) async fn check_manifest(
     origin: Origin<'_>,
     repo: &str,
     reference: &Reference,
-    d: &Digest,
-    body: Option<&[u8]>,
+    r: &ManifestReply,
 ) -> Result<(), ServiceError> {
+    let (d, body) = (&r.digest, r.body.as_deref());
     let gate = &svc.mirror.gate;
     let Some(policy) = gate.find(origin.ns(svc), repo) else {
         return Ok(());
@@ -147,7 +125,7 @@ pub(super) async fn check_manifest(
     // layers alone (a tag named like a signature proves nothing).
     match body {
         Some(b) => {
-            if let Some(payloads) = signature_payloads(b) {
+            if let Some(payloads) = cosign::payloads_only(b) {
                 for p in payloads {
                     gate.admitted.insert(admitted_key(&ns, repo, &p), ());
                 }
@@ -155,7 +133,7 @@ pub(super) async fn check_manifest(
             }
         }
         // A HEAD of a signature tag tells a digest and admits nothing.
-        None if matches!(reference, Reference::Tag(t) if signed_by_tag(t).is_some()) => {
+        None if matches!(reference, Reference::Tag(t) if cosign::signed_by_tag(t).is_some()) => {
             return Ok(());
         }
         None => {}
@@ -170,7 +148,7 @@ pub(super) async fn check_manifest(
     };
     if verdict.is_ok() {
         if let Some(b) = body {
-            admit_references(gate, &ns, repo, b);
+            admit_references(gate, &ns, repo, &r.media_type, b);
         }
     }
     decide(svc, policy, &format!("{ns}/{repo}@{d}"), verdict.err())
@@ -302,7 +280,7 @@ async fn payloads(
     let layers = cosign::layers(manifest).unwrap_or_default();
     let mut out = Vec::new();
     for l in layers {
-        let reply = blobs::ungated(svc, up, repo, &l.payload, caller).await?;
+        let reply = blobs::ungated(svc, up, repo, &l.payload, None, &Method::GET, caller).await?;
         let Some(mut body) = reply.body else { continue };
         let mut payload = Vec::new();
         while let Some(chunk) = body.next().await {
@@ -378,23 +356,13 @@ fn identities(up: &Upstream, repo: &str) -> Vec<String> {
 }
 
 /// Admits the digests a manifest references (an index's manifests, an image's config
-/// and layers) in its repository.
-fn admit_references(gate: &Gate, ns: &str, repo: &str, manifest: &[u8]) {
-    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(manifest) else {
+/// and layers) in its repository, read as a push of it is read.
+fn admit_references(gate: &Gate, ns: &str, repo: &str, media_type: &str, manifest: &[u8]) {
+    let Ok(parsed) = manifest_refs::parse_manifest(Some(media_type), manifest) else {
         return;
     };
-    let children = doc["manifests"].as_array().into_iter().flatten();
-    let layers = doc["layers"].as_array().into_iter().flatten();
-    for desc in children
-        .chain(layers)
-        .chain(std::iter::once(&doc["config"]))
-    {
-        if let Some(d) = desc["digest"]
-            .as_str()
-            .and_then(|d| d.parse::<Digest>().ok())
-        {
-            gate.admitted.insert(admitted_key(ns, repo, &d), ());
-        }
+    for d in parsed.manifests.iter().chain(&parsed.blobs) {
+        gate.admitted.insert(admitted_key(ns, repo, d), ());
     }
 }
 
