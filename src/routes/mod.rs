@@ -46,6 +46,7 @@ struct User(String);
 /// What a request was about, for the access log and metrics.
 #[derive(Clone)]
 struct RequestInfo {
+    /// Empty until an upstream or hosted repository was picked.
     upstream: String,
     endpoint: &'static str,
     cache: &'static str,
@@ -120,11 +121,19 @@ impl Ctx<'_> {
 
     /// Notes the upstream and cache result for the access log.
     fn note(&self, upstream: &str, endpoint: &'static str, cache: Option<&'static str>) {
-        self.req.extensions_mut().insert(RequestInfo {
+        let info = RequestInfo {
             upstream: upstream.to_string(),
             endpoint,
             cache: cache.unwrap_or("-"),
-        });
+        };
+        // In place of the one `v2` inserted: no new box in the request's extensions.
+        let mut ext = self.req.extensions_mut();
+        match ext.get_mut::<RequestInfo>() {
+            Some(i) => *i = info,
+            None => {
+                ext.insert(info);
+            }
+        }
     }
 
     fn hosted_prefix(&self) -> &str {
@@ -136,14 +145,23 @@ impl Ctx<'_> {
     }
 }
 
-async fn v2(
-    req: HttpRequest,
-    body: web::Payload,
-    svc: web::Data<Services>,
-    router: web::Data<Router>,
-    access: web::Data<Access>,
-    front: web::Data<Frontend>,
-) -> Result<HttpResponse, OciError> {
+/// The app's shared state, borrowed from the request: extracting each `web::Data` clones
+/// its `Arc`, and on the state the workers share that is an atomic both cores write.
+fn state<T: 'static>(req: &HttpRequest) -> Result<&T, OciError> {
+    req.app_data::<web::Data<T>>()
+        .map(|d| d.get_ref())
+        .ok_or_else(|| {
+            OciError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "UNKNOWN",
+                format!("{} is not configured on this server", std::any::type_name::<T>()),
+            )
+        })
+}
+
+async fn v2(req: HttpRequest, body: web::Payload) -> Result<HttpResponse, OciError> {
+    let (svc, router) = (state::<Services>(&req)?, state::<Router>(&req)?);
+    let (access, front) = (state::<Access>(&req)?, state::<Frontend>(&req)?);
     let Some(tail) = req
         .path()
         .strip_prefix("/v2")
@@ -157,7 +175,7 @@ async fn v2(
     // What the request was about, for the log and metrics, even if it fails before a
     // handler says more (405, 416, 401).
     req.extensions_mut().insert(RequestInfo {
-        upstream: "-".into(),
+        upstream: String::new(),
         endpoint: endpoint_kind(&endpoint),
         cache: "-",
     });
@@ -174,8 +192,8 @@ async fn v2(
         .insert(User(id.caller.name().to_string()));
     let ctx = Ctx {
         req: &req,
-        svc: &svc,
-        router: &router,
+        svc,
+        router,
         caller: id.caller.clone(),
         method: req.method().clone(),
     };
@@ -334,7 +352,6 @@ pub async fn log_request(
     let start = Instant::now();
     let method = req.method().clone();
     let path = loggable(req.uri());
-    let metrics = req.app_data::<web::Data<Metrics>>().cloned();
     let client = req
         .app_data::<web::Data<Frontend>>()
         .and_then(|f| f.client_ip(req.request()));
@@ -348,12 +365,14 @@ pub async fn log_request(
         .filter(|u| !u.is_empty());
     let info = res.request().extensions_mut().remove::<RequestInfo>();
     let (upstream, endpoint, cache) = match info {
-        Some(i) => (Some(i.upstream), i.endpoint, i.cache),
+        // An empty name: no upstream was picked (`-`).
+        Some(i) => (Some(i.upstream).filter(|u| !u.is_empty()), i.endpoint, i.cache),
         None => (None, "other", "-"),
     };
     let status = res.status().as_u16();
     let headers_secs = start.elapsed().as_secs_f64();
-    if let Some(m) = metrics {
+    // Borrowed, not cloned (see `state`).
+    if let Some(m) = res.request().app_data::<web::Data<Metrics>>() {
         let up = upstream.as_deref().unwrap_or("-");
         m.requests
             .with_label_values(&[up, endpoint, &status_label(status)])

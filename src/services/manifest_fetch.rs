@@ -57,8 +57,8 @@ impl Services {
         repo: &str,
         reference: &Reference,
     ) -> Result<Arc<Fetched>, ServiceError> {
-        let probe = format!("manifests/{reference}");
-        let up = private::upstream_for(self, up, repo, &Caller::Anonymous, &probe).await?;
+        let probe = private::ProbePath("manifests/", reference);
+        let up = private::upstream_for(self, up, repo, &Caller::Anonymous, probe).await?;
         fetch_coalesced(self, &up, repo, reference, false).await
     }
 

@@ -34,7 +34,7 @@ impl Services {
         method: &Method,
         caller: &Caller,
     ) -> Result<ManifestReply, ServiceError> {
-        let up = &private::upstream_for(self, up, repo, caller, &format!("manifests/{reference}"))
+        let up = &private::upstream_for(self, up, repo, caller, private::ProbePath("manifests/", reference))
             .await?;
         let head = method == Method::HEAD;
         let mut stale = None;

@@ -77,6 +77,16 @@ fn denied(up: &Upstream, repo: &str) -> ServiceError {
     ))
 }
 
+/// The endpoint a probe asks (`manifests/<reference>`), written out only when a probe is
+/// sent: most requests need none, and the text cost an allocation each.
+pub(super) struct ProbePath<'a>(pub &'static str, pub &'a (dyn std::fmt::Display + Sync));
+
+impl std::fmt::Display for ProbePath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.0, self.1)
+    }
+}
+
 /// The upstream (with the right credentials) to use for `repo` on behalf of `caller`:
 /// `Denied` if the upstream's allow/deny filters exclude the repository (nothing is
 /// asked upstream), `Unauthorized` if the caller may not read it. `probe` is the
@@ -86,7 +96,7 @@ pub(super) async fn upstream_for(
     up: &Arc<Upstream>,
     repo: &str,
     caller: &Caller,
-    probe: &str,
+    probe: ProbePath<'_>,
 ) -> Result<Arc<Upstream>, ServiceError> {
     up.filter.check(repo).map_err(ServiceError::Denied)?;
     let client = match caller {
@@ -110,7 +120,7 @@ pub(super) async fn upstream_for(
         }
     }
     if !private || client.is_none() {
-        match svc.probe(up, repo, probe).await? {
+        match svc.probe(up, repo, &probe.to_string()).await? {
             Probe::Allowed => {
                 if private {
                     // The upstream now lets the mirror read it: it is public.
@@ -130,7 +140,7 @@ pub(super) async fn upstream_for(
         return Ok(up.clone());
     };
     let mine = up.with_client_creds(&c);
-    match svc.probe(&mine, repo, probe).await? {
+    match svc.probe(&mine, repo, &probe.to_string()).await? {
         Probe::Allowed => {
             svc.store().set_private(&up.name, repo, true).await?;
             svc.mirror.catalog.remove(&up.name, repo);

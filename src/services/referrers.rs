@@ -32,7 +32,7 @@ impl Services {
         caller: &Caller,
     ) -> Result<Value, ServiceError> {
         let up =
-            &private::upstream_for(self, up, repo, caller, &format!("manifests/{subject}")).await?;
+            &private::upstream_for(self, up, repo, caller, private::ProbePath("manifests/", subject)).await?;
         let cached = self
             .store()
             .get_referrers_index(&up.name, repo, subject)

@@ -64,12 +64,12 @@ impl Store {
 
 impl Tier<'_> {
     /// A metadata object.
-    pub(super) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(super) async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         match self {
-            Tier::Bucket(sh) => Ok(sh.bucket.get(key).await?.map(|b| b.to_vec())),
+            Tier::Bucket(sh) => Ok(sh.bucket.get(key).await?),
             Tier::Files(root, hot) => match hot.lookup(key, true) {
                 Lookup::Absent => Ok(None),
-                Lookup::Present(b) => Ok(b.map(|b| b.to_vec())),
+                Lookup::Present(b) => Ok(b),
                 Lookup::Unknown => {
                     let read = not_found_is_none(fs::read(root.join(key)))?;
                     // Only what exists is remembered: `entrepot import` beside `serve`
@@ -77,7 +77,7 @@ impl Tier<'_> {
                     if let Some(b) = &read {
                         hot.remember(key, Some(b));
                     }
-                    Ok(read)
+                    Ok(read.map(Bytes::from))
                 }
             },
         }

@@ -55,6 +55,17 @@ impl Store {
         format!("repos/{ns}/{repo}")
     }
 
+    /// `repos/<ns>/<repo>/<parts...>` in one allocation: these keys are built several
+    /// times for every manifest request.
+    fn meta_key(ns: &str, repo: &str, parts: &[&str]) -> String {
+        let len = 8 + ns.len() + repo.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut k = String::with_capacity(len);
+        for p in ["repos/", ns, "/", repo, "/"].iter().chain(parts) {
+            k.push_str(p);
+        }
+        k
+    }
+
     async fn read_json<T: for<'de> Deserialize<'de>>(
         &self,
         key: String,
@@ -78,7 +89,7 @@ impl Store {
         repo: &str,
         tag: &str,
     ) -> Result<Option<TagRecord>, StoreError> {
-        self.read_json(format!("{}/_tags/{tag}", Self::repo_key(ns, repo)))
+        self.read_json(Self::meta_key(ns, repo, &["_tags/", tag]))
             .await
     }
 
@@ -89,7 +100,7 @@ impl Store {
         tag: &str,
         rec: &TagRecord,
     ) -> Result<(), StoreError> {
-        self.write_json(format!("{}/_tags/{tag}", Self::repo_key(ns, repo)), rec)
+        self.write_json(Self::meta_key(ns, repo, &["_tags/", tag]), rec)
             .await
     }
 
@@ -106,7 +117,7 @@ impl Store {
         repo: &str,
         d: &Digest,
     ) -> Result<Option<ManifestLink>, StoreError> {
-        let key = format!("{}/_manifests/{}", Self::repo_key(ns, repo), d.hex());
+        let key = Self::meta_key(ns, repo, &["_manifests/", d.hex()]);
         self.read_json(key).await
     }
 
@@ -117,25 +128,25 @@ impl Store {
         d: &Digest,
         link: &ManifestLink,
     ) -> Result<(), StoreError> {
-        let key = format!("{}/_manifests/{}", Self::repo_key(ns, repo), d.hex());
+        let key = Self::meta_key(ns, repo, &["_manifests/", d.hex()]);
         self.write_json(key, link).await
     }
 
     /// Whether a repository is known to hold a blob (so it may be served from the shared
     /// store under that repository without asking upstream).
     pub async fn blob_linked(&self, ns: &str, repo: &str, d: &Digest) -> Result<bool, StoreError> {
-        let key = format!("{}/_blobs/{}", Self::repo_key(ns, repo), d.hex());
+        let key = Self::meta_key(ns, repo, &["_blobs/", d.hex()]);
         self.tier().exists(&key).await
     }
 
     pub async fn link_blob(&self, ns: &str, repo: &str, d: &Digest) -> Result<(), StoreError> {
-        let key = format!("{}/_blobs/{}", Self::repo_key(ns, repo), d.hex());
+        let key = Self::meta_key(ns, repo, &["_blobs/", d.hex()]);
         self.tier().put(&key, Vec::new()).await
     }
 
     pub async fn delete_tag(&self, ns: &str, repo: &str, tag: &str) -> Result<bool, StoreError> {
         self.tier()
-            .delete(&format!("{}/_tags/{tag}", Self::repo_key(ns, repo)))
+            .delete(&Self::meta_key(ns, repo, &["_tags/", tag]))
             .await
     }
 
@@ -145,12 +156,12 @@ impl Store {
         repo: &str,
         d: &Digest,
     ) -> Result<bool, StoreError> {
-        let key = format!("{}/_manifests/{}", Self::repo_key(ns, repo), d.hex());
+        let key = Self::meta_key(ns, repo, &["_manifests/", d.hex()]);
         self.tier().delete(&key).await
     }
 
     pub async fn unlink_blob(&self, ns: &str, repo: &str, d: &Digest) -> Result<bool, StoreError> {
-        let key = format!("{}/_blobs/{}", Self::repo_key(ns, repo), d.hex());
+        let key = Self::meta_key(ns, repo, &["_blobs/", d.hex()]);
         self.tier().delete(&key).await
     }
 
@@ -242,12 +253,12 @@ impl Store {
     /// (callers must then prove upstream access before it is served).
     pub async fn is_private(&self, ns: &str, repo: &str) -> Result<bool, StoreError> {
         self.tier()
-            .marker(&format!("{}/_private", Self::repo_key(ns, repo)))
+            .marker(&Self::meta_key(ns, repo, &["_private"]))
             .await
     }
 
     pub async fn set_private(&self, ns: &str, repo: &str, private: bool) -> Result<(), StoreError> {
-        let key = format!("{}/_private", Self::repo_key(ns, repo));
+        let key = Self::meta_key(ns, repo, &["_private"]);
         if private {
             self.tier().put(&key, Vec::new()).await
         } else {
