@@ -154,7 +154,10 @@ fn state<T: 'static>(req: &HttpRequest) -> Result<&T, OciError> {
             OciError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "UNKNOWN",
-                format!("{} is not configured on this server", std::any::type_name::<T>()),
+                format!(
+                    "{} is not configured on this server",
+                    std::any::type_name::<T>()
+                ),
             )
         })
 }
@@ -211,37 +214,48 @@ async fn dispatch(
     endpoint: &Endpoint,
     body: web::Payload,
 ) -> Result<HttpResponse, OciError> {
+    // Pulls of manifests and blobs run inline; the other endpoints are boxed, so that
+    // this future (moved into the handler's box on every request) stays as small as
+    // the pull path needs, not as large as the largest upload path.
     match (endpoint, ctx.method.clone()) {
         (Endpoint::Base, _) => Ok(HttpResponse::Ok()
             .insert_header(API_VERSION)
             .json(serde_json::json!({}))),
-        (Endpoint::Catalog, Method::GET) => pull::catalog(ctx).await,
+        (Endpoint::Catalog, Method::GET) => Box::pin(pull::catalog(ctx)).await,
         (Endpoint::Manifest { name, reference }, Method::GET | Method::HEAD) => {
             pull::manifest(ctx, name, reference).await
         }
         (Endpoint::Manifest { name, reference }, Method::PUT) => {
-            push::put_manifest(ctx, name, reference, body).await
+            Box::pin(push::put_manifest(ctx, name, reference, body)).await
         }
         (Endpoint::Manifest { name, reference }, Method::DELETE) => {
-            push::delete_manifest(ctx, name, reference).await
+            Box::pin(push::delete_manifest(ctx, name, reference)).await
         }
         (Endpoint::Blob { name, digest }, Method::GET | Method::HEAD) => {
             pull::blob(ctx, name, digest).await
         }
         (Endpoint::Blob { name, digest }, Method::DELETE) => {
-            push::delete_blob(ctx, name, digest).await
+            Box::pin(push::delete_blob(ctx, name, digest)).await
         }
-        (Endpoint::TagsList { name }, Method::GET) => pull::tags(ctx, name).await,
+        (Endpoint::TagsList { name }, Method::GET) => Box::pin(pull::tags(ctx, name)).await,
         (Endpoint::Referrers { name, digest }, Method::GET) => {
-            pull::referrers(ctx, name, digest).await
+            Box::pin(pull::referrers(ctx, name, digest)).await
         }
-        (Endpoint::UploadStart { name }, Method::POST) => push::upload_start(ctx, name, body).await,
-        (Endpoint::Upload { name, id }, Method::GET) => push::upload_status(ctx, name, id).await,
+        (Endpoint::UploadStart { name }, Method::POST) => {
+            Box::pin(push::upload_start(ctx, name, body)).await
+        }
+        (Endpoint::Upload { name, id }, Method::GET) => {
+            Box::pin(push::upload_status(ctx, name, id)).await
+        }
         (Endpoint::Upload { name, id }, Method::PATCH) => {
-            push::upload_patch(ctx, name, id, body).await
+            Box::pin(push::upload_patch(ctx, name, id, body)).await
         }
-        (Endpoint::Upload { name, id }, Method::PUT) => push::upload_put(ctx, name, id, body).await,
-        (Endpoint::Upload { name, id }, Method::DELETE) => push::upload_cancel(ctx, name, id).await,
+        (Endpoint::Upload { name, id }, Method::PUT) => {
+            Box::pin(push::upload_put(ctx, name, id, body)).await
+        }
+        (Endpoint::Upload { name, id }, Method::DELETE) => {
+            Box::pin(push::upload_cancel(ctx, name, id)).await
+        }
         (_, m) => Err(OciError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "UNSUPPORTED",
@@ -366,7 +380,11 @@ pub async fn log_request(
     let info = res.request().extensions_mut().remove::<RequestInfo>();
     let (upstream, endpoint, cache) = match info {
         // An empty name: no upstream was picked (`-`).
-        Some(i) => (Some(i.upstream).filter(|u| !u.is_empty()), i.endpoint, i.cache),
+        Some(i) => (
+            Some(i.upstream).filter(|u| !u.is_empty()),
+            i.endpoint,
+            i.cache,
+        ),
         None => (None, "other", "-"),
     };
     let status = res.status().as_u16();

@@ -44,9 +44,7 @@ pub async fn manifest(
         }
         Target::Hosted { repo } => {
             ctx.note(ctx.hosted_prefix(), "manifest", Some("hosted"));
-            ctx.svc
-                .hosted_manifest(&repo, reference, accepted, head)
-                .await?
+            Box::pin(ctx.svc.hosted_manifest(&repo, reference, accepted, head)).await?
         }
     };
     Ok(reply::manifest(r))

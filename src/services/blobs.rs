@@ -91,7 +91,8 @@ impl Services {
         caller: &Caller,
         forward: bool,
     ) -> Result<BlobReply, ServiceError> {
-        let up = &private::upstream_for(self, up, repo, caller, private::ProbePath("blobs/", d)).await?;
+        let up =
+            &private::upstream_for(self, up, repo, caller, private::ProbePath("blobs/", d)).await?;
         let head = method == Method::HEAD;
         if let Some(size) = self.store().stat(d).await? {
             if self.store().blob_linked(&up.name, repo, d).await?

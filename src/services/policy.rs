@@ -113,11 +113,25 @@ pub(super) async fn check_manifest(
     reference: &Reference,
     r: &ManifestReply,
 ) -> Result<(), ServiceError> {
-    let (d, body) = (&r.digest, r.body.as_deref());
-    let gate = &svc.mirror.gate;
-    let Some(policy) = gate.find(origin.ns(svc), repo) else {
+    let Some(policy) = svc.mirror.gate.find(origin.ns(svc), repo) else {
         return Ok(());
     };
+    // Boxed: the judgement's future is kilobytes, which every manifest request moved
+    // around even when no policy covers it.
+    Box::pin(check_covered(svc, policy, origin, repo, reference, r)).await
+}
+
+/// [`check_manifest`] for a manifest that `policy` covers.
+async fn check_covered(
+    svc: &Services,
+    policy: &Policy,
+    origin: Origin<'_>,
+    repo: &str,
+    reference: &Reference,
+    r: &ManifestReply,
+) -> Result<(), ServiceError> {
+    let (d, body) = (&r.digest, r.body.as_deref());
+    let gate = &svc.mirror.gate;
     let ns = origin.ns(svc).to_string();
     // Signatures themselves are served (cosign verify, podman's sigstore attachments
     // and admission controllers read them through the mirror), with their payloads and

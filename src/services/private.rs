@@ -120,7 +120,7 @@ pub(super) async fn upstream_for(
         }
     }
     if !private || client.is_none() {
-        match svc.probe(up, repo, &probe.to_string()).await? {
+        match Box::pin(svc.probe(up, repo, &probe.to_string())).await? {
             Probe::Allowed => {
                 if private {
                     // The upstream now lets the mirror read it: it is public.
@@ -140,7 +140,7 @@ pub(super) async fn upstream_for(
         return Ok(up.clone());
     };
     let mine = up.with_client_creds(&c);
-    match svc.probe(&mine, repo, &probe.to_string()).await? {
+    match Box::pin(svc.probe(&mine, repo, &probe.to_string())).await? {
         Probe::Allowed => {
             svc.store().set_private(&up.name, repo, true).await?;
             svc.mirror.catalog.remove(&up.name, repo);

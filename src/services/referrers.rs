@@ -31,8 +31,14 @@ impl Services {
         artifact_type: Option<&str>,
         caller: &Caller,
     ) -> Result<Value, ServiceError> {
-        let up =
-            &private::upstream_for(self, up, repo, caller, private::ProbePath("manifests/", subject)).await?;
+        let up = &private::upstream_for(
+            self,
+            up,
+            repo,
+            caller,
+            private::ProbePath("manifests/", subject),
+        )
+        .await?;
         let cached = self
             .store()
             .get_referrers_index(&up.name, repo, subject)

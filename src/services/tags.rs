@@ -36,7 +36,14 @@ impl Services {
         query: &str,
         caller: &Caller,
     ) -> Result<TagsReply, ServiceError> {
-        let up = &private::upstream_for(self, up, repo, caller, private::ProbePath("tags/list?n=1", &"")).await?;
+        let up = &private::upstream_for(
+            self,
+            up,
+            repo,
+            caller,
+            private::ProbePath("tags/list?n=1", &""),
+        )
+        .await?;
         let what = if query.is_empty() {
             "tags/list".to_string()
         } else {

@@ -569,7 +569,15 @@ impl Store {
             // Touched when it was read into memory, under a second ago.
             return Ok(());
         }
-        self.touch_local(d)
+        // A blob pulled again within a second was recorded then: without this memory
+        // each request opened the file to look at its mtime (3 system calls).
+        let touched = format!("touched/{}", d.hex());
+        if let Lookup::Present(_) = self.hot.lookup(&touched, false) {
+            return Ok(());
+        }
+        self.touch_local(d)?;
+        self.hot.remember_exists(&touched);
+        Ok(())
     }
 
     /// Drops the uses recorded since the last call (no eviction is configured: nobody

@@ -193,6 +193,7 @@ impl Store {
                         .map_or(0, |t| t.as_nanos())
                 ));
                 tracing::error!(digest = %d, recorded = want, found = len, quarantine = %dest.display(), "stored blob has the wrong length: quarantined, it will be fetched again");
+                self.hot.forget(&size_key(d));
                 if not_found_is_none(fs::rename(self.blob_path(d), &dest))?.is_some() {
                     self.size.fetch_sub(len, Ordering::Relaxed);
                 }
@@ -218,10 +219,22 @@ impl Store {
 
     /// Size of a blob in the local tier, or `None` if it is not there (or not whole).
     pub fn local_size(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
+        // The size of a whole local blob, remembered a second (see `hot`): a blob HEAD
+        // otherwise cost a stat and a read of the size record (6 system calls).
+        let key = size_key(d);
+        if let hot::Lookup::Present(Some(b)) = self.hot.lookup(&key, true) {
+            if let Some(len) = std::str::from_utf8(&b).ok().and_then(|t| t.parse().ok()) {
+                return Ok(Some(len));
+            }
+        }
         let Some(len) = not_found_is_none(fs::metadata(self.blob_path(d)))?.map(|m| m.len()) else {
             return Ok(None);
         };
-        Ok(self.check_len(d, len)?.then_some(len))
+        let whole = self.check_len(d, len)?;
+        if whole {
+            self.hot.remember(&key, Some(len.to_string().as_bytes()));
+        }
+        Ok(whole.then_some(len))
     }
 
     /// Opens a committed blob for positional reads (`FileExt::read_at`); `None` if it is
@@ -332,6 +345,7 @@ impl Store {
             return Ok(false);
         };
         fs::remove_file(&path)?;
+        self.hot.forget(&size_key(d));
         not_found_is_none(fs::remove_file(self.size_path(d)))?;
         self.size.fetch_sub(len, Ordering::Relaxed);
         Ok(true)
@@ -536,4 +550,9 @@ pub fn read_chunk(file: &File, pos: u64, len: usize) -> std::io::Result<bytes::B
         }
     })?;
     Ok(buf.freeze())
+}
+
+/// The key under which the memory of hot objects keeps a local blob's size.
+fn size_key(d: &Digest) -> String {
+    format!("sizes/{}", d.hex())
 }
