@@ -163,9 +163,6 @@ fn cap_malloc_arenas() {
     }
 }
 
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     cap_malloc_arenas();
     // Access lines skip tracing's per-event work (see access_log::write_direct).

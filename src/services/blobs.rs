@@ -98,10 +98,18 @@ impl Services {
             if self.store().blob_linked(&up.name, repo, d).await?
                 || self.confirm_upstream(up, repo, d).await?
             {
-                self.count_cache(up, "hit");
-                // Eviction goes by last use; a failed touch only makes it less precise.
-                let _ = self.store().touch(d);
-                return fill::stored(self, d, size, range, head).await;
+                match fill::stored(self, d, size, range, head).await {
+                    // Removed (`gc`) or found short and quarantined since its size was
+                    // known (a size is remembered a second): fetched again below.
+                    Err(ServiceError::BlobUnknown(_)) => {}
+                    r => {
+                        self.count_cache(up, "hit");
+                        // Eviction goes by last use; a failed touch only makes it less
+                        // precise.
+                        let _ = self.store().touch(d);
+                        return r;
+                    }
+                }
             }
         }
         self.count_cache(up, "miss");

@@ -556,3 +556,46 @@ pub fn read_chunk(file: &File, pos: u64, len: usize) -> std::io::Result<bytes::B
 fn size_key(d: &Digest) -> String {
     format!("sizes/{}", d.hex())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(store: &Store, bytes: &[u8]) -> Digest {
+        let d = Digest::of(bytes);
+        let mut w = store.begin().expect("begin");
+        w.write(bytes).expect("write");
+        store
+            .commit(w, &d, Some(bytes.len() as u64))
+            .expect("commit");
+        d
+    }
+
+    /// The remembered size never outlives the blob this process removes, and a second
+    /// ask after a removal by someone else is answered from the disk once it is stale.
+    #[tokio::test]
+    async fn remembered_blob_sizes_follow_removals() {
+        let dir = tempfile::TempDir::new().expect("tmp");
+        let store = Store::open(dir.path())
+            .expect("store")
+            .keep_in_memory(1 << 20);
+        let d = stored(&store, b"a blob of some bytes");
+        assert_eq!(store.local_size(&d).expect("size"), Some(20));
+        let misses = store.memory_stats().misses;
+        assert_eq!(store.local_size(&d).expect("size"), Some(20));
+        assert_eq!(
+            store.memory_stats().misses,
+            misses,
+            "second ask from memory"
+        );
+        assert!(store.delete(&d).await.expect("delete"));
+        assert_eq!(store.local_size(&d).expect("size"), None);
+
+        // Removed behind the store's back (as `entrepot gc` in another process does).
+        let e = stored(&store, b"another blob");
+        assert_eq!(store.local_size(&e).expect("size"), Some(12));
+        std::fs::remove_file(store.blob_path(&e)).expect("rm");
+        std::thread::sleep(hot::FRESH);
+        assert_eq!(store.local_size(&e).expect("size"), None);
+    }
+}
