@@ -74,8 +74,8 @@ impl Drop for Logged {
         if !tracing::enabled!(target: "entrepot::access", tracing::Level::INFO) {
             return;
         }
-        let line = self.render();
-        if !write_line(&line) {
+        if !self.write_direct() {
+            let line = self.render();
             tracing::info!(target: "entrepot::access", "{line}");
         }
     }
@@ -110,7 +110,7 @@ const MAX_PENDING: usize = 64 * 1024;
 #[derive(Default)]
 struct Turn {
     /// Lines held until the turn ends.
-    buf: Vec<u8>,
+    buf: String,
     /// A line was written in this turn and [`end_turn`] is queued.
     open: bool,
 }
@@ -118,7 +118,7 @@ struct Turn {
 impl Turn {
     fn flush(&mut self) {
         if !self.buf.is_empty() {
-            write_out(&self.buf);
+            write_out(self.buf.as_bytes());
             self.buf.clear();
         }
     }
@@ -153,27 +153,55 @@ async fn end_turn() {
     });
 }
 
-/// Writes `line` (or holds it to the end of the worker's turn, see [`Turn`]) if
-/// [`write_direct`] was asked; false to leave it to tracing.
-fn write_line(line: &str) -> bool {
-    use std::io::Write as _;
-    if DIRECT.get().is_none() {
-        return false;
+impl Logged {
+    /// Writes the line (or holds it to the end of the worker's turn, see [`Turn`]) if
+    /// [`write_direct`] was asked; false to leave it to tracing. The line is written
+    /// straight into the turn's buffer.
+    fn write_direct(&self) -> bool {
+        if DIRECT.get().is_none() {
+            return false;
+        }
+        // Outside a worker no task can end the turn: written at once.
+        let on_worker = actix_rt::Arbiter::try_current().is_some();
+        TURN.with_borrow_mut(|t| {
+            timestamp(&mut t.buf);
+            t.buf.push_str("  INFO entrepot::access: ");
+            self.render_into(&mut t.buf);
+            t.buf.push('\n');
+            if !t.open || !on_worker || t.buf.len() >= MAX_PENDING {
+                t.flush();
+            }
+            if !t.open && on_worker {
+                t.open = true;
+                actix_rt::spawn(end_turn());
+            }
+        });
+        true
     }
-    let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
-    // Outside a worker no task can end the turn: written at once.
-    let on_worker = actix_rt::Arbiter::try_current().is_some();
-    TURN.with_borrow_mut(|t| {
-        let _ = writeln!(t.buf, "{now}  INFO entrepot::access: {line}");
-        if !t.open || !on_worker || t.buf.len() >= MAX_PENDING {
-            t.flush();
+}
+
+thread_local! {
+    /// The current second as tracing writes it (`2026-12-06T12:28:53`), formatted once
+    /// per second per thread rather than for every line.
+    static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+}
+
+/// Appends the time in tracing's format (RFC 3339, microseconds, UTC).
+fn timestamp(out: &mut String) {
+    use std::fmt::Write as _;
+    let now = std::time::SystemTime::now();
+    let since = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    SECOND.with_borrow_mut(|(secs, text)| {
+        if *secs != since.as_secs() {
+            *secs = since.as_secs();
+            let whole = now - std::time::Duration::from_nanos(since.subsec_nanos().into());
+            *text = humantime::format_rfc3339_seconds(whole).to_string();
+            text.pop(); // the `Z`, written after the fraction
         }
-        if !t.open && on_worker {
-            t.open = true;
-            actix_rt::spawn(end_turn());
-        }
+        let _ = write!(out, "{text}.{:06}Z", since.subsec_micros());
     });
-    true
 }
 
 impl Logged {
@@ -182,9 +210,14 @@ impl Logged {
     /// small request. The text is the same as tracing's own (`cache` quoted, the rest
     /// bare).
     fn render(&self) -> String {
+        let mut out = String::with_capacity(160 + self.line.path.len());
+        self.render_into(&mut out);
+        out
+    }
+
+    fn render_into(&self, out: &mut String) {
         use std::fmt::Write as _;
         let l = &self.line;
-        let mut out = String::with_capacity(160 + l.path.len());
         let _ = write!(
             out,
             "method={} path={} status={} upstream={} cache={:?} bytes={} complete={} client=",
@@ -207,13 +240,29 @@ impl Logged {
             l.user.as_deref().unwrap_or("-"),
             l.headers_ms,
         );
-        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_time_reads_as_tracing_writes_it() {
+        let mut out = String::new();
+        timestamp(&mut out);
+        timestamp(&mut out);
+        let (a, b) = out.split_at(out.len() / 2);
+        for t in [a, b] {
+            assert_eq!(t.len(), "2026-12-06T12:28:53.123456Z".len(), "{t}");
+            assert!(t.ends_with('Z') && t.as_bytes()[19] == b'.', "{t}");
+            let whole = humantime::parse_rfc3339(t).expect("RFC 3339");
+            let age = std::time::SystemTime::now()
+                .duration_since(whole)
+                .expect("past");
+            assert!(age < std::time::Duration::from_secs(5), "{t}");
+        }
+    }
 
     #[test]
     fn the_line_reads_as_tracing_fields_did() {

@@ -34,6 +34,26 @@ impl Services {
         method: &Method,
         caller: &Caller,
     ) -> Result<ManifestReply, ServiceError> {
+        let head = method == Method::HEAD;
+        // Callers whose own upstream credentials do not come into play (anonymous, the
+        // mirror's users) are all served alike: a manifest served to one of them a moment
+        // ago, with nothing changed since, is served again from one lookup.
+        let plain = !(up.client_credentials && matches!(caller, Caller::Foreign { .. }));
+        if let (Reference::Digest(d), true, false) = (reference, plain, head) {
+            up.filter.check(repo).map_err(ServiceError::Denied)?;
+            if let Some((media_type, body)) = self.store().served_manifest(&up.name, repo, d) {
+                let r = ManifestReply {
+                    digest: d.clone(),
+                    media_type: media_type.to_string(),
+                    size: body.len() as u64,
+                    body: Some(body),
+                    source: Source::Cache,
+                };
+                return Ok(self.count(up, r));
+            }
+        }
+        // Read before anything that a served manifest is made of (see `remember_served`).
+        let generation = self.store().served_generation();
         let up = &private::upstream_for(
             self,
             up,
@@ -42,11 +62,14 @@ impl Services {
             private::ProbePath("manifests/", reference),
         )
         .await?;
-        let head = method == Method::HEAD;
         let mut stale = None;
         match reference {
             Reference::Digest(d) => {
                 if let Some(r) = cached_by_digest(self, &up.name, repo, d, head).await? {
+                    if let (true, Some(g), Some(body)) = (plain, generation, &r.body) {
+                        self.store()
+                            .remember_served(&up.name, repo, d, &r.media_type, body, g);
+                    }
                     return Ok(self.count(up, r));
                 }
             }

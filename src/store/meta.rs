@@ -3,10 +3,14 @@
 //! Metadata is written with write-to-temp + rename, so a reader sees the old or the new
 //! record, never half of one.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
 
 use serde::{Deserialize, Serialize};
 
+use super::backend::Tier;
 use super::{Store, StoreError};
 use crate::names::Digest;
 
@@ -119,6 +123,37 @@ impl Store {
     ) -> Result<Option<ManifestLink>, StoreError> {
         let key = Self::meta_key(ns, repo, &["_manifests/", d.hex()]);
         self.read_json(key).await
+    }
+
+    /// Where the memory of hot objects stands (see `Hot::generation`); `None` with a
+    /// bucket, whose metadata other replicas write (nothing is remembered as served).
+    pub fn served_generation(&self) -> Option<u64> {
+        match self.tier() {
+            Tier::Files(..) => Some(self.hot.generation()),
+            Tier::Bucket(_) => None,
+        }
+    }
+
+    /// A manifest of a repository served a moment ago and unchanged since: its media type
+    /// and bytes (see `Hot::served`).
+    pub fn served_manifest(&self, ns: &str, repo: &str, d: &Digest) -> Option<(Arc<str>, Bytes)> {
+        self.served_generation()?;
+        self.hot
+            .served(&Self::meta_key(ns, repo, &["_served/", d.hex()]))
+    }
+
+    /// Remembers a manifest served from a repository, read at `generation`.
+    pub fn remember_served(
+        &self,
+        ns: &str,
+        repo: &str,
+        d: &Digest,
+        media_type: &str,
+        body: &Bytes,
+        generation: u64,
+    ) {
+        let key = Self::meta_key(ns, repo, &["_served/", d.hex()]);
+        self.hot.remember_served(&key, media_type, body, generation);
     }
 
     pub async fn put_manifest_link(
