@@ -39,21 +39,21 @@ impl Services {
         // mirror's users) are all served alike: a manifest served to one of them a moment
         // ago, with nothing changed since, is served again from one lookup.
         let plain = !(up.client_credentials && matches!(caller, Caller::Foreign { .. }));
-        if let (Reference::Digest(d), true, false) = (reference, plain, head) {
+        if plain && !head {
             up.filter.check(repo).map_err(ServiceError::Denied)?;
-            if let Some((media_type, body)) = self.store().served_manifest(&up.name, repo, d) {
+            if let Some(s) = self.store().served_manifest(&up.name, repo, reference) {
                 let r = ManifestReply {
-                    digest: d.clone(),
-                    media_type: media_type.to_string(),
-                    size: body.len() as u64,
-                    body: Some(body),
+                    digest: s.digest.clone(),
+                    media_type: s.media_type.clone(),
+                    size: s.body.len() as u64,
+                    body: Some(s.body.clone()),
                     source: Source::Cache,
                 };
                 return Ok(self.count(up, r));
             }
         }
         // Read before anything that a served manifest is made of (see `remember_served`).
-        let generation = self.store().served_generation();
+        let generation = self.store().served_generation().filter(|_| plain);
         let up = &private::upstream_for(
             self,
             up,
@@ -66,17 +66,22 @@ impl Services {
         match reference {
             Reference::Digest(d) => {
                 if let Some(r) = cached_by_digest(self, &up.name, repo, d, head).await? {
-                    if let (true, Some(g), Some(body)) = (plain, generation, &r.body) {
-                        self.store()
-                            .remember_served(&up.name, repo, d, &r.media_type, body, g);
-                    }
+                    self.remember_served(up, repo, reference, &r, None, generation);
                     return Ok(self.count(up, r));
                 }
             }
             Reference::Tag(tag) => {
                 if let Some(rec) = self.store().get_tag(&up.name, repo, tag).await? {
                     match self.cached_tag(up, repo, tag, &rec, head).await {
-                        Ok(Some(r)) => return Ok(self.count(up, r)),
+                        Ok(Some(r)) => {
+                            // Served again from memory until the record's TTL ends.
+                            let left = up.tag_ttl.checked_sub(rec.age());
+                            if let Some(left) = left.filter(|l| !l.is_zero()) {
+                                let until = Some(std::time::Instant::now() + left);
+                                self.remember_served(up, repo, reference, &r, until, generation);
+                            }
+                            return Ok(self.count(up, r));
+                        }
                         Ok(None) => {}
                         Err(e) if e.allows_stale() => stale = Some((rec, e)),
                         Err(e) => return Err(e),
@@ -135,6 +140,30 @@ impl Services {
             body: (!head).then(|| f.bytes.clone()),
             source: Source::Upstream,
         })
+    }
+
+    /// Remembers a GET's reply as served (see `Store::remember_served`); `generation`
+    /// is `None` for callers whose own credentials count, and with a bucket.
+    fn remember_served(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        reference: &Reference,
+        r: &ManifestReply,
+        until: Option<std::time::Instant>,
+        generation: Option<u64>,
+    ) {
+        let (Some(g), Some(body)) = (generation, &r.body) else {
+            return;
+        };
+        let served = crate::store::Served {
+            digest: r.digest.clone(),
+            media_type: r.media_type.clone(),
+            body: body.clone(),
+            until,
+        };
+        self.store()
+            .remember_served(&up.name, repo, reference, served, g);
     }
 
     /// Counts a hit. (The use is recorded by [`stored_reply`], which read the bytes.)

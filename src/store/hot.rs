@@ -36,10 +36,18 @@ enum Known {
     /// A manifest as served from a repository (see [`Hot::served`]), true while nothing
     /// was written since `generation`.
     Served {
-        media_type: std::sync::Arc<str>,
-        body: Bytes,
+        served: std::sync::Arc<Served>,
         generation: u64,
     },
+}
+
+/// A manifest served from a repository by digest or by tag.
+pub struct Served {
+    pub digest: crate::names::Digest,
+    pub media_type: String,
+    pub body: Bytes,
+    /// Past this the answer needs a fresh look (a tag's TTL ends); `None`: a second.
+    pub until: Option<Instant>,
 }
 
 #[derive(Clone)]
@@ -57,9 +65,7 @@ impl Weighter<Box<str>, Entry> for ByBytes {
     fn weight(&self, key: &Box<str>, e: &Entry) -> u64 {
         let body = match &e.known {
             Known::Present(Some(b)) => b.len(),
-            Known::Served {
-                media_type, body, ..
-            } => media_type.len() + body.len(),
+            Known::Served { served, .. } => served.media_type.len() + served.body.len() + 80,
             _ => 0,
         };
         (key.len() + body + 96) as u64
@@ -119,20 +125,20 @@ impl Hot {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// A manifest served from a repository under `key`: its media type and bytes, if
-    /// remembered within the last [`FRESH`] and nothing changed in this memory since.
-    /// One lookup instead of the three a manifest request makes (the private marker,
-    /// the link, the bytes) and the link's parse.
-    pub fn served(&self, key: &str) -> Option<(std::sync::Arc<str>, Bytes)> {
+    /// A manifest served from a repository under `key`, if remembered within the last
+    /// [`FRESH`] (and before its `until`) and nothing changed in this memory since. One
+    /// lookup instead of the three a manifest request makes (the private marker, the
+    /// link or tag record, the bytes) and a record's parse.
+    pub fn served(&self, key: &str) -> Option<std::sync::Arc<Served>> {
         let e = self.cache.as_ref()?.get(key)?;
         match e.known {
-            Known::Served {
-                media_type,
-                body,
-                generation,
-            } if e.at.elapsed() < FRESH && generation == self.generation() => {
+            Known::Served { served, generation }
+                if e.at.elapsed() < FRESH
+                    && generation == self.generation()
+                    && served.until.is_none_or(|u| Instant::now() < u) =>
+            {
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                Some((media_type, body))
+                Some(served)
             }
             _ => None,
         }
@@ -140,8 +146,8 @@ impl Hot {
 
     /// Remembers a served manifest, read while the memory stood at `generation`; not if
     /// anything changed since (then what was read may already be stale).
-    pub fn remember_served(&self, key: &str, media_type: &str, body: &Bytes, generation: u64) {
-        if body.len() > self.max_entry || generation != self.generation() {
+    pub fn remember_served(&self, key: &str, served: Served, generation: u64) {
+        if served.body.len() > self.max_entry || generation != self.generation() {
             return;
         }
         if let Some(c) = &self.cache {
@@ -149,8 +155,7 @@ impl Hot {
                 key.into(),
                 Entry {
                     known: Known::Served {
-                        media_type: media_type.into(),
-                        body: body.clone(),
+                        served: std::sync::Arc::new(served),
                         generation,
                     },
                     at: Instant::now(),
@@ -287,21 +292,32 @@ mod tests {
     #[test]
     fn served_manifests_last_while_nothing_changes() {
         let h = Hot::new(1 << 20);
-        let body = Bytes::from_static(b"{}");
+        let served = |until| Served {
+            digest: crate::names::Digest::of(b"{}"),
+            media_type: "application/json".into(),
+            body: Bytes::from_static(b"{}"),
+            until,
+        };
         let g = h.generation();
-        h.remember_served("s", "application/json", &body, g);
-        let (t, b) = h.served("s").expect("served");
-        assert_eq!((&*t, &b[..]), ("application/json", &b"{}"[..]));
+        h.remember_served("s", served(None), g);
+        let s = h.served("s").expect("served");
+        assert_eq!(
+            (&*s.media_type, &s.body[..]),
+            ("application/json", &b"{}"[..])
+        );
         // Any change (a write, a removal, a re-read) ends it.
         h.remember("repos/x/_private", None);
         assert!(h.served("s").is_none());
         // What was read before a change is not kept.
         let g = h.generation();
         h.forget("repos/x/_manifests/ab");
-        h.remember_served("s", "application/json", &body, g);
+        h.remember_served("s", served(None), g);
         assert!(h.served("s").is_none());
         // A served entry is not a plain object.
-        h.remember_served("s", "application/json", &body, h.generation());
+        h.remember_served("s", served(None), h.generation());
         assert!(matches!(h.lookup("s", false), Lookup::Unknown));
+        // Nor is it served past its `until` (a tag's TTL).
+        h.remember_served("t", served(Some(Instant::now())), h.generation());
+        assert!(h.served("t").is_none());
     }
 }

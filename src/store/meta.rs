@@ -6,13 +6,13 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use super::hot::Served;
 
 use serde::{Deserialize, Serialize};
 
 use super::backend::Tier;
 use super::{Store, StoreError};
-use crate::names::Digest;
+use crate::names::{Digest, Reference};
 
 /// What a tag pointed to when it was last fetched or revalidated upstream.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,26 +134,37 @@ impl Store {
         }
     }
 
-    /// A manifest of a repository served a moment ago and unchanged since: its media type
-    /// and bytes (see `Hot::served`).
-    pub fn served_manifest(&self, ns: &str, repo: &str, d: &Digest) -> Option<(Arc<str>, Bytes)> {
+    /// A manifest of a repository served a moment ago by `reference` (a digest or a tag)
+    /// and unchanged since (see `Hot::served`).
+    pub fn served_manifest(
+        &self,
+        ns: &str,
+        repo: &str,
+        reference: &Reference,
+    ) -> Option<Arc<Served>> {
         self.served_generation()?;
-        self.hot
-            .served(&Self::meta_key(ns, repo, &["_served/", d.hex()]))
+        self.hot.served(&Self::served_key(ns, repo, reference))
     }
 
-    /// Remembers a manifest served from a repository, read at `generation`.
+    /// `_served/<tag>` or `_served/@<hex>` (a tag may be 64 hex digits; never an `@`).
+    fn served_key(ns: &str, repo: &str, reference: &Reference) -> String {
+        match reference {
+            Reference::Tag(t) => Self::meta_key(ns, repo, &["_served/", t]),
+            Reference::Digest(d) => Self::meta_key(ns, repo, &["_served/@", d.hex()]),
+        }
+    }
+
+    /// Remembers a manifest served from a repository by `reference`, read at `generation`.
     pub fn remember_served(
         &self,
         ns: &str,
         repo: &str,
-        d: &Digest,
-        media_type: &str,
-        body: &Bytes,
+        reference: &Reference,
+        served: Served,
         generation: u64,
     ) {
-        let key = Self::meta_key(ns, repo, &["_served/", d.hex()]);
-        self.hot.remember_served(&key, media_type, body, generation);
+        let key = Self::served_key(ns, repo, reference);
+        self.hot.remember_served(&key, served, generation);
     }
 
     pub async fn put_manifest_link(
