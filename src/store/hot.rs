@@ -41,6 +41,17 @@ enum Known {
     },
 }
 
+impl Known {
+    /// The same knowledge (a served manifest is never the same as anything).
+    fn same(&self, other: &Known) -> bool {
+        match (self, other) {
+            (Known::Absent, Known::Absent) => true,
+            (Known::Present(a), Known::Present(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
 /// A manifest served from a repository by digest or by tag.
 pub struct Served {
     pub digest: crate::names::Digest,
@@ -88,8 +99,8 @@ pub struct Hot {
     max_entry: usize,
     hits: AtomicU64,
     misses: AtomicU64,
-    /// Bumped by every change of what is known (a write, a removal, a re-read): a
-    /// served manifest is only believed while it has not moved.
+    /// Bumped by every change of what is known (a write, a removal, a re-read that
+    /// finds something else): a served manifest is only believed while it has not moved.
     generation: AtomicU64,
 }
 
@@ -199,10 +210,10 @@ impl Hot {
     }
 
     pub fn forget(&self, key: &str) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
         if let Some(c) = &self.cache {
             c.remove(key);
         }
+        self.changed();
     }
 
     pub fn stats(&self) -> HotStats {
@@ -227,16 +238,28 @@ impl Hot {
     }
 
     fn put(&self, key: &str, known: Known) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        if let Some(c) = &self.cache {
-            c.insert(
-                key.into(),
-                Entry {
-                    known,
-                    at: Instant::now(),
-                },
-            );
+        let Some(c) = &self.cache else {
+            return;
+        };
+        // A re-read that finds what was known (once a second for every hot key) changes
+        // nothing: served manifests stay.
+        let same = c.peek(key).is_some_and(|e| e.known.same(&known));
+        c.insert(
+            key.into(),
+            Entry {
+                known,
+                at: Instant::now(),
+            },
+        );
+        if !same {
+            self.changed();
         }
+    }
+
+    /// Counts a change, after it is in: a served manifest read before it is then not
+    /// remembered, nor believed (see [`Hot::remember_served`]).
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -305,9 +328,20 @@ mod tests {
             (&*s.media_type, &s.body[..]),
             ("application/json", &b"{}"[..])
         );
-        // Any change (a write, a removal, a re-read) ends it.
+        // A re-read that finds what was known keeps it; any change ends it.
+        h.remember("repos/x/_tags/1", Some(b"{}"));
+        let g = h.generation();
+        h.remember_served("s", served(None), g);
+        h.remember("repos/x/_tags/1", Some(b"{}"));
+        assert!(h.served("s").is_some(), "same bytes read again");
+        h.remember("repos/x/_tags/1", Some(b"{ }"));
+        assert!(h.served("s").is_none(), "other bytes");
+        h.remember_served("s", served(None), h.generation());
         h.remember("repos/x/_private", None);
-        assert!(h.served("s").is_none());
+        assert!(
+            h.served("s").is_none(),
+            "a marker known absent for the first time"
+        );
         // What was read before a change is not kept.
         let g = h.generation();
         h.forget("repos/x/_manifests/ab");
