@@ -392,12 +392,9 @@ pub async fn log_request(
     // Borrowed, not cloned (see `state`).
     if let Some(m) = res.request().app_data::<web::Data<Metrics>>() {
         let up = upstream.as_deref().unwrap_or("-");
-        m.requests
-            .with_label_values(&[up, endpoint, &status_label(status)])
-            .inc();
-        m.request_seconds
-            .with_label_values(&[up, endpoint])
-            .observe(headers_secs);
+        // Series looked up once per worker thread (see `Metrics::inc`).
+        m.inc(&m.requests, &[up, endpoint, &status_label(status)]);
+        m.observe(&m.request_seconds, &[up, endpoint], headers_secs);
     }
     let line = access_log::Line {
         method,
