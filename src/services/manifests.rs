@@ -38,7 +38,7 @@ impl Services {
         // Callers whose own upstream credentials do not come into play (anonymous, the
         // mirror's users) are all served alike: a manifest served to one of them a moment
         // ago, with nothing changed since, is served again from one lookup.
-        let plain = !(up.client_credentials && matches!(caller, Caller::Foreign { .. }));
+        let plain = private::own_credentials(up, caller).is_none();
         if plain && !head {
             up.filter.check(repo).map_err(ServiceError::Denied)?;
             if let Some(s) = self.store().served_manifest(&up.name, repo, reference) {

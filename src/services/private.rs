@@ -87,6 +87,15 @@ impl std::fmt::Display for ProbePath<'_> {
     }
 }
 
+/// The caller's own upstream credentials, where the upstream's configuration lets them
+/// through: then what the caller may read depends on who it is upstream.
+pub(super) fn own_credentials<'a>(up: &Upstream, caller: &'a Caller) -> Option<(&'a str, &'a str)> {
+    match caller {
+        Caller::Foreign { user, pass } if up.client_credentials => Some((user, pass)),
+        _ => None,
+    }
+}
+
 /// The upstream (with the right credentials) to use for `repo` on behalf of `caller`:
 /// `Denied` if the upstream's allow/deny filters exclude the repository (nothing is
 /// asked upstream), `Unauthorized` if the caller may not read it. `probe` is the
@@ -99,14 +108,10 @@ pub(super) async fn upstream_for(
     probe: ProbePath<'_>,
 ) -> Result<Arc<Upstream>, ServiceError> {
     up.filter.check(repo).map_err(ServiceError::Denied)?;
-    let client = match caller {
-        // Only where the upstream's configuration lets client credentials through.
-        Caller::Foreign { user, pass } if up.client_credentials => Some(Creds {
-            user: user.clone(),
-            pass: pass.clone(),
-        }),
-        _ => None,
-    };
+    let client = own_credentials(up, caller).map(|(user, pass)| Creds {
+        user: user.to_string(),
+        pass: pass.to_string(),
+    });
     let private = svc.store().is_private(&up.name, repo).await?;
     // Public content, or a caller with nothing to offer for unknown content. (Whether
     // the repository is known is only asked when the answer matters: not for anonymous
