@@ -74,7 +74,7 @@ impl Drop for Logged {
         if !tracing::enabled!(target: "entrepot::access", tracing::Level::INFO) {
             return;
         }
-        if !self.write_direct() {
+        if !self.write_line() {
             let line = self.render();
             tracing::info!(target: "entrepot::access", "{line}");
         }
@@ -157,7 +157,7 @@ impl Logged {
     /// Writes the line (or holds it to the end of the worker's turn, see [`Turn`]) if
     /// [`write_direct`] was asked; false to leave it to tracing. The line is written
     /// straight into the turn's buffer.
-    fn write_direct(&self) -> bool {
+    fn write_line(&self) -> bool {
         if DIRECT.get().is_none() {
             return false;
         }
