@@ -18,9 +18,13 @@ use sha2::{Digest as _, Sha256};
 /// assert!("sha256:../../etc/passwd".parse::<Digest>().is_err());
 /// assert!("sha512:abcd".parse::<Digest>().is_err());
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// The hex digits are held inline: a digest is parsed, copied and compared on every
+/// request, and a heap string made each of those an allocation.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
-    hex: String,
+    /// Lowercase ASCII hex digits only (every constructor checks or writes them).
+    hex: [u8; 64],
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -33,7 +37,8 @@ pub enum DigestError {
 
 impl Digest {
     pub fn hex(&self) -> &str {
-        &self.hex
+        // SAFETY: `hex` holds ASCII hex digits only (see the field), which are UTF-8.
+        unsafe { std::str::from_utf8_unchecked(&self.hex) }
     }
 
     /// Digest of a byte slice (used for small objects: manifests).
@@ -42,9 +47,10 @@ impl Digest {
     }
 
     pub fn from_hasher(h: Sha256) -> Digest {
-        Digest {
-            hex: hex::encode(h.finalize()),
-        }
+        let mut hex = [0u8; 64];
+        // 32 bytes always fit 64 digits: the error case cannot happen.
+        let _ = hex::encode_to_slice(h.finalize(), &mut hex);
+        Digest { hex }
     }
 }
 
@@ -64,13 +70,15 @@ impl FromStr for Digest {
         if !ok {
             return Err(DigestError::Malformed);
         }
-        Ok(Digest { hex: hex.into() })
+        let mut d = Digest { hex: [0u8; 64] };
+        d.hex.copy_from_slice(hex.as_bytes());
+        Ok(d)
     }
 }
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", self.hex)
+        write!(f, "sha256:{}", self.hex())
     }
 }
 

@@ -233,7 +233,7 @@ async fn fetch_image(
     let top_cached = !matches!(top.source, crate::services::Source::Upstream);
     let mut entry = LayoutEntry {
         reference: String::new(),
-        media_type: top.media_type.clone(),
+        media_type: top.media_type.to_string(),
         digest: top.digest.clone(),
         size: top.size,
     };

@@ -18,7 +18,8 @@ use crate::upstream::Upstream;
 
 pub struct ManifestReply {
     pub digest: Digest,
-    pub media_type: String,
+    /// Shared with the served-manifest memory: a hit copies no string.
+    pub media_type: Arc<str>,
     pub size: u64,
     /// `None` for HEAD.
     pub body: Option<Bytes>,
@@ -135,7 +136,7 @@ impl Services {
         let f = manifest_fetch::fetch_coalesced(self, up, repo, reference, true).await?;
         Ok(ManifestReply {
             digest: f.digest.clone(),
-            media_type: f.media_type.clone(),
+            media_type: f.media_type.as_str().into(),
             size: f.bytes.len() as u64,
             body: (!head).then(|| f.bytes.clone()),
             source: Source::Upstream,
@@ -263,7 +264,7 @@ impl Services {
         }
         Ok(Some(ManifestReply {
             digest,
-            media_type,
+            media_type: media_type.into(),
             size,
             body: None,
             source: Source::Upstream,
@@ -311,7 +312,7 @@ fn record_reply(rec: &TagRecord, head: bool, source: Source) -> Option<ManifestR
     }
     Some(ManifestReply {
         digest: rec.digest().ok()?,
-        media_type: rec.media_type.clone(),
+        media_type: rec.media_type.as_str().into(),
         size: rec.size,
         body: None,
         source,
@@ -356,7 +357,7 @@ pub(super) async fn stored_reply(
     };
     Ok(Some(ManifestReply {
         digest: d.clone(),
-        media_type: media_type.to_string(),
+        media_type: media_type.into(),
         size,
         body,
         source,

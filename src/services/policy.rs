@@ -328,7 +328,7 @@ async fn hosted_signatures(
         referrers
             .iter()
             .filter(|r| r["artifactType"] == cosign::ARTIFACT_TYPE)
-            .filter_map(|r| r["digest"].as_str()?.parse().ok())
+            .filter_map(|r| r["digest"].as_str()?.parse::<Digest>().ok())
             .take(cosign::MAX_SIGNATURES),
     );
     let mut out = Vec::new();

@@ -55,7 +55,7 @@ impl Known {
 /// A manifest served from a repository by digest or by tag.
 pub struct Served {
     pub digest: crate::names::Digest,
-    pub media_type: String,
+    pub media_type: std::sync::Arc<str>,
     pub body: Bytes,
     /// Past this the answer needs a fresh look (a tag's TTL ends); `None`: a second.
     pub until: Option<Instant>,
