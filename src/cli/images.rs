@@ -234,21 +234,21 @@ async fn fetch_image(
     let mut entry = LayoutEntry {
         reference: String::new(),
         media_type: top.media_type.to_string(),
-        digest: top.digest.clone(),
+        digest: top.digest,
         size: top.size,
     };
     let top_body = top.body.unwrap_or_default();
     if let Some(p) = platform {
         src.check_single_platform(&top_body, p).await?;
     }
-    let mut objects = vec![top.digest.clone()];
+    let mut objects = vec![top.digest];
     let mut pending = vec![top_body.clone()];
     while let Some(body) = pending.pop() {
         let doc: Value = serde_json::from_slice(&body).context("manifest json")?;
         for child in children(&doc, platform) {
             let d: Digest = child.parse().map_err(|e| anyhow!("{child}: {e}"))?;
             if doc.get("manifests").is_some() {
-                let m = src.manifest(&Reference::Digest(d.clone())).await?;
+                let m = src.manifest(&Reference::Digest(d)).await?;
                 pending.push(m.body.unwrap_or_default());
             } else {
                 match src.blob_counted(&d).await? {

@@ -24,7 +24,10 @@ pub fn manifest(r: ManifestReply) -> HttpResponse {
     resp.insert_header(API_VERSION);
     for (name, value) in [
         (DIGEST, HeaderValue::from_maybe_shared(Bytes::from(digest))),
-        (header::ETAG, HeaderValue::from_maybe_shared(Bytes::from(etag))),
+        (
+            header::ETAG,
+            HeaderValue::from_maybe_shared(Bytes::from(etag)),
+        ),
     ] {
         // A digest is always a valid value.
         if let Ok(v) = value {

@@ -295,7 +295,7 @@ impl Check {
             start,
             upstream: up.name.clone(),
             repo: repo.to_string(),
-            digest: d.clone(),
+            digest: *d,
             corrupt_key: repo_digest_key(up, repo, d),
         }
     }
@@ -306,7 +306,7 @@ impl Check {
         if served.len() >= MAX_BLOBS && !served.contains_key(d) {
             return;
         }
-        let mut list = served.entry(d.clone()).or_default();
+        let mut list = served.entry(*d).or_default();
         let len = bytes.len() as u64;
         if list.len() < MAX_REMEMBERED
             && !list.iter().any(|s| s.start == self.start && s.len == len)
@@ -329,7 +329,7 @@ pub(super) async fn check(svc: &Services, d: &Digest) {
         return;
     };
     let store = svc.mirror.store.clone();
-    let dd = d.clone();
+    let dd = *d;
     let hashes = super::offload(async move {
         let mut out = Vec::new();
         for s in &served {

@@ -212,7 +212,7 @@ impl Services {
         }
         let (start, end) = range.unwrap_or((0, size.unwrap_or(u64::MAX)));
         let relay: OpenRelay = {
-            let (this, up, repo, d) = (self.clone(), up.clone(), repo.to_string(), d.clone());
+            let (this, up, repo, d) = (self.clone(), up.clone(), repo.to_string(), *d);
             Box::new(move |pos| {
                 Box::pin(async move { Ok(fill::relay_from(&this, &up, &repo, &d, pos).await?.1) })
             })
@@ -269,7 +269,7 @@ impl Services {
                 self.clone(),
                 up.clone(),
                 repo.to_string(),
-                d.clone(),
+                *d,
                 origin.to_string(),
             );
             let start_fill = move || {
@@ -299,11 +299,11 @@ impl Services {
         let mut confirmed = false;
         for _ in 0..MAX_REJOINS {
             let init = || Fill::for_origin(origin.to_string());
-            let mut rx = match self.mirror.blob_flights.join(d.clone(), init) {
+            let mut rx = match self.mirror.blob_flights.join(*d, init) {
                 Join::Leader(lead) => {
                     let rx = lead.subscribe();
                     let this = self.clone();
-                    let (up, repo, d) = (up.clone(), repo.to_string(), d.clone());
+                    let (up, repo, d) = (up.clone(), repo.to_string(), *d);
                     // Detached: a client that disconnects must not abort the fill that
                     // other waiters and the cache depend on.
                     actix_web::rt::spawn(async move {

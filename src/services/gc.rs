@@ -95,7 +95,7 @@ impl Mirror {
             report.evicted.push((b.digest, b.size));
         }
         if !report.evicted.is_empty() {
-            let gone: HashSet<Digest> = report.evicted.iter().map(|(d, _)| d.clone()).collect();
+            let gone: HashSet<Digest> = report.evicted.iter().map(|(d, _)| *d).collect();
             drop_dependents(store, hosted, &pinned, gone, policy.dry_run, &mut report).await?;
         }
         if !policy.dry_run && !report.evicted.is_empty() {
@@ -155,7 +155,7 @@ async fn drop_dependents(
         for ns in &namespaces {
             for repo in store.list_repos(ns).await? {
                 for (d, link) in store.list_manifest_links(ns, &repo).await? {
-                    if unlinked.contains(&(ns.clone(), repo.clone(), d.clone())) {
+                    if unlinked.contains(&(ns.clone(), repo.clone(), d)) {
                         continue;
                     }
                     let bytes = if gone.contains(&d) {
@@ -175,8 +175,8 @@ async fn drop_dependents(
                         if !dry_run {
                             store.delete_manifest_link(ns, &repo, &d).await?;
                         }
-                        dropped_in.push((ns.clone(), repo.clone(), d.clone()));
-                        unlinked.insert((ns.clone(), repo.clone(), d.clone()));
+                        dropped_in.push((ns.clone(), repo.clone(), d));
+                        unlinked.insert((ns.clone(), repo.clone(), d));
                         report.manifests_dropped += 1;
                         dropped.insert(d);
                     }
@@ -195,7 +195,7 @@ async fn drop_dependents(
                     store.delete(d).await?;
                 }
                 report.cached_bytes_after = report.cached_bytes_after.saturating_sub(size);
-                report.evicted.push((d.clone(), size));
+                report.evicted.push((*d, size));
             }
         }
         gone.extend(dropped);
@@ -224,7 +224,7 @@ async fn drop_dependents(
         }
     }
     for (ns, repo, d) in dropped_in {
-        if !tagged.contains(&(ns.clone(), repo.clone(), d.clone())) {
+        if !tagged.contains(&(ns.clone(), repo.clone(), d)) {
             report.images_lost.push(format!("{ns}/{repo}@{d}"));
         }
     }

@@ -147,7 +147,7 @@ impl Services {
             "artifactType": parsed.artifact_type, "annotations": parsed.annotations,
         });
         let listed = repo.to_string();
-        let (repo, d, subject) = (repo.to_string(), digest.clone(), parsed.subject.clone());
+        let (repo, d, subject) = (repo.to_string(), digest, parsed.subject);
         let tag = match reference {
             Reference::Tag(t) => Some(t.clone()),
             Reference::Digest(_) => None,
@@ -284,7 +284,7 @@ impl Services {
         let (prefix, repo_name) = (ns.clone(), repo);
         let (repo, d, from_ns, from_repo) = (
             repo.to_string(),
-            d.clone(),
+            *d,
             from_ns.to_string(),
             from_repo.to_string(),
         );

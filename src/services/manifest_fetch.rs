@@ -117,7 +117,7 @@ impl Services {
         let (digest, media_type) = match reference {
             Reference::Digest(d) => {
                 match self.store().get_manifest_link(&up.name, repo, d).await? {
-                    Some(link) => (d.clone(), link.media_type),
+                    Some(link) => (*d, link.media_type),
                     None => return Ok(None),
                 }
             }
@@ -159,7 +159,7 @@ impl Services {
             .inc_by(bytes.len() as u64);
         let digest = Digest::of(&bytes);
         let expected = match reference {
-            Reference::Digest(d) => Some(d.clone()),
+            Reference::Digest(d) => Some(*d),
             Reference::Tag(_) => announced,
         };
         if let Some(expected) = expected.filter(|e| *e != digest) {
@@ -196,7 +196,7 @@ impl Services {
     ) -> Result<(), ServiceError> {
         let listed = repo;
         let (ns, repo) = (up.name.clone(), repo.to_string());
-        let (d, bytes) = (f.digest.clone(), f.bytes.clone());
+        let (d, bytes) = (f.digest, f.bytes.clone());
         let link = ManifestLink {
             media_type: f.media_type.clone(),
         };
@@ -269,7 +269,7 @@ pub(super) fn body_media_type(bytes: &[u8]) -> Option<String> {
 fn verify_fetched(reference: &Reference, m: PeerManifest) -> Option<Fetched> {
     let digest = Digest::of(&m.bytes);
     let expected = match reference {
-        Reference::Digest(d) => Some(d.clone()),
+        Reference::Digest(d) => Some(*d),
         Reference::Tag(_) => m.digest,
     };
     if expected.is_some_and(|e| e != digest) {

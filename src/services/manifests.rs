@@ -44,7 +44,7 @@ impl Services {
             up.filter.check(repo).map_err(ServiceError::Denied)?;
             if let Some(s) = self.store().served_manifest(&up.name, repo, reference) {
                 let r = ManifestReply {
-                    digest: s.digest.clone(),
+                    digest: s.digest,
                     media_type: s.media_type.clone(),
                     size: s.body.len() as u64,
                     body: Some(s.body.clone()),
@@ -135,7 +135,7 @@ impl Services {
         }
         let f = manifest_fetch::fetch_coalesced(self, up, repo, reference, true).await?;
         Ok(ManifestReply {
-            digest: f.digest.clone(),
+            digest: f.digest,
             media_type: f.media_type.as_str().into(),
             size: f.bytes.len() as u64,
             body: (!head).then(|| f.bytes.clone()),
@@ -158,7 +158,7 @@ impl Services {
             return;
         };
         let served = crate::store::Served {
-            digest: r.digest.clone(),
+            digest: r.digest,
             media_type: r.media_type.clone(),
             body: body.clone(),
             until,
@@ -356,7 +356,7 @@ pub(super) async fn stored_reply(
         }
     };
     Ok(Some(ManifestReply {
-        digest: d.clone(),
+        digest: *d,
         media_type: media_type.into(),
         size,
         body,

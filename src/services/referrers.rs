@@ -90,12 +90,7 @@ impl Services {
             size: bytes.len() as u64,
             checked_at: crate::store::now_secs(),
         };
-        let (ns, repo, subject, b) = (
-            up.name.clone(),
-            repo.to_string(),
-            subject.clone(),
-            bytes.clone(),
-        );
+        let (ns, repo, subject, b) = (up.name.clone(), repo.to_string(), *subject, bytes.clone());
         let s = self.mirror.store.clone();
         super::offload(async move {
             if s.stat(&d).await?.is_none() {

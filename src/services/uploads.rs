@@ -307,7 +307,7 @@ impl Services {
             self.hosted()?.prefix.clone(),
             repo.to_string(),
             id.to_string(),
-            digest.clone(),
+            *digest,
         );
         let store = self.mirror.store.clone();
         super::offload(async move {

@@ -302,8 +302,8 @@ impl Store {
         .map_err(|e| io::Error::other(e.to_string()))??;
         if actual != *expected {
             return Err(StoreError::DigestMismatch {
-                expected: expected.clone(),
-                actual,
+                expected: Box::new(*expected),
+                actual: Box::new(actual),
             });
         }
         self.adopt(&path, expected, len)?;
@@ -335,14 +335,14 @@ impl Store {
                 u.abort().await;
             }
             return Err(StoreError::DigestMismatch {
-                expected: expected.clone(),
-                actual: w.digest(),
+                expected: Box::new(*expected),
+                actual: Box::new(w.digest()),
             });
         }
         if let Some(u) = upload {
             u.complete().await?;
         }
-        let expected = expected.clone();
+        let expected = *expected;
         self.commit(w, &expected, None)
     }
 

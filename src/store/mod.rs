@@ -48,7 +48,11 @@ pub enum StoreError {
     #[error("store I/O: {0}")]
     Io(io::Error),
     #[error("digest mismatch: expected {expected}, got {actual}")]
-    DigestMismatch { expected: Digest, actual: Digest },
+    /// Boxed: a digest is 64 bytes inline, and every store result carries this error.
+    DigestMismatch {
+        expected: Box<Digest>,
+        actual: Box<Digest>,
+    },
     #[error("size mismatch: expected {expected} bytes, got {actual}")]
     SizeMismatch { expected: u64, actual: u64 },
     #[error("corrupt metadata {0}")]
@@ -295,8 +299,8 @@ impl Store {
         let (tmp, actual, written) = w.finish()?;
         let verdict = if actual != *expected {
             Err(StoreError::DigestMismatch {
-                expected: expected.clone(),
-                actual,
+                expected: Box::new(*expected),
+                actual: Box::new(actual),
             })
         } else if expected_size.is_some_and(|s| s != written) {
             Err(StoreError::SizeMismatch {

@@ -49,7 +49,7 @@ impl Services {
         repo: &str,
         d: &Digest,
     ) -> Result<(), ServiceError> {
-        let (expected, store) = (d.clone(), self.mirror.store.clone());
+        let (expected, store) = (*d, self.mirror.store.clone());
         let committed = super::offload(async move { store.commit(w, &expected, size) }).await;
         match committed.map_err(ServiceError::from) {
             Ok(_) => {
@@ -101,7 +101,7 @@ impl Services {
                 Some(Arc::new(file)),
                 start,
                 end,
-                Avail::Complete(Reading::new(self.mirror.readers.clone(), d.clone())),
+                Avail::Complete(Reading::new(self.mirror.readers.clone(), *d)),
                 self.mirror.metrics.clone(),
                 "cache",
             ))
@@ -186,7 +186,7 @@ pub(in crate::services) async fn finish_fill(
         lead.tx.send_modify(Fill::verify);
     }
     if to_bucket {
-        let (rx, store, d) = (lead.subscribe(), svc.mirror.store.clone(), d.clone());
+        let (rx, store, d) = (lead.subscribe(), svc.mirror.store.clone(), *d);
         actix_web::rt::spawn(super::fill::copy_to_bucket(rx, store, d));
     }
     let total = w.written();
@@ -240,10 +240,10 @@ pub(in crate::services) async fn stored(
         return svc.cached(d, size, range, head);
     }
     let init = Fill::default;
-    let mut rx = match svc.mirror.blob_flights.join(d.clone(), init) {
+    let mut rx = match svc.mirror.blob_flights.join(*d, init) {
         Join::Leader(lead) => {
             let rx = lead.subscribe();
-            let (this, d) = (svc.clone(), d.clone());
+            let (this, d) = (svc.clone(), *d);
             actix_web::rt::spawn(async move {
                 if let Err(e) = copy_from_bucket(&this, &lead, &d).await {
                     tracing::warn!(digest = %d, error = %e, "copy from the bucket failed");
@@ -304,7 +304,7 @@ pub(in crate::services) async fn copy_from_bucket(
         )));
     }
     lead.tx.send_modify(Fill::verify);
-    let (expected, store) = (d.clone(), svc.mirror.store.clone());
+    let (expected, store) = (*d, svc.mirror.store.clone());
     super::offload(async move { store.commit(w, &expected, Some(size)) }).await?;
     lead.tx.send_modify(|f| f.commit(size));
     svc.mirror.keep_local_tier();

@@ -107,7 +107,7 @@ pub struct Reading {
 
 impl Reading {
     pub fn new(readers: Arc<DashMap<Digest, usize>>, digest: Digest) -> Reading {
-        *readers.entry(digest.clone()).or_insert(0) += 1;
+        *readers.entry(digest).or_insert(0) += 1;
         Reading { readers, digest }
     }
 }

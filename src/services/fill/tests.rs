@@ -81,13 +81,13 @@ impl Bench {
             .svc
             .mirror
             .blob_flights
-            .join(d.clone(), || Fill::for_origin("hub/lib/app".into()))
+            .join(*d, || Fill::for_origin("hub/lib/app".into()))
         else {
             panic!("a fill already runs for {d}");
         };
         let rx = lead.subscribe();
         let (feed, body) = source();
-        let (svc, d) = (self.svc.clone(), d.clone());
+        let (svc, d) = (self.svc.clone(), *d);
         actix_web::rt::spawn(async move { run(svc, lead, upstream(), d, body, size).await });
         (feed, rx)
     }
@@ -191,7 +191,7 @@ async fn bytes_in_odd_chunks_reach_every_reader_whole() {
     send_in(&feed, &blob, &[1, 7, 4093, 65_537, 3, 100_000]);
     drop(feed);
     for got in futures_util::future::join_all(readers).await {
-        assert_eq!(got.expect("reader").map(|g| digest_of(&g)), Ok(d.clone()));
+        assert_eq!(got.expect("reader").map(|g| digest_of(&g)), Ok(d));
     }
     assert_eq!(b.stored(rx, &d).await, Some(blob.len() as u64));
 }
@@ -248,8 +248,8 @@ async fn a_late_reader_catches_up_from_the_file() {
     send_in(&feed, &blob[18 << 20..], &[1 << 20]);
     drop(feed);
     let (early, late) = futures_util::join!(early, late);
-    assert_eq!(early.expect("early").map(|g| digest_of(&g)), Ok(d.clone()));
-    assert_eq!(late.expect("late").map(|g| digest_of(&g)), Ok(d.clone()));
+    assert_eq!(early.expect("early").map(|g| digest_of(&g)), Ok(d));
+    assert_eq!(late.expect("late").map(|g| digest_of(&g)), Ok(d));
     assert_eq!(b.stored(rx, &d).await, Some(blob.len() as u64));
 }
 
@@ -281,10 +281,7 @@ async fn the_leaders_client_leaving_does_not_stop_the_fill() {
     let other = b.read(rx.clone());
     send_in(&feed, &blob[100_000..], &[16_384]);
     drop(feed);
-    assert_eq!(
-        other.await.expect("reader").map(|g| digest_of(&g)),
-        Ok(d.clone())
-    );
+    assert_eq!(other.await.expect("reader").map(|g| digest_of(&g)), Ok(d));
     assert_eq!(b.stored(rx.clone(), &d).await, Some(blob.len() as u64));
     assert!(rx.borrow_and_update().committed());
 }
@@ -343,7 +340,7 @@ async fn a_full_disk_stores_nothing_and_readers_relay_the_rest() {
     send_in(&feed, &blob, &[65_536]);
     drop(feed);
     for got in futures_util::future::join_all(readers).await {
-        assert_eq!(got.expect("reader").map(|g| digest_of(&g)), Ok(d.clone()));
+        assert_eq!(got.expect("reader").map(|g| digest_of(&g)), Ok(d));
     }
     assert_eq!(b.stored(rx.clone(), &d).await, None, "nothing stored");
     assert!(rx.borrow().passthrough(), "the fill gave up caching");
