@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 
 use anyhow::Context;
@@ -119,7 +118,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             .app_data(access.clone())
             .app_data(front.clone())
             .app_data(md.clone())
-            .wrap(from_fn(routes::log_request))
+            .wrap(routes::AccessLog)
             .configure(|c| routes::configure(c, separate_metrics.is_none()))
     })
     // No Nagle: a small answer (a config blob) after its headers must not wait for the

@@ -7,6 +7,7 @@
 pub mod access_log;
 mod client;
 mod error;
+mod logging;
 pub mod path;
 mod peer;
 mod pull;
@@ -17,10 +18,6 @@ mod status_page;
 pub mod target;
 mod token;
 
-use std::time::Instant;
-
-use actix_web::body::BoxBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 
@@ -32,25 +29,14 @@ use path::Endpoint;
 use target::{Router, Target};
 
 pub use client::Frontend;
+pub use logging::AccessLog;
+use logging::RequestInfo;
 
 /// Sent on every registry answer; header name and value parsed at compile time.
 const API_VERSION: (header::HeaderName, header::HeaderValue) = (
     header::HeaderName::from_static("docker-distribution-api-version"),
     header::HeaderValue::from_static("registry/2.0"),
 );
-
-/// Who made a request (the user name, "" when anonymous), for the access log.
-#[derive(Clone)]
-struct User(String);
-
-/// What a request was about, for the access log and metrics.
-#[derive(Clone)]
-struct RequestInfo {
-    /// Empty until an upstream or hosted repository was picked.
-    upstream: String,
-    endpoint: &'static str,
-    cache: &'static str,
-}
 
 /// The registry API, `/healthz`, and `/metrics` unless it has its own listener.
 pub fn configure(cfg: &mut web::ServiceConfig, with_metrics: bool) {
@@ -121,19 +107,12 @@ impl Ctx<'_> {
 
     /// Notes the upstream and cache result for the access log.
     fn note(&self, upstream: &str, endpoint: &'static str, cache: Option<&'static str>) {
-        let info = RequestInfo {
-            upstream: upstream.to_string(),
-            endpoint,
-            cache: cache.unwrap_or("-"),
-        };
-        // In place of the one `v2` inserted: no new box in the request's extensions.
-        let mut ext = self.req.extensions_mut();
-        match ext.get_mut::<RequestInfo>() {
-            Some(i) => *i = info,
-            None => {
-                ext.insert(info);
-            }
-        }
+        RequestInfo::note(self.req, endpoint, |i| {
+            i.upstream.clear();
+            i.upstream.push_str(upstream);
+            i.endpoint = endpoint;
+            i.cache = cache.unwrap_or("-");
+        });
     }
 
     fn hosted_prefix(&self) -> &str {
@@ -177,11 +156,8 @@ async fn v2(req: HttpRequest, body: web::Payload) -> Result<HttpResponse, OciErr
     let need = need(&endpoint, req.method());
     // What the request was about, for the log and metrics, even if it fails before a
     // handler says more (405, 416, 401).
-    req.extensions_mut().insert(RequestInfo {
-        upstream: String::new(),
-        endpoint: endpoint_kind(&endpoint),
-        cache: "-",
-    });
+    req.extensions_mut()
+        .insert(RequestInfo::new(endpoint_kind(&endpoint)));
     let challenge = |e: OciError| e.challenged(&token::challenge(&front.public_base(&req), need));
     let auth = req
         .headers()
@@ -191,8 +167,7 @@ async fn v2(req: HttpRequest, body: web::Payload) -> Result<HttpResponse, OciErr
         .identify(auth, front.client_ip(&req))
         .await
         .map_err(|e| challenge(e.into()))?;
-    req.extensions_mut()
-        .insert(User(id.caller.name().to_string()));
+    RequestInfo::note(&req, "other", |i| i.user.push_str(id.caller.name()));
     let ctx = Ctx {
         req: &req,
         svc,
@@ -325,88 +300,4 @@ fn read_only_mirror(ctx: &Ctx<'_>, name: &str) -> Result<(), OciError> {
             ))
         }
     }
-}
-
-/// Longest path (with query) written to the log: anything longer is cut, with a marker.
-const MAX_LOGGED_PATH: usize = 512;
-
-/// The path and query as the client sent them (h2 gives the full URL: the same shape as
-/// h1 is logged), cut at [`MAX_LOGGED_PATH`] characters.
-fn loggable(uri: &actix_web::http::Uri) -> String {
-    let p = uri
-        .path_and_query()
-        .map_or_else(|| uri.path().to_string(), |p| p.as_str().to_string());
-    if p.len() <= MAX_LOGGED_PATH {
-        return p;
-    }
-    let mut cut = MAX_LOGGED_PATH;
-    while !p.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}...[{} more bytes]", &p[..cut], p.len() - cut)
-}
-
-/// A status code as a label, without formatting the common ones.
-fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
-    match status {
-        200 => "200".into(),
-        206 => "206".into(),
-        304 => "304".into(),
-        401 => "401".into(),
-        404 => "404".into(),
-        _ => status.to_string().into(),
-    }
-}
-
-/// Access log (one line per request) and request metrics.
-pub async fn log_request(
-    req: ServiceRequest,
-    next: actix_web::middleware::Next<BoxBody>,
-) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    let start = Instant::now();
-    let method = req.method().clone();
-    let path = loggable(req.uri());
-    let client = req
-        .app_data::<web::Data<Frontend>>()
-        .and_then(|f| f.client_ip(req.request()));
-    let res = next.call(req).await?;
-    // Taken out of the request (not cloned): the line owns them until the body ends.
-    let user = res
-        .request()
-        .extensions_mut()
-        .remove::<User>()
-        .map(|u| u.0)
-        .filter(|u| !u.is_empty());
-    let info = res.request().extensions_mut().remove::<RequestInfo>();
-    let (upstream, endpoint, cache) = match info {
-        // An empty name: no upstream was picked (`-`).
-        Some(i) => (
-            Some(i.upstream).filter(|u| !u.is_empty()),
-            i.endpoint,
-            i.cache,
-        ),
-        None => (None, "other", "-"),
-    };
-    let status = res.status().as_u16();
-    let headers_secs = start.elapsed().as_secs_f64();
-    // Borrowed, not cloned (see `state`).
-    if let Some(m) = res.request().app_data::<web::Data<Metrics>>() {
-        let up = upstream.as_deref().unwrap_or("-");
-        // Series looked up once per worker thread (see `Metrics::inc`).
-        m.inc(&m.requests, &[up, endpoint, &status_label(status)]);
-        m.observe(&m.request_seconds, &[up, endpoint], headers_secs);
-    }
-    let line = access_log::Line {
-        method,
-        path,
-        status,
-        upstream,
-        cache,
-        client,
-        user,
-        start,
-        headers_ms: (headers_secs * 1e6).round() / 1e3,
-    };
-    let res = res.map_body(|_, body| access_log::Logged::wrap(body, line));
-    Ok(res)
 }

@@ -5,11 +5,12 @@
 //! fetched here (from the local tier, the bucket or the upstream), never forwarded again.
 
 use actix_web::http::{header, Method, StatusCode};
-use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::error::OciError;
+use super::logging::RequestInfo;
 use super::target::{Router, Target};
-use super::{path, range, reply, RequestInfo};
+use super::{path, range, reply};
 use crate::cluster::PEER_SECRET_HEADER;
 use crate::names::Digest;
 use crate::services::Services;
@@ -78,11 +79,7 @@ pub async fn manifest(
     let (upstream, repo) = upstream_repo(&router, &q.upstream, &q.repo)?;
     let reference = path::parse_reference(&q.reference)
         .map_err(|_| OciError::new(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", "bad reference"))?;
-    req.extensions_mut().insert(RequestInfo {
-        upstream: upstream.name.clone(),
-        endpoint: "peer",
-        cache: "-",
-    });
+    RequestInfo::note(&req, "peer", |i| i.upstream.push_str(&upstream.name));
     let f = svc.peer_manifest(&upstream, &repo, &reference).await?;
     Ok(HttpResponse::Ok()
         .content_type(f.media_type.as_str())
@@ -120,11 +117,7 @@ pub async fn blob(
             range::Asked::One(r) => Some(r),
             _ => None,
         });
-    req.extensions_mut().insert(RequestInfo {
-        upstream: upstream.name.clone(),
-        endpoint: "peer",
-        cache: "-",
-    });
+    RequestInfo::note(&req, "peer", |i| i.upstream.push_str(&upstream.name));
     let method = if req.method() == Method::HEAD {
         Method::HEAD
     } else {

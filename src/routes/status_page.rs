@@ -9,8 +9,9 @@ use std::time::Duration;
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 
+use super::logging::RequestInfo;
 use super::target::Router;
-use super::{Frontend, RequestInfo, User};
+use super::Frontend;
 use crate::auth::{Access, Need};
 use crate::services::{RepoSummary, Services, Status, UpstreamStatus};
 
@@ -21,19 +22,14 @@ pub async fn page(
     access: web::Data<Access>,
     front: web::Data<Frontend>,
 ) -> HttpResponse {
-    req.extensions_mut().insert(RequestInfo {
-        upstream: "-".into(),
-        endpoint: "status",
-        cache: "-",
-    });
+    req.extensions_mut().insert(RequestInfo::new("status"));
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let allowed = match access.identify(auth, front.client_ip(&req)).await {
         Ok(id) => {
-            req.extensions_mut()
-                .insert(User(id.caller.name().to_string()));
+            RequestInfo::note(&req, "status", |i| i.user.push_str(id.caller.name()));
             access.authorize(&id, Need::Catalog).is_ok()
         }
         Err(_) => false,
