@@ -126,5 +126,5 @@ pub async fn blob(
     let r = svc
         .peer_blob(&upstream, &repo, &digest, range, &method)
         .await?;
-    Ok(reply::blob(r, &digest.to_string()))
+    Ok(reply::blob(r, &digest))
 }

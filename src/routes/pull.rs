@@ -58,15 +58,14 @@ pub async fn blob(ctx: &Ctx<'_>, name: &str, digest: &Digest) -> Result<HttpResp
         _ => range::Asked::Whole,
     };
     let target = ctx.resolve(name)?;
-    let d = digest.to_string();
     match asked {
         range::Asked::Whole => Ok(reply::blob(
             fetch(ctx, &target, digest, None, &ctx.method).await?,
-            &d,
+            digest,
         )),
         range::Asked::One(r) => Ok(reply::blob(
             fetch(ctx, &target, digest, Some(r), &ctx.method).await?,
-            &d,
+            digest,
         )),
         range::Asked::Many(parts) => multipart(ctx, &target, digest, &parts).await,
     }
@@ -117,12 +116,11 @@ async fn multipart(
     digest: &Digest,
     asked: &[crate::services::ByteRange],
 ) -> Result<HttpResponse, OciError> {
-    let d = digest.to_string();
     let head = fetch(ctx, target, digest, None, &Method::HEAD).await?;
     let Some(size) = head.size else {
         return Ok(reply::blob(
             fetch(ctx, target, digest, None, &ctx.method).await?,
-            &d,
+            digest,
         ));
     };
     let parts = range::satisfiable(asked, size);
@@ -132,7 +130,7 @@ async fn multipart(
             let one = crate::services::ByteRange::From(*s, Some(e - 1));
             Ok(reply::blob(
                 fetch(ctx, target, digest, Some(one), &ctx.method).await?,
-                &d,
+                digest,
             ))
         }
         _ => {
@@ -142,7 +140,7 @@ async fn multipart(
                 let r = fetch(ctx, target, digest, Some(one), &ctx.method).await?;
                 bodies.push(r.body);
             }
-            Ok(reply::multipart(&d, size, &parts, bodies))
+            Ok(reply::multipart(digest, size, &parts, bodies))
         }
     }
 }

@@ -1,13 +1,14 @@
 //! Shaping service results into registry responses.
 
-use actix_web::body::{BoxBody, SizedStream};
-use actix_web::http::header::{self, HeaderValue};
+use actix_web::body::{BodyStream, BoxBody, SizedStream};
+use actix_web::http::header::{self, HeaderMap, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::web::Bytes;
 use actix_web::HttpResponse;
 use futures_util::stream;
 
 use super::API_VERSION;
+use crate::names::Digest;
 use crate::services::{BlobReply, ManifestReply, Page};
 
 /// `Docker-Content-Digest`, parsed once.
@@ -23,15 +24,21 @@ pub fn manifest(r: ManifestReply) -> HttpResponse {
         None => empty_sized(r.size),
     };
     let mut resp = HttpResponse::with_body(StatusCode::OK, body);
-    let hex = r.digest.hex().as_bytes();
     let headers = resp.headers_mut();
-    headers.insert(API_VERSION.0, API_VERSION.1);
-    headers.insert(DIGEST, digest_value(&[b"sha256:", hex]));
-    headers.insert(header::ETAG, digest_value(&[b"\"sha256:", hex, b"\""]));
+    digest_headers(headers, &r.digest);
     if let Some(v) = content_type(&r.media_type) {
         headers.insert(header::CONTENT_TYPE, v);
     }
     resp
+}
+
+/// The API version, `Docker-Content-Digest` and the ETag (the quoted digest) of a
+/// manifest or blob answer.
+fn digest_headers(headers: &mut HeaderMap, digest: &Digest) {
+    let hex = digest.hex().as_bytes();
+    headers.insert(API_VERSION.0, API_VERSION.1);
+    headers.insert(DIGEST, digest_value(&[b"sha256:", hex]));
+    headers.insert(header::ETAG, digest_value(&[b"\"sha256:", hex, b"\""]));
 }
 
 /// A header value made of a digest's parts (ASCII letters, digits, `:` and quotes).
@@ -52,38 +59,41 @@ fn content_type(t: &str) -> Option<HeaderValue> {
     }
 }
 
-pub fn blob(r: BlobReply, digest: &str) -> HttpResponse {
+pub fn blob(r: BlobReply, digest: &Digest) -> HttpResponse {
     let status = if r.range.is_some() {
         StatusCode::PARTIAL_CONTENT
     } else {
         StatusCode::OK
     };
-    let mut resp = HttpResponse::build(status);
-    resp.insert_header(API_VERSION)
-        .insert_header((DIGEST, digest))
-        .insert_header((header::ETAG, format!("\"{digest}\"")))
-        .insert_header((header::CONTENT_TYPE, "application/octet-stream"));
-    if r.size.is_some() {
-        resp.insert_header((header::ACCEPT_RANGES, "bytes"));
-    }
     let (start, end) = r.range.unwrap_or((0, r.size.unwrap_or(0)));
+    let body = match (r.body, r.size) {
+        (Some(body), Some(_)) => BoxBody::new(SizedStream::new(end - start, body)),
+        (Some(body), None) => BoxBody::new(BodyStream::new(body)),
+        (None, size) => empty_sized(size.unwrap_or(0)),
+    };
+    // Made as a manifest's answer is (see `manifest`): a blob HEAD is as small.
+    let mut resp = HttpResponse::with_body(status, body);
+    let headers = resp.headers_mut();
+    digest_headers(headers, digest);
+    let octets = HeaderValue::from_static("application/octet-stream");
+    headers.insert(header::CONTENT_TYPE, octets);
+    if r.size.is_some() {
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
     if let (Some((start, end)), Some(size)) = (r.range, r.size) {
-        resp.insert_header((
-            header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{size}", end - 1),
-        ));
+        let range = format!("bytes {start}-{}/{size}", end - 1);
+        // Digits, a dash, a slash and a space: always a valid value.
+        if let Ok(v) = HeaderValue::try_from(range) {
+            headers.insert(header::CONTENT_RANGE, v);
+        }
     }
-    match (r.body, r.size) {
-        (Some(body), Some(_)) => resp.body(SizedStream::new(end - start, body)),
-        (Some(body), None) => resp.streaming(body),
-        (None, size) => resp.body(empty_sized(size.unwrap_or(0))),
-    }
+    resp
 }
 
 /// `206 multipart/byteranges` of `parts` (`[start, end)`) of a blob of `size` bytes,
 /// their bodies streamed one after the other between the part headers.
 pub fn multipart(
-    digest: &str,
+    digest: &Digest,
     size: u64,
     parts: &[(u64, u64)],
     bodies: Vec<Option<crate::services::BodyStream>>,
@@ -104,13 +114,12 @@ pub fn multipart(
     }
     pieces.push(text(m.tail.clone()));
     let body = stream::iter(pieces).flatten();
-    HttpResponse::build(StatusCode::PARTIAL_CONTENT)
-        .insert_header(API_VERSION)
-        .insert_header((DIGEST, digest))
-        .insert_header((header::ETAG, format!("\"{digest}\"")))
+    let mut resp = HttpResponse::build(StatusCode::PARTIAL_CONTENT)
         .insert_header((header::ACCEPT_RANGES, "bytes"))
         .insert_header((header::CONTENT_TYPE, m.content_type()))
-        .body(SizedStream::new(len, body))
+        .body(SizedStream::new(len, body));
+    digest_headers(resp.headers_mut(), digest);
+    resp
 }
 
 /// A body that announces `len` bytes and has none: HEAD responses carry the real

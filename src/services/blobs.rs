@@ -91,9 +91,27 @@ impl Services {
         caller: &Caller,
         forward: bool,
     ) -> Result<BlobReply, ServiceError> {
+        let head = method == Method::HEAD;
+        // Callers whose own upstream credentials do not come into play are served alike
+        // (as manifests are, see `upstream_manifest`): a blob found stored for this
+        // repository a moment ago, with nothing changed since, is known from one lookup.
+        let plain = private::own_credentials(up, caller).is_none();
+        if plain {
+            up.filter.check(repo).map_err(ServiceError::Denied)?;
+            if let Some(size) = self.store().served_blob(&up.name, repo, d) {
+                match fill::stored(self, d, size, range, head).await {
+                    Err(ServiceError::BlobUnknown(_)) => {}
+                    r => {
+                        self.count_cache(up, "hit");
+                        return r;
+                    }
+                }
+            }
+        }
+        // Read before anything a served blob is made of (see `remember_served_blob`).
+        let generation = self.store().served_generation().filter(|_| plain);
         let up =
             &private::upstream_for(self, up, repo, caller, private::ProbePath("blobs/", d)).await?;
-        let head = method == Method::HEAD;
         if let Some(size) = self.store().stat(d).await? {
             if self.store().blob_linked(&up.name, repo, d).await?
                 || self.confirm_upstream(up, repo, d).await?
@@ -105,8 +123,13 @@ impl Services {
                     r => {
                         self.count_cache(up, "hit");
                         // Eviction goes by last use; a failed touch only makes it less
-                        // precise.
-                        let _ = self.store().touch(d);
+                        // precise. A served blob's use is this one (under a second ago).
+                        if self.store().touch(d).is_ok() {
+                            if let Some(g) = generation {
+                                self.store()
+                                    .remember_served_blob(&up.name, repo, d, size, g);
+                            }
+                        }
                         return r;
                     }
                 }
@@ -144,10 +167,8 @@ impl Services {
     }
 
     fn count_cache(&self, up: &Upstream, result: &str) {
-        self.metrics()
-            .cache
-            .with_label_values(&[&up.name, "blob", result])
-            .inc();
+        let m = self.metrics();
+        m.inc(&m.cache, &[&up.name, "blob", result]);
     }
 
     /// The blob is stored (through another repository or upstream) but not known to

@@ -146,6 +146,27 @@ impl Store {
         self.hot.served(&Self::served_key(ns, repo, reference))
     }
 
+    /// The size of a blob of a repository served a moment ago and unchanged since (see
+    /// `Hot::served_size`); its use was recorded when it was remembered.
+    pub fn served_blob(&self, ns: &str, repo: &str, d: &Digest) -> Option<u64> {
+        self.served_generation()?;
+        self.hot
+            .served_size(&Self::meta_key(ns, repo, &["_served/blob@", d.hex()]))
+    }
+
+    /// Remembers a blob served whole from a repository, read at `generation`.
+    pub fn remember_served_blob(
+        &self,
+        ns: &str,
+        repo: &str,
+        d: &Digest,
+        size: u64,
+        generation: u64,
+    ) {
+        let key = Self::meta_key(ns, repo, &["_served/blob@", d.hex()]);
+        self.hot.remember_served_size(&key, size, generation);
+    }
+
     /// `_served/<tag>` or `_served/@<hex>` (a tag may be 64 hex digits; never an `@`).
     fn served_key(ns: &str, repo: &str, reference: &Reference) -> String {
         match reference {
