@@ -10,6 +10,7 @@ mod error;
 mod logging;
 pub mod path;
 mod peer;
+mod prepared;
 mod pull;
 mod push;
 mod range;
@@ -143,6 +144,9 @@ fn state<T: 'static>(req: &HttpRequest) -> Result<&T, OciError> {
 
 async fn v2(req: HttpRequest, body: web::Payload) -> Result<HttpResponse, OciError> {
     let (svc, router) = (state::<Services>(&req)?, state::<Router>(&req)?);
+    if let Some(answer) = prepared::answer(&req, svc) {
+        return Ok(answer);
+    }
     let (access, front) = (state::<Access>(&req)?, state::<Frontend>(&req)?);
     let Some(tail) = req
         .path()

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::error::OciError;
 use super::target::Target;
-use super::{range, reply, Ctx, API_VERSION};
+use super::{prepared, range, reply, Ctx, API_VERSION};
 use crate::media::Accepted;
 use crate::names::{Digest, Reference};
 
@@ -22,7 +22,7 @@ pub async fn manifest(
             .get_all(header::ACCEPT)
             .filter_map(|v| v.to_str().ok()),
     );
-    let r = match ctx.resolve(name)? {
+    match ctx.resolve(name)? {
         Target::Upstream { upstream, repo } => {
             let r = ctx
                 .svc
@@ -40,14 +40,25 @@ pub async fn manifest(
                 "manifest",
                 r.as_ref().ok().map(|r| r.source.as_str()),
             );
-            r?
+            let r = r?;
+            let (stamp, body) = (r.served, r.body.clone());
+            let resp = reply::manifest(r);
+            let given = prepared::Given {
+                upstream: &upstream,
+                repo: &repo,
+                by_tag: matches!(reference, Reference::Tag(_)),
+                stamp,
+                body: body.as_ref(),
+            };
+            prepared::keep(ctx.req, ctx.svc, given, &resp);
+            Ok(resp)
         }
         Target::Hosted { repo } => {
             ctx.note(ctx.hosted_prefix(), "manifest", Some("hosted"));
-            Box::pin(ctx.svc.hosted_manifest(&repo, reference, accepted, head)).await?
+            let r = Box::pin(ctx.svc.hosted_manifest(&repo, reference, accepted, head)).await?;
+            Ok(reply::manifest(r))
         }
-    };
-    Ok(reply::manifest(r))
+    }
 }
 
 pub async fn blob(ctx: &Ctx<'_>, name: &str, digest: &Digest) -> Result<HttpResponse, OciError> {

@@ -24,6 +24,9 @@ pub struct ManifestReply {
     /// `None` for HEAD.
     pub body: Option<Bytes>,
     pub source: Source,
+    /// Set when the reply came from the served-manifest memory: how long the same
+    /// answer holds (see [`Services::still_served`]).
+    pub served: Option<crate::store::Stamp>,
 }
 
 impl Services {
@@ -42,13 +45,14 @@ impl Services {
         let plain = private::own_credentials(up, caller).is_none();
         if plain && !head {
             up.filter.check(repo).map_err(ServiceError::Denied)?;
-            if let Some(s) = self.store().served_manifest(&up.name, repo, reference) {
+            if let Some((s, stamp)) = self.store().served_manifest(&up.name, repo, reference) {
                 let r = ManifestReply {
                     digest: s.digest,
                     media_type: s.media_type.clone(),
                     size: s.body.len() as u64,
                     body: Some(s.body.clone()),
                     source: Source::Cache,
+                    served: Some(stamp),
                 };
                 return Ok(self.count(up, r));
             }
@@ -140,6 +144,7 @@ impl Services {
             size: f.bytes.len() as u64,
             body: (!head).then(|| f.bytes.clone()),
             source: Source::Upstream,
+            served: None,
         })
     }
 
@@ -165,6 +170,28 @@ impl Services {
         };
         self.store()
             .remember_served(&up.name, repo, reference, served, g);
+    }
+
+    /// Whether a reply that came from the served-manifest memory (`ManifestReply::served`)
+    /// would be served again as it is: a copy of it may be given while this holds.
+    pub fn still_served(&self, stamp: &crate::store::Stamp) -> bool {
+        self.store().still_served(stamp)
+    }
+
+    /// Whether a manifest of this repository may be answered from a copy of a served
+    /// reply: not when a signature policy covers it (a policy judges every request).
+    pub fn may_copy(&self, up: &Upstream, repo: &str) -> bool {
+        self.mirror.gate.find(&up.name, repo).is_none()
+    }
+
+    /// What a manifest GET served again from a copy of a served reply counts: the hit
+    /// and, by tag, the image's pull (as `Services::manifest` does).
+    pub fn count_served_again(&self, up: &Upstream, repo: &str, by_tag: bool) {
+        let m = self.metrics();
+        m.inc(&m.cache, &[&up.name, "manifest", "hit"]);
+        if by_tag {
+            self.mirror.inventory.count_pull(&up.name, repo);
+        }
     }
 
     /// Counts a hit. (The use is recorded by [`stored_reply`], which read the bytes.)
@@ -268,6 +295,7 @@ impl Services {
             size,
             body: None,
             source: Source::Upstream,
+            served: None,
         }))
     }
 }
@@ -316,6 +344,7 @@ fn record_reply(rec: &TagRecord, head: bool, source: Source) -> Option<ManifestR
         size: rec.size,
         body: None,
         source,
+        served: None,
     })
 }
 
@@ -361,5 +390,6 @@ pub(super) async fn stored_reply(
         size,
         body,
         source,
+        served: None,
     }))
 }

@@ -64,6 +64,16 @@ pub struct Served {
     pub until: Option<Instant>,
 }
 
+/// How long a served manifest holds: while the memory's generation is the one it was
+/// read at, for [`FRESH`] from `at`, and before `until`. A copy made of it (the routes'
+/// prepared answers) holds exactly as long, asked through [`Hot::still`].
+#[derive(Clone, Copy, Debug)]
+pub struct Stamp {
+    generation: u64,
+    at: Instant,
+    until: Option<Instant>,
+}
+
 #[derive(Clone)]
 struct Entry {
     known: Known,
@@ -142,20 +152,26 @@ impl Hot {
     /// A manifest served from a repository under `key`, if remembered within the last
     /// [`FRESH`] (and before its `until`) and nothing changed in this memory since. One
     /// lookup instead of the three a manifest request makes (the private marker, the
-    /// link or tag record, the bytes) and a record's parse.
-    pub fn served(&self, key: &str) -> Option<std::sync::Arc<Served>> {
+    /// link or tag record, the bytes) and a record's parse. With its [`Stamp`].
+    pub fn served(&self, key: &str) -> Option<(std::sync::Arc<Served>, Stamp)> {
         let e = self.cache.as_ref()?.get(key)?;
-        match e.known {
-            Known::Served { served, generation }
-                if e.at.elapsed() < FRESH
-                    && generation == self.generation()
-                    && served.until.is_none_or(|u| Instant::now() < u) =>
-            {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                Some(served)
-            }
-            _ => None,
+        let Known::Served { served, generation } = e.known else {
+            return None;
+        };
+        let until = served.until;
+        let stamp = Stamp { generation, at: e.at, until };
+        if !self.still(&stamp) {
+            return None;
         }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some((served, stamp))
+    }
+
+    /// Whether a served entry with this stamp would still be served.
+    pub fn still(&self, s: &Stamp) -> bool {
+        s.at.elapsed() < FRESH
+            && s.generation == self.generation()
+            && s.until.is_none_or(|u| Instant::now() < u)
     }
 
     /// Remembers a served manifest, read while the memory stood at `generation`; not if
@@ -356,7 +372,8 @@ mod tests {
         };
         let g = h.generation();
         h.remember_served("s", served(None), g);
-        let s = h.served("s").expect("served");
+        let (s, stamp) = h.served("s").expect("served");
+        assert!(h.still(&stamp));
         assert_eq!(
             (&*s.media_type, &s.body[..]),
             ("application/json", &b"{}"[..])
@@ -369,6 +386,7 @@ mod tests {
         assert!(h.served("s").is_some(), "same bytes read again");
         h.remember("repos/x/_tags/1", Some(b"{ }"));
         assert!(h.served("s").is_none(), "other bytes");
+        assert!(!h.still(&stamp), "a copy ends with its entry");
         h.remember_served("s", served(None), h.generation());
         h.remember("repos/x/_private", None);
         assert!(

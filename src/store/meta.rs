@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::hot::Served;
+use super::hot::{Served, Stamp};
 
 use serde::{Deserialize, Serialize};
 
@@ -141,9 +141,14 @@ impl Store {
         ns: &str,
         repo: &str,
         reference: &Reference,
-    ) -> Option<Arc<Served>> {
+    ) -> Option<(Arc<Served>, Stamp)> {
         self.served_generation()?;
         self.hot.served(&Self::served_key(ns, repo, reference))
+    }
+
+    /// Whether a manifest served with this stamp would still be served (see `Stamp`).
+    pub fn still_served(&self, stamp: &Stamp) -> bool {
+        self.hot.still(stamp)
     }
 
     /// The size of a blob of a repository served a moment ago and unchanged since (see

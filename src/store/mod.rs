@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 pub use bucket::{Bucket, Upload};
-pub use hot::{HotStats, Served};
+pub use hot::{HotStats, Served, Stamp};
 pub use meta::{now_secs, ManifestLink, TagRecord};
 pub use owner::Owner;
 pub use sessions::{SessionInfo, SessionWriter};
