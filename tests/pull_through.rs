@@ -551,3 +551,82 @@ fn fills_stream_while_downloading_and_survive_client_disconnects() {
         1.0
     );
 }
+
+/// A manifest pushed to `up` as `repo:tag` (config blob and manifest, no layers); its
+/// digest.
+fn pushed_manifest(up: &Registry, repo: &str, tag: &str, config: &[u8]) -> String {
+    let c = up.push_blob(repo, config);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{}}},"layers":[]}}"#,
+        config.len()
+    );
+    let url = format!("{}/v2/{repo}/manifests/{tag}", up.url());
+    let oci = ("Content-Type", "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(send(&url, "PUT", manifest.as_bytes(), &[oci]).status, 201);
+    format!("sha256:{}", sha256_hex(manifest.as_bytes()))
+}
+
+/// A worker answers a repeated anonymous manifest GET from a copy of its last answer
+/// (routes/prepared.rs): every answer must still be the one the usual path would give.
+#[test]
+fn repeated_manifest_gets_answer_as_the_usual_path_would() {
+    if !require(&["docker-registry", "htpasswd"]) {
+        return;
+    }
+    let up = Registry::start(Auth::Anonymous);
+    let first = pushed_manifest(&up, "t/app", "1", br#"{"n":1}"#);
+    let tmp = TempDir::new().unwrap();
+    let users = htpasswd(tmp.path(), &[("alice", "pw")]);
+    let mirror = Mirror::start(
+        "",
+        &format!(
+            "[auth]\nhtpasswd = \"{}\"\n{}",
+            users.display(),
+            upstream_toml("docker.io", &up.url(), "tag_ttl = \"1s\"")
+        ),
+    );
+    let url = format!("{}/v2/docker.io/t/app/manifests/1", mirror.url());
+    let oci = ("Accept", "application/vnd.oci.image.manifest.v1+json");
+    let served = |headers: &[(&str, &str)]| {
+        let r = send(&url, "GET", b"", headers);
+        let digest = format!("sha256:{}", sha256_hex(&r.body));
+        (
+            r.status,
+            digest,
+            r.header("docker-content-digest").map(String::from),
+        )
+    };
+    let hits = || {
+        mirror.metric(
+            "entrepot_cache_requests_total",
+            &[("kind", "manifest"), ("result", "hit")],
+        )
+    };
+    // The same answer every time, each one counted and logged.
+    for _ in 0..6 {
+        assert_eq!(served(&[oci]), (200, first.clone(), Some(first.clone())));
+    }
+    assert_eq!(hits(), 5.0, "one miss, then hits");
+    mirror.settle();
+    let lines = mirror
+        .log()
+        .matches("path=/v2/docker.io/t/app/manifests/1 status=200")
+        .count();
+    assert_eq!(lines, 6, "one access line per request");
+    // Another Accept is negotiated again: an index-only client is not given the image.
+    let index = ("Accept", "application/vnd.oci.image.index.v1+json");
+    assert_eq!(served(&[index]).0, 404);
+    // Credentials are checked again: a wrong password is refused, alice is served.
+    let wrong = basic("alice", "nope");
+    assert_eq!(served(&[oci, ("Authorization", &wrong)]).0, 401);
+    let right = basic("alice", "pw");
+    assert_eq!(served(&[oci, ("Authorization", &right)]).1, first);
+    // A tag moved upstream is seen once its TTL ends, however often it was asked.
+    let moved = pushed_manifest(&up, "t/app", "1", br#"{"n":2}"#);
+    let mut seen = first.clone();
+    wait_until("the moved tag is served", Duration::from_secs(10), || {
+        seen = served(&[oci]).1;
+        seen == moved
+    });
+    assert_eq!(served(&[oci]), (200, moved.clone(), Some(moved)));
+}

@@ -159,7 +159,11 @@ impl Hot {
             return None;
         };
         let until = served.until;
-        let stamp = Stamp { generation, at: e.at, until };
+        let stamp = Stamp {
+            generation,
+            at: e.at,
+            until,
+        };
         if !self.still(&stamp) {
             return None;
         }
