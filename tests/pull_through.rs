@@ -554,7 +554,7 @@ fn fills_stream_while_downloading_and_survive_client_disconnects() {
 
 /// A manifest pushed to `up` as `repo:tag` (config blob and manifest, no layers); its
 /// digest.
-fn pushed_manifest(up: &Registry, repo: &str, tag: &str, config: &[u8]) -> String {
+fn pushed_manifest(up: &Registry, repo: &str, tag: &str, config: &[u8]) -> (String, String) {
     let c = up.push_blob(repo, config);
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{}}},"layers":[]}}"#,
@@ -563,7 +563,7 @@ fn pushed_manifest(up: &Registry, repo: &str, tag: &str, config: &[u8]) -> Strin
     let url = format!("{}/v2/{repo}/manifests/{tag}", up.url());
     let oci = ("Content-Type", "application/vnd.oci.image.manifest.v1+json");
     assert_eq!(send(&url, "PUT", manifest.as_bytes(), &[oci]).status, 201);
-    format!("sha256:{}", sha256_hex(manifest.as_bytes()))
+    (format!("sha256:{}", sha256_hex(manifest.as_bytes())), c)
 }
 
 /// A worker answers a repeated anonymous manifest GET from a copy of its last answer
@@ -574,7 +574,7 @@ fn repeated_manifest_gets_answer_as_the_usual_path_would() {
         return;
     }
     let up = Registry::start(Auth::Anonymous);
-    let first = pushed_manifest(&up, "t/app", "1", br#"{"n":1}"#);
+    let (first, config) = pushed_manifest(&up, "t/app", "1", br#"{"n":1}"#);
     let tmp = TempDir::new().unwrap();
     let users = htpasswd(tmp.path(), &[("alice", "pw")]);
     let mirror = Mirror::start(
@@ -596,23 +596,43 @@ fn repeated_manifest_gets_answer_as_the_usual_path_would() {
             r.header("docker-content-digest").map(String::from),
         )
     };
-    let hits = || {
+    let hits = |kind: &str| {
         mirror.metric(
             "entrepot_cache_requests_total",
-            &[("kind", "manifest"), ("result", "hit")],
+            &[("kind", kind), ("result", "hit")],
         )
     };
     // The same answer every time, each one counted and logged.
     for _ in 0..6 {
         assert_eq!(served(&[oci]), (200, first.clone(), Some(first.clone())));
     }
-    assert_eq!(hits(), 5.0, "one miss, then hits");
+    assert_eq!(hits("manifest"), 5.0, "one miss, then hits");
     mirror.settle();
     let lines = mirror
         .log()
         .matches("path=/v2/docker.io/t/app/manifests/1 status=200")
         .count();
     assert_eq!(lines, 6, "one access line per request");
+    // Blob HEADs, once the blob is stored: its size and digest every time, each a hit.
+    let blob = format!("{}/v2/docker.io/t/app/blobs/{config}", mirror.url());
+    assert_eq!(get(&blob).body, br#"{"n":1}"#);
+    for _ in 0..5 {
+        let r = http("HEAD", &blob, &[]);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-length"), Some("7"));
+        assert_eq!(r.header("docker-content-digest"), Some(config.as_str()));
+    }
+    // The first HEAD may come before the GET's fill is committed (a miss, asked upstream).
+    let all = mirror.metric("entrepot_cache_requests_total", &[("kind", "blob")]);
+    assert_eq!(all, 6.0, "the GET and five HEADs, each counted");
+    assert!(hits("blob") >= 4.0, "{}", hits("blob"));
+    let blob_lines = mirror
+        .log()
+        .matches(&format!(
+            "method=HEAD path=/v2/docker.io/t/app/blobs/{config} status=200"
+        ))
+        .count();
+    assert_eq!(blob_lines, 5);
     // Another Accept is negotiated again: an index-only client is not given the image.
     let index = ("Accept", "application/vnd.oci.image.index.v1+json");
     assert_eq!(served(&[index]).0, 404);
@@ -622,7 +642,7 @@ fn repeated_manifest_gets_answer_as_the_usual_path_would() {
     let right = basic("alice", "pw");
     assert_eq!(served(&[oci, ("Authorization", &right)]).1, first);
     // A tag moved upstream is seen once its TTL ends, however often it was asked.
-    let moved = pushed_manifest(&up, "t/app", "1", br#"{"n":2}"#);
+    let (moved, _) = pushed_manifest(&up, "t/app", "1", br#"{"n":2}"#);
     let mut seen = first.clone();
     wait_until("the moved tag is served", Duration::from_secs(10), || {
         seen = served(&[oci]).1;

@@ -46,9 +46,10 @@ pub async fn manifest(
             let given = prepared::Given {
                 upstream: &upstream,
                 repo: &repo,
+                kind: "manifest",
                 by_tag: matches!(reference, Reference::Tag(_)),
                 stamp,
-                body: body.as_ref(),
+                body: body.map(prepared::Copied::Bytes),
             };
             prepared::keep(ctx.req, ctx.svc, given, &resp);
             Ok(resp)
@@ -70,10 +71,24 @@ pub async fn blob(ctx: &Ctx<'_>, name: &str, digest: &Digest) -> Result<HttpResp
     };
     let target = ctx.resolve(name)?;
     match asked {
-        range::Asked::Whole => Ok(reply::blob(
-            fetch(ctx, &target, digest, None, &ctx.method).await?,
-            digest,
-        )),
+        range::Asked::Whole => {
+            let r = fetch(ctx, &target, digest, None, &ctx.method).await?;
+            let (stamp, size) = (r.served, r.size);
+            let resp = reply::blob(r, digest);
+            let head = ctx.method == Method::HEAD;
+            if let (Target::Upstream { upstream, repo }, true) = (&target, head) {
+                let given = prepared::Given {
+                    upstream,
+                    repo,
+                    kind: "blob",
+                    by_tag: false,
+                    stamp,
+                    body: size.map(prepared::Copied::Sized),
+                };
+                prepared::keep(ctx.req, ctx.svc, given, &resp);
+            }
+            Ok(resp)
+        }
         range::Asked::One(r) => Ok(reply::blob(
             fetch(ctx, &target, digest, Some(r), &ctx.method).await?,
             digest,

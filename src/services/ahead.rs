@@ -145,6 +145,7 @@ pub(super) async fn serve(
                 range: Some((start, end)),
                 body: Some(relay.stream()),
                 source: Source::Upstream,
+                served: None,
             }));
         }
         Join::Follower(rx) => rx,
@@ -168,6 +169,7 @@ pub(super) async fn serve(
         range: Some((start, end)),
         body: Some(body),
         source: Source::Upstream,
+        served: None,
     }))
 }
 

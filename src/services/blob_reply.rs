@@ -35,4 +35,7 @@ pub struct BlobReply {
     /// `None` for HEAD.
     pub body: Option<BodyStream>,
     pub source: Source,
+    /// Set when the blob was known from the served-blob memory: how long the same
+    /// answer holds (see [`Services::still_served`](crate::services::Services::still_served)).
+    pub served: Option<crate::store::Stamp>,
 }

@@ -98,12 +98,15 @@ impl Services {
         let plain = private::own_credentials(up, caller).is_none();
         if plain {
             up.filter.check(repo).map_err(ServiceError::Denied)?;
-            if let Some(size) = self.store().served_blob(&up.name, repo, d) {
+            if let Some((size, stamp)) = self.store().served_blob(&up.name, repo, d) {
                 match fill::stored(self, d, size, range, head).await {
                     Err(ServiceError::BlobUnknown(_)) => {}
                     r => {
                         self.count_cache(up, "hit");
-                        return r;
+                        return r.map(|r| BlobReply {
+                            served: Some(stamp),
+                            ..r
+                        });
                     }
                 }
             }
@@ -201,6 +204,7 @@ impl Services {
             range: None,
             body: None,
             source: Source::Upstream,
+            served: None,
         })
     }
 
@@ -251,6 +255,7 @@ impl Services {
             range,
             body: Some(body),
             source: Source::Upstream,
+            served: None,
         })
     }
 

@@ -178,17 +178,18 @@ impl Services {
         self.store().still_served(stamp)
     }
 
-    /// Whether a manifest of this repository may be answered from a copy of a served
+    /// Whether a request about this repository may be answered from a copy of a served
     /// reply: not when a signature policy covers it (a policy judges every request).
     pub fn may_copy(&self, up: &Upstream, repo: &str) -> bool {
         self.mirror.gate.find(&up.name, repo).is_none()
     }
 
-    /// What a manifest GET served again from a copy of a served reply counts: the hit
-    /// and, by tag, the image's pull (as `Services::manifest` does).
-    pub fn count_served_again(&self, up: &Upstream, repo: &str, by_tag: bool) {
+    /// What an answer given again from a copy of a served reply counts: a hit of its
+    /// kind (`manifest`, `blob`) and, for a manifest by tag, the image's pull (as the
+    /// usual path does).
+    pub fn count_served_again(&self, up: &Upstream, repo: &str, kind: &str, by_tag: bool) {
         let m = self.metrics();
-        m.inc(&m.cache, &[&up.name, "manifest", "hit"]);
+        m.inc(&m.cache, &[&up.name, kind, "hit"]);
         if by_tag {
             self.mirror.inventory.count_pull(&up.name, repo);
         }

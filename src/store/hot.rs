@@ -202,17 +202,21 @@ impl Hot {
     /// last [`FRESH`] and nothing changed in this memory since: one lookup instead of
     /// the five a blob HEAD makes (private marker, bytes in memory, size record, link,
     /// recorded use).
-    pub fn served_size(&self, key: &str) -> Option<u64> {
+    pub fn served_size(&self, key: &str) -> Option<(u64, Stamp)> {
         let e = self.cache.as_ref()?.get(key)?;
-        match e.known {
-            Known::ServedSize { size, generation }
-                if e.at.elapsed() < FRESH && generation == self.generation() =>
-            {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                Some(size)
-            }
-            _ => None,
+        let Known::ServedSize { size, generation } = e.known else {
+            return None;
+        };
+        let stamp = Stamp {
+            generation,
+            at: e.at,
+            until: None,
+        };
+        if !self.still(&stamp) {
+            return None;
         }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some((size, stamp))
     }
 
     /// Remembers a served blob's size, read while the memory stood at `generation`
@@ -414,13 +418,16 @@ mod tests {
     fn served_sizes_last_while_nothing_changes() {
         let h = Hot::new(1 << 20);
         h.remember_served_size("b", 78, h.generation());
-        assert_eq!(h.served_size("b"), Some(78));
+        assert_eq!(h.served_size("b").map(|(size, _)| size), Some(78));
         assert!(h.served("b").is_none(), "a size is not a manifest");
         assert!(matches!(h.lookup("b", false), Lookup::Unknown));
         let g = h.generation();
         h.forget("sizes/ab");
-        assert_eq!(h.served_size("b"), None, "a removal ends it");
+        assert!(h.served_size("b").is_none(), "a removal ends it");
         h.remember_served_size("b", 78, g);
-        assert_eq!(h.served_size("b"), None, "read before a change: not kept");
+        assert!(
+            h.served_size("b").is_none(),
+            "read before a change: not kept"
+        );
     }
 }

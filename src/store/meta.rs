@@ -153,7 +153,7 @@ impl Store {
 
     /// The size of a blob of a repository served a moment ago and unchanged since (see
     /// `Hot::served_size`); its use was recorded when it was remembered.
-    pub fn served_blob(&self, ns: &str, repo: &str, d: &Digest) -> Option<u64> {
+    pub fn served_blob(&self, ns: &str, repo: &str, d: &Digest) -> Option<(u64, Stamp)> {
         self.served_generation()?;
         self.hot
             .served_size(&Self::meta_key(ns, repo, &["_served/blob@", d.hex()]))

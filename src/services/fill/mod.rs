@@ -111,6 +111,7 @@ impl Services {
             range,
             body,
             source: Source::Cache,
+            served: None,
         })
     }
 }
@@ -276,6 +277,7 @@ pub(in crate::services) async fn stored(
         range,
         body: Some(body),
         source: Source::Cache,
+        served: None,
     })
 }
 
