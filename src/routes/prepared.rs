@@ -33,11 +33,12 @@ use crate::upstream::Upstream;
 
 /// Answers a worker keeps at most; past it the ones that no longer hold are dropped,
 /// then all (a request only ever costs the usual path).
-const MAX_PREPARED: usize = 128;
+const MAX_PREPARED: usize = 64;
 
-/// Largest manifest copied (most are a few KB): with [`MAX_PREPARED`], at most 4 MiB per
-/// worker, and usually the same bytes as the served memory's (shared, not copied).
-const MAX_BODY: usize = 32 * 1024;
+/// Largest manifest copied (most are a few KB): with [`MAX_PREPARED`], at most 1 MiB per
+/// worker (workers are one per core), and usually the same bytes as the served memory's
+/// (shared, not copied).
+const MAX_BODY: usize = 16 * 1024;
 
 /// The body of a copied answer.
 #[derive(Clone)]
