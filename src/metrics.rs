@@ -30,6 +30,8 @@ pub struct Metrics {
     pub digest_mismatches: IntCounterVec,
     /// Cached answers served because the upstream failed (stale-if-error).
     pub stale_serves: IntCounterVec,
+    /// Answers given from a worker's copy of the answer to an identical request.
+    pub prepared_answers: IntCounterVec,
     /// Ranges of cold blobs fetched from the upstream ahead of their fill, by upstream.
     pub ranges_ahead: IntCounterVec,
     /// Ranges served ahead of a fill that differed from the verified blob, by upstream.
@@ -209,6 +211,12 @@ impl Metrics {
                 "Cached manifests served because the upstream failed",
                 &["upstream"],
             )?,
+            prepared_answers: counter(
+                r,
+                "entrepot_prepared_answers_total",
+                "Anonymous requests answered from a worker's copy of the answer to an identical request (also counted as cache hits)",
+                &["upstream", "kind"],
+            )?,
             ranges_ahead: counter(
                 r,
                 "entrepot_ranges_ahead_total",
@@ -375,6 +383,7 @@ impl Metrics {
                 for result in ["hit", "miss"] {
                     self.cache.with_label_values(&[up, kind, result]);
                 }
+                self.prepared_answers.with_label_values(&[up, kind]);
             }
             for c in [
                 &self.range_mismatches,

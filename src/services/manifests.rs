@@ -186,10 +186,11 @@ impl Services {
 
     /// What an answer given again from a copy of a served reply counts: a hit of its
     /// kind (`manifest`, `blob`) and, for a manifest by tag, the image's pull (as the
-    /// usual path does).
+    /// usual path does), and the copy's use (`entrepot_prepared_answers_total`).
     pub fn count_served_again(&self, up: &Upstream, repo: &str, kind: &str, by_tag: bool) {
         let m = self.metrics();
         m.inc(&m.cache, &[&up.name, kind, "hit"]);
+        m.inc(&m.prepared_answers, &[&up.name, kind]);
         if by_tag {
             self.mirror.inventory.count_pull(&up.name, repo);
         }
