@@ -128,7 +128,7 @@ pub(super) fn answer(req: &HttpRequest, svc: &Services) -> Option<HttpResponse> 
 pub(super) struct Given<'a> {
     pub upstream: &'a Arc<Upstream>,
     pub repo: &'a str,
-    /// `manifest` (a GET) or `blob` (a HEAD).
+    /// What the usual path counts it as: `manifest` or `blob`.
     pub kind: &'static str,
     pub by_tag: bool,
     /// Set when the answer came from the served memory.
@@ -142,8 +142,14 @@ pub(super) fn keep(req: &HttpRequest, svc: &Services, given: Given<'_>, resp: &H
     let (Some(stamp), Some(body)) = (given.stamp, given.body) else {
         return;
     };
-    let large = matches!(&body, Copied::Bytes(b) if b.len() > MAX_BODY);
-    if !eligible(req) || large || !svc.may_copy(given.upstream, given.repo) {
+    // A copy answers the method it was made for: bytes a GET, a length a HEAD (a
+    // blob GET's length alone would answer a GET with no body).
+    let fits = match (&body, req.method()) {
+        (Copied::Bytes(b), &Method::GET) => b.len() <= MAX_BODY,
+        (Copied::Sized(_), &Method::HEAD) => true,
+        _ => false,
+    };
+    if !fits || !eligible(req) || !svc.may_copy(given.upstream, given.repo) {
         return;
     }
     let headers = resp

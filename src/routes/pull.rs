@@ -75,8 +75,7 @@ pub async fn blob(ctx: &Ctx<'_>, name: &str, digest: &Digest) -> Result<HttpResp
             let r = fetch(ctx, &target, digest, None, &ctx.method).await?;
             let (stamp, size) = (r.served, r.size);
             let resp = reply::blob(r, digest);
-            let head = ctx.method == Method::HEAD;
-            if let (Target::Upstream { upstream, repo }, true) = (&target, head) {
+            if let Target::Upstream { upstream, repo } = &target {
                 let given = prepared::Given {
                     upstream,
                     repo,

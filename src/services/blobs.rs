@@ -95,20 +95,17 @@ impl Services {
         // Callers whose own upstream credentials do not come into play are served alike
         // (as manifests are, see `upstream_manifest`): a blob found stored for this
         // repository a moment ago, with nothing changed since, is known from one lookup.
-        let plain = private::own_credentials(up, caller).is_none();
-        if plain {
-            up.filter.check(repo).map_err(ServiceError::Denied)?;
-            if let Some((size, stamp)) = self.store().served_blob(&up.name, repo, d) {
-                match fill::stored(self, d, size, range, head).await {
-                    Err(ServiceError::BlobUnknown(_)) => {}
-                    r => {
-                        self.count_cache(up, "hit");
-                        return r.map(|r| BlobReply {
-                            served: Some(stamp),
-                            ..r
-                        });
-                    }
-                }
+        let plain = private::served_alike(up, repo, caller)?;
+        if let Some((size, stamp)) = self
+            .store()
+            .served_blob(&up.name, repo, d)
+            .filter(|_| plain)
+        {
+            if let Some(r) = self.stored_hit(up, d, size, range, head).await {
+                return r.map(|r| BlobReply {
+                    served: Some(stamp),
+                    ..r
+                });
             }
         }
         // Read before anything a served blob is made of (see `remember_served_blob`).
@@ -119,22 +116,16 @@ impl Services {
             if self.store().blob_linked(&up.name, repo, d).await?
                 || self.confirm_upstream(up, repo, d).await?
             {
-                match fill::stored(self, d, size, range, head).await {
-                    // Removed (`gc`) or found short and quarantined since its size was
-                    // known (a size is remembered a second): fetched again below.
-                    Err(ServiceError::BlobUnknown(_)) => {}
-                    r => {
-                        self.count_cache(up, "hit");
-                        // Eviction goes by last use; a failed touch only makes it less
-                        // precise. A served blob's use is this one (under a second ago).
-                        if self.store().touch(d).is_ok() {
-                            if let Some(g) = generation {
-                                self.store()
-                                    .remember_served_blob(&up.name, repo, d, size, g);
-                            }
+                if let Some(r) = self.stored_hit(up, d, size, range, head).await {
+                    // Eviction goes by last use; a failed touch only makes it less
+                    // precise. A served blob's use is this one (under a second ago).
+                    if self.store().touch(d).is_ok() {
+                        if let Some(g) = generation {
+                            self.store()
+                                .remember_served_blob(&up.name, repo, d, size, g);
                         }
-                        return r;
                     }
+                    return r;
                 }
             }
         }
@@ -167,6 +158,26 @@ impl Services {
             }
         }
         r
+    }
+
+    /// The stored blob's reply, counted as a hit; `None` if it was removed (`gc`) or
+    /// found short and quarantined since its size was known (a size is remembered a
+    /// second): then it is fetched again.
+    async fn stored_hit(
+        &self,
+        up: &Upstream,
+        d: &Digest,
+        size: u64,
+        range: Option<ByteRange>,
+        head: bool,
+    ) -> Option<Result<BlobReply, ServiceError>> {
+        match fill::stored(self, d, size, range, head).await {
+            Err(ServiceError::BlobUnknown(_)) => None,
+            r => {
+                self.count_cache(up, "hit");
+                Some(r)
+            }
+        }
     }
 
     fn count_cache(&self, up: &Upstream, result: &str) {

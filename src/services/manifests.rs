@@ -42,9 +42,8 @@ impl Services {
         // Callers whose own upstream credentials do not come into play (anonymous, the
         // mirror's users) are all served alike: a manifest served to one of them a moment
         // ago, with nothing changed since, is served again from one lookup.
-        let plain = private::own_credentials(up, caller).is_none();
+        let plain = private::served_alike(up, repo, caller)?;
         if plain && !head {
-            up.filter.check(repo).map_err(ServiceError::Denied)?;
             if let Some((s, stamp)) = self.store().served_manifest(&up.name, repo, reference) {
                 let r = ManifestReply {
                     digest: s.digest,

@@ -96,6 +96,21 @@ pub(super) fn own_credentials<'a>(up: &Upstream, caller: &'a Caller) -> Option<(
     }
 }
 
+/// Whether `caller` is served like every caller whose own upstream credentials do not
+/// come into play (anonymous, the mirror's users), that is from the served memory. The
+/// repository filter is checked first for them, so that no served entry outlives it.
+pub(super) fn served_alike(
+    up: &Upstream,
+    repo: &str,
+    caller: &Caller,
+) -> Result<bool, ServiceError> {
+    if own_credentials(up, caller).is_some() {
+        return Ok(false);
+    }
+    up.filter.check(repo).map_err(ServiceError::Denied)?;
+    Ok(true)
+}
+
 /// The upstream (with the right credentials) to use for `repo` on behalf of `caller`:
 /// `Denied` if the upstream's allow/deny filters exclude the repository (nothing is
 /// asked upstream), `Unauthorized` if the caller may not read it. `probe` is the

@@ -158,16 +158,7 @@ impl Hot {
         let Known::Served { served, generation } = e.known else {
             return None;
         };
-        let until = served.until;
-        let stamp = Stamp {
-            generation,
-            at: e.at,
-            until,
-        };
-        if !self.still(&stamp) {
-            return None;
-        }
-        self.hits.fetch_add(1, Ordering::Relaxed);
+        let stamp = self.holding(generation, e.at, served.until)?;
         Some((served, stamp))
     }
 
@@ -178,24 +169,41 @@ impl Hot {
             && s.until.is_none_or(|u| Instant::now() < u)
     }
 
-    /// Remembers a served manifest, read while the memory stood at `generation`; not if
+    /// The stamp of a served entry (manifest or size) if it still holds, counted as a
+    /// hit.
+    fn holding(&self, generation: u64, at: Instant, until: Option<Instant>) -> Option<Stamp> {
+        let stamp = Stamp {
+            generation,
+            at,
+            until,
+        };
+        if !self.still(&stamp) {
+            return None;
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(stamp)
+    }
+
+    /// Keeps a served entry read while the memory stood at `generation`; not if
     /// anything changed since (then what was read may already be stale).
-    pub fn remember_served(&self, key: &str, served: Served, generation: u64) {
-        if served.body.len() > self.max_entry || generation != self.generation() {
+    fn keep_served(&self, key: &str, known: Known, generation: u64) {
+        if generation != self.generation() {
             return;
         }
         if let Some(c) = &self.cache {
-            c.insert(
-                key.into(),
-                Entry {
-                    known: Known::Served {
-                        served: std::sync::Arc::new(served),
-                        generation,
-                    },
-                    at: Instant::now(),
-                },
-            );
+            let at = Instant::now();
+            c.insert(key.into(), Entry { known, at });
         }
+    }
+
+    /// Remembers a served manifest, read while the memory stood at `generation` (see
+    /// [`Hot::keep_served`]).
+    pub fn remember_served(&self, key: &str, served: Served, generation: u64) {
+        if served.body.len() > self.max_entry {
+            return;
+        }
+        let served = std::sync::Arc::new(served);
+        self.keep_served(key, Known::Served { served, generation }, generation);
     }
 
     /// The size of a blob served from a repository under `key`, if remembered within the
@@ -207,29 +215,13 @@ impl Hot {
         let Known::ServedSize { size, generation } = e.known else {
             return None;
         };
-        let stamp = Stamp {
-            generation,
-            at: e.at,
-            until: None,
-        };
-        if !self.still(&stamp) {
-            return None;
-        }
-        self.hits.fetch_add(1, Ordering::Relaxed);
-        Some((size, stamp))
+        Some((size, self.holding(generation, e.at, None)?))
     }
 
     /// Remembers a served blob's size, read while the memory stood at `generation`
-    /// (as [`Hot::remember_served`]).
+    /// (see [`Hot::keep_served`]).
     pub fn remember_served_size(&self, key: &str, size: u64, generation: u64) {
-        if generation != self.generation() {
-            return;
-        }
-        if let Some(c) = &self.cache {
-            let known = Known::ServedSize { size, generation };
-            let at = Instant::now();
-            c.insert(key.into(), Entry { known, at });
-        }
+        self.keep_served(key, Known::ServedSize { size, generation }, generation);
     }
 
     /// What is fresh about `key`; `with_bytes`: presence alone is not enough.

@@ -155,8 +155,7 @@ impl Store {
     /// `Hot::served_size`); its use was recorded when it was remembered.
     pub fn served_blob(&self, ns: &str, repo: &str, d: &Digest) -> Option<(u64, Stamp)> {
         self.served_generation()?;
-        self.hot
-            .served_size(&Self::meta_key(ns, repo, &["_served/blob@", d.hex()]))
+        self.hot.served_size(&Self::served_blob_key(ns, repo, d))
     }
 
     /// Remembers a blob served whole from a repository, read at `generation`.
@@ -168,8 +167,13 @@ impl Store {
         size: u64,
         generation: u64,
     ) {
-        let key = Self::meta_key(ns, repo, &["_served/blob@", d.hex()]);
+        let key = Self::served_blob_key(ns, repo, d);
         self.hot.remember_served_size(&key, size, generation);
+    }
+
+    /// `_served/blob@<hex>` (no tag or digest reference starts with `blob@`).
+    fn served_blob_key(ns: &str, repo: &str, d: &Digest) -> String {
+        Self::meta_key(ns, repo, &["_served/blob@", d.hex()])
     }
 
     /// `_served/<tag>` or `_served/@<hex>` (a tag may be 64 hex digits; never an `@`).
